@@ -1,0 +1,1 @@
+//! Procedural macros for treadle. Use them through the `treadle` crate.

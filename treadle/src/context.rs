@@ -1,0 +1,185 @@
+//! What a stage knows about the attempt it is running.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio::sync::Notify;
+
+use crate::error::{Error, Result};
+
+/// The context of one attempt: which item, stage, subtask and attempt it is,
+/// the stored outputs of the item's finished stages, and a cancellation signal.
+#[derive(Debug, Clone)]
+pub struct StageContext {
+    item_id: String,
+    stage: String,
+    subtask: Option<String>,
+    attempt: u32,
+    outputs: BTreeMap<String, Value>,
+    cancel: CancelSignal,
+}
+
+impl StageContext {
+    /// A context for `stage` of `item_id`, attempt 1, with no outputs.
+    ///
+    /// The engine builds contexts itself; this is for calling stage functions
+    /// directly, e.g. in unit tests.
+    pub fn new(item_id: impl Into<String>, stage: impl Into<String>) -> Self {
+        StageContext {
+            item_id: item_id.into(),
+            stage: stage.into(),
+            subtask: None,
+            attempt: 1,
+            outputs: BTreeMap::new(),
+            cancel: CancelSignal::default(),
+        }
+    }
+
+    /// Sets the subtask this attempt runs (for fan-out stages).
+    pub fn with_subtask(mut self, subtask: impl Into<String>) -> Self {
+        self.subtask = Some(subtask.into());
+        self
+    }
+
+    /// Sets the attempt number (1-based).
+    pub fn with_attempt(mut self, attempt: u32) -> Self {
+        self.attempt = attempt;
+        self
+    }
+
+    /// Adds the stored output of another stage.
+    pub fn with_output(mut self, stage: impl Into<String>, output: Value) -> Self {
+        self.outputs.insert(stage.into(), output);
+        self
+    }
+
+    /// Replaces all stored outputs at once.
+    pub(crate) fn with_outputs(mut self, outputs: BTreeMap<String, Value>) -> Self {
+        self.outputs = outputs;
+        self
+    }
+
+    /// Uses `signal` as this attempt's cancellation signal.
+    pub(crate) fn with_cancel_signal(mut self, signal: CancelSignal) -> Self {
+        self.cancel = signal;
+        self
+    }
+
+    /// The id of the item being processed.
+    pub fn item_id(&self) -> &str {
+        &self.item_id
+    }
+
+    /// The name of the running stage.
+    pub fn stage(&self) -> &str {
+        &self.stage
+    }
+
+    /// The subtask being run, when the stage has fanned out.
+    pub fn subtask(&self) -> Option<&str> {
+        self.subtask.as_deref()
+    }
+
+    /// The attempt number, starting at 1 (reset by a manual retry).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The stored output of an earlier stage of this item, decoded into `T`.
+    pub fn output_of<T: DeserializeOwned>(&self, stage: &str) -> Result<T> {
+        let value = self
+            .outputs
+            .get(stage)
+            .ok_or_else(|| Error::MissingOutput(stage.to_owned()))?;
+        T::deserialize(value).map_err(|e| Error::json(format!("the output of stage `{stage}`"), e))
+    }
+
+    /// The raw JSON output of an earlier stage of this item, if it stored one.
+    pub fn raw_output_of(&self, stage: &str) -> Option<&Value> {
+        self.outputs.get(stage)
+    }
+
+    /// Whether the item has been cancelled; long stages should check this.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// Completes when the item is cancelled.
+    pub async fn cancelled(&self) {
+        self.cancel.cancelled().await
+    }
+}
+
+/// A one-way cancellation flag shared between the engine and running stages.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CancelSignal {
+    inner: Arc<CancelInner>,
+}
+
+#[derive(Debug, Default)]
+struct CancelInner {
+    cancelled: AtomicBool,
+    notify: Notify,
+}
+
+impl CancelSignal {
+    /// Raises the flag and wakes every waiter.
+    pub(crate) fn cancel(&self) {
+        self.inner.cancelled.store(true, Ordering::SeqCst);
+        self.inner.notify.notify_waiters();
+    }
+
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.inner.cancelled.load(Ordering::SeqCst)
+    }
+
+    pub(crate) async fn cancelled(&self) {
+        loop {
+            let notified = self.inner.notify.notified();
+            if self.is_cancelled() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn output_of_decodes_a_stored_output_and_names_missing_ones() {
+        let ctx = StageContext::new("doc-1", "enrich").with_output("scan", json!({"pages": 3}));
+        #[derive(serde::Deserialize)]
+        struct Report {
+            pages: u32,
+        }
+        assert_eq!(ctx.output_of::<Report>("scan").unwrap().pages, 3);
+        let missing = ctx.output_of::<Report>("ocr").unwrap_err();
+        assert_eq!(
+            missing.to_string(),
+            "stage `ocr` has no stored output for this item"
+        );
+        let wrong = ctx.output_of::<String>("scan").unwrap_err();
+        assert!(wrong.to_string().contains("the output of stage `scan`"));
+    }
+
+    #[tokio::test]
+    async fn cancelled_wakes_after_cancel() {
+        let signal = CancelSignal::default();
+        let ctx = StageContext::new("a", "b").with_cancel_signal(signal.clone());
+        assert!(!ctx.is_cancelled());
+        let waiter = tokio::spawn(async move { ctx.cancelled().await });
+        tokio::task::yield_now().await;
+        signal.cancel();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiter woke")
+            .unwrap();
+    }
+}

@@ -1,0 +1,113 @@
+//! The one error type of the runtime.
+
+use crate::pipeline::PipelineError;
+use crate::state::StageState;
+
+/// What went wrong, with enough context (item, stage, table, key) to act on it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The pipeline definition is invalid (a cycle, a duplicate, an unknown stage).
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+
+    /// No item with this id was submitted.
+    #[error("unknown item `{0}`")]
+    UnknownItem(String),
+
+    /// The item exists but the pipeline has no stage of this name.
+    #[error("item `{item}` has no stage `{stage}`")]
+    UnknownStage {
+        /// The item that was addressed.
+        item: String,
+        /// The stage name that does not exist.
+        stage: String,
+    },
+
+    /// A review decision was made on a stage that is not awaiting review,
+    /// or against a review that has since been replaced by a newer one.
+    #[error("stage `{stage}` of item `{item}` is {state}, not awaiting review")]
+    NotAwaitingReview {
+        /// The item that was addressed.
+        item: String,
+        /// The stage that was addressed.
+        stage: String,
+        /// The stage's current state.
+        state: StageState,
+    },
+
+    /// A manual retry was asked for a stage that has not failed.
+    #[error("stage `{stage}` of item `{item}` is {state}; only a failed stage can be retried")]
+    NotRetryable {
+        /// The item that was addressed.
+        item: String,
+        /// The stage that was addressed.
+        stage: String,
+        /// The stage's current state.
+        state: StageState,
+    },
+
+    /// The item was cancelled; nothing more runs or changes for it.
+    #[error("item `{0}` is cancelled")]
+    ItemCancelled(String),
+
+    /// A worker wrote for a claim it no longer holds (its lease expired or the
+    /// item was cancelled); the write changed nothing.
+    #[error("lease lost on {task} (generation {generation}): the write was rejected")]
+    LeaseLost {
+        /// The unit of work the stale claim was for.
+        task: crate::store::TaskKey,
+        /// The fencing generation the stale worker held.
+        generation: u64,
+    },
+
+    /// A stage asked for the output of a stage that has none stored.
+    #[error("stage `{0}` has no stored output for this item")]
+    MissingOutput(String),
+
+    /// A value could not be converted to or from JSON.
+    #[error("cannot convert {what} to or from JSON")]
+    Json {
+        /// What was being converted.
+        what: String,
+        /// The serde error.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A stored value could not be decoded strictly: the location names the
+    /// table (or map) and key.
+    #[error("corrupt stored value at {location}: {detail}")]
+    Corrupt {
+        /// Where the value was read from, e.g. `stages(item=doc-1, stage=scan).state`.
+        location: String,
+        /// What was wrong with it.
+        detail: String,
+    },
+
+    /// A stage returned an error of its own.
+    #[error("{0}")]
+    Stage(String),
+
+    /// An I/O error inside a stage or the store.
+    #[error("I/O error")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// An error raised by stage code, carrying its message.
+    pub fn stage(message: impl std::fmt::Display) -> Self {
+        Error::Stage(message.to_string())
+    }
+
+    /// Wraps a serde_json error with a description of what was converted.
+    pub fn json(what: impl Into<String>, source: serde_json::Error) -> Self {
+        Error::Json {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+/// The result type of treadle's API and of stage functions.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,87 @@
+//! Events: the audit trail of every transition, stored and broadcast.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::state::{AttemptResult, DecisionKind};
+
+/// One committed transition, as appended to the store's event log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Position in the event log; strictly increasing, without gaps, in commit order.
+    pub seq: u64,
+    /// When the transition was committed.
+    pub at: DateTime<Utc>,
+    /// The item it concerns.
+    pub item_id: String,
+    /// The stage it concerns, if any.
+    pub stage: Option<String>,
+    /// The fan-out subtask it concerns, if any.
+    pub subtask: Option<String>,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// What a transition did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventKind {
+    /// The item was stored and its stages created.
+    ItemSubmitted,
+    /// A worker claimed the stage (or subtask) and started an attempt.
+    Started {
+        /// The attempt number.
+        attempt: u32,
+        /// The worker that claimed it.
+        owner: String,
+    },
+    /// An attempt ended; `result` says how.
+    AttemptFinished {
+        /// The attempt number.
+        attempt: u32,
+        /// How it ended.
+        result: AttemptResult,
+        /// The error or reason, if any.
+        error: Option<String>,
+    },
+    /// The stage (or subtask) completed.
+    Completed,
+    /// The stage skipped itself.
+    Skipped {
+        /// Why.
+        reason: String,
+    },
+    /// Another attempt is scheduled.
+    RetryScheduled {
+        /// When it will run.
+        at: DateTime<Utc>,
+    },
+    /// The stage (or subtask) failed for good.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+    /// The stage fanned out into subtasks.
+    FannedOut {
+        /// The subtask names.
+        subtasks: Vec<String>,
+    },
+    /// The stage parked the item for review.
+    ReviewRequested {
+        /// What to check.
+        summary: String,
+    },
+    /// A person decided a review.
+    ReviewDecided {
+        /// The decision.
+        decision: DecisionKind,
+        /// Who decided.
+        by: String,
+    },
+    /// A person asked for a failed stage to run again.
+    RetryRequested,
+    /// Every stage of the item completed or was skipped.
+    ItemCompleted,
+    /// The item was cancelled.
+    ItemCancelled,
+}

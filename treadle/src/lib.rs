@@ -1,0 +1,48 @@
+//! treadle: a persistent, resumable, human-in-the-loop workflow engine.
+//!
+//! Work items move through a DAG of stages. Every item's progress is stored,
+//! survives a crash or restart, can pause for a person's decision, and can be
+//! inspected at any moment. See the README for a tour.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+extern crate self as treadle;
+
+mod context;
+// mod engine;
+mod error;
+mod event;
+mod item;
+mod outcome;
+mod pipeline;
+mod review;
+mod stage;
+mod state;
+mod status;
+pub mod store;
+
+#[doc(hidden)]
+pub mod __private;
+
+pub use context::StageContext;
+// pub use engine::{Engine, EngineConfig, RunReport};
+pub use error::{Error, Result};
+pub use event::{Event, EventKind};
+pub use item::WorkItem;
+pub use outcome::{ReviewRequest, StageOutcome};
+pub use pipeline::{Pipeline, PipelineBuilder, PipelineDef, PipelineError, PipelineProblem};
+pub use review::{Decision, DecisionRecord, ReviewStatus};
+pub use stage::{Backoff, Stage, StagePolicy};
+pub use state::{AttemptResult, DecisionKind, ItemState, StageState, UnknownVariant};
+pub use status::{AttemptRecord, AwaitingReview, ItemStatus, StageStatus, SubtaskStatus};
+pub use store::Store;
+
+/// The names most programs need: `use treadle::prelude::*;`.
+pub mod prelude {
+    pub use crate::{
+        Decision, Pipeline, ReviewRequest, Stage, StageContext, StageOutcome, WorkItem,
+    };
+
+    pub use serde::{Deserialize, Serialize};
+}

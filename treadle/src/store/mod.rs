@@ -1,0 +1,314 @@
+//! The store: where items, stage states, outputs, reviews and events live.
+//!
+//! The [`Store`] trait is made of *transitions* (submit, claim, commit an
+//! outcome, decide a review, retry, cancel), each of which a store applies
+//! atomically together with the events that record it. The engine decides
+//! *what* a transition is (it knows the pipeline and the retry policy); the
+//! store checks that it is still allowed (fencing, current state) and applies
+//! it. That split lets SQLite, memory and a future PostgreSQL store
+//! (`FOR UPDATE SKIP LOCKED`) implement the same contract.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::Result;
+use crate::event::Event;
+use crate::outcome::ReviewRequest;
+use crate::pipeline::PipelineDef;
+use crate::review::Decision;
+use crate::state::StageState;
+use crate::status::{AttemptRecord, AwaitingReview, ItemStatus};
+
+mod fan_in;
+// mod memory;
+
+pub use fan_in::{FanIn, fan_in};
+// pub use memory::MemoryStore;
+
+/// One unit of work: a stage of an item, or one subtask of a fanned-out stage.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TaskKey {
+    /// The item.
+    pub item_id: String,
+    /// The stage.
+    pub stage: String,
+    /// The subtask, for a fanned-out stage.
+    pub subtask: Option<String>,
+}
+
+impl TaskKey {
+    /// The key of a whole stage.
+    pub fn stage(item_id: impl Into<String>, stage: impl Into<String>) -> Self {
+        TaskKey {
+            item_id: item_id.into(),
+            stage: stage.into(),
+            subtask: None,
+        }
+    }
+}
+
+impl fmt::Display for TaskKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "item `{}` stage `{}`", self.item_id, self.stage)?;
+        if let Some(sub) = &self.subtask {
+            write!(f, " subtask `{sub}`")?;
+        }
+        Ok(())
+    }
+}
+
+/// A new item with the stages it must go through.
+#[derive(Debug, Clone)]
+pub struct NewItem {
+    /// The item's id.
+    pub id: String,
+    /// The item serialized as JSON.
+    pub payload: Value,
+    /// One entry per stage, in the pipeline's topological order.
+    pub stages: Vec<StageSeed>,
+    /// The submission time.
+    pub at: DateTime<Utc>,
+}
+
+/// A stage to create for a new item.
+#[derive(Debug, Clone)]
+pub struct StageSeed {
+    /// The stage's name.
+    pub name: String,
+    /// How many upstream stages must complete or skip before it is runnable.
+    pub upstream: u32,
+}
+
+/// A worker's request for runnable work.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest {
+    /// The claiming worker's token, recorded as the lease owner.
+    pub owner: String,
+    /// The most units of work to claim.
+    pub limit: usize,
+    /// How long the lease lasts before another worker may take the work over.
+    pub lease: Duration,
+    /// The current time, against which retry times are compared.
+    pub now: DateTime<Utc>,
+}
+
+/// A unit of work claimed by a worker, with what the stage needs to run.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    /// What was claimed.
+    pub task: TaskKey,
+    /// The attempt number this claim starts (1-based within the current run).
+    pub attempt: u32,
+    /// The fencing generation every write for this claim must carry.
+    pub generation: u64,
+    /// When the attempt started.
+    pub started_at: DateTime<Utc>,
+    /// The item as stored at submission.
+    pub payload: Arc<Value>,
+    /// The stored outputs of the item's completed stages, by stage name.
+    pub outputs: BTreeMap<String, Value>,
+}
+
+/// The result of a claim: the work and the events the claim committed.
+#[derive(Debug, Clone, Default)]
+pub struct ClaimBatch {
+    /// The claimed units of work.
+    pub claims: Vec<Claim>,
+    /// One `Started` event per claim, already committed.
+    pub events: Vec<Event>,
+}
+
+/// The end of one attempt, to be applied atomically.
+#[derive(Debug, Clone)]
+pub struct Commit {
+    /// The unit of work.
+    pub task: TaskKey,
+    /// The generation of the claim; a mismatch means the lease was lost.
+    pub generation: u64,
+    /// The attempt record to append to the history.
+    pub attempt: AttemptRecord,
+    /// The new state.
+    pub transition: Transition,
+    /// The stages that depend on this stage, unblocked when it (or, for a
+    /// subtask, its whole fan-out) completes or skips.
+    pub dependents: Vec<String>,
+}
+
+/// What an attempt does to its stage or subtask.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transition {
+    /// Completed, with an optional stored output.
+    Complete {
+        /// The output.
+        output: Option<Value>,
+    },
+    /// Skipped (subtask: counts as done, with no output).
+    Skip {
+        /// Why.
+        reason: String,
+    },
+    /// Parked for review (never for a subtask).
+    AwaitReview(ReviewRequest),
+    /// Run again at `at`.
+    RetryAt {
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// Failed for good.
+    Fail {
+        /// Why.
+        reason: String,
+    },
+    /// Split into subtasks, created pending (never for a subtask).
+    FanOut {
+        /// The subtask names, distinct.
+        subtasks: Vec<String>,
+    },
+}
+
+/// What a reviewer decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Complete with the proposed output.
+    Approve,
+    /// Complete with this output instead.
+    ApproveWithEdits(Value),
+    /// Fail the stage with this reason.
+    Reject {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A review decision to apply atomically.
+#[derive(Debug, Clone)]
+pub struct DecisionCommit {
+    /// The item.
+    pub item_id: String,
+    /// The stage awaiting review.
+    pub stage: String,
+    /// The verdict.
+    pub verdict: Verdict,
+    /// Who decided, their note, and the round they answer.
+    pub decision: Decision,
+    /// When.
+    pub at: DateTime<Utc>,
+    /// The stage's dependents, unblocked by an approval.
+    pub dependents: Vec<String>,
+}
+
+/// Which events to read from the log.
+#[derive(Debug, Clone, Default)]
+pub struct EventQuery {
+    /// Only events with a sequence number greater than this.
+    pub after: u64,
+    /// Only events of this item.
+    pub item_id: Option<String>,
+    /// At most this many (all if `None`).
+    pub limit: Option<usize>,
+}
+
+/// Differences between the pipeline a store last saw and the current one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineDrift {
+    /// Stages in the code that the store did not know.
+    pub added_stages: Vec<String>,
+    /// Stages the store knows that the code no longer has.
+    pub removed_stages: Vec<String>,
+    /// Edges in the code that the store did not know.
+    pub added_edges: Vec<(String, String)>,
+    /// Edges the store knows that the code no longer has.
+    pub removed_edges: Vec<(String, String)>,
+}
+
+impl PipelineDrift {
+    /// The differences from `stored` to `current`.
+    pub fn between(stored: &PipelineDef, current: &PipelineDef) -> Self {
+        fn missing<T: Clone + PartialEq>(from: &[T], in_: &[T]) -> Vec<T> {
+            from.iter().filter(|x| !in_.contains(x)).cloned().collect()
+        }
+        PipelineDrift {
+            added_stages: missing(&current.stages, &stored.stages),
+            removed_stages: missing(&stored.stages, &current.stages),
+            added_edges: missing(&current.edges, &stored.edges),
+            removed_edges: missing(&stored.edges, &current.edges),
+        }
+    }
+
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.added_stages.is_empty()
+            && self.removed_stages.is_empty()
+            && self.added_edges.is_empty()
+            && self.removed_edges.is_empty()
+    }
+}
+
+/// Persistent state of items and their stages.
+///
+/// Every method that changes state is one atomic transition: the state, any
+/// output, the attempt record and the events are committed together or not
+/// at all, and the returned events are the committed ones (in log order).
+/// Stores are shared (`&self`) between tasks and, for SQLite and PostgreSQL,
+/// between processes.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Records the pipeline's shape and reports how it differs from the one
+    /// recorded before (empty the first time).
+    async fn register_pipeline(&self, definition: &PipelineDef) -> Result<PipelineDrift>;
+
+    /// Stores a new item with its stages `pending` and an `ItemSubmitted`
+    /// event. Idempotent by id: an existing item is left unchanged and no
+    /// events are returned.
+    async fn submit(&self, item: NewItem) -> Result<Vec<Event>>;
+
+    /// Claims up to `limit` runnable units of work, oldest first: pending
+    /// stages whose upstream stages are all done, scheduled retries that are
+    /// due, and pending subtasks; never work of a cancelled item. Each claim
+    /// sets the unit `running`, counts the attempt, bumps its generation and
+    /// takes a lease for `owner`, with a `Started` event.
+    async fn claim(&self, request: ClaimRequest) -> Result<ClaimBatch>;
+
+    /// Applies the end of an attempt if the claim still holds (same
+    /// generation, still `running`); otherwise returns [`crate::Error::LeaseLost`]
+    /// and changes nothing. Completing or skipping a stage unblocks its
+    /// dependents; the last subtask of a fan-out to finish completes (or fails)
+    /// the stage; the last stage of an item to finish records `ItemCompleted`.
+    async fn commit(&self, commit: Commit) -> Result<Vec<Event>>;
+
+    /// Applies a review decision if the stage is awaiting review (and, when
+    /// the decision names a round, that round is current); otherwise returns
+    /// [`crate::Error::NotAwaitingReview`] and changes nothing.
+    async fn decide(&self, decision: DecisionCommit) -> Result<Vec<Event>>;
+
+    /// Makes a failed stage runnable again, starting a new run of attempts;
+    /// for a fanned-out stage only the failed subtasks run again.
+    async fn retry(&self, key: &TaskKey, at: DateTime<Utc>) -> Result<Vec<Event>>;
+
+    /// Cancels an item: every stage and subtask not yet finished becomes
+    /// `cancelled` (so running claims lose their lease). Returns the keys of
+    /// the units that were running, and the events. Cancelling twice is a no-op.
+    async fn cancel(&self, item_id: &str, at: DateTime<Utc>) -> Result<(Vec<TaskKey>, Vec<Event>)>;
+
+    /// The earliest time a scheduled retry falls due, if any.
+    async fn next_due(&self) -> Result<Option<DateTime<Utc>>>;
+
+    /// One item's full status.
+    async fn status(&self, item_id: &str) -> Result<ItemStatus>;
+
+    /// The ids of items whose `stage` is in `state`, in submission order.
+    async fn items_in(&self, stage: &str, state: StageState) -> Result<Vec<String>>;
+
+    /// Every stage awaiting review, oldest request first.
+    async fn awaiting_review(&self) -> Result<Vec<AwaitingReview>>;
+
+    /// Events from the log, in sequence order.
+    async fn events(&self, query: EventQuery) -> Result<Vec<Event>>;
+}
