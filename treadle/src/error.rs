@@ -36,6 +36,19 @@ pub enum Error {
         state: StageState,
     },
 
+    /// A decision answered an older review round than the current one.
+    #[error("stage `{stage}` of item `{item}` is awaiting review round {current}; a decision for round {answered} is stale")]
+    StaleDecision {
+        /// The item that was addressed.
+        item: String,
+        /// The stage that was addressed.
+        stage: String,
+        /// The round the decision answered.
+        answered: u64,
+        /// The current round.
+        current: u64,
+    },
+
     /// A manual retry was asked for a stage that has not failed.
     #[error("stage `{stage}` of item `{item}` is {state}; only a failed stage can be retried")]
     NotRetryable {

@@ -36,7 +36,7 @@ pub use review::{Decision, DecisionRecord, ReviewStatus};
 pub use stage::{Backoff, Stage, StagePolicy};
 pub use state::{AttemptResult, DecisionKind, ItemState, StageState, UnknownVariant};
 pub use status::{AttemptRecord, AwaitingReview, ItemStatus, StageStatus, SubtaskStatus};
-pub use store::Store;
+pub use store::{MemoryStore, Store};
 
 /// The names most programs need: `use treadle::prelude::*;`.
 pub mod prelude {

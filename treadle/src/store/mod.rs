@@ -27,10 +27,10 @@ use crate::state::StageState;
 use crate::status::{AttemptRecord, AwaitingReview, ItemStatus};
 
 mod fan_in;
-// mod memory;
+mod memory;
 
 pub use fan_in::{FanIn, fan_in};
-// pub use memory::MemoryStore;
+pub use memory::MemoryStore;
 
 /// One unit of work: a stage of an item, or one subtask of a fanned-out stage.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -173,6 +173,47 @@ pub enum Transition {
     },
 }
 
+impl Transition {
+    /// The transition as it applies to a subtask: a subtask cannot ask for
+    /// review or fan out again, so those become failures.
+    pub fn for_subtask(self) -> SubtaskTransition {
+        match self {
+            Transition::Complete { output } => SubtaskTransition::Complete { output },
+            Transition::Skip { reason } => SubtaskTransition::Skip { reason },
+            Transition::RetryAt { at } => SubtaskTransition::RetryAt { at },
+            Transition::Fail { reason } => SubtaskTransition::Fail { reason },
+            Transition::AwaitReview(_) | Transition::FanOut { .. } => SubtaskTransition::Fail {
+                reason: "a subtask cannot ask for review or fan out".to_owned(),
+            },
+        }
+    }
+}
+
+/// The transitions a fan-out subtask can make.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SubtaskTransition {
+    /// Completed, with an optional output.
+    Complete {
+        /// The output.
+        output: Option<Value>,
+    },
+    /// Skipped; counts as done, with no output.
+    Skip {
+        /// Why.
+        reason: String,
+    },
+    /// Run again at `at`.
+    RetryAt {
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// Failed for good.
+    Fail {
+        /// Why.
+        reason: String,
+    },
+}
+
 /// What a reviewer decided.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
@@ -289,8 +330,14 @@ pub trait Store: Send + Sync + 'static {
     async fn decide(&self, decision: DecisionCommit) -> Result<Vec<Event>>;
 
     /// Makes a failed stage runnable again, starting a new run of attempts;
-    /// for a fanned-out stage only the failed subtasks run again.
-    async fn retry(&self, key: &TaskKey, at: DateTime<Utc>) -> Result<Vec<Event>>;
+    /// for a fanned-out stage only the failed subtasks run again. Any other
+    /// state is [`crate::Error::NotRetryable`].
+    async fn retry(&self, item_id: &str, stage: &str, at: DateTime<Utc>) -> Result<Vec<Event>>;
+
+    /// Extends the leases of claims this worker still holds, until `until`.
+    /// Returns the claims that were lost (a different generation, or no longer
+    /// running); their work must stop.
+    async fn renew(&self, claims: &[(TaskKey, u64)], until: DateTime<Utc>) -> Result<Vec<TaskKey>>;
 
     /// Cancels an item: every stage and subtask not yet finished becomes
     /// `cancelled` (so running claims lose their lease). Returns the keys of
