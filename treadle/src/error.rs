@@ -37,7 +37,9 @@ pub enum Error {
     },
 
     /// A decision answered an older review round than the current one.
-    #[error("stage `{stage}` of item `{item}` is awaiting review round {current}; a decision for round {answered} is stale")]
+    #[error(
+        "stage `{stage}` of item `{item}` is awaiting review round {current}; a decision for round {answered} is stale"
+    )]
     StaleDecision {
         /// The item that was addressed.
         item: String,

@@ -10,7 +10,7 @@
 extern crate self as treadle;
 
 mod context;
-// mod engine;
+mod engine;
 mod error;
 mod event;
 mod item;
@@ -25,8 +25,10 @@ pub mod store;
 #[doc(hidden)]
 pub mod __private;
 
+/// Re-exported for implementing [`Stage`] by hand: `#[treadle::async_trait]`.
+pub use async_trait::async_trait;
 pub use context::StageContext;
-// pub use engine::{Engine, EngineConfig, RunReport};
+pub use engine::{Engine, EngineConfig, RunReport};
 pub use error::{Error, Result};
 pub use event::{Event, EventKind};
 pub use item::WorkItem;
@@ -41,8 +43,9 @@ pub use store::{MemoryStore, Store};
 /// The names most programs need: `use treadle::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        Decision, Pipeline, ReviewRequest, Stage, StageContext, StageOutcome, WorkItem,
+        Decision, Engine, Pipeline, ReviewRequest, Stage, StageContext, StageOutcome, WorkItem,
     };
 
+    pub use crate::store::MemoryStore;
     pub use serde::{Deserialize, Serialize};
 }

@@ -126,9 +126,8 @@ impl ReviewRequest {
 
     /// Attaches the output this stage proposes, kept if the review approves it.
     pub fn proposed_output(mut self, output: impl Serialize) -> Result<Self> {
-        self.proposed_output = Some(
-            serde_json::to_value(output).map_err(|e| Error::json("the proposed output", e))?,
-        );
+        self.proposed_output =
+            Some(serde_json::to_value(output).map_err(|e| Error::json("the proposed output", e))?);
         Ok(self)
     }
 }

@@ -36,9 +36,15 @@ impl fmt::Display for PipelineProblem {
             PipelineProblem::Empty => f.write_str("pipeline has no stages"),
             PipelineProblem::DuplicateStage(name) => write!(f, "duplicate stage `{name}`"),
             PipelineProblem::UnknownStage { stage, edge } => {
-                write!(f, "edge `{} -> {}` names unknown stage `{stage}`", edge.0, edge.1)
+                write!(
+                    f,
+                    "edge `{} -> {}` names unknown stage `{stage}`",
+                    edge.0, edge.1
+                )
             }
-            PipelineProblem::DuplicateEdge(from, to) => write!(f, "duplicate edge `{from} -> {to}`"),
+            PipelineProblem::DuplicateEdge(from, to) => {
+                write!(f, "duplicate edge `{from} -> {to}`")
+            }
             PipelineProblem::Cycle(path) => write!(f, "cycle detected: {}", path.join(" -> ")),
         }
     }
@@ -120,7 +126,11 @@ impl<W: WorkItem> Pipeline<W> {
         self.neighbours(&self.downstream, name)
     }
 
-    fn neighbours<'a>(&'a self, table: &'a [Vec<usize>], name: &str) -> impl Iterator<Item = &'a str> {
+    fn neighbours<'a>(
+        &'a self,
+        table: &'a [Vec<usize>],
+        name: &str,
+    ) -> impl Iterator<Item = &'a str> {
         self.index
             .get(name)
             .into_iter()
@@ -197,7 +207,10 @@ impl<W: WorkItem> PipelineBuilder<W> {
         }
         if let Some(cycle) = find_cycle(&graph) {
             problems.push(PipelineProblem::Cycle(
-                cycle.iter().map(|&n| self.stages[graph[n]].name().to_owned()).collect(),
+                cycle
+                    .iter()
+                    .map(|&n| self.stages[graph[n]].name().to_owned())
+                    .collect(),
             ));
         }
         if !problems.is_empty() {
@@ -313,10 +326,18 @@ impl PipelineDef {
     pub fn to_mermaid(&self) -> String {
         let mut out = String::from("flowchart LR\n");
         for stage in &self.stages {
-            out.push_str(&format!("    {}[\"{}\"]\n", mermaid_id(stage), stage.replace('"', "#quot;")));
+            out.push_str(&format!(
+                "    {}[\"{}\"]\n",
+                mermaid_id(stage),
+                stage.replace('"', "#quot;")
+            ));
         }
         for (from, to) in &self.edges {
-            out.push_str(&format!("    {} --> {}\n", mermaid_id(from), mermaid_id(to)));
+            out.push_str(&format!(
+                "    {} --> {}\n",
+                mermaid_id(from),
+                mermaid_id(to)
+            ));
         }
         out
     }
@@ -328,6 +349,12 @@ fn dot_id(name: &str) -> String {
 
 fn mermaid_id(name: &str) -> String {
     name.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }

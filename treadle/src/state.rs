@@ -89,7 +89,10 @@ impl StageState {
     pub const fn is_terminal(self) -> bool {
         matches!(
             self,
-            StageState::Completed | StageState::Failed | StageState::Skipped | StageState::Cancelled
+            StageState::Completed
+                | StageState::Failed
+                | StageState::Skipped
+                | StageState::Cancelled
         )
     }
 
@@ -171,6 +174,9 @@ mod tests {
     fn an_unknown_string_is_an_error_naming_the_kind_and_value() {
         let err = "runing".parse::<StageState>().unwrap_err();
         assert_eq!(err.to_string(), "unknown stage state `runing`");
-        assert!("Completed".parse::<StageState>().is_err(), "decoding is case-sensitive");
+        assert!(
+            "Completed".parse::<StageState>().is_err(),
+            "decoding is case-sensitive"
+        );
     }
 }

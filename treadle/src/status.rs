@@ -139,14 +139,25 @@ impl fmt::Display for ItemStatus {
             }
             writeln!(f)?;
             for sub in &stage.subtasks {
-                write!(f, "  {:width$}    - {:<12}{:<15}  attempt {}", "", sub.name, sub.state.as_str(), sub.attempt)?;
+                write!(
+                    f,
+                    "  {:width$}    - {:<12}{:<15}  attempt {}",
+                    "",
+                    sub.name,
+                    sub.state.as_str(),
+                    sub.attempt
+                )?;
                 if let Some(error) = &sub.last_error {
                     write!(f, "  error: {error}")?;
                 }
                 writeln!(f)?;
             }
             if let Some(review) = &stage.review {
-                write!(f, "  {:width$}    review #{}: {}", "", review.round, review.request.summary)?;
+                write!(
+                    f,
+                    "  {:width$}    review #{}: {}",
+                    "", review.round, review.request.summary
+                )?;
                 if let Some(d) = &review.decision {
                     write!(f, " — {} by {}", d.kind, d.by)?;
                     if let Some(reason) = d.reason.as_ref().or(d.note.as_ref()) {

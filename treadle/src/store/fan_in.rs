@@ -44,7 +44,10 @@ mod tests {
 
     #[test]
     fn a_fan_out_waits_while_any_subtask_can_run() {
-        assert_eq!(fan_in([("a", Completed), ("b", RetryScheduled), ("c", Failed)]), FanIn::Waiting);
+        assert_eq!(
+            fan_in([("a", Completed), ("b", RetryScheduled), ("c", Failed)]),
+            FanIn::Waiting
+        );
         assert_eq!(fan_in([("a", Completed), ("b", Skipped)]), FanIn::Completed);
         assert_eq!(
             fan_in([("a", Failed), ("b", Completed), ("c", Failed)]),

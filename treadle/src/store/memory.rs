@@ -8,10 +8,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use tokio::sync::broadcast;
 
 use super::{
-    Claim, ClaimBatch, ClaimRequest, Commit, DecisionCommit, EventQuery, FanIn, NewItem,
-    PipelineDrift, Store, SubtaskTransition, TaskKey, Transition, Verdict, fan_in,
+    Claim, ClaimBatch, ClaimRequest, Commit, DecisionCommit, EVENT_FEED_CAPACITY, EventQuery,
+    FanIn, NewItem, PipelineDrift, Store, SubtaskTransition, TaskKey, Transition, Verdict, fan_in,
 };
 use crate::error::{Error, Result};
 use crate::event::{Event, EventKind};
@@ -26,9 +27,26 @@ use crate::status::{AttemptRecord, AwaitingReview, ItemStatus, StageStatus, Subt
 /// transition, so claims and `items_in` never scan all items. Leases are not
 /// enforced across processes (there is only one); claims are still fenced by
 /// generation, so cancelled or superseded work cannot write.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct MemoryStore {
     data: Arc<Mutex<Data>>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore {
+            data: Arc::new(Mutex::new(Data {
+                feed: broadcast::channel(EVENT_FEED_CAPACITY).0,
+                pipeline: None,
+                items: HashMap::new(),
+                order: Vec::new(),
+                ready: VecDeque::new(),
+                scheduled: BTreeSet::new(),
+                by_state: HashMap::new(),
+                events: Vec::new(),
+            })),
+        }
+    }
 }
 
 impl MemoryStore {
@@ -40,12 +58,15 @@ impl MemoryStore {
     fn lock(&self) -> MutexGuard<'_, Data> {
         // A panic while the lock was held cannot leave a half-applied
         // transition: every transition validates before it mutates.
-        self.data.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.data
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Data {
+    feed: broadcast::Sender<Event>,
     pipeline: Option<PipelineDef>,
     items: HashMap<String, ItemRow>,
     /// Item ids by submission sequence.
@@ -143,6 +164,7 @@ impl Data {
             .ok_or_else(|| Error::UnknownItem(id.to_owned()))
     }
 
+    /// Appends an event about a stage (or, unless `stage_level`, its subtask).
     fn push_event(
         &mut self,
         at: DateTime<Utc>,
@@ -150,34 +172,53 @@ impl Data {
         stage_level: bool,
         kind: EventKind,
     ) -> Event {
-        let event = Event {
-            seq: self.events.len() as u64 + 1,
-            at,
-            item_id: key.item_id.clone(),
-            stage: Some(key.stage.clone()),
-            subtask: if stage_level { None } else { key.subtask.clone() },
-            kind,
+        let subtask = if stage_level {
+            None
+        } else {
+            key.subtask.clone()
         };
-        self.events.push(event.clone());
-        event
+        self.append(at, &key.item_id, Some(key.stage.clone()), subtask, kind)
     }
 
+    /// Appends an event about a whole item.
     fn item_event(&mut self, at: DateTime<Utc>, item_id: &str, kind: EventKind) -> Event {
+        self.append(at, item_id, None, None, kind)
+    }
+
+    fn append(
+        &mut self,
+        at: DateTime<Utc>,
+        item_id: &str,
+        stage: Option<String>,
+        subtask: Option<String>,
+        kind: EventKind,
+    ) -> Event {
         let event = Event {
             seq: self.events.len() as u64 + 1,
             at,
             item_id: item_id.to_owned(),
-            stage: None,
-            subtask: None,
+            stage,
+            subtask,
             kind,
         };
         self.events.push(event.clone());
         event
     }
 
+    /// Sends committed events to live subscribers, in log order.
+    fn publish(&self, events: &[Event]) {
+        for event in events {
+            // No subscribers is not an error: the log keeps every event.
+            let _ = self.feed.send(event.clone());
+        }
+    }
+
     /// Changes a stage's state and keeps the (stage, state) index in step.
     fn set_stage_state(&mut self, item_id: &str, stage: usize, state: StageState) {
-        let item = self.items.get_mut(item_id).expect("callers resolved the item");
+        let item = self
+            .items
+            .get_mut(item_id)
+            .expect("callers resolved the item");
         let unit = &mut item.stages[stage].unit;
         let old = std::mem::replace(&mut unit.state, state);
         if old == state {
@@ -464,6 +505,10 @@ fn unit_fields(unit: &UnitRow) -> (StageState, u32, Option<String>, Option<Value
 
 #[async_trait]
 impl Store for MemoryStore {
+    fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.lock().feed.subscribe()
+    }
+
     async fn register_pipeline(&self, definition: &PipelineDef) -> Result<PipelineDrift> {
         let mut data = self.lock();
         let drift = data
@@ -514,7 +559,9 @@ impl Store for MemoryStore {
                 stages,
             },
         );
-        Ok(vec![data.item_event(item.at, &item.id, EventKind::ItemSubmitted)])
+        let events = vec![data.item_event(item.at, &item.id, EventKind::ItemSubmitted)];
+        data.publish(&events);
+        Ok(events)
     }
 
     async fn claim(&self, request: ClaimRequest) -> Result<ClaimBatch> {
@@ -536,6 +583,7 @@ impl Store for MemoryStore {
                 batch.events.push(event);
             }
         }
+        data.publish(&batch.events);
         Ok(batch)
     }
 
@@ -548,6 +596,7 @@ impl Store for MemoryStore {
             None => data.commit_stage(commit, stage, &mut events)?,
             Some(name) => data.commit_subtask(commit, stage, &name, &mut events)?,
         }
+        data.publish(&events);
         Ok(events)
     }
 
@@ -577,7 +626,9 @@ impl Store for MemoryStore {
         let key = TaskKey::stage(d.item_id.clone(), d.stage.clone());
         let (kind, reason, edits) = match &d.verdict {
             Verdict::Approve => (DecisionKind::Approved, None, None),
-            Verdict::ApproveWithEdits(v) => (DecisionKind::ApprovedWithEdits, None, Some(v.clone())),
+            Verdict::ApproveWithEdits(v) => {
+                (DecisionKind::ApprovedWithEdits, None, Some(v.clone()))
+            }
             Verdict::Reject { reason } => (DecisionKind::Rejected, Some(reason.clone()), None),
         };
         let row = &mut data.item_mut(&d.item_id)?.stages[stage];
@@ -608,9 +659,17 @@ impl Store for MemoryStore {
             None => {
                 data.item_mut(&d.item_id)?.stages[stage].unit.output = edits.or(proposed);
                 events.push(data.push_event(d.at, &key, true, EventKind::Completed));
-                data.finish_stage(&key, stage, StageState::Completed, &d.dependents, d.at, &mut events);
+                data.finish_stage(
+                    &key,
+                    stage,
+                    StageState::Completed,
+                    &d.dependents,
+                    d.at,
+                    &mut events,
+                );
             }
         }
+        data.publish(&events);
         Ok(events)
     }
 
@@ -634,7 +693,11 @@ impl Store for MemoryStore {
         row.unit.attempt = 0;
         row.unit.finished_at = None;
         let mut requeue = Vec::new();
-        for sub in row.subtasks.iter_mut().filter(|s| s.state == StageState::Failed) {
+        for sub in row
+            .subtasks
+            .iter_mut()
+            .filter(|s| s.state == StageState::Failed)
+        {
             sub.state = StageState::Pending;
             sub.attempt = 0;
             sub.finished_at = None;
@@ -651,10 +714,16 @@ impl Store for MemoryStore {
         };
         data.set_stage_state(item_id, index, new_state);
         data.ready.extend(requeue);
-        Ok(vec![data.push_event(at, &key, true, EventKind::RetryRequested)])
+        let events = vec![data.push_event(at, &key, true, EventKind::RetryRequested)];
+        data.publish(&events);
+        Ok(events)
     }
 
-    async fn renew(&self, claims: &[(TaskKey, u64)], _until: DateTime<Utc>) -> Result<Vec<TaskKey>> {
+    async fn renew(
+        &self,
+        claims: &[(TaskKey, u64)],
+        _until: DateTime<Utc>,
+    ) -> Result<Vec<TaskKey>> {
         let data = self.lock();
         let held = |key: &TaskKey, generation: u64| -> Option<bool> {
             let item = data.items.get(&key.item_id)?;
@@ -687,7 +756,11 @@ impl Store for MemoryStore {
             if row.unit.state == StageState::Running && row.subtasks.is_empty() {
                 running.push(TaskKey::stage(item_id, row.unit.name.clone()));
             }
-            for sub in row.subtasks.iter().filter(|s| s.state == StageState::Running) {
+            for sub in row
+                .subtasks
+                .iter()
+                .filter(|s| s.state == StageState::Running)
+            {
                 running.push(TaskKey {
                     item_id: item_id.to_owned(),
                     stage: row.unit.name.clone(),
@@ -706,8 +779,9 @@ impl Store for MemoryStore {
             }
         }
         data.item_mut(item_id)?.cancelled = true;
-        let event = data.item_event(at, item_id, EventKind::ItemCancelled);
-        Ok((running, vec![event]))
+        let events = vec![data.item_event(at, item_id, EventKind::ItemCancelled)];
+        data.publish(&events);
+        Ok((running, events))
     }
 
     async fn next_due(&self) -> Result<Option<DateTime<Utc>>> {

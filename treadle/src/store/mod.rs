@@ -292,6 +292,9 @@ impl PipelineDrift {
     }
 }
 
+/// How many events a store's live feed buffers per subscriber.
+pub const EVENT_FEED_CAPACITY: usize = 16_384;
+
 /// Persistent state of items and their stages.
 ///
 /// Every method that changes state is one atomic transition: the state, any
@@ -301,6 +304,11 @@ impl PipelineDrift {
 /// between processes.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// A live feed of the events this store commits, in log order. Each event
+    /// is sent only after its transition is committed. A receiver that falls
+    /// behind gets `Lagged` and can catch up from [`Store::events`].
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event>;
+
     /// Records the pipeline's shape and reports how it differs from the one
     /// recorded before (empty the first time).
     async fn register_pipeline(&self, definition: &PipelineDef) -> Result<PipelineDrift>;

@@ -1,0 +1,311 @@
+//! The run loop: claims runnable work, runs each attempt in its own task,
+//! and commits what it returned.
+
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+
+use chrono::Utc;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use super::settle::{AttemptEnd, AttemptFacts, settle};
+use super::{Engine, RunningWork};
+use crate::context::{CancelSignal, StageContext};
+use crate::error::{Error, Result};
+use crate::item::WorkItem;
+use crate::outcome::StageOutcome;
+use crate::stage::{Stage, StagePolicy};
+use crate::state::AttemptResult;
+use crate::store::{Claim, ClaimRequest, Commit, Store, TaskKey};
+
+/// What a run of the engine did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunReport {
+    /// Attempts whose end was committed.
+    pub attempts: u64,
+    /// Attempts whose result was discarded because their claim was lost
+    /// (the item was cancelled, or another worker took the work over).
+    pub discarded: u64,
+}
+
+/// How one unit of work ended, for the report.
+enum Finished {
+    Committed,
+    Discarded,
+}
+
+impl<W: WorkItem, S: Store> Engine<W, S> {
+    /// Runs until nothing more can happen without a person or a new item:
+    /// every item is completed, failed, cancelled or awaiting review. Waits
+    /// for scheduled retries to fall due.
+    pub async fn run_until_idle(&self) -> Result<RunReport> {
+        self.drive(None::<std::future::Pending<()>>).await
+    }
+
+    /// Runs as a long-lived worker until `shutdown` completes, then stops
+    /// claiming work, lets running attempts finish, and returns. Picks up
+    /// new items, decisions and due retries as they come, including those
+    /// committed by other processes sharing the store.
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<RunReport> {
+        self.drive(Some(shutdown)).await
+    }
+
+    async fn drive<F: Future<Output = ()>>(&self, shutdown: Option<F>) -> Result<RunReport> {
+        self.drift().await?;
+        let shared = &self.shared;
+        let capacity = shared.config.max_concurrency.max(1);
+        let forever = shutdown.is_some();
+        let mut shutdown = pin!(async move {
+            match shutdown {
+                Some(signal) => signal.await,
+                None => std::future::pending().await,
+            }
+        });
+        let mut renewal = tokio::time::interval(shared.config.lease / 3);
+        renewal.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        renewal.reset();
+        let mut tasks: JoinSet<Result<Finished>> = JoinSet::new();
+        let mut report = RunReport::default();
+        let mut stopping = false;
+        loop {
+            if !stopping && tasks.len() < capacity {
+                let batch = shared
+                    .store
+                    .claim(ClaimRequest {
+                        owner: shared.config.worker_id.clone(),
+                        limit: capacity - tasks.len(),
+                        lease: shared.config.lease,
+                        now: Utc::now(),
+                    })
+                    .await?;
+                let claimed = !batch.claims.is_empty();
+                for claim in batch.claims {
+                    let engine = self.clone();
+                    tasks.spawn(async move { engine.execute(claim).await });
+                }
+                if claimed {
+                    continue;
+                }
+            }
+            if tasks.is_empty() {
+                if stopping {
+                    return Ok(report);
+                }
+                let due = shared.store.next_due().await?;
+                if !forever && due.is_none() {
+                    return Ok(report);
+                }
+                let mut nap = shared.config.idle_poll;
+                if let Some(at) = due {
+                    let until_due = (at - Utc::now()).to_std().unwrap_or_default();
+                    nap = if forever {
+                        nap.min(until_due)
+                    } else {
+                        until_due
+                    };
+                }
+                tokio::select! {
+                    () = &mut shutdown, if !stopping => stopping = true,
+                    () = shared.wake.notified() => {}
+                    () = tokio::time::sleep(nap) => {}
+                }
+                continue;
+            }
+            tokio::select! {
+                Some(joined) = tasks.join_next() => {
+                    let finished = match joined {
+                        Ok(finished) => finished?,
+                        Err(e) => std::panic::resume_unwind(e.into_panic()),
+                    };
+                    match finished {
+                        Finished::Committed => report.attempts += 1,
+                        Finished::Discarded => report.discarded += 1,
+                    }
+                }
+                () = shared.wake.notified(), if !stopping => {}
+                _ = renewal.tick() => self.renew_leases().await?,
+                () = &mut shutdown, if !stopping => stopping = true,
+            }
+        }
+    }
+
+    /// Extends the leases of this process's running work; stops work whose
+    /// claim was lost.
+    async fn renew_leases(&self) -> Result<()> {
+        let held: Vec<(TaskKey, u64)> = self
+            .running()
+            .iter()
+            .map(|(key, work)| (key.clone(), work.generation))
+            .collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        let until = Utc::now() + self.shared.config.lease;
+        let lost = self.shared.store.renew(&held, until).await?;
+        let running = self.running();
+        for key in lost {
+            tracing::warn!(item_id = %key.item_id, stage = %key.stage, "lease lost; stopping the attempt");
+            if let Some(work) = running.get(&key) {
+                work.signal.cancel();
+                work.abort.abort();
+            }
+        }
+        Ok(())
+    }
+
+    fn running(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<TaskKey, RunningWork>> {
+        self.shared
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs one claimed attempt and commits its end.
+    async fn execute(self, claim: Claim) -> Result<Finished> {
+        let span = tracing::info_span!(
+            "treadle.attempt",
+            item_id = %claim.task.item_id,
+            stage = %claim.task.stage,
+            subtask = claim.task.subtask.as_deref(),
+            attempt = claim.attempt,
+        );
+        async move {
+            let stage = self.shared.pipeline.stage(&claim.task.stage).cloned();
+            let policy = stage.as_ref().map_or(StagePolicy::DEFAULT, |s| s.policy());
+            let end = match stage {
+                None => Some(AttemptEnd::Outcome(StageOutcome::failed(format!(
+                    "stage `{}` is not in this pipeline",
+                    claim.task.stage
+                )))),
+                Some(stage) => match W::deserialize(&*claim.payload) {
+                    Ok(item) => self.attempt(stage, item, &claim, &policy).await,
+                    Err(e) => Some(AttemptEnd::Outcome(StageOutcome::failed(format!(
+                        "the stored item cannot be decoded: {e}"
+                    )))),
+                },
+            };
+            let Some(end) = end else {
+                return Ok(Finished::Discarded);
+            };
+            if let AttemptEnd::Error { result, message } = &end {
+                tracing::warn!(%result, error = %message, "attempt failed");
+            }
+            let facts = AttemptFacts {
+                attempt: claim.attempt,
+                started_at: claim.started_at,
+                finished_at: Utc::now(),
+                policy: &policy,
+                random: self.random(),
+            };
+            let (attempt, transition) = settle(end, &facts);
+            let dependents = self
+                .shared
+                .dependents
+                .get(&claim.task.stage)
+                .cloned()
+                .unwrap_or_default();
+            let commit = Commit {
+                task: claim.task,
+                generation: claim.generation,
+                attempt,
+                transition,
+                dependents,
+            };
+            match self.shared.store.commit(commit).await {
+                Ok(_) => Ok(Finished::Committed),
+                Err(Error::LeaseLost { task, generation }) => {
+                    tracing::warn!(%task, generation, "claim lost before commit; result discarded");
+                    Ok(Finished::Discarded)
+                }
+                Err(e) => Err(e),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Runs the stage in its own task, so that a panic is caught and a
+    /// cancellation can abort it. `None` when it was aborted.
+    async fn attempt(
+        &self,
+        stage: Arc<dyn Stage<W>>,
+        item: W,
+        claim: &Claim,
+        policy: &StagePolicy,
+    ) -> Option<AttemptEnd> {
+        let signal = CancelSignal::default();
+        let mut ctx = StageContext::new(&claim.task.item_id, &claim.task.stage)
+            .with_attempt(claim.attempt)
+            .with_outputs(claim.outputs.clone())
+            .with_cancel_signal(signal.clone());
+        if let Some(subtask) = &claim.task.subtask {
+            ctx = ctx.with_subtask(subtask);
+        }
+        let mut handle = {
+            let mut running = self.running();
+            let handle = tokio::spawn(
+                async move { stage.run(&item, &mut ctx).await }
+                    .instrument(tracing::Span::current()),
+            );
+            running.insert(
+                claim.task.clone(),
+                RunningWork {
+                    generation: claim.generation,
+                    signal,
+                    abort: handle.abort_handle(),
+                },
+            );
+            handle
+        };
+        let joined = match policy.timeout {
+            None => Some((&mut handle).await),
+            Some(limit) => tokio::time::timeout(limit, &mut handle).await.ok(),
+        };
+        self.running().remove(&claim.task);
+        let end = match joined {
+            None => {
+                handle.abort();
+                AttemptEnd::Error {
+                    result: AttemptResult::TimedOut,
+                    message: format!("timed out after {:?}", policy.timeout.unwrap_or_default()),
+                }
+            }
+            Some(Ok(Ok(outcome))) => AttemptEnd::Outcome(outcome),
+            Some(Ok(Err(error))) => AttemptEnd::Error {
+                result: AttemptResult::Error,
+                message: describe(&error),
+            },
+            Some(Err(join)) if join.is_panic() => AttemptEnd::Error {
+                result: AttemptResult::Panicked,
+                message: format!("panicked: {}", panic_message(join.into_panic())),
+            },
+            Some(Err(_aborted)) => return None,
+        };
+        Some(end)
+    }
+}
+
+/// An error and its chain of sources, joined with `: `.
+fn describe(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(text) => *text,
+        Err(payload) => match payload.downcast::<&'static str>() {
+            Ok(text) => (*text).to_owned(),
+            Err(_) => "a non-string panic payload".to_owned(),
+        },
+    }
+}

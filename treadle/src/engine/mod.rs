@@ -1,0 +1,320 @@
+//! The engine: submits items, runs their stages, and takes people's decisions.
+
+mod executor;
+mod settle;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use serde::Serialize;
+use tokio::sync::{Notify, OnceCell, broadcast};
+
+use crate::context::CancelSignal;
+use crate::error::{Error, Result};
+use crate::event::Event;
+use crate::item::WorkItem;
+use crate::pipeline::Pipeline;
+use crate::review::Decision;
+use crate::state::StageState;
+use crate::status::{AwaitingReview, ItemStatus};
+use crate::store::{
+    DecisionCommit, EventQuery, NewItem, PipelineDrift, StageSeed, Store, TaskKey, Verdict,
+};
+
+pub use executor::RunReport;
+
+/// Tuning of an [`Engine`].
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The most units of work (stages or subtasks) running at once.
+    pub max_concurrency: usize,
+    /// How long a claim holds before another worker may take it over; the
+    /// engine renews the leases of its running work every third of this.
+    pub lease: Duration,
+    /// This worker's identity, recorded as the owner of its claims.
+    pub worker_id: String,
+    /// How often an idle `run` looks for work committed by other processes.
+    pub idle_poll: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_concurrency: 64,
+            lease: Duration::from_secs(60),
+            worker_id: default_worker_id(),
+            idle_poll: Duration::from_millis(250),
+        }
+    }
+}
+
+fn default_worker_id() -> String {
+    let nanos = Utc::now().timestamp_nanos_opt().unwrap_or_default();
+    format!(
+        "worker-{}-{:x}",
+        std::process::id(),
+        nanos as u64 & 0xffff_ffff
+    )
+}
+
+/// Runs a [`Pipeline`] over work items kept in a [`Store`].
+///
+/// Cheap to clone: clones share the same pipeline, store and running work,
+/// so one clone can run while another submits items or records decisions.
+pub struct Engine<W: WorkItem, S: Store> {
+    shared: Arc<Shared<W, S>>,
+}
+
+impl<W: WorkItem, S: Store> Clone for Engine<W, S> {
+    fn clone(&self) -> Self {
+        Engine {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+struct Shared<W: WorkItem, S: Store> {
+    pipeline: Pipeline<W>,
+    store: S,
+    config: EngineConfig,
+    /// One entry per stage, in topological order, for new items.
+    seeds: Vec<StageSeed>,
+    /// Each stage's direct dependents.
+    dependents: HashMap<String, Vec<String>>,
+    /// Set once the pipeline has been recorded in the store.
+    drift: OnceCell<PipelineDrift>,
+    /// Wakes the run loop: new items, decisions, retries.
+    wake: Notify,
+    /// Work this process is running, for cancellation and lease renewal.
+    running: Mutex<HashMap<TaskKey, RunningWork>>,
+    random: AtomicU64,
+}
+
+struct RunningWork {
+    generation: u64,
+    signal: CancelSignal,
+    abort: tokio::task::AbortHandle,
+}
+
+impl<W: WorkItem, S: Store> Engine<W, S> {
+    /// An engine with the default configuration.
+    pub fn new(pipeline: Pipeline<W>, store: S) -> Self {
+        Self::with_config(pipeline, store, EngineConfig::default())
+    }
+
+    /// An engine with an explicit configuration.
+    pub fn with_config(pipeline: Pipeline<W>, store: S, config: EngineConfig) -> Self {
+        let definition = pipeline.definition();
+        let seeds = definition
+            .stages
+            .iter()
+            .map(|name| StageSeed {
+                name: name.clone(),
+                upstream: pipeline.upstream_of(name).count() as u32,
+            })
+            .collect();
+        let dependents = definition
+            .stages
+            .iter()
+            .map(|name| {
+                (
+                    name.clone(),
+                    pipeline.downstream_of(name).map(str::to_owned).collect(),
+                )
+            })
+            .collect();
+        let seed =
+            Utc::now().timestamp_nanos_opt().unwrap_or(1) as u64 ^ u64::from(std::process::id());
+        Engine {
+            shared: Arc::new(Shared {
+                pipeline,
+                store,
+                config,
+                seeds,
+                dependents,
+                drift: OnceCell::new(),
+                wake: Notify::new(),
+                running: Mutex::new(HashMap::new()),
+                random: AtomicU64::new(seed),
+            }),
+        }
+    }
+
+    /// The pipeline this engine runs.
+    pub fn pipeline(&self) -> &Pipeline<W> {
+        &self.shared.pipeline
+    }
+
+    /// The store this engine uses.
+    pub fn store(&self) -> &S {
+        &self.shared.store
+    }
+
+    /// How the pipeline differs from the one the store last saw (recorded on
+    /// first use of the engine). Stages removed from the code keep their
+    /// stored state; work for them fails with a reason naming the stage.
+    pub async fn drift(&self) -> Result<&PipelineDrift> {
+        self.shared
+            .drift
+            .get_or_try_init(|| {
+                self.shared
+                    .store
+                    .register_pipeline(self.shared.pipeline.definition())
+            })
+            .await
+    }
+
+    /// Stores `item` and makes its first stages runnable. Idempotent by id:
+    /// returns `false` (and changes nothing) if an item with this id exists.
+    pub async fn submit(&self, item: W) -> Result<bool> {
+        self.drift().await?;
+        let payload = serde_json::to_value(&item)
+            .map_err(|e| Error::json(format!("item `{}`", item.id()), e))?;
+        let events = self
+            .shared
+            .store
+            .submit(NewItem {
+                id: item.id().to_owned(),
+                payload,
+                stages: self.shared.seeds.clone(),
+                at: Utc::now(),
+            })
+            .await?;
+        self.shared.wake.notify_one();
+        Ok(!events.is_empty())
+    }
+
+    /// Approves a stage awaiting review; it completes with its proposed output.
+    pub async fn approve(&self, item_id: &str, stage: &str, decision: Decision) -> Result<()> {
+        self.decide(item_id, stage, decision, Verdict::Approve)
+            .await
+    }
+
+    /// Approves a stage awaiting review, replacing its output with `edits`.
+    pub async fn approve_with_edits(
+        &self,
+        item_id: &str,
+        stage: &str,
+        decision: Decision,
+        edits: impl Serialize,
+    ) -> Result<()> {
+        let edits = serde_json::to_value(edits).map_err(|e| Error::json("the review edits", e))?;
+        self.decide(item_id, stage, decision, Verdict::ApproveWithEdits(edits))
+            .await
+    }
+
+    /// Rejects a stage awaiting review; it fails with `reason`, and can be
+    /// run again with [`Engine::retry`].
+    pub async fn reject(
+        &self,
+        item_id: &str,
+        stage: &str,
+        decision: Decision,
+        reason: impl Into<String>,
+    ) -> Result<()> {
+        let reason = reason.into();
+        self.decide(item_id, stage, decision, Verdict::Reject { reason })
+            .await
+    }
+
+    async fn decide(
+        &self,
+        item_id: &str,
+        stage: &str,
+        decision: Decision,
+        verdict: Verdict,
+    ) -> Result<()> {
+        let dependents = self.dependents_of(item_id, stage)?;
+        self.shared
+            .store
+            .decide(DecisionCommit {
+                item_id: item_id.to_owned(),
+                stage: stage.to_owned(),
+                verdict,
+                decision,
+                at: Utc::now(),
+                dependents,
+            })
+            .await?;
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    /// Runs a failed stage again (a fan-out stage runs only its failed subtasks).
+    pub async fn retry(&self, item_id: &str, stage: &str) -> Result<()> {
+        self.dependents_of(item_id, stage)?;
+        self.shared.store.retry(item_id, stage, Utc::now()).await?;
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    /// Cancels an item: its running stages are stopped and nothing more runs.
+    pub async fn cancel(&self, item_id: &str) -> Result<()> {
+        let (running, _) = self.shared.store.cancel(item_id, Utc::now()).await?;
+        let local = self
+            .shared
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for key in running {
+            if let Some(work) = local.get(&key) {
+                work.signal.cancel();
+                work.abort.abort();
+            }
+        }
+        Ok(())
+    }
+
+    /// One item's status: every stage with its state, attempts, timings,
+    /// errors, subtasks and review.
+    pub async fn status(&self, item_id: &str) -> Result<ItemStatus> {
+        self.shared.store.status(item_id).await
+    }
+
+    /// The ids of items whose `stage` is in `state`.
+    pub async fn items_in(&self, stage: &str, state: StageState) -> Result<Vec<String>> {
+        self.shared.store.items_in(stage, state).await
+    }
+
+    /// Every stage awaiting a person's review, oldest first.
+    pub async fn awaiting_review(&self) -> Result<Vec<AwaitingReview>> {
+        self.shared.store.awaiting_review().await
+    }
+
+    /// Events from the store's log.
+    pub async fn events(&self, query: EventQuery) -> Result<Vec<Event>> {
+        self.shared.store.events(query).await
+    }
+
+    /// A live feed of committed events, in commit order.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.shared.store.subscribe()
+    }
+
+    fn dependents_of(&self, item_id: &str, stage: &str) -> Result<Vec<String>> {
+        self.shared
+            .dependents
+            .get(stage)
+            .cloned()
+            .ok_or_else(|| Error::UnknownStage {
+                item: item_id.to_owned(),
+                stage: stage.to_owned(),
+            })
+    }
+
+    /// A uniform random number in `[0, 1)` for backoff jitter (splitmix64).
+    fn random(&self) -> f64 {
+        let mut z = self
+            .shared
+            .random
+            .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)
+            .wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
