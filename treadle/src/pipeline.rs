@@ -179,12 +179,15 @@ impl<W: WorkItem> PipelineBuilder<W> {
         let mut nodes = Vec::new();
         for (i, stage) in self.stages.iter().enumerate() {
             let name = stage.name().to_owned();
-            if index.contains_key(&name) {
-                problems.push(PipelineProblem::DuplicateStage(name));
-                nodes.push(None);
-            } else {
-                index.insert(name, i);
-                nodes.push(Some(graph.add_node(i)));
+            match index.entry(name) {
+                std::collections::hash_map::Entry::Occupied(taken) => {
+                    problems.push(PipelineProblem::DuplicateStage(taken.key().clone()));
+                    nodes.push(None);
+                }
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(i);
+                    nodes.push(Some(graph.add_node(i)));
+                }
             }
         }
         let mut seen_edges = BTreeSet::new();
@@ -229,11 +232,10 @@ impl<W: WorkItem> PipelineBuilder<W> {
             downstream[a].push(b);
             upstream[b].push(a);
         }
-        let order = petgraph::algo::toposort(graph, None).expect("cycles were rejected above");
         let definition = PipelineDef {
-            stages: order
-                .iter()
-                .map(|&node| self.stages[graph[node]].name().to_owned())
+            stages: topological_order(graph)
+                .into_iter()
+                .map(|node| self.stages[graph[node]].name().to_owned())
                 .collect(),
             edges: self.edges,
         };
@@ -247,8 +249,36 @@ impl<W: WorkItem> PipelineBuilder<W> {
     }
 }
 
+/// Kahn's algorithm, taking among the ready stages the one declared first,
+/// so the order is deterministic. The graph must be acyclic.
+fn topological_order(graph: &DiGraph<usize, ()>) -> Vec<NodeIndex> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let mut waiting: Vec<usize> = graph
+        .node_indices()
+        .map(|n| graph.neighbors_directed(n, petgraph::Direction::Incoming).count())
+        .collect();
+    let mut ready: BinaryHeap<Reverse<NodeIndex>> = graph
+        .node_indices()
+        .filter(|n| waiting[n.index()] == 0)
+        .map(Reverse)
+        .collect();
+    let mut order = Vec::with_capacity(graph.node_count());
+    while let Some(Reverse(node)) = ready.pop() {
+        order.push(node);
+        for next in graph.neighbors(node) {
+            waiting[next.index()] -= 1;
+            if waiting[next.index()] == 0 {
+                ready.push(Reverse(next));
+            }
+        }
+    }
+    order
+}
+
 /// Finds one cycle by depth-first search in insertion order, returned as a
-/// path whose first and last nodes are the same. Linear in nodes + edges.
+/// path whose first and last nodes are the same, starting at the node
+/// declared first. Linear in nodes + edges.
 fn find_cycle(graph: &DiGraph<usize, ()>) -> Option<Vec<NodeIndex>> {
     #[derive(Clone, Copy, PartialEq)]
     enum Mark {
@@ -276,7 +306,11 @@ fn find_cycle(graph: &DiGraph<usize, ()>) -> Option<Vec<NodeIndex>> {
                     Mark::OnPath => {
                         let start = path.iter().position(|&n| n == child).expect("on the path");
                         let mut cycle = path[start..].to_vec();
-                        cycle.push(child);
+                        // Start the path at the stage declared first, so the
+                        // message does not depend on where the search began.
+                        let first = (0..cycle.len()).min_by_key(|&i| cycle[i]).unwrap_or(0);
+                        cycle.rotate_left(first);
+                        cycle.push(cycle[0]);
                         return Some(cycle);
                     }
                     Mark::New => {
