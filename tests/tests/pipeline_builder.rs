@@ -23,7 +23,10 @@ fn error(stages: &[&str], edges: &[(&str, &str)]) -> String {
 #[test]
 fn a_cycle_is_reported_as_the_path_of_stage_names() {
     assert_eq!(
-        error(&["scan", "enrich", "review"], &[("scan", "enrich"), ("enrich", "review"), ("review", "scan")]),
+        error(
+            &["scan", "enrich", "review"],
+            &[("scan", "enrich"), ("enrich", "review"), ("review", "scan")]
+        ),
         "invalid pipeline: cycle detected: scan -> enrich -> review -> scan"
     );
     assert_eq!(
@@ -36,19 +39,34 @@ fn a_cycle_is_reported_as_the_path_of_stage_names() {
 fn a_cycle_behind_a_diamond_names_only_the_cycle() {
     let err = build(
         &["a", "b", "c", "d", "e"],
-        &[("a", "b"), ("a", "c"), ("b", "d"), ("c", "d"), ("d", "e"), ("e", "c")],
+        &[
+            ("a", "b"),
+            ("a", "c"),
+            ("b", "d"),
+            ("c", "d"),
+            ("d", "e"),
+            ("e", "c"),
+        ],
     )
     .unwrap_err();
     assert_eq!(
         err.problems,
-        [PipelineProblem::Cycle(vec!["c".into(), "d".into(), "e".into(), "c".into()])]
+        [PipelineProblem::Cycle(vec![
+            "c".into(),
+            "d".into(),
+            "e".into(),
+            "c".into()
+        ])]
     );
 }
 
 #[test]
 fn every_problem_is_reported_at_once_in_declaration_order() {
     assert_eq!(
-        error(&["a", "b", "a"], &[("a", "b"), ("a", "b"), ("b", "x"), ("b", "a")]),
+        error(
+            &["a", "b", "a"],
+            &[("a", "b"), ("a", "b"), ("b", "x"), ("b", "a")]
+        ),
         "invalid pipeline: duplicate stage `a`; duplicate edge `a -> b`; \
          edge `b -> x` names unknown stage `x`; cycle detected: a -> b -> a"
     );
@@ -61,25 +79,40 @@ fn an_empty_pipeline_is_rejected() {
 
 #[test]
 fn definition_lists_stages_upstream_first_and_keeps_edge_order() {
-    let pipeline = build(&["export", "review", "scan"], &[("scan", "review"), ("review", "export")]).unwrap();
+    let pipeline = build(
+        &["export", "review", "scan"],
+        &[("scan", "review"), ("review", "export")],
+    )
+    .unwrap();
     assert_eq!(pipeline.definition().stages, ["scan", "review", "export"]);
     assert_eq!(pipeline.upstream_of("review").collect::<Vec<_>>(), ["scan"]);
-    assert_eq!(pipeline.downstream_of("review").collect::<Vec<_>>(), ["export"]);
+    assert_eq!(
+        pipeline.downstream_of("review").collect::<Vec<_>>(),
+        ["export"]
+    );
     assert_eq!(pipeline.len(), 3);
 }
 
 #[test]
 fn graph_exports_as_dot_and_mermaid() {
-    let pipeline = build(&["scan", "ocr", "thumbs", "index"], &[
-        ("scan", "ocr"),
-        ("scan", "thumbs"),
-        ("ocr", "index"),
-        ("thumbs", "index"),
-    ])
+    let pipeline = build(
+        &["scan", "ocr", "thumbs", "index"],
+        &[
+            ("scan", "ocr"),
+            ("scan", "thumbs"),
+            ("ocr", "index"),
+            ("thumbs", "index"),
+        ],
+    )
     .unwrap();
     let dot = pipeline.to_dot();
     assert!(dot.starts_with("digraph pipeline {\n"));
-    for edge in ["\"scan\" -> \"ocr\";", "\"scan\" -> \"thumbs\";", "\"ocr\" -> \"index\";", "\"thumbs\" -> \"index\";"] {
+    for edge in [
+        "\"scan\" -> \"ocr\";",
+        "\"scan\" -> \"thumbs\";",
+        "\"ocr\" -> \"index\";",
+        "\"thumbs\" -> \"index\";",
+    ] {
         assert!(dot.contains(edge), "{edge} missing from\n{dot}");
     }
     assert!(dot.trim_end().ends_with('}'));

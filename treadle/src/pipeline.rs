@@ -256,7 +256,11 @@ fn topological_order(graph: &DiGraph<usize, ()>) -> Vec<NodeIndex> {
     use std::collections::BinaryHeap;
     let mut waiting: Vec<usize> = graph
         .node_indices()
-        .map(|n| graph.neighbors_directed(n, petgraph::Direction::Incoming).count())
+        .map(|n| {
+            graph
+                .neighbors_directed(n, petgraph::Direction::Incoming)
+                .count()
+        })
         .collect();
     let mut ready: BinaryHeap<Reverse<NodeIndex>> = graph
         .node_indices()

@@ -170,21 +170,29 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
     /// Stores `item` and makes its first stages runnable. Idempotent by id:
     /// returns `false` (and changes nothing) if an item with this id exists.
     pub async fn submit(&self, item: W) -> Result<bool> {
+        Ok(self.submit_all([item]).await? == 1)
+    }
+
+    /// Stores many items in one transition; returns how many were new.
+    pub async fn submit_all(&self, items: impl IntoIterator<Item = W>) -> Result<usize> {
         self.drift().await?;
-        let payload = serde_json::to_value(&item)
-            .map_err(|e| Error::json(format!("item `{}`", item.id()), e))?;
-        let events = self
-            .shared
-            .store
-            .submit(NewItem {
-                id: item.id().to_owned(),
-                payload,
-                stages: self.shared.seeds.clone(),
-                at: Utc::now(),
+        let at = Utc::now();
+        let items = items
+            .into_iter()
+            .map(|item| {
+                let payload = serde_json::to_value(&item)
+                    .map_err(|e| Error::json(format!("item `{}`", item.id()), e))?;
+                Ok(NewItem {
+                    id: item.id().to_owned(),
+                    payload,
+                    stages: self.shared.seeds.clone(),
+                    at,
+                })
             })
-            .await?;
+            .collect::<Result<Vec<_>>>()?;
+        let events = self.shared.store.submit(items).await?;
         self.shared.wake.notify_one();
-        Ok(!events.is_empty())
+        Ok(events.len())
     }
 
     /// Approves a stage awaiting review; it completes with its proposed output.

@@ -279,6 +279,45 @@ impl Data {
         events.push(self.push_event(at, key, true, EventKind::Failed { reason }));
     }
 
+    /// Stores one new item; `None` if its id is already known.
+    fn insert_item(&mut self, item: NewItem) -> Option<Event> {
+        if self.items.contains_key(&item.id) {
+            return None;
+        }
+        let seq = self.order.len();
+        for seed in &item.stages {
+            self.by_state
+                .entry((seed.name.clone(), StageState::Pending))
+                .or_default()
+                .insert(seq);
+            if seed.upstream == 0 {
+                self.ready
+                    .push_back(TaskKey::stage(item.id.clone(), seed.name.clone()));
+            }
+        }
+        let stages: Vec<StageRow> = item
+            .stages
+            .into_iter()
+            .map(|seed| StageRow {
+                unit: UnitRow::new(seed.name),
+                waiting: seed.upstream,
+                subtasks: Vec::new(),
+                review: None,
+            })
+            .collect();
+        self.order.push(item.id.clone());
+        let row = ItemRow {
+            seq,
+            payload: Arc::new(item.payload),
+            submitted_at: item.at,
+            cancelled: false,
+            unfinished: stages.len(),
+            stages,
+        };
+        self.items.insert(item.id.clone(), row);
+        Some(self.item_event(item.at, &item.id, EventKind::ItemSubmitted))
+    }
+
     fn claim_one(&mut self, key: TaskKey, request: &ClaimRequest) -> Option<(Claim, Event)> {
         let item = self.items.get_mut(&key.item_id)?;
         if item.cancelled {
@@ -520,46 +559,14 @@ impl Store for MemoryStore {
         Ok(drift)
     }
 
-    async fn submit(&self, item: NewItem) -> Result<Vec<Event>> {
+    async fn submit(&self, items: Vec<NewItem>) -> Result<Vec<Event>> {
         let mut data = self.lock();
-        if data.items.contains_key(&item.id) {
-            return Ok(Vec::new());
-        }
-        let seq = data.order.len();
-        let stages: Vec<StageRow> = item
-            .stages
-            .iter()
-            .map(|seed| StageRow {
-                unit: UnitRow::new(seed.name.clone()),
-                waiting: seed.upstream,
-                subtasks: Vec::new(),
-                review: None,
-            })
-            .collect();
-        for seed in &item.stages {
-            data.by_state
-                .entry((seed.name.clone(), StageState::Pending))
-                .or_default()
-                .insert(seq);
-            if seed.upstream == 0 {
-                data.ready
-                    .push_back(TaskKey::stage(item.id.clone(), seed.name.clone()));
+        let mut events = Vec::with_capacity(items.len());
+        for item in items {
+            if let Some(event) = data.insert_item(item) {
+                events.push(event);
             }
         }
-        data.order.push(item.id.clone());
-        let unfinished = stages.len();
-        data.items.insert(
-            item.id.clone(),
-            ItemRow {
-                seq,
-                payload: Arc::new(item.payload),
-                submitted_at: item.at,
-                cancelled: false,
-                unfinished,
-                stages,
-            },
-        );
-        let events = vec![data.item_event(item.at, &item.id, EventKind::ItemSubmitted)];
         data.publish(&events);
         Ok(events)
     }

@@ -313,10 +313,10 @@ pub trait Store: Send + Sync + 'static {
     /// recorded before (empty the first time).
     async fn register_pipeline(&self, definition: &PipelineDef) -> Result<PipelineDrift>;
 
-    /// Stores a new item with its stages `pending` and an `ItemSubmitted`
-    /// event. Idempotent by id: an existing item is left unchanged and no
-    /// events are returned.
-    async fn submit(&self, item: NewItem) -> Result<Vec<Event>>;
+    /// Stores new items, each with its stages `pending` and an
+    /// `ItemSubmitted` event, in one transition. Idempotent by id: an
+    /// existing item is left unchanged and gets no event.
+    async fn submit(&self, items: Vec<NewItem>) -> Result<Vec<Event>>;
 
     /// Claims up to `limit` runnable units of work, oldest first: pending
     /// stages whose upstream stages are all done, scheduled retries that are
