@@ -2,8 +2,10 @@
 //! and commits what it returned.
 
 use std::future::Future;
-use std::pin::pin;
-use std::sync::Arc;
+use std::panic::AssertUnwindSafe;
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use chrono::Utc;
 use tokio::task::JoinSet;
@@ -80,10 +82,21 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
                     })
                     .await?;
                 let claimed = !batch.claims.is_empty();
+                let mut running = self.running();
                 for claim in batch.claims {
-                    let engine = self.clone();
-                    tasks.spawn(async move { engine.execute(claim).await });
+                    let (engine, signal) = (self.clone(), CancelSignal::default());
+                    let (key, generation) = (claim.task.clone(), claim.generation);
+                    let abort = tasks.spawn(engine.execute(claim, signal.clone()));
+                    running.insert(
+                        key,
+                        RunningWork {
+                            generation,
+                            signal,
+                            abort,
+                        },
+                    );
                 }
+                drop(running);
                 if claimed {
                     continue;
                 }
@@ -116,6 +129,8 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
                 Some(joined) = tasks.join_next() => {
                     let finished = match joined {
                         Ok(finished) => finished?,
+                        // Aborted: its item was cancelled or its lease lost.
+                        Err(e) if e.is_cancelled() => Finished::Discarded,
                         Err(e) => std::panic::resume_unwind(e.into_panic()),
                     };
                     match finished {
@@ -143,14 +158,10 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
         }
         let until = Utc::now() + self.shared.config.lease;
         let lost = self.shared.store.renew(&held, until).await?;
-        let running = self.running();
-        for key in lost {
-            tracing::warn!(item_id = %key.item_id, stage = %key.stage, "lease lost; stopping the attempt");
-            if let Some(work) = running.get(&key) {
-                work.signal.cancel();
-                work.abort.abort();
-            }
+        for key in &lost {
+            tracing::warn!(%key, "lease lost; stopping the attempt");
         }
+        self.stop_local(lost);
         Ok(())
     }
 
@@ -164,7 +175,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
     }
 
     /// Runs one claimed attempt and commits its end.
-    async fn execute(self, claim: Claim) -> Result<Finished> {
+    async fn execute(self, claim: Claim, signal: CancelSignal) -> Result<Finished> {
         let span = tracing::info_span!(
             "treadle.attempt",
             item_id = %claim.task.item_id,
@@ -175,27 +186,42 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
         async move {
             let stage = self.shared.pipeline.stage(&claim.task.stage).cloned();
             let policy = stage.as_ref().map_or(StagePolicy::DEFAULT, |s| s.policy());
+            let Claim {
+                task,
+                attempt,
+                generation,
+                started_at,
+                payload,
+                outputs,
+            } = claim;
             let end = match stage {
-                None => Some(AttemptEnd::Outcome(StageOutcome::failed(format!(
+                None => AttemptEnd::Outcome(StageOutcome::failed(format!(
                     "stage `{}` is not in this pipeline",
-                    claim.task.stage
-                )))),
-                Some(stage) => match W::deserialize(&*claim.payload) {
-                    Ok(item) => self.attempt(stage, item, &claim, &policy).await,
-                    Err(e) => Some(AttemptEnd::Outcome(StageOutcome::failed(format!(
+                    task.stage
+                ))),
+                Some(stage) => match W::deserialize(&*payload) {
+                    Ok(item) => {
+                        let mut ctx = StageContext::new(&task.item_id, &task.stage)
+                            .with_attempt(attempt)
+                            .with_outputs(outputs)
+                            .with_cancel_signal(signal);
+                        if let Some(subtask) = &task.subtask {
+                            ctx = ctx.with_subtask(subtask);
+                        }
+                        run_guarded(stage.as_ref(), &item, &mut ctx, policy.timeout).await
+                    }
+                    Err(e) => AttemptEnd::Outcome(StageOutcome::failed(format!(
                         "the stored item cannot be decoded: {e}"
-                    )))),
+                    ))),
                 },
             };
-            let Some(end) = end else {
-                return Ok(Finished::Discarded);
-            };
+            self.running().remove(&task);
             if let AttemptEnd::Error { result, message } = &end {
                 tracing::warn!(%result, error = %message, "attempt failed");
             }
             let facts = AttemptFacts {
-                attempt: claim.attempt,
-                started_at: claim.started_at,
+                attempt,
+                started_at,
                 finished_at: Utc::now(),
                 policy: &policy,
                 random: self.random(),
@@ -204,12 +230,12 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
             let dependents = self
                 .shared
                 .dependents
-                .get(&claim.task.stage)
+                .get(&task.stage)
                 .cloned()
                 .unwrap_or_default();
             let commit = Commit {
-                task: claim.task,
-                generation: claim.generation,
+                task,
+                generation,
                 attempt,
                 transition,
                 dependents,
@@ -226,68 +252,57 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
         .instrument(span)
         .await
     }
+}
 
-    /// Runs the stage in its own task, so that a panic is caught and a
-    /// cancellation can abort it. `None` when it was aborted.
-    async fn attempt(
-        &self,
-        stage: Arc<dyn Stage<W>>,
-        item: W,
-        claim: &Claim,
-        policy: &StagePolicy,
-    ) -> Option<AttemptEnd> {
-        let signal = CancelSignal::default();
-        let mut ctx = StageContext::new(&claim.task.item_id, &claim.task.stage)
-            .with_attempt(claim.attempt)
-            .with_outputs(claim.outputs.clone())
-            .with_cancel_signal(signal.clone());
-        if let Some(subtask) = &claim.task.subtask {
-            ctx = ctx.with_subtask(subtask);
-        }
-        let mut handle = {
-            let mut running = self.running();
-            let handle = tokio::spawn(
-                async move { stage.run(&item, &mut ctx).await }
-                    .instrument(tracing::Span::current()),
-            );
-            running.insert(
-                claim.task.clone(),
-                RunningWork {
-                    generation: claim.generation,
-                    signal,
-                    abort: handle.abort_handle(),
-                },
-            );
-            handle
-        };
-        let joined = match policy.timeout {
-            None => Some((&mut handle).await),
-            Some(limit) => tokio::time::timeout(limit, &mut handle).await.ok(),
-        };
-        self.running().remove(&claim.task);
-        let end = match joined {
-            None => {
-                handle.abort();
-                AttemptEnd::Error {
+/// Runs one attempt of `stage`, turning an `Err`, a timeout or a panic into
+/// a failed attempt.
+async fn run_guarded<W: WorkItem>(
+    stage: &dyn Stage<W>,
+    item: &W,
+    ctx: &mut StageContext,
+    timeout: Option<Duration>,
+) -> AttemptEnd {
+    let run = CatchUnwind(stage.run(item, ctx));
+    let caught = match timeout {
+        None => run.await,
+        Some(limit) => match tokio::time::timeout(limit, run).await {
+            Ok(caught) => caught,
+            Err(_) => {
+                return AttemptEnd::Error {
                     result: AttemptResult::TimedOut,
-                    message: format!("timed out after {:?}", policy.timeout.unwrap_or_default()),
-                }
+                    message: format!("timed out after {limit:?}"),
+                };
             }
-            Some(Ok(Ok(outcome))) => AttemptEnd::Outcome(outcome),
-            Some(Ok(Err(error))) => AttemptEnd::Error {
-                result: AttemptResult::Error,
-                message: describe(&error),
-            },
-            Some(Err(join)) if join.is_panic() => AttemptEnd::Error {
-                result: AttemptResult::Panicked,
-                message: format!("panicked: {}", panic_message(join.into_panic())),
-            },
-            Some(Err(_aborted)) => return None,
-        };
-        Some(end)
+        },
+    };
+    match caught {
+        Ok(Ok(outcome)) => AttemptEnd::Outcome(outcome),
+        Ok(Err(error)) => AttemptEnd::Error {
+            result: AttemptResult::Error,
+            message: describe(&error),
+        },
+        Err(panic) => AttemptEnd::Error {
+            result: AttemptResult::Panicked,
+            message: format!("panicked: {}", panic_message(panic)),
+        },
     }
 }
 
+/// Polls a future, catching a panic in it as an `Err` with the panic payload.
+struct CatchUnwind<F>(F);
+
+impl<F: Future + Unpin> Future for CatchUnwind<F> {
+    type Output = std::result::Result<F::Output, Box<dyn std::any::Any + Send>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| Pin::new(&mut *inner).poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}
 /// An error and its chain of sources, joined with `: `.
 fn describe(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();

@@ -262,17 +262,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
     /// Cancels an item: its running stages are stopped and nothing more runs.
     pub async fn cancel(&self, item_id: &str) -> Result<()> {
         let (running, _) = self.shared.store.cancel(item_id, Utc::now()).await?;
-        let local = self
-            .shared
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        for key in running {
-            if let Some(work) = local.get(&key) {
-                work.signal.cancel();
-                work.abort.abort();
-            }
-        }
+        self.stop_local(running);
         Ok(())
     }
 
@@ -300,6 +290,22 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
     /// A live feed of committed events, in commit order.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.shared.store.subscribe()
+    }
+
+    /// Stops this process's attempts for `keys`: raises their cancellation
+    /// signal and aborts them; their results will not be committed.
+    fn stop_local(&self, keys: impl IntoIterator<Item = TaskKey>) {
+        let mut running = self
+            .shared
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for key in keys {
+            if let Some(work) = running.remove(&key) {
+                work.signal.cancel();
+                work.abort.abort();
+            }
+        }
     }
 
     fn dependents_of(&self, item_id: &str, stage: &str) -> Result<Vec<String>> {
