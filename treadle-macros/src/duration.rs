@@ -11,10 +11,12 @@ pub(crate) fn parse_millis(text: &str) -> Result<u64, String> {
         "s" => 1_000,
         "m" => 60_000,
         "h" => 3_600_000,
-        _ => return Err(format!(
-            "invalid duration `{text}`: expected an integer followed by `ms`, `s`, `m` or `h`, \
+        _ => {
+            return Err(format!(
+                "invalid duration `{text}`: expected an integer followed by `ms`, `s`, `m` or `h`, \
              such as \"500ms\", \"30s\", \"2m\" or \"1h\""
-        )),
+            ));
+        }
     };
     if digits.is_empty() {
         return Err(format!(
@@ -43,7 +45,9 @@ mod tests {
 
     #[test]
     fn rejects_malformed_durations() {
-        for bad in ["", "30", "s", "ms", "30 s", "1.5s", "-1s", "30sec", "30S", "1d"] {
+        for bad in [
+            "", "30", "s", "ms", "30 s", "1.5s", "-1s", "30sec", "30S", "1d",
+        ] {
             let error = parse_millis(bad).unwrap_err();
             assert!(error.starts_with("invalid duration"), "{bad}: {error}");
         }

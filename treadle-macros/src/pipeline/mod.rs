@@ -5,3 +5,6 @@ mod graph;
 mod parse;
 
 pub use expand::expand;
+
+#[cfg(test)]
+mod tests;

@@ -167,18 +167,19 @@ fn policy(options: &StageOptions) -> TokenStream {
         None => quote!(::core::option::Option::None),
     };
     let (base, max) = (millis(options.backoff_base), millis(options.backoff_max));
-    let kind = options.backoff.or(
-        match (options.backoff_base, options.backoff_max) {
+    let kind = options
+        .backoff
+        .or(match (options.backoff_base, options.backoff_max) {
             (None, None) => None,
             _ => Some(BackoffKind::Exponential),
-        },
-    );
+        });
     match kind {
         Some(BackoffKind::Fixed) => {
             policy = quote!(#policy.backoff(::treadle::__private::fixed_backoff(#base)));
         }
         Some(BackoffKind::Exponential) => {
-            policy = quote!(#policy.backoff(::treadle::__private::exponential_backoff(#base, #max)));
+            policy =
+                quote!(#policy.backoff(::treadle::__private::exponential_backoff(#base, #max)));
         }
         None => {}
     }

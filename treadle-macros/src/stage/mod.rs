@@ -5,3 +5,6 @@ mod expand;
 mod parse;
 
 pub use expand::expand;
+
+#[cfg(test)]
+mod tests;

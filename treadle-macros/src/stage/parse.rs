@@ -6,8 +6,8 @@ use quote::ToTokens;
 use syn::parse::Parser;
 use syn::punctuated::Punctuated;
 use syn::{
-    Expr, ExprLit, FnArg, GenericArgument, Ident, ItemFn, Lit, LitStr, MetaNameValue, PathArguments,
-    ReturnType, Token, Type,
+    Expr, ExprLit, FnArg, GenericArgument, Ident, ItemFn, Lit, LitStr, MetaNameValue,
+    PathArguments, ReturnType, Token, Type,
 };
 
 use crate::duration::parse_millis;
@@ -26,7 +26,7 @@ pub(crate) enum BackoffKind {
 }
 
 /// The validated options of one `#[stage(...)]` attribute.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct StageOptions {
     /// `name = "..."`: the runtime name, overriding the function's name.
     pub(crate) name: Option<LitStr>,
@@ -90,7 +90,10 @@ pub(crate) fn parse_options(args: TokenStream, errors: &mut Errors) -> StageOpti
             }
         };
         if slot.is_some() {
-            errors.at(key.span(), format_args!("option `{key}` is given more than once"));
+            errors.at(
+                key.span(),
+                format_args!("option `{key}` is given more than once"),
+            );
             continue;
         }
         *slot = Some(key.span());
@@ -188,7 +191,10 @@ fn check_backoff(options: &StageOptions, seen: &Seen, errors: &mut Errors) {
         (options.backoff_base, options.backoff_max, seen.backoff_max)
         && max < base
     {
-        errors.at(span, "`backoff_max` must not be shorter than `backoff_base`");
+        errors.at(
+            span,
+            "`backoff_max` must not be shorter than `backoff_base`",
+        );
     }
 }
 
