@@ -39,12 +39,16 @@ pub use stage::{Backoff, Stage, StagePolicy};
 pub use state::{AttemptResult, DecisionKind, ItemState, StageState, UnknownVariant};
 pub use status::{AttemptRecord, AwaitingReview, ItemStatus, StageStatus, SubtaskStatus};
 pub use store::{MemoryStore, Store};
+#[cfg(feature = "macros")]
+pub use treadle_macros::{pipeline, stage};
 
 /// The names most programs need: `use treadle::prelude::*;`.
 pub mod prelude {
     pub use crate::{
         Decision, Engine, Pipeline, ReviewRequest, Stage, StageContext, StageOutcome, WorkItem,
     };
+    #[cfg(feature = "macros")]
+    pub use treadle_macros::{pipeline, stage};
 
     pub use crate::store::MemoryStore;
     pub use serde::{Deserialize, Serialize};

@@ -1,0 +1,42 @@
+use treadle::prelude::*;
+
+#[derive(Serialize, Deserialize)]
+struct Doc {
+    id: String,
+}
+
+impl WorkItem for Doc {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Invoice {
+    id: String,
+}
+
+impl WorkItem for Invoice {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+#[stage]
+async fn scan(_doc: &Doc) -> treadle::Result<StageOutcome> {
+    Ok(StageOutcome::complete())
+}
+
+#[stage]
+async fn bill(_invoice: &Invoice) -> treadle::Result<StageOutcome> {
+    Ok(StageOutcome::complete())
+}
+
+#[stage]
+async fn index(_doc: &Doc) -> treadle::Result<StageOutcome> {
+    Ok(StageOutcome::complete())
+}
+
+fn main() {
+    let _p = pipeline! { scan -> bill -> index };
+}

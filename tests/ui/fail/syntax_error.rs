@@ -1,0 +1,5 @@
+use treadle::prelude::*;
+
+fn main() {
+    let _p = pipeline! { a -> -> b };
+}
