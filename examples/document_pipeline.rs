@@ -1,1 +1,175 @@
-fn main() {}
+//! A document pipeline: scan -> enrich (fan-out over metadata sources) ->
+//! review (a person checks uncertain tags) -> export.
+//!
+//! ```text
+//! cargo run --example document_pipeline                  # process, park reviews
+//! cargo run --example document_pipeline -- --approve-all # approve parked reviews, finish
+//! ```
+//!
+//! State lives in `target/document_pipeline.db` (SQLite), so a second run
+//! resumes where the first stopped; `--db PATH` picks another file and
+//! `--memory` uses the in-memory store instead.
+
+use std::time::Duration;
+
+use treadle::StageState;
+use treadle::prelude::*;
+use treadle::store::Store;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Document {
+    id: String,
+    title: String,
+    pages: u32,
+}
+
+impl WorkItem for Document {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ScanReport {
+    pages: u32,
+    words: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Tags {
+    tags: Vec<String>,
+    confidence: f64,
+}
+
+/// Reads the document and reports its size.
+#[stage(timeout = "5s")]
+async fn scan(doc: &Document) -> treadle::Result<StageOutcome> {
+    StageOutcome::complete_with(ScanReport {
+        pages: doc.pages,
+        words: doc.title.split_whitespace().count() * 250 * doc.pages as usize,
+    })
+}
+
+/// Looks the document up in three metadata sources at once. `discogs` is
+/// flaky: its first attempt fails, and the retry policy runs it again.
+#[stage(retries = 2, backoff = "fixed", backoff_base = "50ms", timeout = "10s")]
+async fn enrich(doc: &Document, ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
+    let Some(source) = ctx.subtask() else {
+        let report: ScanReport = ctx.output_of("scan")?;
+        if report.words == 0 {
+            return Ok(StageOutcome::skip("nothing to look up"));
+        }
+        return Ok(StageOutcome::fan_out([
+            "musicbrainz",
+            "discogs",
+            "wikidata",
+        ]));
+    };
+    if source == "discogs" && ctx.attempt() == 1 {
+        return Err(treadle::Error::stage("discogs: 503 Service Unavailable"));
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let word = doc
+        .title
+        .split_whitespace()
+        .next()
+        .unwrap_or("untitled")
+        .to_lowercase();
+    StageOutcome::complete_with(format!("{source}:{word}"))
+}
+
+/// Asks a person to check the tags when the sources disagree.
+#[stage]
+async fn review(doc: &Document, ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
+    let tags: Vec<String> = match ctx.raw_output_of("enrich") {
+        Some(found) => {
+            serde_json::from_value::<std::collections::BTreeMap<String, String>>(found.clone())
+                .map_err(|e| treadle::Error::json("the enrich output", e))?
+                .into_values()
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    let confidence = if doc.pages > 10 { 0.4 } else { 0.9 };
+    let proposed = Tags { tags, confidence };
+    if confidence < 0.5 {
+        let request = ReviewRequest::new(format!("Check the tags of “{}”", doc.title))
+            .details(&proposed)?
+            .proposed_output(&proposed)?;
+        return Ok(StageOutcome::needs_review(request));
+    }
+    StageOutcome::complete_with(proposed)
+}
+
+/// Writes the reviewed result.
+#[stage]
+async fn export(doc: &Document, ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
+    let tags: Tags = ctx.output_of("review")?;
+    StageOutcome::complete_with(format!("exported {} with {} tags", doc.id, tags.tags.len()))
+}
+
+fn documents() -> Vec<Document> {
+    [
+        ("doc-1", "Kind of Blue liner notes", 4),
+        ("doc-2", "Abbey Road session sheets", 12),
+        ("doc-3", "Blue Train press kit", 2),
+        ("doc-4", "Untitled scan", 0),
+        ("doc-5", "Rumours tour programme", 24),
+    ]
+    .into_iter()
+    .map(|(id, title, pages)| Document {
+        id: id.into(),
+        title: title.into(),
+        pages,
+    })
+    .collect()
+}
+
+async fn run<S: Store>(store: S, approve_all: bool) -> treadle::Result<()> {
+    let engine = Engine::new(pipeline! { scan -> enrich -> review -> export }, store);
+    let drift = engine.drift().await?;
+    if !drift.is_empty() {
+        println!("note: the stored pipeline differs from this one: {drift:?}");
+    }
+    let new = engine.submit_all(documents()).await?;
+    println!("submitted {new} new documents\n");
+    if approve_all {
+        for parked in engine.awaiting_review().await? {
+            println!("approving {} at {}", parked.item_id, parked.stage);
+            engine
+                .approve(
+                    &parked.item_id,
+                    &parked.stage,
+                    Decision::by("example").note("approved by --approve-all"),
+                )
+                .await?;
+        }
+    }
+    engine.run_until_idle().await?;
+    for doc in documents() {
+        println!("{}", engine.status(&doc.id).await?);
+    }
+    let waiting = engine
+        .items_in("review", StageState::AwaitingReview)
+        .await?;
+    if waiting.is_empty() {
+        println!("nothing awaits review");
+    } else {
+        println!("awaiting review: {}", waiting.join(", "));
+        println!("run again with `-- --approve-all` to approve them");
+    }
+    let done = engine
+        .items_in("export", StageState::Completed)
+        .await?
+        .len();
+    println!("{done} of {} documents exported", documents().len());
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let approve_all = args.iter().any(|a| a == "--approve-all");
+    run(MemoryStore::new(), approve_all).await?;
+    Ok(())
+}

@@ -128,6 +128,21 @@ stored_enum! {
     }
 }
 
+impl AttemptResult {
+    /// Whether the attempt went wrong; its message becomes the unit's `last_error`.
+    pub const fn is_failure(self) -> bool {
+        matches!(
+            self,
+            AttemptResult::RetryRequested
+                | AttemptResult::Failed
+                | AttemptResult::Error
+                | AttemptResult::TimedOut
+                | AttemptResult::Panicked
+                | AttemptResult::Abandoned
+        )
+    }
+}
+
 stored_enum! {
     /// The kind of a person's review decision.
     pub enum DecisionKind as "decision kind" {

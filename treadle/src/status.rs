@@ -134,7 +134,11 @@ impl fmt::Display for ItemStatus {
             if let Some(at) = stage.next_run_at {
                 write!(f, "  next at {}", at.format("%H:%M:%S%.3f"))?;
             }
-            if let Some(error) = &stage.last_error {
+            if let Some(error) = stage
+                .last_error
+                .as_ref()
+                .filter(|_| !stage.state.satisfies_dependents())
+            {
                 write!(f, "  error: {error}")?;
             }
             writeln!(f)?;
@@ -147,7 +151,11 @@ impl fmt::Display for ItemStatus {
                     sub.state.as_str(),
                     sub.attempt
                 )?;
-                if let Some(error) = &sub.last_error {
+                if let Some(error) = sub
+                    .last_error
+                    .as_ref()
+                    .filter(|_| !sub.state.satisfies_dependents())
+                {
                     write!(f, "  error: {error}")?;
                 }
                 writeln!(f)?;

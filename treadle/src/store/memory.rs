@@ -520,7 +520,7 @@ impl Data {
 
 fn record_attempt(unit: &mut UnitRow, attempt: &AttemptRecord) {
     unit.attempts.push(attempt.clone());
-    if attempt.error.is_some() {
+    if attempt.result.is_failure() {
         unit.last_error = attempt.error.clone();
     }
 }
