@@ -12,7 +12,8 @@ use tokio::sync::broadcast;
 
 use super::{
     Claim, ClaimBatch, ClaimRequest, Commit, DecisionCommit, EVENT_FEED_CAPACITY, EventQuery,
-    FanIn, NewItem, PipelineDrift, Store, SubtaskTransition, TaskKey, Transition, Verdict, fan_in,
+    FanIn, NewItem, PipelineDrift, StageCount, Store, SubtaskTransition, TaskKey, Transition,
+    Verdict, fan_in,
 };
 use crate::error::{Error, Result};
 use crate::event::{Event, EventKind};
@@ -793,6 +794,26 @@ impl Store for MemoryStore {
 
     async fn next_due(&self) -> Result<Option<DateTime<Utc>>> {
         Ok(self.lock().scheduled.first().map(|(at, _)| *at))
+    }
+
+    async fn pipeline_definition(&self) -> Result<Option<PipelineDef>> {
+        Ok(self.lock().pipeline.clone())
+    }
+
+    async fn stage_counts(&self) -> Result<Vec<StageCount>> {
+        let data = self.lock();
+        let mut counts: Vec<StageCount> = data
+            .by_state
+            .iter()
+            .filter(|(_, items)| !items.is_empty())
+            .map(|((stage, state), items)| StageCount {
+                stage: stage.clone(),
+                state: *state,
+                items: items.len() as u64,
+            })
+            .collect();
+        counts.sort_by(|a, b| (&a.stage, a.state).cmp(&(&b.stage, b.state)));
+        Ok(counts)
     }
 
     async fn status(&self, item_id: &str) -> Result<ItemStatus> {

@@ -245,6 +245,17 @@ pub struct DecisionCommit {
     pub dependents: Vec<String>,
 }
 
+/// The number of items whose `stage` is in `state`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageCount {
+    /// The stage.
+    pub stage: String,
+    /// The state.
+    pub state: StageState,
+    /// How many items.
+    pub items: u64,
+}
+
 /// Which events to read from the log.
 #[derive(Debug, Clone, Default)]
 pub struct EventQuery {
@@ -354,6 +365,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// The earliest time a scheduled retry falls due, if any.
     async fn next_due(&self) -> Result<Option<DateTime<Utc>>>;
+
+    /// The pipeline definition last recorded by `register_pipeline`, if any.
+    async fn pipeline_definition(&self) -> Result<Option<PipelineDef>>;
+
+    /// How many items are in each (stage, state), for every pair that has
+    /// at least one, ordered by stage name then state.
+    async fn stage_counts(&self) -> Result<Vec<StageCount>>;
 
     /// One item's full status.
     async fn status(&self, item_id: &str) -> Result<ItemStatus>;
