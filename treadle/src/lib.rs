@@ -13,6 +13,7 @@ mod context;
 mod engine;
 mod error;
 mod event;
+mod fast_hash;
 mod item;
 mod outcome;
 mod pipeline;

@@ -253,7 +253,7 @@ pub async fn skip_satisfies_dependents<S: Store>(store: S) {
     assert_eq!(trace.entries(), ["index"]);
     assert_eq!(
         stage_event_names(&engine, "d", "ocr").await,
-        ["started", "attempt_finished", "skipped"]
+        ["started", "skipped"]
     );
 }
 
@@ -316,13 +316,10 @@ pub async fn errors_retry_with_backoff_until_attempts_run_out<S: Store>(store: S
         stage_event_names(&engine, "d", "fetch").await,
         [
             "started",
-            "attempt_finished",
             "retry_scheduled",
             "started",
-            "attempt_finished",
             "retry_scheduled",
             "started",
-            "attempt_finished",
             "failed",
         ]
     );
@@ -621,13 +618,7 @@ pub async fn approve_completes_with_the_proposed_output<S: Store>(store: S) {
     assert!(engine.awaiting_review().await.unwrap().is_empty());
     assert_eq!(
         stage_event_names(&engine, "d", "review").await,
-        [
-            "started",
-            "attempt_finished",
-            "review_requested",
-            "review_decided",
-            "completed"
-        ]
+        ["started", "review_requested", "review_decided", "completed"]
     );
 }
 
@@ -881,10 +872,7 @@ pub async fn events_are_logged_and_broadcast_in_commit_order<S: Store>(store: S)
         );
     }
     let names = stage_event_names(&engine, "d0", "enrich").await;
-    assert_eq!(
-        names,
-        ["started", "attempt_finished", "fanned_out", "completed"]
-    );
+    assert_eq!(names, ["started", "fanned_out", "completed"]);
 }
 
 pub async fn status_displays_every_stage<S: Store>(store: S) {

@@ -167,7 +167,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
 
     fn running(
         &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<TaskKey, RunningWork>> {
+    ) -> std::sync::MutexGuard<'_, crate::fast_hash::FastMap<TaskKey, RunningWork>> {
         self.shared
             .running
             .lock()

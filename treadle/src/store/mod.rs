@@ -138,7 +138,7 @@ pub struct Commit {
     pub transition: Transition,
     /// The stages that depend on this stage, unblocked when it (or, for a
     /// subtask, its whole fan-out) completes or skips.
-    pub dependents: Vec<String>,
+    pub dependents: Arc<[String]>,
 }
 
 /// What an attempt does to its stage or subtask.
@@ -242,7 +242,7 @@ pub struct DecisionCommit {
     /// When.
     pub at: DateTime<Utc>,
     /// The stage's dependents, unblocked by an approval.
-    pub dependents: Vec<String>,
+    pub dependents: Arc<[String]>,
 }
 
 /// The number of items whose `stage` is in `state`.
