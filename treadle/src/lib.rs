@@ -33,7 +33,7 @@ pub use engine::{Engine, EngineConfig, RunReport};
 pub use error::{Error, Result};
 pub use event::{Event, EventKind};
 pub use item::WorkItem;
-pub use outcome::{ReviewRequest, StageOutcome};
+pub use outcome::{DEADLINE_REVIEWER, DeadlineAction, ReviewDeadline, ReviewRequest, StageOutcome};
 pub use pipeline::{Pipeline, PipelineBuilder, PipelineDef, PipelineError, PipelineProblem};
 pub use review::{Decision, DecisionRecord, ReviewStatus};
 pub use stage::{Backoff, Stage, StagePolicy};

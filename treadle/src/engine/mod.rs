@@ -228,7 +228,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
             .await
     }
 
-    async fn decide(
+    pub(super) async fn decide(
         &self,
         item_id: &str,
         stage: &str,

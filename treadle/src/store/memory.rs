@@ -593,6 +593,23 @@ impl Data {
     }
 }
 
+impl Data {
+    /// Every stage awaiting review: (item id, stage name, review), from the index.
+    fn reviews_waiting(&self) -> impl Iterator<Item = (&str, &str, &ReviewStatus)> {
+        self.by_state.iter().flat_map(move |(stage, states)| {
+            states
+                .get(&StageState::AwaitingReview)
+                .into_iter()
+                .flatten()
+                .filter_map(move |&item| {
+                    let row = &self.items[item];
+                    let review = row.stages[row.stage_position(stage)?].review.as_ref()?;
+                    Some((row.id.as_str(), stage.as_str(), review))
+                })
+        })
+    }
+}
+
 /// The (state -> items) index of `stage`, created on first use.
 fn state_index<'a>(
     index: &'a mut FastMap<String, FastMap<StageState, BTreeSet<usize>>>,
@@ -848,6 +865,41 @@ impl Store for MemoryStore {
         Ok(self.lock().scheduled.first().map(|(at, _)| *at))
     }
 
+    async fn next_review_deadline(&self) -> Result<Option<DateTime<Utc>>> {
+        let data = self.lock();
+        Ok(data
+            .reviews_waiting()
+            .filter_map(|(_, _, review)| Some(review.request.deadline.as_ref()?.at))
+            .min())
+    }
+
+    async fn due_reviews(&self, now: DateTime<Utc>) -> Result<Vec<AwaitingReview>> {
+        let data = self.lock();
+        let mut due: Vec<AwaitingReview> = data
+            .reviews_waiting()
+            .filter(|(_, _, review)| {
+                review
+                    .request
+                    .deadline
+                    .as_ref()
+                    .is_some_and(|d| d.at <= now)
+            })
+            .map(|(item_id, stage, review)| AwaitingReview {
+                item_id: item_id.to_owned(),
+                stage: stage.to_owned(),
+                review: review.clone(),
+            })
+            .collect();
+        due.sort_by(|a, b| (&a.item_id, &a.stage).cmp(&(&b.item_id, &b.stage)));
+        Ok(due)
+    }
+
+    /// A memory store lives and dies with its process, so no claim outlives
+    /// the worker that took it: there is nothing to release.
+    async fn release_claims(&self, _owner: &str, _now: DateTime<Utc>) -> Result<u64> {
+        Ok(0)
+    }
+
     async fn pipeline_definition(&self) -> Result<Option<PipelineDef>> {
         Ok(self.lock().pipeline.clone())
     }
@@ -895,26 +947,14 @@ impl Store for MemoryStore {
 
     async fn awaiting_review(&self) -> Result<Vec<AwaitingReview>> {
         let data = self.lock();
-        let mut waiting = Vec::new();
-        for (stage, states) in &data.by_state {
-            for &item in states
-                .get(&StageState::AwaitingReview)
-                .into_iter()
-                .flatten()
-            {
-                let row = &data.items[item];
-                let review = row
-                    .stage_position(stage)
-                    .and_then(|i| row.stages[i].review.clone());
-                if let Some(review) = review {
-                    waiting.push(AwaitingReview {
-                        item_id: row.id.clone(),
-                        stage: stage.clone(),
-                        review,
-                    });
-                }
-            }
-        }
+        let mut waiting: Vec<AwaitingReview> = data
+            .reviews_waiting()
+            .map(|(item_id, stage, review)| AwaitingReview {
+                item_id: item_id.to_owned(),
+                stage: stage.to_owned(),
+                review: review.clone(),
+            })
+            .collect();
         waiting.sort_by(|a, b| {
             (a.review.requested_at, &a.item_id, &a.stage).cmp(&(
                 b.review.requested_at,
