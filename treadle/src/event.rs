@@ -37,6 +37,14 @@ pub enum EventKind {
         /// The worker that claimed it.
         owner: String,
     },
+    /// A unit left `running` by a worker whose lease expired (it crashed or
+    /// stalled) became claimable again; its attempt counts as abandoned.
+    Recovered {
+        /// The worker that held the expired lease.
+        previous_owner: String,
+        /// The abandoned attempt's number.
+        attempt: u32,
+    },
     /// The stage (or subtask) completed.
     Completed,
     /// The stage skipped itself.
