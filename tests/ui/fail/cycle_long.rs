@@ -52,5 +52,6 @@ async fn step8(_item: &Doc, _ctx: &mut StageContext) -> treadle::Result<StageOut
 }
 
 fn main() {
-    let _pipeline = pipeline! { step1 -> step2 -> step3 -> step4 -> step5 -> step6 -> step7 -> step8 -> step3 };
+    let _pipeline =
+        pipeline! { step1 -> step2 -> step3 -> step4 -> step5 -> step6 -> step7 -> step8 -> step3 };
 }

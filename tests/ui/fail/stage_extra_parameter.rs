@@ -12,7 +12,11 @@ impl WorkItem for Doc {
 }
 
 #[stage]
-async fn scan(_item: &Doc, _ctx: &mut StageContext, _retries: u32) -> treadle::Result<StageOutcome> {
+async fn scan(
+    _item: &Doc,
+    _ctx: &mut StageContext,
+    _retries: u32,
+) -> treadle::Result<StageOutcome> {
     Ok(StageOutcome::complete())
 }
 

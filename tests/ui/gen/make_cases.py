@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
-"""Writes the trybuild cases under tests/ui/{fail,pass}. Run from tests/ui:
-`python3 gen/make_cases.py`; the generated files are committed."""
+"""Writes the trybuild cases under tests/ui/{fail,pass} and formats them with
+rustfmt (except the case whose syntax is broken on purpose). Run
+`python3 tests/ui/gen/make_cases.py`, then
+`TRYBUILD=overwrite cargo test --test ui`; the generated files are committed."""
 
 import os
+import subprocess
 
 HEADER = """use treadle::prelude::*;
 
@@ -553,6 +556,9 @@ for kind, cases in (("fail", FAIL), ("pass", PASS)):
     folder = os.path.join(here, "..", kind)
     os.makedirs(folder, exist_ok=True)
     for name, code in cases.items():
-        with open(os.path.join(folder, name + ".rs"), "w") as f:
+        path = os.path.join(folder, name + ".rs")
+        with open(path, "w") as f:
             f.write(code)
+        if name != "unclosed_group":
+            subprocess.run(["rustfmt", "--edition", "2024", path], check=True)
 print(len(FAIL), "fail cases,", len(PASS), "pass cases")

@@ -19,13 +19,18 @@ use treadle::{Backoff, StagePolicy};
     backoff = "exponential",
     backoff_base = "200ms",
     backoff_max = "1m",
-    timeout = "2h",
+    timeout = "2h"
 )]
 async fn ocr(_item: &Doc, _ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
     Ok(StageOutcome::complete())
 }
 
-#[stage(retries = 1, backoff = "fixed", backoff_base = "500ms", timeout = "30s")]
+#[stage(
+    retries = 1,
+    backoff = "fixed",
+    backoff_base = "500ms",
+    timeout = "30s"
+)]
 async fn fetch(_item: &Doc) -> treadle::Result<StageOutcome> {
     Ok(StageOutcome::complete())
 }

@@ -39,7 +39,15 @@ fn main() {
     let definition = pipeline.definition();
     assert_eq!(
         definition.edges,
-        [("scan".to_owned(), "ocr".to_owned()), ("ocr".to_owned(), "index".to_owned()), ("scan".to_owned(), "thumbnails".to_owned()), ("thumbnails".to_owned(), "index".to_owned())]
+        [
+            ("scan".to_owned(), "ocr".to_owned()),
+            ("ocr".to_owned(), "index".to_owned()),
+            ("scan".to_owned(), "thumbnails".to_owned()),
+            ("thumbnails".to_owned(), "index".to_owned())
+        ]
     );
-    assert_eq!(pipeline.upstream_of("index").collect::<Vec<_>>(), ["ocr", "thumbnails"]);
+    assert_eq!(
+        pipeline.upstream_of("index").collect::<Vec<_>>(),
+        ["ocr", "thumbnails"]
+    );
 }

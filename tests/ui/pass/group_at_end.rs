@@ -31,5 +31,11 @@ fn main() {
         scan -> { ocr, thumbnails, }
     };
     let definition = pipeline.definition();
-    assert_eq!(definition.edges, [("scan".to_owned(), "ocr".to_owned()), ("scan".to_owned(), "thumbnails".to_owned())]);
+    assert_eq!(
+        definition.edges,
+        [
+            ("scan".to_owned(), "ocr".to_owned()),
+            ("scan".to_owned(), "thumbnails".to_owned())
+        ]
+    );
 }

@@ -31,6 +31,12 @@ fn main() {
         { ocr, thumbnails } -> index
     };
     let definition = pipeline.definition();
-    assert_eq!(definition.edges, [("ocr".to_owned(), "index".to_owned()), ("thumbnails".to_owned(), "index".to_owned())]);
+    assert_eq!(
+        definition.edges,
+        [
+            ("ocr".to_owned(), "index".to_owned()),
+            ("thumbnails".to_owned(), "index".to_owned())
+        ]
+    );
     assert_eq!(definition.stages.last().map(String::as_str), Some("index"));
 }

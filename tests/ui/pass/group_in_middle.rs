@@ -38,7 +38,12 @@ fn main() {
     let definition = pipeline.definition();
     assert_eq!(
         definition.edges,
-        [("scan".to_owned(), "ocr".to_owned()), ("scan".to_owned(), "thumbnails".to_owned()), ("ocr".to_owned(), "index".to_owned()), ("thumbnails".to_owned(), "index".to_owned())]
+        [
+            ("scan".to_owned(), "ocr".to_owned()),
+            ("scan".to_owned(), "thumbnails".to_owned()),
+            ("ocr".to_owned(), "index".to_owned()),
+            ("thumbnails".to_owned(), "index".to_owned())
+        ]
     );
     assert_eq!(definition.stages.first().map(String::as_str), Some("scan"));
     assert_eq!(definition.stages.last().map(String::as_str), Some("index"));

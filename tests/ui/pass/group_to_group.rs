@@ -36,5 +36,13 @@ fn main() {
         { a, b } -> { c, d }
     };
     let definition = pipeline.definition();
-    assert_eq!(definition.edges, [("a".to_owned(), "c".to_owned()), ("b".to_owned(), "c".to_owned()), ("a".to_owned(), "d".to_owned()), ("b".to_owned(), "d".to_owned())]);
+    assert_eq!(
+        definition.edges,
+        [
+            ("a".to_owned(), "c".to_owned()),
+            ("b".to_owned(), "c".to_owned()),
+            ("a".to_owned(), "d".to_owned()),
+            ("b".to_owned(), "d".to_owned())
+        ]
+    );
 }

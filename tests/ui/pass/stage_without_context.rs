@@ -19,7 +19,9 @@ async fn scan(item: &Doc) -> treadle::Result<StageOutcome> {
 fn main() {
     let pipeline = pipeline! { scan };
     let doc = Doc { id: "doc-1".into() };
-    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let stage = pipeline.stage("scan").unwrap();
     let mut ctx = StageContext::new("doc-1", "scan");
     let outcome = runtime.block_on(stage.run(&doc, &mut ctx)).unwrap();

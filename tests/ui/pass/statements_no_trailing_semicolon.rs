@@ -32,5 +32,11 @@ fn main() {
     };
     let definition = pipeline.definition();
     assert_eq!(definition.stages, ["scan", "enrich", "index"]);
-    assert_eq!(definition.edges, [("scan".to_owned(), "enrich".to_owned()), ("enrich".to_owned(), "index".to_owned())]);
+    assert_eq!(
+        definition.edges,
+        [
+            ("scan".to_owned(), "enrich".to_owned()),
+            ("enrich".to_owned(), "index".to_owned())
+        ]
+    );
 }

@@ -38,6 +38,13 @@ fn main() {
         scan -> audit;
     };
     let definition = pipeline.definition();
-    assert_eq!(definition.edges, [("scan".to_owned(), "enrich".to_owned()), ("enrich".to_owned(), "index".to_owned()), ("scan".to_owned(), "audit".to_owned())]);
+    assert_eq!(
+        definition.edges,
+        [
+            ("scan".to_owned(), "enrich".to_owned()),
+            ("enrich".to_owned(), "index".to_owned()),
+            ("scan".to_owned(), "audit".to_owned())
+        ]
+    );
     assert_eq!(pipeline.len(), 4);
 }

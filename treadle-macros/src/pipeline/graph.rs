@@ -178,7 +178,10 @@ impl Graph {
         let mut names = vec![self.nodes[closing.to].key.as_str()];
         names.extend(rotated.map(|&e| self.nodes[self.edges[e].to].key.as_str()));
         let message = format!("cycle detected: {}", names.join(" -> "));
-        (closing.written, syn::Error::new_spanned(&closing.at, message))
+        (
+            closing.written,
+            syn::Error::new_spanned(&closing.at, message),
+        )
     }
 }
 

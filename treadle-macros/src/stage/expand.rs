@@ -77,7 +77,10 @@ fn stage_impl(
     // error in passing them (a context that is not `StageContext`) is
     // reported there.
     let item = Ident::new("item", Span::mixed_site().located_at(item_ty.span()));
-    let ctx_span = signature.context.as_ref().map_or_else(Span::call_site, Spanned::span);
+    let ctx_span = signature
+        .context
+        .as_ref()
+        .map_or_else(Span::call_site, Spanned::span);
     let ctx = Ident::new("ctx", Span::mixed_site().located_at(ctx_span));
     // Spanned on the user's return type, so a `Result` alias other than
     // `treadle::Result` is reported there.
