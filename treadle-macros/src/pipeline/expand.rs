@@ -75,7 +75,7 @@ fn generate(graph: &Graph, errors: Errors) -> TokenStream {
             unique.extend(quote_spanned! {span=>
                 ::core::assert!(
                     !::treadle::__private::name_seen_before(&#names_const, #i),
-                    "two stages of this pipeline have the same name: check their `#[stage(name = \"..\")]` options",
+                    "duplicate stage name: an earlier stage of this pipeline has the same runtime name as this one; give one of them another `#[stage(name = \"..\")]`",
                 );
             });
         }

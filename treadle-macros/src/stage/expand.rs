@@ -73,15 +73,19 @@ fn stage_impl(
 ) -> TokenStream {
     let item_ty = &signature.item;
     let policy = policy(options);
-    let item = Ident::new("item", Span::mixed_site());
-    let ctx = Ident::new("ctx", Span::mixed_site());
+    // Hygienic names, located at the user's parameter types so that a type
+    // error in passing them (a context that is not `StageContext`) is
+    // reported there.
+    let item = Ident::new("item", Span::mixed_site().located_at(item_ty.span()));
+    let ctx_span = signature
+        .context
+        .as_ref()
+        .map_or_else(Span::call_site, Spanned::span);
+    let ctx = Ident::new("ctx", Span::mixed_site().located_at(ctx_span));
     // Spanned on the user's return type, so a `Result` alias other than
     // `treadle::Result` is reported there.
     let call = match &signature.context {
-        Some(context) => {
-            let arg = quote_spanned!(context.span()=> #ctx);
-            quote_spanned!(signature.output.span()=> #ident(#item, #arg).await)
-        }
+        Some(_) => quote_spanned!(signature.output.span()=> #ident(#item, #ctx).await),
         None => quote_spanned!(signature.output.span()=> #ident(#item).await),
     };
     quote! {
