@@ -18,7 +18,7 @@ use crate::stage::{Backoff, Stage, StagePolicy};
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a treadle stage",
     label = "not a `#[stage]` type",
-    note = "`pipeline!` takes the names of `async fn`s annotated with `#[treadle::stage]`"
+    note = "`pipeline!` takes the names of `async fn`s annotated with `#[treadle::stage]`; add a hand-written `Stage` with `Pipeline::builder().stage(..)`"
 )]
 pub trait StageDef: 'static {
     /// The stage type itself.
