@@ -116,7 +116,8 @@ pub fn stage(args: TokenStream, item: TokenStream) -> TokenStream {
 ///   occurrence, also through groups (`a -> { b, b }`);
 /// - an empty pipeline, an empty group, or a syntax error such as
 ///   ``expected `->` or `;` `` or a missing stage after `->`;
-/// - a name that is not a `#[stage]` type: "`x` is not a treadle stage";
+/// - a name that is not a `#[stage]` type: "`x` is not a treadle stage"
+///   (a hand-written `Stage` impl is added with `Pipeline::builder()`);
 /// - a stage whose work item type differs from the first stage's: "`x` is
 ///   not a treadle stage for work items of type `W`", at that stage;
 /// - two stages with the same runtime name (via `name = "..."`, or one

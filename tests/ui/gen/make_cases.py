@@ -113,6 +113,38 @@ fn main() {
     let _fourth = pipeline! { scan -> missing };
 }
 """
+FAIL["not_a_stage_paths"] = HEADER + stage("scan") + """
+mod stages {
+    use super::Doc;
+    use treadle::prelude::*;
+
+    /// A stage written by hand: it implements `Stage` but is not a `#[stage]`
+    /// type, so `pipeline!` cannot construct it (use `Pipeline::builder()`).
+    pub struct Manual;
+
+    #[treadle::__private::async_trait]
+    impl Stage<Doc> for Manual {
+        fn name(&self) -> &str {
+            "manual"
+        }
+
+        async fn run(&self, _item: &Doc, _ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
+            Ok(StageOutcome::complete())
+        }
+    }
+
+    #[stage]
+    async fn private(_item: &Doc) -> treadle::Result<StageOutcome> {
+        Ok(StageOutcome::complete())
+    }
+}
+
+fn main() {
+    let _first = pipeline! { scan -> stages::Manual };
+    let _second = pipeline! { scan -> stages::private };
+    let _third = pipeline! { scan -> stages::missing };
+}
+"""
 FAIL["mismatched_item_types"] = HEADER + """
 #[derive(Serialize, Deserialize)]
 struct Invoice {

@@ -55,7 +55,12 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
 
         #[doc = #doc]
         #[allow(non_camel_case_types)]
-        #[derive(::core::clone::Clone, ::core::marker::Copy, ::core::fmt::Debug, ::core::default::Default)]
+        #[derive(
+            ::treadle::__private::Clone,
+            ::treadle::__private::Copy,
+            ::treadle::__private::Debug,
+            ::treadle::__private::Default,
+        )]
         #vis struct #ident {}
 
         const _: () = {
@@ -152,7 +157,7 @@ fn stub_impl(ident: &Ident, name: &LitStr) -> TokenStream {
                 _item: &W,
                 _ctx: &mut ::treadle::StageContext,
             ) -> ::treadle::Result<::treadle::StageOutcome> {
-                ::core::unreachable!("`#[stage]` reported a compile error")
+                ::treadle::__private::unreachable!("`#[stage]` reported a compile error")
             }
         }
     }
@@ -165,10 +170,10 @@ fn policy(options: &StageOptions) -> TokenStream {
         policy = quote!(#policy.retries(#retries));
     }
     let millis = |ms: Option<u64>| match ms {
-        Some(ms) => quote!(::core::option::Option::Some(
+        Some(ms) => quote!(::treadle::__private::Some(
             ::treadle::__private::Duration::from_millis(#ms)
         )),
-        None => quote!(::core::option::Option::None),
+        None => quote!(::treadle::__private::None),
     };
     let (base, max) = (millis(options.backoff_base), millis(options.backoff_max));
     let kind = options
