@@ -11,11 +11,14 @@ use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Metadata, Subscriber};
 use treadle::{MemoryStore, Pipeline, StageOutcome, StagePolicy};
 
+/// A span's or event's fields as (name, value) pairs.
+type FieldList = Vec<(String, String)>;
+
 /// Records span names with their fields, and warning messages.
 #[derive(Clone, Default)]
 struct Recorder {
-    spans: Arc<Mutex<Vec<(String, Vec<(String, String)>)>>>,
-    warnings: Arc<Mutex<Vec<Vec<(String, String)>>>>,
+    spans: Arc<Mutex<Vec<(String, FieldList)>>>,
+    warnings: Arc<Mutex<Vec<FieldList>>>,
 }
 
 #[derive(Default)]
