@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::state::{AttemptResult, DecisionKind};
+use crate::state::DecisionKind;
 
 /// One committed transition, as appended to the store's event log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -22,7 +22,9 @@ pub struct Event {
     pub kind: EventKind,
 }
 
-/// What a transition did.
+/// What a transition did. An attempt's own record (result, error, timings)
+/// is kept in the stage's attempt history; the events say what happened to
+/// the stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventKind {
@@ -35,14 +37,13 @@ pub enum EventKind {
         /// The worker that claimed it.
         owner: String,
     },
-    /// An attempt ended; `result` says how.
-    AttemptFinished {
-        /// The attempt number.
+    /// A unit left `running` by a worker whose lease expired (it crashed or
+    /// stalled) became claimable again; its attempt counts as abandoned.
+    Recovered {
+        /// The worker that held the expired lease.
+        previous_owner: String,
+        /// The abandoned attempt's number.
         attempt: u32,
-        /// How it ended.
-        result: AttemptResult,
-        /// The error or reason, if any.
-        error: Option<String>,
     },
     /// The stage (or subtask) completed.
     Completed,
@@ -51,10 +52,12 @@ pub enum EventKind {
         /// Why.
         reason: String,
     },
-    /// Another attempt is scheduled.
+    /// The attempt failed or asked to be retried; another is scheduled.
     RetryScheduled {
         /// When it will run.
         at: DateTime<Utc>,
+        /// What went wrong in the attempt that ended.
+        error: Option<String>,
     },
     /// The stage (or subtask) failed for good.
     Failed {

@@ -11,8 +11,8 @@ use serde_json::json;
 use tokio::sync::Barrier;
 use treadle::store::Store;
 use treadle::{
-    AttemptResult, Backoff, Decision, DecisionKind, Error, EventKind, ItemState, Pipeline,
-    ReviewRequest, StageOutcome, StagePolicy, StageState,
+    AttemptResult, Backoff, DEADLINE_REVIEWER, DeadlineAction, Decision, DecisionKind, Error,
+    EventKind, ItemState, Pipeline, ReviewRequest, StageOutcome, StagePolicy, StageState,
 };
 
 use crate::support::*;
@@ -56,6 +56,7 @@ macro_rules! store_suite {
             retry_of_a_stage_that_has_not_failed_is_an_error,
             items_by_stage_and_state,
             long_lived_worker_picks_up_new_items_and_decisions,
+            review_deadlines_decide_when_they_pass,
         );
     };
 }
@@ -253,7 +254,7 @@ pub async fn skip_satisfies_dependents<S: Store>(store: S) {
     assert_eq!(trace.entries(), ["index"]);
     assert_eq!(
         stage_event_names(&engine, "d", "ocr").await,
-        ["started", "attempt_finished", "skipped"]
+        ["started", "skipped"]
     );
 }
 
@@ -316,13 +317,10 @@ pub async fn errors_retry_with_backoff_until_attempts_run_out<S: Store>(store: S
         stage_event_names(&engine, "d", "fetch").await,
         [
             "started",
-            "attempt_finished",
             "retry_scheduled",
             "started",
-            "attempt_finished",
             "retry_scheduled",
             "started",
-            "attempt_finished",
             "failed",
         ]
     );
@@ -621,13 +619,7 @@ pub async fn approve_completes_with_the_proposed_output<S: Store>(store: S) {
     assert!(engine.awaiting_review().await.unwrap().is_empty());
     assert_eq!(
         stage_event_names(&engine, "d", "review").await,
-        [
-            "started",
-            "attempt_finished",
-            "review_requested",
-            "review_decided",
-            "completed"
-        ]
+        ["started", "review_requested", "review_decided", "completed"]
     );
 }
 
@@ -881,10 +873,7 @@ pub async fn events_are_logged_and_broadcast_in_commit_order<S: Store>(store: S)
         );
     }
     let names = stage_event_names(&engine, "d0", "enrich").await;
-    assert_eq!(
-        names,
-        ["started", "attempt_finished", "fanned_out", "completed"]
-    );
+    assert_eq!(names, ["started", "fanned_out", "completed"]);
 }
 
 pub async fn status_displays_every_stage<S: Store>(store: S) {
@@ -1035,4 +1024,77 @@ async fn wait_for(feed: &mut tokio::sync::broadcast::Receiver<treadle::Event>, k
     })
     .await
     .expect("the worker made progress")
+}
+
+pub async fn review_deadlines_decide_when_they_pass<S: Store>(store: S) {
+    let pipeline = Pipeline::builder()
+        .stage(stage("review", |doc, _| async move {
+            let then = match doc.id.as_str() {
+                "reject-me" => DeadlineAction::Reject {
+                    reason: "nobody checked".into(),
+                },
+                _ => DeadlineAction::Approve,
+            };
+            let after = if doc.id == "later" {
+                Duration::from_secs(3600)
+            } else {
+                Duration::from_millis(50)
+            };
+            Ok(StageOutcome::needs_review(
+                ReviewRequest::new("check")
+                    .proposed_output("auto")?
+                    .deadline_after(after, then),
+            ))
+        }))
+        .stage(done("export"))
+        .edge("review", "export")
+        .build()
+        .unwrap();
+    let engine = engine(pipeline, store);
+    for id in ["approve-me", "reject-me", "decided", "later"] {
+        engine.submit(doc(id)).await.unwrap();
+    }
+    engine.run_until_idle().await.unwrap();
+    assert_eq!(engine.awaiting_review().await.unwrap().len(), 4);
+    engine
+        .approve("decided", "review", Decision::by("alice"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    engine.run_until_idle().await.unwrap();
+
+    let approved = engine.status("approve-me").await.unwrap();
+    assert_eq!(approved.state, ItemState::Completed, "{approved}");
+    assert_eq!(approved.stages[0].output, Some(json!("auto")));
+    let decision = approved.stages[0].review.clone().unwrap().decision.unwrap();
+    assert_eq!(
+        (decision.kind, decision.by.as_str()),
+        (DecisionKind::Approved, DEADLINE_REVIEWER)
+    );
+    assert!(decision.note.unwrap().starts_with("the review deadline "));
+
+    let rejected = engine.status("reject-me").await.unwrap();
+    assert_eq!(
+        rejected.stages[0].last_error.as_deref(),
+        Some("rejected by treadle:deadline: nobody checked")
+    );
+    let by_person = engine.status("decided").await.unwrap().stages[0]
+        .review
+        .clone()
+        .unwrap();
+    assert_eq!(
+        by_person.decision.unwrap().by,
+        "alice",
+        "a deadline never overrides a person"
+    );
+    let waiting = engine.awaiting_review().await.unwrap();
+    assert_eq!(waiting.len(), 1);
+    assert_eq!(
+        waiting[0].item_id, "later",
+        "a deadline in the future has not fired"
+    );
+    assert_eq!(
+        engine.store().next_review_deadline().await.unwrap(),
+        waiting[0].review.request.deadline.as_ref().map(|d| d.at)
+    );
 }

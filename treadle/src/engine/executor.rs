@@ -16,10 +16,11 @@ use super::{Engine, RunningWork};
 use crate::context::{CancelSignal, StageContext};
 use crate::error::{Error, Result};
 use crate::item::WorkItem;
-use crate::outcome::StageOutcome;
+use crate::outcome::{DEADLINE_REVIEWER, DeadlineAction, StageOutcome};
+use crate::review::Decision;
 use crate::stage::{Stage, StagePolicy};
 use crate::state::AttemptResult;
-use crate::store::{Claim, ClaimRequest, Commit, Store, TaskKey};
+use crate::store::{Claim, ClaimRequest, Commit, Store, TaskKey, Verdict};
 
 /// What a run of the engine did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -56,6 +57,13 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
     async fn drive<F: Future<Output = ()>>(&self, shutdown: Option<F>) -> Result<RunReport> {
         self.drift().await?;
         let shared = &self.shared;
+        let released = shared
+            .store
+            .release_claims(&shared.config.worker_id, Utc::now())
+            .await?;
+        if released > 0 {
+            tracing::warn!(released, worker = %shared.config.worker_id, "recovering claims a previous run of this worker left running");
+        }
         let capacity = shared.config.max_concurrency.max(1);
         let forever = shutdown.is_some();
         let mut shutdown = pin!(async move {
@@ -105,12 +113,20 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
                 if stopping {
                     return Ok(report);
                 }
+                if self.expire_reviews().await? > 0 {
+                    continue;
+                }
                 let due = shared.store.next_due().await?;
                 if !forever && due.is_none() {
                     return Ok(report);
                 }
                 let mut nap = shared.config.idle_poll;
-                if let Some(at) = due {
+                let deadline = if forever {
+                    shared.store.next_review_deadline().await?
+                } else {
+                    None
+                };
+                if let Some(at) = due.into_iter().chain(deadline).min() {
                     let until_due = (at - Utc::now()).to_std().unwrap_or_default();
                     nap = if forever {
                         nap.min(until_due)
@@ -139,10 +155,44 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
                     }
                 }
                 () = shared.wake.notified(), if !stopping => {}
-                _ = renewal.tick() => self.renew_leases().await?,
+                _ = renewal.tick() => {
+                    self.renew_leases().await?;
+                    self.expire_reviews().await?;
+                }
                 () = &mut shutdown, if !stopping => stopping = true,
             }
         }
+    }
+
+    /// Decides every review whose deadline has passed, as its deadline says.
+    /// Returns how many were decided here (another worker may win a race).
+    async fn expire_reviews(&self) -> Result<usize> {
+        let due = self.shared.store.due_reviews(Utc::now()).await?;
+        let mut decided = 0;
+        for parked in due {
+            let Some(deadline) = parked.review.request.deadline else {
+                continue;
+            };
+            let decision = Decision::by(DEADLINE_REVIEWER)
+                .note(format!(
+                    "the review deadline {} passed",
+                    deadline.at.to_rfc3339()
+                ))
+                .for_round(parked.review.round);
+            let verdict = match deadline.then {
+                DeadlineAction::Approve => Verdict::Approve,
+                DeadlineAction::Reject { reason } => Verdict::Reject { reason },
+            };
+            match self
+                .decide(&parked.item_id, &parked.stage, decision, verdict)
+                .await
+            {
+                Ok(()) => decided += 1,
+                Err(Error::NotAwaitingReview { .. } | Error::StaleDecision { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(decided)
     }
 
     /// Extends the leases of this process's running work; stops work whose
@@ -167,7 +217,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
 
     fn running(
         &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<TaskKey, RunningWork>> {
+    ) -> std::sync::MutexGuard<'_, crate::fast_hash::FastMap<TaskKey, RunningWork>> {
         self.shared
             .running
             .lock()
@@ -199,6 +249,13 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
                     "stage `{}` is not in this pipeline",
                     task.stage
                 ))),
+                Some(_) if attempt > policy.max_attempts => {
+                    AttemptEnd::Outcome(StageOutcome::failed(format!(
+                        "no attempts left: {} of {} were used by workers that stopped mid-attempt",
+                        attempt - 1,
+                        policy.max_attempts
+                    )))
+                }
                 Some(stage) => match W::deserialize(&*payload) {
                     Ok(item) => {
                         let mut ctx = StageContext::new(&task.item_id, &task.stage)

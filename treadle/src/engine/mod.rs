@@ -3,7 +3,6 @@
 mod executor;
 mod settle;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,6 +14,7 @@ use tokio::sync::{Notify, OnceCell, broadcast};
 use crate::context::CancelSignal;
 use crate::error::{Error, Result};
 use crate::event::Event;
+use crate::fast_hash::FastMap;
 use crate::item::WorkItem;
 use crate::pipeline::Pipeline;
 use crate::review::Decision;
@@ -83,13 +83,13 @@ struct Shared<W: WorkItem, S: Store> {
     /// One entry per stage, in topological order, for new items.
     seeds: Vec<StageSeed>,
     /// Each stage's direct dependents.
-    dependents: HashMap<String, Vec<String>>,
+    dependents: FastMap<String, Arc<[String]>>,
     /// Set once the pipeline has been recorded in the store.
     drift: OnceCell<PipelineDrift>,
     /// Wakes the run loop: new items, decisions, retries.
     wake: Notify,
     /// Work this process is running, for cancellation and lease renewal.
-    running: Mutex<HashMap<TaskKey, RunningWork>>,
+    running: Mutex<FastMap<TaskKey, RunningWork>>,
     random: AtomicU64,
 }
 
@@ -137,7 +137,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
                 dependents,
                 drift: OnceCell::new(),
                 wake: Notify::new(),
-                running: Mutex::new(HashMap::new()),
+                running: Mutex::new(FastMap::default()),
                 random: AtomicU64::new(seed),
             }),
         }
@@ -228,7 +228,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
             .await
     }
 
-    async fn decide(
+    pub(super) async fn decide(
         &self,
         item_id: &str,
         stage: &str,
@@ -308,7 +308,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
         }
     }
 
-    fn dependents_of(&self, item_id: &str, stage: &str) -> Result<Vec<String>> {
+    fn dependents_of(&self, item_id: &str, stage: &str) -> Result<Arc<[String]>> {
         self.shared
             .dependents
             .get(stage)

@@ -2,7 +2,7 @@
 //! one process, and gone when the process ends. Good for tests and for work
 //! that need not survive a restart.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -17,6 +17,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::event::{Event, EventKind};
+use crate::fast_hash::FastMap;
 use crate::pipeline::PipelineDef;
 use crate::review::{DecisionRecord, ReviewStatus};
 use crate::state::{DecisionKind, ItemState, StageState};
@@ -26,8 +27,9 @@ use crate::status::{AttemptRecord, AwaitingReview, ItemStatus, StageStatus, Subt
 ///
 /// Runnable work is kept in a queue and indexes are maintained on every
 /// transition, so claims and `items_in` never scan all items. Leases are not
-/// enforced across processes (there is only one); claims are still fenced by
-/// generation, so cancelled or superseded work cannot write.
+/// enforced (a single process holds the data, and its engine renews what it
+/// runs); claims are still fenced by generation, so cancelled or superseded
+/// work cannot write.
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
     data: Arc<Mutex<Data>>,
@@ -39,11 +41,11 @@ impl Default for MemoryStore {
             data: Arc::new(Mutex::new(Data {
                 feed: broadcast::channel(EVENT_FEED_CAPACITY).0,
                 pipeline: None,
-                items: HashMap::new(),
-                order: Vec::new(),
+                ids: FastMap::default(),
+                items: Vec::new(),
                 ready: VecDeque::new(),
                 scheduled: BTreeSet::new(),
-                by_state: HashMap::new(),
+                by_state: FastMap::default(),
                 events: Vec::new(),
             })),
         }
@@ -57,33 +59,42 @@ impl MemoryStore {
     }
 
     fn lock(&self) -> MutexGuard<'_, Data> {
-        // A panic while the lock was held cannot leave a half-applied
-        // transition: every transition validates before it mutates.
+        // Every transition validates before it mutates, so a panic while
+        // the lock was held cannot have left a half-applied transition.
         self.data
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
+/// A unit of work by position: item, stage within the item, subtask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Unit {
+    item: usize,
+    stage: usize,
+    subtask: Option<usize>,
+}
+
 #[derive(Debug)]
 struct Data {
     feed: broadcast::Sender<Event>,
     pipeline: Option<PipelineDef>,
-    items: HashMap<String, ItemRow>,
-    /// Item ids by submission sequence.
-    order: Vec<String>,
+    /// Item positions by id.
+    ids: FastMap<String, usize>,
+    /// Items in submission order.
+    items: Vec<ItemRow>,
     /// Units of work that may be claimable now, oldest first.
-    ready: VecDeque<TaskKey>,
+    ready: VecDeque<Unit>,
     /// Scheduled retries by due time.
-    scheduled: BTreeSet<(DateTime<Utc>, TaskKey)>,
-    /// Item sequence numbers by (stage, state).
-    by_state: HashMap<(String, StageState), BTreeSet<usize>>,
+    scheduled: BTreeSet<(DateTime<Utc>, Unit)>,
+    /// Item positions by stage name, then state.
+    by_state: FastMap<String, FastMap<StageState, BTreeSet<usize>>>,
     events: Vec<Event>,
 }
 
 #[derive(Debug)]
 struct ItemRow {
-    seq: usize,
+    id: String,
     payload: Arc<Value>,
     submitted_at: DateTime<Utc>,
     cancelled: bool,
@@ -130,17 +141,43 @@ impl UnitRow {
             attempts: Vec::new(),
         }
     }
+
+    fn record_attempt(&mut self, attempt: &AttemptRecord) {
+        self.attempts.push(attempt.clone());
+        if attempt.result.is_failure() {
+            self.last_error = attempt.error.clone();
+        }
+    }
+
+    fn is_runnable(&self, now: DateTime<Utc>) -> bool {
+        match self.state {
+            StageState::Pending => true,
+            StageState::RetryScheduled => self.next_run_at.is_none_or(|at| at <= now),
+            _ => false,
+        }
+    }
+
+    fn held_by(&self, generation: u64) -> bool {
+        self.state == StageState::Running && self.generation == generation
+    }
 }
 
 impl ItemRow {
-    fn stage_index(&self, item_id: &str, stage: &str) -> Result<usize> {
-        self.stages
-            .iter()
-            .position(|s| s.unit.name == stage)
-            .ok_or_else(|| Error::UnknownStage {
-                item: item_id.to_owned(),
-                stage: stage.to_owned(),
-            })
+    fn stage_position(&self, stage: &str) -> Option<usize> {
+        self.stages.iter().position(|s| s.unit.name == stage)
+    }
+
+    fn unit(&self, unit: Unit) -> &UnitRow {
+        let row = &self.stages[unit.stage];
+        unit.subtask.map_or(&row.unit, |i| &row.subtasks[i])
+    }
+
+    fn unit_mut(&mut self, unit: Unit) -> &mut UnitRow {
+        let row = &mut self.stages[unit.stage];
+        match unit.subtask {
+            None => &mut row.unit,
+            Some(i) => &mut row.subtasks[i],
+        }
     }
 
     fn outputs(&self) -> BTreeMap<String, Value> {
@@ -150,150 +187,227 @@ impl ItemRow {
             .filter_map(|s| Some((s.unit.name.clone(), s.unit.output.clone()?)))
             .collect()
     }
+
+    fn status_of(&self, stage: usize) -> StageStatus {
+        let row = &self.stages[stage];
+        StageStatus {
+            name: row.unit.name.clone(),
+            state: row.unit.state,
+            attempt: row.unit.attempt,
+            started_at: row.unit.started_at,
+            finished_at: row.unit.finished_at,
+            next_run_at: row.unit.next_run_at,
+            last_error: row.unit.last_error.clone(),
+            output: row.unit.output.clone(),
+            attempts: row.unit.attempts.clone(),
+            subtasks: row
+                .subtasks
+                .iter()
+                .map(|sub| SubtaskStatus {
+                    name: sub.name.clone(),
+                    state: sub.state,
+                    attempt: sub.attempt,
+                    next_run_at: sub.next_run_at,
+                    last_error: sub.last_error.clone(),
+                    output: sub.output.clone(),
+                    attempts: sub.attempts.clone(),
+                })
+                .collect(),
+            review: row.review.clone(),
+        }
+    }
 }
 
 impl Data {
-    fn item(&self, id: &str) -> Result<&ItemRow> {
-        self.items
-            .get(id)
-            .ok_or_else(|| Error::UnknownItem(id.to_owned()))
+    fn position(&self, item_id: &str) -> Result<usize> {
+        self.ids
+            .get(item_id)
+            .copied()
+            .ok_or_else(|| Error::UnknownItem(item_id.to_owned()))
     }
 
-    fn item_mut(&mut self, id: &str) -> Result<&mut ItemRow> {
-        self.items
-            .get_mut(id)
-            .ok_or_else(|| Error::UnknownItem(id.to_owned()))
+    /// The item and stage positions named by `item_id` and `stage`.
+    fn locate(&self, item_id: &str, stage: &str) -> Result<(usize, usize)> {
+        let item = self.position(item_id)?;
+        let stage = self.items[item]
+            .stage_position(stage)
+            .ok_or_else(|| Error::UnknownStage {
+                item: item_id.to_owned(),
+                stage: stage.to_owned(),
+            })?;
+        Ok((item, stage))
     }
 
-    /// Appends an event about a stage (or, unless `stage_level`, its subtask).
-    fn push_event(
-        &mut self,
-        at: DateTime<Utc>,
-        key: &TaskKey,
-        stage_level: bool,
-        kind: EventKind,
-    ) -> Event {
-        let subtask = if stage_level {
-            None
-        } else {
-            key.subtask.clone()
-        };
-        self.append(at, &key.item_id, Some(key.stage.clone()), subtask, kind)
+    fn key(&self, unit: Unit) -> TaskKey {
+        let item = &self.items[unit.item];
+        let row = &item.stages[unit.stage];
+        TaskKey {
+            item_id: item.id.clone(),
+            stage: row.unit.name.clone(),
+            subtask: unit.subtask.map(|i| row.subtasks[i].name.clone()),
+        }
     }
 
-    /// Appends an event about a whole item.
-    fn item_event(&mut self, at: DateTime<Utc>, item_id: &str, kind: EventKind) -> Event {
-        self.append(at, item_id, None, None, kind)
-    }
-
-    fn append(
-        &mut self,
-        at: DateTime<Utc>,
-        item_id: &str,
-        stage: Option<String>,
-        subtask: Option<String>,
-        kind: EventKind,
-    ) -> Event {
+    /// Appends an event about `unit` (its subtask too, if it has one) to
+    /// the log and to `events`.
+    fn log(&mut self, at: DateTime<Utc>, unit: Unit, kind: EventKind, events: &mut Vec<Event>) {
+        let item = &self.items[unit.item];
+        let row = &item.stages[unit.stage];
         let event = Event {
             seq: self.events.len() as u64 + 1,
             at,
-            item_id: item_id.to_owned(),
-            stage,
-            subtask,
+            item_id: item.id.clone(),
+            stage: Some(row.unit.name.clone()),
+            subtask: unit.subtask.map(|i| row.subtasks[i].name.clone()),
             kind,
         };
         self.events.push(event.clone());
-        event
+        events.push(event);
+    }
+
+    /// Appends an event about a whole item.
+    fn log_item(
+        &mut self,
+        at: DateTime<Utc>,
+        item: usize,
+        kind: EventKind,
+        events: &mut Vec<Event>,
+    ) {
+        let event = Event {
+            seq: self.events.len() as u64 + 1,
+            at,
+            item_id: self.items[item].id.clone(),
+            stage: None,
+            subtask: None,
+            kind,
+        };
+        self.events.push(event.clone());
+        events.push(event);
     }
 
     /// Sends committed events to live subscribers, in log order.
     fn publish(&self, events: &[Event]) {
+        if self.feed.receiver_count() == 0 {
+            return;
+        }
         for event in events {
-            // No subscribers is not an error: the log keeps every event.
+            // A subscriber that has gone away is not an error: the log keeps every event.
             let _ = self.feed.send(event.clone());
         }
     }
 
     /// Changes a stage's state and keeps the (stage, state) index in step.
-    fn set_stage_state(&mut self, item_id: &str, stage: usize, state: StageState) {
-        let item = self
-            .items
-            .get_mut(item_id)
-            .expect("callers resolved the item");
-        let unit = &mut item.stages[stage].unit;
+    fn set_stage_state(&mut self, item: usize, stage: usize, state: StageState) {
+        let unit = &mut self.items[item].stages[stage].unit;
         let old = std::mem::replace(&mut unit.state, state);
-        if old == state {
-            return;
+        if old != state {
+            let by_state = state_index(&mut self.by_state, &unit.name);
+            if let Some(items) = by_state.get_mut(&old) {
+                items.remove(&item);
+            }
+            by_state.entry(state).or_default().insert(item);
         }
-        let seq = item.seq;
-        if let Some(set) = self.by_state.get_mut(&(unit.name.clone(), old)) {
-            set.remove(&seq);
-        }
-        self.by_state
-            .entry((unit.name.clone(), state))
-            .or_default()
-            .insert(seq);
     }
 
-    /// Marks stage `stage` of the item completed or skipped: unblocks its
-    /// dependents, and records `ItemCompleted` after the last stage.
+    /// Completes a stage with `output`: unblocks its dependents and records
+    /// `ItemCompleted` after the item's last stage.
+    fn complete_stage(
+        &mut self,
+        unit: Unit,
+        output: Option<Value>,
+        dependents: &[String],
+        at: DateTime<Utc>,
+        events: &mut Vec<Event>,
+    ) {
+        let stage = Unit {
+            subtask: None,
+            ..unit
+        };
+        self.items[unit.item].stages[unit.stage].unit.output = output;
+        self.log(at, stage, EventKind::Completed, events);
+        self.finish_stage(stage, StageState::Completed, dependents, at, events);
+    }
+
+    /// Marks a stage completed or skipped and unblocks its dependents.
     fn finish_stage(
         &mut self,
-        key: &TaskKey,
-        stage: usize,
+        unit: Unit,
         state: StageState,
         dependents: &[String],
         at: DateTime<Utc>,
         events: &mut Vec<Event>,
     ) {
-        self.set_stage_state(&key.item_id, stage, state);
-        let item = self.items.get_mut(&key.item_id).expect("resolved");
-        item.stages[stage].unit.finished_at = Some(at);
+        self.set_stage_state(unit.item, unit.stage, state);
+        let item = &mut self.items[unit.item];
+        item.stages[unit.stage].unit.finished_at = Some(at);
         item.unfinished -= 1;
         let all_done = item.unfinished == 0;
         for dependent in dependents {
-            if let Some(row) = item.stages.iter_mut().find(|s| &s.unit.name == dependent) {
-                row.waiting = row.waiting.saturating_sub(1);
-                if row.waiting == 0 && row.unit.state == StageState::Pending {
-                    self.ready
-                        .push_back(TaskKey::stage(key.item_id.clone(), dependent.clone()));
-                }
+            let Some(stage) = item.stage_position(dependent) else {
+                continue;
+            };
+            let row = &mut item.stages[stage];
+            row.waiting = row.waiting.saturating_sub(1);
+            if row.waiting == 0 && row.unit.state == StageState::Pending {
+                self.ready.push_back(Unit {
+                    item: unit.item,
+                    stage,
+                    subtask: None,
+                });
             }
         }
         if all_done {
-            events.push(self.item_event(at, &key.item_id, EventKind::ItemCompleted));
+            self.log_item(at, unit.item, EventKind::ItemCompleted, events);
         }
     }
 
     fn fail_stage(
         &mut self,
-        key: &TaskKey,
-        stage: usize,
+        unit: Unit,
         reason: String,
         at: DateTime<Utc>,
         events: &mut Vec<Event>,
     ) {
-        self.set_stage_state(&key.item_id, stage, StageState::Failed);
-        let unit = &mut self.items.get_mut(&key.item_id).expect("resolved").stages[stage].unit;
-        unit.finished_at = Some(at);
-        unit.last_error = Some(reason.clone());
-        events.push(self.push_event(at, key, true, EventKind::Failed { reason }));
+        let stage = Unit {
+            subtask: None,
+            ..unit
+        };
+        self.set_stage_state(unit.item, unit.stage, StageState::Failed);
+        let row = &mut self.items[unit.item].stages[unit.stage].unit;
+        row.finished_at = Some(at);
+        row.last_error = Some(reason.clone());
+        self.log(at, stage, EventKind::Failed { reason }, events);
     }
 
-    /// Stores one new item; `None` if its id is already known.
-    fn insert_item(&mut self, item: NewItem) -> Option<Event> {
-        if self.items.contains_key(&item.id) {
-            return None;
+    fn schedule_retry(
+        &mut self,
+        unit: Unit,
+        due: DateTime<Utc>,
+        error: Option<String>,
+    ) -> EventKind {
+        let row = self.items[unit.item].unit_mut(unit);
+        row.next_run_at = Some(due);
+        self.scheduled.insert((due, unit));
+        EventKind::RetryScheduled { at: due, error }
+    }
+
+    /// Stores one new item; `false` if its id is already known.
+    fn insert_item(&mut self, item: NewItem, events: &mut Vec<Event>) -> bool {
+        if self.ids.contains_key(&item.id) {
+            return false;
         }
-        let seq = self.order.len();
-        for seed in &item.stages {
-            self.by_state
-                .entry((seed.name.clone(), StageState::Pending))
+        let position = self.items.len();
+        for (stage, seed) in item.stages.iter().enumerate() {
+            state_index(&mut self.by_state, &seed.name)
+                .entry(StageState::Pending)
                 .or_default()
-                .insert(seq);
+                .insert(position);
             if seed.upstream == 0 {
-                self.ready
-                    .push_back(TaskKey::stage(item.id.clone(), seed.name.clone()));
+                self.ready.push_back(Unit {
+                    item: position,
+                    stage,
+                    subtask: None,
+                });
             }
         }
         let stages: Vec<StageRow> = item
@@ -306,96 +420,99 @@ impl Data {
                 review: None,
             })
             .collect();
-        self.order.push(item.id.clone());
-        let row = ItemRow {
-            seq,
+        self.ids.insert(item.id.clone(), position);
+        self.items.push(ItemRow {
+            id: item.id,
             payload: Arc::new(item.payload),
             submitted_at: item.at,
             cancelled: false,
             unfinished: stages.len(),
             stages,
-        };
-        self.items.insert(item.id.clone(), row);
-        Some(self.item_event(item.at, &item.id, EventKind::ItemSubmitted))
+        });
+        self.log_item(item.at, position, EventKind::ItemSubmitted, events);
+        true
     }
 
-    fn claim_one(&mut self, key: TaskKey, request: &ClaimRequest) -> Option<(Claim, Event)> {
-        let item = self.items.get_mut(&key.item_id)?;
-        if item.cancelled {
+    fn claim_one(
+        &mut self,
+        unit: Unit,
+        request: &ClaimRequest,
+        events: &mut Vec<Event>,
+    ) -> Option<Claim> {
+        let item = &mut self.items[unit.item];
+        if item.cancelled || (unit.subtask.is_none() && item.stages[unit.stage].waiting > 0) {
             return None;
         }
-        let stage = item.stages.iter().position(|s| s.unit.name == key.stage)?;
-        let row = &mut item.stages[stage];
-        let unit = match &key.subtask {
-            None if row.waiting == 0 => &mut row.unit,
-            None => return None,
-            Some(name) => row.subtasks.iter_mut().find(|s| &s.name == name)?,
-        };
-        let runnable = match unit.state {
-            StageState::Pending => true,
-            StageState::RetryScheduled => unit.next_run_at.is_none_or(|at| at <= request.now),
-            _ => false,
-        };
-        if !runnable {
+        let row = item.unit_mut(unit);
+        if !row.is_runnable(request.now) {
             return None;
         }
-        unit.attempt += 1;
-        unit.generation += 1;
-        unit.started_at = Some(request.now);
-        unit.next_run_at = None;
-        let (attempt, generation) = (unit.attempt, unit.generation);
-        if key.subtask.is_some() {
-            unit.state = StageState::Running;
+        row.attempt += 1;
+        row.generation += 1;
+        row.started_at = Some(request.now);
+        row.next_run_at = None;
+        let (attempt, generation) = (row.attempt, row.generation);
+        match unit.subtask {
+            Some(_) => row.state = StageState::Running,
+            None => self.set_stage_state(unit.item, unit.stage, StageState::Running),
         }
         let claim = Claim {
-            task: key.clone(),
+            task: self.key(unit),
             attempt,
             generation,
             started_at: request.now,
-            payload: item.payload.clone(),
-            outputs: item.outputs(),
+            payload: self.items[unit.item].payload.clone(),
+            outputs: self.items[unit.item].outputs(),
         };
-        if key.subtask.is_none() {
-            self.set_stage_state(&key.item_id, stage, StageState::Running);
-        }
-        let event = self.push_event(
+        let owner = request.owner.clone();
+        self.log(
             request.now,
-            &key,
-            false,
-            EventKind::Started {
-                attempt,
-                owner: request.owner.clone(),
-            },
+            unit,
+            EventKind::Started { attempt, owner },
+            events,
         );
-        Some((claim, event))
+        Some(claim)
     }
 
-    fn commit_stage(&mut self, c: Commit, stage: usize, events: &mut Vec<Event>) -> Result<()> {
-        let key = &c.task;
-        let at = c.attempt.finished_at;
-        let item = self.item_mut(&key.item_id)?;
-        let row = &mut item.stages[stage];
-        if row.unit.state != StageState::Running || row.unit.generation != c.generation {
-            return Err(Error::LeaseLost {
-                task: key.clone(),
-                generation: c.generation,
-            });
+    /// The unit a commit is for, if the claim still holds.
+    fn held_unit(&self, commit: &Commit) -> Result<Unit> {
+        let (item, stage) = self.locate(&commit.task.item_id, &commit.task.stage)?;
+        let subtask = match &commit.task.subtask {
+            None => None,
+            Some(name) => self.items[item].stages[stage]
+                .subtasks
+                .iter()
+                .position(|s| &s.name == name),
+        };
+        let unit = Unit {
+            item,
+            stage,
+            subtask,
+        };
+        let known = commit.task.subtask.is_none() || subtask.is_some();
+        if known && self.items[item].unit(unit).held_by(commit.generation) {
+            Ok(unit)
+        } else {
+            Err(Error::LeaseLost {
+                task: commit.task.clone(),
+                generation: commit.generation,
+            })
         }
-        record_attempt(&mut row.unit, &c.attempt);
-        let finished = attempt_event(&c.attempt);
-        events.push(self.push_event(at, key, true, finished));
+    }
+
+    fn commit_stage(&mut self, unit: Unit, c: Commit, events: &mut Vec<Event>) {
+        let at = c.attempt.finished_at;
+        let row = &mut self.items[unit.item].stages[unit.stage];
+        row.unit.record_attempt(&c.attempt);
         match c.transition {
             Transition::Complete { output } => {
-                self.item_mut(&key.item_id)?.stages[stage].unit.output = output;
-                events.push(self.push_event(at, key, true, EventKind::Completed));
-                self.finish_stage(key, stage, StageState::Completed, &c.dependents, at, events);
+                self.complete_stage(unit, output, &c.dependents, at, events)
             }
             Transition::Skip { reason } => {
-                events.push(self.push_event(at, key, true, EventKind::Skipped { reason }));
-                self.finish_stage(key, stage, StageState::Skipped, &c.dependents, at, events);
+                self.log(at, unit, EventKind::Skipped { reason }, events);
+                self.finish_stage(unit, StageState::Skipped, &c.dependents, at, events);
             }
             Transition::AwaitReview(request) => {
-                let row = &mut self.item_mut(&key.item_id)?.stages[stage];
                 let round = row.review.as_ref().map_or(1, |r| r.round + 1);
                 let summary = request.summary.clone();
                 row.review = Some(ReviewStatus {
@@ -405,69 +522,35 @@ impl Data {
                     decision: None,
                 });
                 row.unit.finished_at = Some(at);
-                self.set_stage_state(&key.item_id, stage, StageState::AwaitingReview);
-                events.push(self.push_event(at, key, true, EventKind::ReviewRequested { summary }));
+                self.set_stage_state(unit.item, unit.stage, StageState::AwaitingReview);
+                self.log(at, unit, EventKind::ReviewRequested { summary }, events);
             }
             Transition::RetryAt { at: due } => {
-                let unit = &mut self.item_mut(&key.item_id)?.stages[stage].unit;
-                unit.next_run_at = Some(due);
-                unit.last_error = c.attempt.error.clone();
-                self.set_stage_state(&key.item_id, stage, StageState::RetryScheduled);
-                self.scheduled.insert((due, key.clone()));
-                events.push(self.push_event(at, key, true, EventKind::RetryScheduled { at: due }));
+                self.set_stage_state(unit.item, unit.stage, StageState::RetryScheduled);
+                let kind = self.schedule_retry(unit, due, c.attempt.error);
+                self.log(at, unit, kind, events);
             }
-            Transition::Fail { reason } => self.fail_stage(key, stage, reason, at, events),
+            Transition::Fail { reason } => self.fail_stage(unit, reason, at, events),
             Transition::FanOut { subtasks } => {
-                let row = &mut self.item_mut(&key.item_id)?.stages[stage];
                 row.subtasks = subtasks.iter().cloned().map(UnitRow::new).collect();
-                events.push(self.push_event(
-                    at,
-                    key,
-                    true,
-                    EventKind::FannedOut {
-                        subtasks: subtasks.clone(),
-                    },
-                ));
-                if subtasks.is_empty() {
-                    self.item_mut(&key.item_id)?.stages[stage].unit.output =
-                        Some(Value::Object(Default::default()));
-                    events.push(self.push_event(at, key, true, EventKind::Completed));
-                    self.finish_stage(key, stage, StageState::Completed, &c.dependents, at, events);
+                let count = subtasks.len();
+                self.log(at, unit, EventKind::FannedOut { subtasks }, events);
+                if count == 0 {
+                    let empty = Some(Value::Object(Default::default()));
+                    self.complete_stage(unit, empty, &c.dependents, at, events);
                 }
-                for name in subtasks {
-                    self.ready.push_back(TaskKey {
-                        subtask: Some(name),
-                        ..key.clone()
-                    });
-                }
+                self.ready.extend((0..count).map(|i| Unit {
+                    subtask: Some(i),
+                    ..unit
+                }));
             }
         }
-        Ok(())
     }
 
-    fn commit_subtask(
-        &mut self,
-        c: Commit,
-        stage: usize,
-        name: &str,
-        events: &mut Vec<Event>,
-    ) -> Result<()> {
-        let key = &c.task;
+    fn commit_subtask(&mut self, unit: Unit, c: Commit, events: &mut Vec<Event>) {
         let at = c.attempt.finished_at;
-        let row = &mut self.item_mut(&key.item_id)?.stages[stage];
-        let lease_lost = || Error::LeaseLost {
-            task: key.clone(),
-            generation: c.generation,
-        };
-        let sub = row
-            .subtasks
-            .iter_mut()
-            .find(|s| s.name == name)
-            .ok_or_else(lease_lost)?;
-        if sub.state != StageState::Running || sub.generation != c.generation {
-            return Err(lease_lost());
-        }
-        record_attempt(sub, &c.attempt);
+        let sub = self.items[unit.item].unit_mut(unit);
+        sub.record_attempt(&c.attempt);
         let kind = match c.transition.for_subtask() {
             SubtaskTransition::Complete { output } => {
                 sub.output = output;
@@ -482,10 +565,7 @@ impl Data {
             }
             SubtaskTransition::RetryAt { at: due } => {
                 sub.state = StageState::RetryScheduled;
-                sub.next_run_at = Some(due);
-                sub.last_error = c.attempt.error.clone();
-                self.scheduled.insert((due, key.clone()));
-                EventKind::RetryScheduled { at: due }
+                self.schedule_retry(unit, due, c.attempt.error)
             }
             SubtaskTransition::Fail { reason } => {
                 sub.state = StageState::Failed;
@@ -494,10 +574,8 @@ impl Data {
                 EventKind::Failed { reason }
             }
         };
-        let finished = attempt_event(&c.attempt);
-        events.push(self.push_event(at, key, false, finished));
-        events.push(self.push_event(at, key, false, kind));
-        let row = &self.item(&key.item_id)?.stages[stage];
+        self.log(at, unit, kind, events);
+        let row = &self.items[unit.item].stages[unit.stage];
         match fan_in(row.subtasks.iter().map(|s| (s.name.as_str(), s.state))) {
             FanIn::Waiting => {}
             FanIn::Completed => {
@@ -506,41 +584,41 @@ impl Data {
                     .iter()
                     .map(|s| (s.name.clone(), s.output.clone().unwrap_or(Value::Null)))
                     .collect();
-                self.item_mut(&key.item_id)?.stages[stage].unit.output =
-                    Some(Value::Object(output));
-                events.push(self.push_event(at, key, true, EventKind::Completed));
-                self.finish_stage(key, stage, StageState::Completed, &c.dependents, at, events);
+                self.complete_stage(unit, Some(Value::Object(output)), &c.dependents, at, events);
             }
             FanIn::Failed(failed) => {
-                self.fail_stage(key, stage, FanIn::failure_reason(&failed), at, events)
+                self.fail_stage(unit, FanIn::failure_reason(&failed), at, events)
             }
         }
-        Ok(())
     }
 }
 
-fn record_attempt(unit: &mut UnitRow, attempt: &AttemptRecord) {
-    unit.attempts.push(attempt.clone());
-    if attempt.result.is_failure() {
-        unit.last_error = attempt.error.clone();
+impl Data {
+    /// Every stage awaiting review: (item id, stage name, review), from the index.
+    fn reviews_waiting(&self) -> impl Iterator<Item = (&str, &str, &ReviewStatus)> {
+        self.by_state.iter().flat_map(move |(stage, states)| {
+            states
+                .get(&StageState::AwaitingReview)
+                .into_iter()
+                .flatten()
+                .filter_map(move |&item| {
+                    let row = &self.items[item];
+                    let review = row.stages[row.stage_position(stage)?].review.as_ref()?;
+                    Some((row.id.as_str(), stage.as_str(), review))
+                })
+        })
     }
 }
 
-fn attempt_event(attempt: &AttemptRecord) -> EventKind {
-    EventKind::AttemptFinished {
-        attempt: attempt.attempt,
-        result: attempt.result,
-        error: attempt.error.clone(),
+/// The (state -> items) index of `stage`, created on first use.
+fn state_index<'a>(
+    index: &'a mut FastMap<String, FastMap<StageState, BTreeSet<usize>>>,
+    stage: &str,
+) -> &'a mut FastMap<StageState, BTreeSet<usize>> {
+    if !index.contains_key(stage) {
+        index.insert(stage.to_owned(), FastMap::default());
     }
-}
-
-fn unit_fields(unit: &UnitRow) -> (StageState, u32, Option<String>, Option<Value>) {
-    (
-        unit.state,
-        unit.attempt,
-        unit.last_error.clone(),
-        unit.output.clone(),
-    )
+    index.get_mut(stage).expect("inserted above")
 }
 
 #[async_trait]
@@ -564,9 +642,7 @@ impl Store for MemoryStore {
         let mut data = self.lock();
         let mut events = Vec::with_capacity(items.len());
         for item in items {
-            if let Some(event) = data.insert_item(item) {
-                events.push(event);
-            }
+            data.insert_item(item, &mut events);
         }
         data.publish(&events);
         Ok(events)
@@ -574,21 +650,20 @@ impl Store for MemoryStore {
 
     async fn claim(&self, request: ClaimRequest) -> Result<ClaimBatch> {
         let mut data = self.lock();
-        while let Some(first) = data.scheduled.first() {
-            if first.0 > request.now {
+        while let Some(&(due, unit)) = data.scheduled.first() {
+            if due > request.now {
                 break;
             }
-            let (_, key) = data.scheduled.pop_first().expect("just looked");
-            data.ready.push_back(key);
+            data.scheduled.pop_first();
+            data.ready.push_back(unit);
         }
         let mut batch = ClaimBatch::default();
         while batch.claims.len() < request.limit {
-            let Some(key) = data.ready.pop_front() else {
+            let Some(unit) = data.ready.pop_front() else {
                 break;
             };
-            if let Some((claim, event)) = data.claim_one(key, &request) {
+            if let Some(claim) = data.claim_one(unit, &request, &mut batch.events) {
                 batch.claims.push(claim);
-                batch.events.push(event);
             }
         }
         data.publish(&batch.events);
@@ -597,12 +672,11 @@ impl Store for MemoryStore {
 
     async fn commit(&self, commit: Commit) -> Result<Vec<Event>> {
         let mut data = self.lock();
-        let item = data.item(&commit.task.item_id)?;
-        let stage = item.stage_index(&commit.task.item_id, &commit.task.stage)?;
+        let unit = data.held_unit(&commit)?;
         let mut events = Vec::new();
-        match commit.task.subtask.clone() {
-            None => data.commit_stage(commit, stage, &mut events)?,
-            Some(name) => data.commit_subtask(commit, stage, &name, &mut events)?,
+        match unit.subtask {
+            None => data.commit_stage(unit, commit, &mut events),
+            Some(_) => data.commit_subtask(unit, commit, &mut events),
         }
         data.publish(&events);
         Ok(events)
@@ -610,11 +684,10 @@ impl Store for MemoryStore {
 
     async fn decide(&self, d: DecisionCommit) -> Result<Vec<Event>> {
         let mut data = self.lock();
-        let item = data.item(&d.item_id)?;
-        let stage = item.stage_index(&d.item_id, &d.stage)?;
-        let row = &item.stages[stage];
-        let current = match (&row.review, row.unit.state) {
-            (Some(review), StageState::AwaitingReview) => review.round,
+        let (item, stage) = data.locate(&d.item_id, &d.stage)?;
+        let row = &mut data.items[item].stages[stage];
+        let review = match (&mut row.review, row.unit.state) {
+            (Some(review), StageState::AwaitingReview) => review,
             _ => {
                 return Err(Error::NotAwaitingReview {
                     item: d.item_id,
@@ -623,59 +696,52 @@ impl Store for MemoryStore {
                 });
             }
         };
-        if let Some(answered) = d.decision.round.filter(|&r| r != current) {
+        if let Some(answered) = d.decision.round.filter(|&r| r != review.round) {
             return Err(Error::StaleDecision {
                 item: d.item_id,
                 stage: d.stage,
                 answered,
-                current,
+                current: review.round,
             });
         }
-        let key = TaskKey::stage(d.item_id.clone(), d.stage.clone());
-        let (kind, reason, edits) = match &d.verdict {
+        let (kind, reason, edits) = match d.verdict {
             Verdict::Approve => (DecisionKind::Approved, None, None),
-            Verdict::ApproveWithEdits(v) => {
-                (DecisionKind::ApprovedWithEdits, None, Some(v.clone()))
-            }
-            Verdict::Reject { reason } => (DecisionKind::Rejected, Some(reason.clone()), None),
+            Verdict::ApproveWithEdits(v) => (DecisionKind::ApprovedWithEdits, None, Some(v)),
+            Verdict::Reject { reason } => (DecisionKind::Rejected, Some(reason), None),
         };
-        let row = &mut data.item_mut(&d.item_id)?.stages[stage];
-        let review = row.review.as_mut().expect("checked above");
         let proposed = review.request.proposed_output.clone();
         review.decision = Some(DecisionRecord {
             kind,
             by: d.decision.by.clone(),
             at: d.at,
-            note: d.decision.note.clone(),
+            note: d.decision.note,
             reason: reason.clone(),
             edits: edits.clone(),
         });
-        let mut events = vec![data.push_event(
+        let unit = Unit {
+            item,
+            stage,
+            subtask: None,
+        };
+        let mut events = Vec::new();
+        let by = d.decision.by;
+        data.log(
             d.at,
-            &key,
-            true,
+            unit,
             EventKind::ReviewDecided {
                 decision: kind,
-                by: d.decision.by.clone(),
+                by: by.clone(),
             },
-        )];
+            &mut events,
+        );
         match reason {
-            Some(reason) => {
-                let reason = format!("rejected by {}: {reason}", d.decision.by);
-                data.fail_stage(&key, stage, reason, d.at, &mut events);
-            }
-            None => {
-                data.item_mut(&d.item_id)?.stages[stage].unit.output = edits.or(proposed);
-                events.push(data.push_event(d.at, &key, true, EventKind::Completed));
-                data.finish_stage(
-                    &key,
-                    stage,
-                    StageState::Completed,
-                    &d.dependents,
-                    d.at,
-                    &mut events,
-                );
-            }
+            Some(reason) => data.fail_stage(
+                unit,
+                format!("rejected by {by}: {reason}"),
+                d.at,
+                &mut events,
+            ),
+            None => data.complete_stage(unit, edits.or(proposed), &d.dependents, d.at, &mut events),
         }
         data.publish(&events);
         Ok(events)
@@ -683,46 +749,48 @@ impl Store for MemoryStore {
 
     async fn retry(&self, item_id: &str, stage: &str, at: DateTime<Utc>) -> Result<Vec<Event>> {
         let mut data = self.lock();
-        let item = data.item(item_id)?;
-        let index = item.stage_index(item_id, stage)?;
-        if item.cancelled {
+        let (item, stage) = data.locate(item_id, stage)?;
+        if data.items[item].cancelled {
             return Err(Error::ItemCancelled(item_id.to_owned()));
         }
-        let state = item.stages[index].unit.state;
-        if state != StageState::Failed {
+        let row = &mut data.items[item].stages[stage];
+        let row_state = row.unit.state;
+        if row_state != StageState::Failed {
             return Err(Error::NotRetryable {
                 item: item_id.to_owned(),
-                stage: stage.to_owned(),
-                state,
+                stage: row.unit.name.clone(),
+                state: row_state,
             });
         }
-        let key = TaskKey::stage(item_id, stage);
-        let row = &mut data.item_mut(item_id)?.stages[index];
         row.unit.attempt = 0;
         row.unit.finished_at = None;
+        let unit = Unit {
+            item,
+            stage,
+            subtask: None,
+        };
         let mut requeue = Vec::new();
-        for sub in row
-            .subtasks
-            .iter_mut()
-            .filter(|s| s.state == StageState::Failed)
-        {
-            sub.state = StageState::Pending;
-            sub.attempt = 0;
-            sub.finished_at = None;
-            requeue.push(TaskKey {
-                subtask: Some(sub.name.clone()),
-                ..key.clone()
-            });
+        for (i, sub) in row.subtasks.iter_mut().enumerate() {
+            if sub.state == StageState::Failed {
+                sub.state = StageState::Pending;
+                sub.attempt = 0;
+                sub.finished_at = None;
+                requeue.push(Unit {
+                    subtask: Some(i),
+                    ..unit
+                });
+            }
         }
         let new_state = if requeue.is_empty() {
-            requeue.push(key.clone());
+            requeue.push(unit);
             StageState::Pending
         } else {
             StageState::Running
         };
-        data.set_stage_state(item_id, index, new_state);
+        data.set_stage_state(item, stage, new_state);
         data.ready.extend(requeue);
-        let events = vec![data.push_event(at, &key, true, EventKind::RetryRequested)];
+        let mut events = Vec::new();
+        data.log(at, unit, EventKind::RetryRequested, &mut events);
         data.publish(&events);
         Ok(events)
     }
@@ -734,13 +802,13 @@ impl Store for MemoryStore {
     ) -> Result<Vec<TaskKey>> {
         let data = self.lock();
         let held = |key: &TaskKey, generation: u64| -> Option<bool> {
-            let item = data.items.get(&key.item_id)?;
-            let row = item.stages.iter().find(|s| s.unit.name == key.stage)?;
+            let (item, stage) = data.locate(&key.item_id, &key.stage).ok()?;
+            let row = &data.items[item].stages[stage];
             let unit = match &key.subtask {
                 None => &row.unit,
                 Some(name) => row.subtasks.iter().find(|s| &s.name == name)?,
             };
-            Some(unit.state == StageState::Running && unit.generation == generation)
+            Some(unit.held_by(generation))
         };
         Ok(claims
             .iter()
@@ -751,34 +819,34 @@ impl Store for MemoryStore {
 
     async fn cancel(&self, item_id: &str, at: DateTime<Utc>) -> Result<(Vec<TaskKey>, Vec<Event>)> {
         let mut data = self.lock();
-        let item = data.item(item_id)?;
-        if item.cancelled {
+        let item = data.position(item_id)?;
+        if data.items[item].cancelled {
             return Ok((Vec::new(), Vec::new()));
         }
         let mut running = Vec::new();
-        let mut to_cancel = Vec::new();
-        for (index, row) in item.stages.iter().enumerate() {
-            if !row.unit.state.is_terminal() {
-                to_cancel.push(index);
-            }
+        for stage in 0..data.items[item].stages.len() {
+            let unit = Unit {
+                item,
+                stage,
+                subtask: None,
+            };
+            let row = &data.items[item].stages[stage];
             if row.unit.state == StageState::Running && row.subtasks.is_empty() {
-                running.push(TaskKey::stage(item_id, row.unit.name.clone()));
+                running.push(data.key(unit));
             }
-            for sub in row
-                .subtasks
-                .iter()
-                .filter(|s| s.state == StageState::Running)
-            {
-                running.push(TaskKey {
-                    item_id: item_id.to_owned(),
-                    stage: row.unit.name.clone(),
-                    subtask: Some(sub.name.clone()),
-                });
+            for (i, sub) in row.subtasks.iter().enumerate() {
+                if sub.state == StageState::Running {
+                    running.push(data.key(Unit {
+                        subtask: Some(i),
+                        ..unit
+                    }));
+                }
             }
-        }
-        for index in to_cancel {
-            data.set_stage_state(item_id, index, StageState::Cancelled);
-            let row = &mut data.item_mut(item_id)?.stages[index];
+            if row.unit.state.is_terminal() {
+                continue;
+            }
+            data.set_stage_state(item, stage, StageState::Cancelled);
+            let row = &mut data.items[item].stages[stage];
             row.unit.generation += 1;
             row.unit.finished_at = Some(at);
             for sub in row.subtasks.iter_mut().filter(|s| !s.state.is_terminal()) {
@@ -786,8 +854,9 @@ impl Store for MemoryStore {
                 sub.generation += 1;
             }
         }
-        data.item_mut(item_id)?.cancelled = true;
-        let events = vec![data.item_event(at, item_id, EventKind::ItemCancelled)];
+        data.items[item].cancelled = true;
+        let mut events = Vec::new();
+        data.log_item(at, item, EventKind::ItemCancelled, &mut events);
         data.publish(&events);
         Ok((running, events))
     }
@@ -796,66 +865,70 @@ impl Store for MemoryStore {
         Ok(self.lock().scheduled.first().map(|(at, _)| *at))
     }
 
+    async fn next_review_deadline(&self) -> Result<Option<DateTime<Utc>>> {
+        let data = self.lock();
+        Ok(data
+            .reviews_waiting()
+            .filter_map(|(_, _, review)| Some(review.request.deadline.as_ref()?.at))
+            .min())
+    }
+
+    async fn due_reviews(&self, now: DateTime<Utc>) -> Result<Vec<AwaitingReview>> {
+        let data = self.lock();
+        let mut due: Vec<AwaitingReview> = data
+            .reviews_waiting()
+            .filter(|(_, _, review)| {
+                review
+                    .request
+                    .deadline
+                    .as_ref()
+                    .is_some_and(|d| d.at <= now)
+            })
+            .map(|(item_id, stage, review)| AwaitingReview {
+                item_id: item_id.to_owned(),
+                stage: stage.to_owned(),
+                review: review.clone(),
+            })
+            .collect();
+        due.sort_by(|a, b| (&a.item_id, &a.stage).cmp(&(&b.item_id, &b.stage)));
+        Ok(due)
+    }
+
+    /// A memory store lives and dies with its process, so no claim outlives
+    /// the worker that took it: there is nothing to release.
+    async fn release_claims(&self, _owner: &str, _now: DateTime<Utc>) -> Result<u64> {
+        Ok(0)
+    }
+
     async fn pipeline_definition(&self) -> Result<Option<PipelineDef>> {
         Ok(self.lock().pipeline.clone())
     }
 
     async fn stage_counts(&self) -> Result<Vec<StageCount>> {
         let data = self.lock();
-        let mut counts: Vec<StageCount> = data
-            .by_state
-            .iter()
-            .filter(|(_, items)| !items.is_empty())
-            .map(|((stage, state), items)| StageCount {
-                stage: stage.clone(),
-                state: *state,
-                items: items.len() as u64,
-            })
-            .collect();
+        let mut counts: Vec<StageCount> =
+            data.by_state
+                .iter()
+                .flat_map(|(stage, states)| {
+                    states.iter().filter(|(_, items)| !items.is_empty()).map(
+                        move |(state, items)| StageCount {
+                            stage: stage.clone(),
+                            state: *state,
+                            items: items.len() as u64,
+                        },
+                    )
+                })
+                .collect();
         counts.sort_by(|a, b| (&a.stage, a.state).cmp(&(&b.stage, b.state)));
         Ok(counts)
     }
 
     async fn status(&self, item_id: &str) -> Result<ItemStatus> {
         let data = self.lock();
-        let item = data.item(item_id)?;
-        let stages: Vec<StageStatus> = item
-            .stages
-            .iter()
-            .map(|row| {
-                let (state, attempt, last_error, output) = unit_fields(&row.unit);
-                StageStatus {
-                    name: row.unit.name.clone(),
-                    state,
-                    attempt,
-                    started_at: row.unit.started_at,
-                    finished_at: row.unit.finished_at,
-                    next_run_at: row.unit.next_run_at,
-                    last_error,
-                    output,
-                    attempts: row.unit.attempts.clone(),
-                    subtasks: row
-                        .subtasks
-                        .iter()
-                        .map(|sub| {
-                            let (state, attempt, last_error, output) = unit_fields(sub);
-                            SubtaskStatus {
-                                name: sub.name.clone(),
-                                state,
-                                attempt,
-                                next_run_at: sub.next_run_at,
-                                last_error,
-                                output,
-                                attempts: sub.attempts.clone(),
-                            }
-                        })
-                        .collect(),
-                    review: row.review.clone(),
-                }
-            })
-            .collect();
+        let item = &data.items[data.position(item_id)?];
+        let stages: Vec<StageStatus> = (0..item.stages.len()).map(|i| item.status_of(i)).collect();
         Ok(ItemStatus {
-            item_id: item_id.to_owned(),
+            item_id: item.id.clone(),
             state: ItemState::derive(item.cancelled, stages.iter().map(|s| s.state)),
             submitted_at: item.submitted_at,
             stages,
@@ -866,31 +939,20 @@ impl Store for MemoryStore {
         let data = self.lock();
         Ok(data
             .by_state
-            .get(&(stage.to_owned(), state))
-            .map(|seqs| seqs.iter().map(|&seq| data.order[seq].clone()).collect())
+            .get(stage)
+            .and_then(|states| states.get(&state))
+            .map(|items| items.iter().map(|&i| data.items[i].id.clone()).collect())
             .unwrap_or_default())
     }
 
     async fn awaiting_review(&self) -> Result<Vec<AwaitingReview>> {
-        let guard = self.lock();
-        let data = &*guard;
+        let data = self.lock();
         let mut waiting: Vec<AwaitingReview> = data
-            .by_state
-            .iter()
-            .filter(|((_, state), _)| *state == StageState::AwaitingReview)
-            .flat_map(|((stage, _), seqs)| {
-                seqs.iter().filter_map(move |&seq| {
-                    let item_id = &data.order[seq];
-                    let row = data.items[item_id]
-                        .stages
-                        .iter()
-                        .find(|s| &s.unit.name == stage)?;
-                    Some(AwaitingReview {
-                        item_id: item_id.clone(),
-                        stage: stage.clone(),
-                        review: row.review.clone()?,
-                    })
-                })
+            .reviews_waiting()
+            .map(|(item_id, stage, review)| AwaitingReview {
+                item_id: item_id.to_owned(),
+                stage: stage.to_owned(),
+                review: review.clone(),
             })
             .collect();
         waiting.sort_by(|a, b| {
@@ -905,7 +967,8 @@ impl Store for MemoryStore {
 
     async fn events(&self, query: EventQuery) -> Result<Vec<Event>> {
         let data = self.lock();
-        let start = (query.after as usize).min(data.events.len());
+        let start =
+            usize::try_from(query.after).map_or(data.events.len(), |a| a.min(data.events.len()));
         Ok(data.events[start..]
             .iter()
             .filter(|e| query.item_id.as_ref().is_none_or(|id| &e.item_id == id))

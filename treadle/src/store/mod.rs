@@ -142,7 +142,7 @@ pub struct Commit {
     pub transition: Transition,
     /// The stages that depend on this stage, unblocked when it (or, for a
     /// subtask, its whole fan-out) completes or skips.
-    pub dependents: Vec<String>,
+    pub dependents: Arc<[String]>,
 }
 
 /// What an attempt does to its stage or subtask.
@@ -246,7 +246,7 @@ pub struct DecisionCommit {
     /// When.
     pub at: DateTime<Utc>,
     /// The stage's dependents, unblocked by an approval.
-    pub dependents: Vec<String>,
+    pub dependents: Arc<[String]>,
 }
 
 /// The number of items whose `stage` is in `state`.
@@ -369,6 +369,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// The earliest time a scheduled retry falls due, if any.
     async fn next_due(&self) -> Result<Option<DateTime<Utc>>>;
+
+    /// The earliest deadline of a review still awaiting a decision, if any.
+    async fn next_review_deadline(&self) -> Result<Option<DateTime<Utc>>>;
+
+    /// Reviews still awaiting a decision whose deadline is at or before `now`.
+    async fn due_reviews(&self, now: DateTime<Utc>) -> Result<Vec<AwaitingReview>>;
+
+    /// Makes every unit still `running` under `owner`'s lease claimable at
+    /// once, as if its lease had expired: a restarted worker with a stable
+    /// id recovers its own dead claims without waiting. Returns how many.
+    async fn release_claims(&self, owner: &str, now: DateTime<Utc>) -> Result<u64>;
 
     /// The pipeline definition last recorded by `register_pipeline`, if any.
     async fn pipeline_definition(&self) -> Result<Option<PipelineDef>>;
