@@ -116,7 +116,9 @@ pub enum Error {
 
     #[cfg(feature = "sqlite")]
     /// The database was written by a newer version of treadle.
-    #[error("the database has schema version {found}; this version of treadle supports up to {supported}")]
+    #[error(
+        "the database has schema version {found}; this version of treadle supports up to {supported}"
+    )]
     SchemaTooNew {
         /// The version found in the database.
         found: i64,

@@ -85,7 +85,8 @@ impl Loc {
         name: &str,
     ) -> Result<T> {
         let text: String = self.get(row, column, name)?;
-        text.parse().map_err(|e: UnknownVariant| self.corrupt(name, e))
+        text.parse()
+            .map_err(|e: UnknownVariant| self.corrupt(name, e))
     }
 
     /// A JSON column.
@@ -133,7 +134,12 @@ impl Loc {
     }
 
     /// A non-negative counter that fits `T`.
-    pub(crate) fn count<T: TryFrom<i64>>(&self, row: &Row<'_>, column: usize, name: &str) -> Result<T> {
+    pub(crate) fn count<T: TryFrom<i64>>(
+        &self,
+        row: &Row<'_>,
+        column: usize,
+        name: &str,
+    ) -> Result<T> {
         let value: i64 = self.get(row, column, name)?;
         T::try_from(value).map_err(|_| self.corrupt(name, format!("{value} is out of range")))
     }

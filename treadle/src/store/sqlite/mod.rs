@@ -223,7 +223,8 @@ impl Store for SqliteStore {
 
     async fn register_pipeline(&self, definition: &PipelineDef) -> Result<PipelineDrift> {
         let definition = definition.clone();
-        self.write(move |tx| tx.register_pipeline(&definition)).await
+        self.write(move |tx| tx.register_pipeline(&definition))
+            .await
     }
 
     async fn submit(&self, items: Vec<NewItem>) -> Result<Vec<Event>> {
@@ -279,6 +280,19 @@ impl Store for SqliteStore {
 
     async fn next_due(&self) -> Result<Option<DateTime<Utc>>> {
         self.read(read::next_due).await
+    }
+
+    async fn next_review_deadline(&self) -> Result<Option<DateTime<Utc>>> {
+        self.read(read::next_review_deadline).await
+    }
+
+    async fn due_reviews(&self, now: DateTime<Utc>) -> Result<Vec<AwaitingReview>> {
+        self.read(move |conn| read::due_reviews(conn, now)).await
+    }
+
+    async fn release_claims(&self, owner: &str, now: DateTime<Utc>) -> Result<u64> {
+        let owner = owner.to_owned();
+        self.write(move |tx| tx.release_claims(&owner, now)).await
     }
 
     async fn pipeline_definition(&self) -> Result<Option<PipelineDef>> {

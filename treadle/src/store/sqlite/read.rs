@@ -243,26 +243,60 @@ pub(crate) fn status(conn: &Connection, item_id: &str) -> Result<ItemStatus> {
     })
 }
 
+pub(crate) fn next_review_deadline(conn: &Connection) -> Result<Option<DateTime<Utc>>> {
+    conn.prepare_cached(
+        "SELECT item_id, stage, review_deadline FROM stages
+         WHERE state = 'awaiting_review' AND review_deadline IS NOT NULL
+         ORDER BY review_deadline LIMIT 1",
+    )?
+    .query_row([], |row| {
+        let item_id: String = row.get(0)?;
+        let stage: String = row.get(1)?;
+        Ok(Loc::stage(&item_id, &stage).time(row, 2, "review_deadline"))
+    })
+    .optional()?
+    .transpose()
+}
+
+pub(crate) fn due_reviews(conn: &Connection, now: DateTime<Utc>) -> Result<Vec<AwaitingReview>> {
+    reviews(
+        conn,
+        "SELECT item_id, stage, review_round, review_request, review_requested_at
+         FROM stages
+         WHERE state = 'awaiting_review' AND review_deadline IS NOT NULL
+           AND review_deadline <= ?1
+         ORDER BY item_id, stage",
+        [super::codec::time(now)],
+    )
+}
+
 pub(crate) fn awaiting_review(conn: &Connection) -> Result<Vec<AwaitingReview>> {
-    collect(
+    reviews(
         conn,
         "SELECT item_id, stage, review_round, review_request, review_requested_at
          FROM stages WHERE state = 'awaiting_review'
          ORDER BY review_requested_at, item_id, stage",
         [],
-        |row| {
-            let item_id: String = row.get(0)?;
-            let stage: String = row.get(1)?;
-            let loc = Loc::stage(&item_id, &stage);
-            let review = review(conn, &loc, row, 2, (&item_id, &stage))?
-                .ok_or_else(|| loc.corrupt("review_round", "awaiting review without a review"))?;
-            Ok(AwaitingReview {
-                item_id,
-                stage,
-                review,
-            })
-        },
     )
+}
+
+fn reviews(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<AwaitingReview>> {
+    collect(conn, sql, params, |row| {
+        let item_id: String = row.get(0)?;
+        let stage: String = row.get(1)?;
+        let loc = Loc::stage(&item_id, &stage);
+        let review = review(conn, &loc, row, 2, (&item_id, &stage))?
+            .ok_or_else(|| loc.corrupt("review_round", "awaiting review without a review"))?;
+        Ok(AwaitingReview {
+            item_id,
+            stage,
+            review,
+        })
+    })
 }
 
 pub(crate) fn events(conn: &Connection, query: &EventQuery) -> Result<Vec<Event>> {

@@ -33,7 +33,6 @@ pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
     sql: V1,
 }];
 
-
 /// Version 1: items, stages, subtasks, attempts, reviews, the run queue,
 /// scheduled retries, the event log and the pipeline definition.
 const V1: &str = r#"
@@ -64,12 +63,15 @@ CREATE TABLE stages (
     review_round INTEGER NOT NULL DEFAULT 0,    -- 0: never asked for review
     review_request TEXT,                        -- JSON ReviewRequest of the round
     review_requested_at TEXT,
+    review_deadline TEXT,                       -- the request's deadline, for lookup
     PRIMARY KEY (item_id, stage)
 ) STRICT, WITHOUT ROWID;
 
 CREATE INDEX stages_by_state ON stages (stage, state, item_seq);
 CREATE INDEX stages_awaiting_review ON stages (review_requested_at, item_id, stage)
     WHERE state = 'awaiting_review';
+CREATE INDEX stages_review_deadline ON stages (review_deadline)
+    WHERE state = 'awaiting_review' AND review_deadline IS NOT NULL;
 CREATE INDEX stages_leased ON stages (lease_expiry)
     WHERE state = 'running' AND lease_expiry IS NOT NULL;
 
@@ -133,16 +135,21 @@ CREATE TABLE run_queue (
     subtask      TEXT
 ) STRICT;
 
--- Scheduled retries, moved to the run queue once due.
+-- Scheduled retries, moved to the run queue once due; ties are broken by
+-- submission order, then stage and subtask position.
 CREATE TABLE scheduled (
     id           INTEGER PRIMARY KEY,
     due          TEXT NOT NULL,
     item_id      TEXT NOT NULL,
     stage        TEXT NOT NULL,
-    subtask      TEXT
+    subtask      TEXT,
+    item_seq     INTEGER NOT NULL,
+    stage_position INTEGER NOT NULL,
+    subtask_position INTEGER
 ) STRICT;
 
-CREATE INDEX scheduled_by_due ON scheduled (due, item_id, stage, subtask);
+CREATE INDEX scheduled_by_due
+    ON scheduled (due, item_seq, stage_position, subtask_position);
 
 CREATE TABLE events (
     seq          INTEGER PRIMARY KEY,           -- gapless: max + 1 at insert
@@ -203,7 +210,8 @@ fn migrate(
     let application_id: i32 = tx.pragma_query_value(None, "application_id", |row| row.get(0))?;
     let version: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
     if application_id != APPLICATION_ID {
-        let objects: i64 = tx.query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get(0))?;
+        let objects: i64 =
+            tx.query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get(0))?;
         if application_id != 0 || version != 0 || objects != 0 {
             return Err(not_ours());
         }
@@ -218,7 +226,10 @@ fn migrate(
     for migration in migrations.iter().filter(|m| m.version > version) {
         tx.execute_batch(migration.sql)?;
         tx.pragma_update(None, "user_version", migration.version)?;
-        tracing::info!(version = migration.version, "applied treadle schema migration");
+        tracing::info!(
+            version = migration.version,
+            "applied treadle schema migration"
+        );
     }
     tx.commit()?;
     Ok(())
@@ -252,7 +263,8 @@ mod tests {
         let path = dir.path().join("old.db");
         let mut conn = Connection::open(&path).unwrap();
         prepare(&mut conn, &path, &[V1_FIXTURE]).unwrap();
-        conn.execute("INSERT INTO things (id) VALUES (7)", []).unwrap();
+        conn.execute("INSERT INTO things (id) VALUES (7)", [])
+            .unwrap();
         assert_eq!(version(&conn), 1);
 
         prepare(&mut conn, &path, &[V1_FIXTURE, V2_FIXTURE]).unwrap();
@@ -272,9 +284,16 @@ mod tests {
         assert!(prepare(&mut conn, &path, &[V1_FIXTURE, BROKEN_V2]).is_err());
         assert_eq!(version(&conn), 1);
         let columns: i64 = conn
-            .query_row("SELECT count(*) FROM pragma_table_info('things')", [], |r| r.get(0))
+            .query_row(
+                "SELECT count(*) FROM pragma_table_info('things')",
+                [],
+                |r| r.get(0),
+            )
             .unwrap();
-        assert_eq!(columns, 1, "the first half of the broken migration was rolled back");
+        assert_eq!(
+            columns, 1,
+            "the first half of the broken migration was rolled back"
+        );
     }
 
     #[test]

@@ -36,6 +36,7 @@ struct Unit {
     next_run_at: Option<DateTime<Utc>>,
     started_at: Option<DateTime<Utc>>,
     lease_expiry: Option<DateTime<Utc>>,
+    lease_owner: Option<String>,
 }
 
 fn unit_loc(key: &TaskKey) -> Loc {
@@ -131,12 +132,12 @@ impl<'c> Tx<'c> {
         let cancelled = self
             .item_cancelled(item_id)?
             .ok_or_else(|| Error::UnknownItem(item_id.to_owned()))?;
-        let unit = self
-            .load(&TaskKey::stage(item_id, stage))?
-            .ok_or_else(|| Error::UnknownStage {
-                item: item_id.to_owned(),
-                stage: stage.to_owned(),
-            })?;
+        let unit =
+            self.load(&TaskKey::stage(item_id, stage))?
+                .ok_or_else(|| Error::UnknownStage {
+                    item: item_id.to_owned(),
+                    stage: stage.to_owned(),
+                })?;
         Ok((cancelled, unit))
     }
 
@@ -151,6 +152,7 @@ impl<'c> Tx<'c> {
                 next_run_at: loc.time_opt(row, 4, "next_run_at")?,
                 started_at: loc.time_opt(row, 5, "started_at")?,
                 lease_expiry: loc.time_opt(row, 6, "lease_expiry")?,
+                lease_owner: loc.get(row, 7, "lease_owner")?,
             })
         };
         let found = match &key.subtask {
@@ -158,7 +160,7 @@ impl<'c> Tx<'c> {
                 .conn
                 .prepare_cached(
                     "SELECT state, attempt, generation, waiting, next_run_at, started_at,
-                            lease_expiry
+                            lease_expiry, lease_owner
                      FROM stages WHERE item_id = ?1 AND stage = ?2",
                 )?
                 .query_row(params![key.item_id, key.stage], |row| Ok(read(row)))
@@ -166,7 +168,8 @@ impl<'c> Tx<'c> {
             Some(sub) => self
                 .conn
                 .prepare_cached(
-                    "SELECT state, attempt, generation, 0, next_run_at, started_at, lease_expiry
+                    "SELECT state, attempt, generation, 0, next_run_at, started_at, lease_expiry,
+                            lease_owner
                      FROM subtasks WHERE item_id = ?1 AND stage = ?2 AND name = ?3",
                 )?
                 .query_row(params![key.item_id, key.stage, sub], |row| Ok(read(row)))
@@ -214,7 +217,12 @@ impl<'c> Tx<'c> {
     fn schedule(&self, due: DateTime<Utc>, key: &TaskKey) -> Result<()> {
         self.conn
             .prepare_cached(
-                "INSERT INTO scheduled (due, item_id, stage, subtask) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO scheduled
+                    (due, item_id, stage, subtask, item_seq, stage_position, subtask_position)
+                 SELECT ?1, s.item_id, s.stage, ?4, s.item_seq, s.position,
+                        (SELECT position FROM subtasks
+                         WHERE item_id = s.item_id AND stage = s.stage AND name = ?4)
+                 FROM stages s WHERE s.item_id = ?2 AND s.stage = ?3",
             )?
             .execute(params![
                 codec::time(due),
@@ -386,7 +394,7 @@ impl<'c> Tx<'c> {
             .conn
             .prepare_cached(
                 "SELECT id, item_id, stage, subtask FROM scheduled WHERE due <= ?1
-                 ORDER BY due, item_id, stage, subtask",
+                 ORDER BY due, item_seq, stage_position, subtask_position",
             )?
             .query_map([&now], |row| {
                 Ok((
@@ -439,10 +447,10 @@ impl<'c> Tx<'c> {
         let mut found: Vec<(String, TaskKey)> = Vec::new();
         for sql in [
             "SELECT lease_expiry, item_id, stage, NULL FROM stages
-             WHERE state = 'running' AND lease_expiry IS NOT NULL AND lease_expiry < ?1
+             WHERE state = 'running' AND lease_expiry IS NOT NULL AND lease_expiry <= ?1
              ORDER BY lease_expiry LIMIT ?2",
             "SELECT lease_expiry, item_id, stage, name FROM subtasks
-             WHERE state = 'running' AND lease_expiry IS NOT NULL AND lease_expiry < ?1
+             WHERE state = 'running' AND lease_expiry IS NOT NULL AND lease_expiry <= ?1
              ORDER BY lease_expiry LIMIT ?2",
         ] {
             let mut statement = self.conn.prepare_cached(sql)?;
@@ -475,7 +483,7 @@ impl<'c> Tx<'c> {
             return Ok(None);
         }
         let abandoned = unit.state == StageState::Running
-            && unit.lease_expiry.is_some_and(|until| until < request.now);
+            && unit.lease_expiry.is_some_and(|until| until <= request.now);
         let runnable = match unit.state {
             StageState::Pending => true,
             StageState::RetryScheduled => unit.next_run_at.is_none_or(|at| at <= request.now),
@@ -486,9 +494,11 @@ impl<'c> Tx<'c> {
         }
         if abandoned {
             let expired = unit.lease_expiry.unwrap_or(request.now);
+            let previous_owner = unit.lease_owner.clone().unwrap_or_default();
             tracing::warn!(
                 item_id = %key.item_id, stage = %key.stage, subtask = ?key.subtask,
-                attempt = unit.attempt, "recovering work whose lease expired"
+                attempt = unit.attempt, previous_owner = %previous_owner,
+                "recovering work whose lease expired"
             );
             self.record_attempt(
                 key,
@@ -497,9 +507,14 @@ impl<'c> Tx<'c> {
                     started_at: unit.started_at.unwrap_or(expired),
                     finished_at: expired,
                     result: AttemptResult::Abandoned,
-                    error: Some("the worker's lease expired".to_owned()),
+                    error: Some(format!("the lease of worker `{previous_owner}` expired")),
                 },
             )?;
+            let kind = EventKind::Recovered {
+                previous_owner,
+                attempt: unit.attempt,
+            };
+            self.unit_event(request.now, key, false, kind)?;
         }
         let attempt = unit.attempt.saturating_add(1);
         let generation = unit.generation.saturating_add(1);
@@ -597,7 +612,6 @@ impl<'c> Tx<'c> {
     fn commit_stage(&mut self, c: Commit) -> Result<()> {
         let key = &c.task;
         let at = c.attempt.finished_at;
-        self.unit_event(at, key, true, attempt_event(&c.attempt))?;
         match c.transition {
             Transition::Complete { output } => {
                 self.set_output(key, output.as_ref())?;
@@ -613,7 +627,7 @@ impl<'c> Tx<'c> {
                 self.conn
                     .prepare_cached(
                         "UPDATE stages SET review_round = review_round + 1, review_request = ?3,
-                            review_requested_at = ?4, finished_at = ?4
+                            review_requested_at = ?4, finished_at = ?4, review_deadline = ?5
                          WHERE item_id = ?1 AND stage = ?2",
                     )?
                     .execute(params![
@@ -621,25 +635,24 @@ impl<'c> Tx<'c> {
                         key.stage,
                         codec::json(&request, "the review request")?,
                         codec::time(at),
+                        codec::time_opt(request.deadline.as_ref().map(|d| d.at)),
                     ])?;
                 self.set_stage_state(key, StageState::AwaitingReview)?;
                 self.unit_event(at, key, true, EventKind::ReviewRequested { summary })?;
             }
             Transition::RetryAt { at: due } => {
-                self.conn
-                    .prepare_cached(
-                        "UPDATE stages SET next_run_at = ?3, last_error = ?4
-                         WHERE item_id = ?1 AND stage = ?2",
-                    )?
-                    .execute(params![
-                        key.item_id,
-                        key.stage,
-                        codec::time(due),
-                        c.attempt.error
-                    ])?;
                 self.set_stage_state(key, StageState::RetryScheduled)?;
+                self.set_stage_column(
+                    key,
+                    "UPDATE stages SET next_run_at = ?3 WHERE item_id = ?1 AND stage = ?2",
+                    Some(codec::time(due)),
+                )?;
                 self.schedule(due, key)?;
-                self.unit_event(at, key, true, EventKind::RetryScheduled { at: due })?;
+                let kind = EventKind::RetryScheduled {
+                    at: due,
+                    error: c.attempt.error,
+                };
+                self.unit_event(at, key, true, kind)?;
             }
             Transition::Fail { reason } => self.fail_stage(key, reason, at)?,
             Transition::FanOut { subtasks } => {
@@ -707,16 +720,16 @@ impl<'c> Tx<'c> {
                 None,
                 EventKind::Skipped { reason },
             ),
-            SubtaskTransition::RetryAt { at: due } => {
-                self.schedule(due, key)?;
-                (
-                    StageState::RetryScheduled,
-                    None,
-                    Some(due),
-                    c.attempt.error.clone(),
-                    EventKind::RetryScheduled { at: due },
-                )
-            }
+            SubtaskTransition::RetryAt { at: due } => (
+                StageState::RetryScheduled,
+                None,
+                Some(due),
+                None,
+                EventKind::RetryScheduled {
+                    at: due,
+                    error: c.attempt.error.clone(),
+                },
+            ),
             SubtaskTransition::Fail { reason } => (
                 StageState::Failed,
                 None,
@@ -733,8 +746,7 @@ impl<'c> Tx<'c> {
                     output = CASE WHEN ?4 = 'completed' THEN ?5 ELSE output END,
                     finished_at = CASE WHEN ?4 = 'retry_scheduled' THEN finished_at ELSE ?6 END,
                     next_run_at = CASE WHEN ?4 = 'retry_scheduled' THEN ?7 ELSE next_run_at END,
-                    last_error = CASE WHEN ?4 IN ('retry_scheduled', 'failed') THEN ?8
-                                      ELSE last_error END
+                    last_error = CASE WHEN ?4 = 'failed' THEN ?8 ELSE last_error END
                  WHERE item_id = ?1 AND stage = ?2 AND name = ?3",
             )?
             .execute(params![
@@ -747,7 +759,11 @@ impl<'c> Tx<'c> {
                 codec::time_opt(next_run_at),
                 error,
             ])?;
-        self.unit_event(at, key, false, attempt_event(&c.attempt))?;
+        if state == StageState::RetryScheduled
+            && let Some(due) = next_run_at
+        {
+            self.schedule(due, key)?;
+        }
         self.unit_event(at, key, false, kind)?;
         let subtasks = self.subtask_states(&key.item_id, &key.stage)?;
         match fan_in(subtasks.iter().map(|(n, s)| (n.as_str(), *s))) {
@@ -808,12 +824,14 @@ impl<'c> Tx<'c> {
                 "SELECT review_round, review_request FROM stages WHERE item_id = ?1 AND stage = ?2",
             )?
             .query_row(params![d.item_id, d.stage], |row| {
-                Ok((|| -> Result<(u64, Option<crate::outcome::ReviewRequest>)> {
-                    Ok((
-                        loc.count(row, 0, "review_round")?,
-                        loc.json_opt(row, 1, "review_request")?,
-                    ))
-                })())
+                Ok(
+                    (|| -> Result<(u64, Option<crate::outcome::ReviewRequest>)> {
+                        Ok((
+                            loc.count(row, 0, "review_round")?,
+                            loc.json_opt(row, 1, "review_request")?,
+                        ))
+                    })(),
+                )
             })??;
         let request = match request {
             Some(request) if round > 0 && unit.state == StageState::AwaitingReview => request,
@@ -951,11 +969,31 @@ impl<'c> Tx<'c> {
                      WHERE item_id = ?1 AND stage = ?2 AND name = ?3 AND lease_expiry IS NOT NULL"
                 }
             };
-            self.conn
-                .prepare_cached(sql)?
-                .execute(params![key.item_id, key.stage, key.subtask, until])?;
+            self.conn.prepare_cached(sql)?.execute(params![
+                key.item_id,
+                key.stage,
+                key.subtask,
+                until
+            ])?;
         }
         Ok(lost)
+    }
+
+    pub(crate) fn release_claims(&mut self, owner: &str, now: DateTime<Utc>) -> Result<u64> {
+        let mut released = 0;
+        for sql in [
+            "UPDATE stages SET lease_expiry = ?2
+             WHERE state = 'running' AND lease_expiry IS NOT NULL AND lease_owner = ?1",
+            "UPDATE subtasks SET lease_expiry = ?2
+             WHERE state = 'running' AND lease_expiry IS NOT NULL AND lease_owner = ?1",
+        ] {
+            let changed = self
+                .conn
+                .prepare_cached(sql)?
+                .execute(params![owner, codec::time(now)])?;
+            released += changed as u64;
+        }
+        Ok(released)
     }
 
     pub(crate) fn cancel(&mut self, item_id: &str, at: DateTime<Utc>) -> Result<Vec<TaskKey>> {
@@ -985,10 +1023,7 @@ impl<'c> Tx<'c> {
             if *state == StageState::Running && subtasks.is_empty() {
                 running.push(TaskKey::stage(item_id, stage.clone()));
             }
-            for (name, _) in subtasks
-                .iter()
-                .filter(|(_, s)| *s == StageState::Running)
-            {
+            for (name, _) in subtasks.iter().filter(|(_, s)| *s == StageState::Running) {
                 running.push(TaskKey {
                     item_id: item_id.to_owned(),
                     stage: stage.clone(),
@@ -1021,13 +1056,5 @@ impl<'c> Tx<'c> {
             .execute([item_id])?;
         self.append(at, item_id, None, None, EventKind::ItemCancelled)?;
         Ok(running)
-    }
-}
-
-fn attempt_event(attempt: &AttemptRecord) -> EventKind {
-    EventKind::AttemptFinished {
-        attempt: attempt.attempt,
-        result: attempt.result,
-        error: attempt.error.clone(),
     }
 }
