@@ -122,9 +122,7 @@ impl SqliteStore {
     pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_owned();
         blocking(move || {
-            let mut conn = Connection::open(&path)?;
-            schema::configure(&conn)?;
-            schema::prepare(&mut conn, &path, schema::MIGRATIONS)?;
+            let conn = schema::open(Some(&path), schema::MIGRATIONS)?;
             Self::start(conn, Some(path))
         })
         .await
@@ -132,13 +130,7 @@ impl SqliteStore {
 
     /// A private database in memory, gone when the store is dropped.
     pub async fn open_in_memory() -> Result<Self> {
-        blocking(|| {
-            let mut conn = Connection::open_in_memory()?;
-            schema::configure(&conn)?;
-            schema::prepare(&mut conn, Path::new(":memory:"), schema::MIGRATIONS)?;
-            Self::start(conn, None)
-        })
-        .await
+        blocking(|| Self::start(schema::open(None, schema::MIGRATIONS)?, None)).await
     }
 
     fn start(conn: Connection, path: Option<PathBuf>) -> Result<Self> {

@@ -177,24 +177,31 @@ pub(crate) fn configure(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
-/// Checks that `conn` is a treadle database (or an empty file) and brings its
-/// schema up to date with `migrations`, all in one transaction; then switches
-/// it to WAL. Nothing is written to a file that is not ours.
-pub(crate) fn prepare(conn: &mut Connection, path: &Path, migrations: &[Migration]) -> Result<()> {
+/// Opens the database at `path` (`None`: a private one in memory), checks
+/// that it is a treadle database (or empty), brings its schema up to date
+/// with `migrations` in one transaction, and switches it to WAL. Nothing is
+/// written to a file that is not ours.
+pub(crate) fn open(path: Option<&Path>, migrations: &[Migration]) -> Result<Connection> {
+    let name = path.unwrap_or(Path::new(":memory:"));
     let not_ours = || Error::NotATreadleDatabase {
-        path: path.to_owned(),
+        path: name.to_owned(),
     };
-    let result = migrate(conn, migrations, &not_ours);
-    match result {
+    let opened = (|| {
+        let mut conn = match path {
+            Some(path) => Connection::open(path)?,
+            None => Connection::open_in_memory()?,
+        };
+        configure(&conn)?;
+        migrate(&mut conn, migrations, &not_ours)?;
+        // Not inside the transaction: the journal mode cannot change there.
+        let mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+        tracing::debug!(path = %name.display(), journal_mode = %mode, "opened treadle database");
+        Ok(conn)
+    })();
+    match opened {
         Err(Error::Sqlite(e)) if e.sqlite_error_code() == Some(ErrorCode::NotADatabase) => {
             Err(not_ours())
-        }
-        Ok(()) => {
-            // Not inside the transaction: the journal mode cannot change there.
-            let mode: String =
-                conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
-            tracing::debug!(journal_mode = %mode, "opened treadle database");
-            Ok(())
         }
         other => other,
     }
@@ -279,9 +286,9 @@ mod tests {
     fn a_failing_migration_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("old.db");
-        let mut conn = Connection::open(&path).unwrap();
-        prepare(&mut conn, &path, &[V1_FIXTURE]).unwrap();
-        assert!(prepare(&mut conn, &path, &[V1_FIXTURE, BROKEN_V2]).is_err());
+        drop(open(Some(&path), &[V1_FIXTURE]).unwrap());
+        assert!(open(Some(&path), &[V1_FIXTURE, BROKEN_V2]).is_err());
+        let conn = Connection::open(&path).unwrap();
         assert_eq!(version(&conn), 1);
         let columns: i64 = conn
             .query_row(
@@ -300,9 +307,8 @@ mod tests {
     fn a_newer_database_is_refused_with_both_versions() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("new.db");
-        let mut conn = Connection::open(&path).unwrap();
-        prepare(&mut conn, &path, &[V1_FIXTURE, V2_FIXTURE]).unwrap();
-        match prepare(&mut conn, &path, &[V1_FIXTURE]) {
+        drop(open(Some(&path), &[V1_FIXTURE, V2_FIXTURE]).unwrap());
+        match open(Some(&path), &[V1_FIXTURE]) {
             Err(Error::SchemaTooNew { found, supported }) => assert_eq!((found, supported), (2, 1)),
             other => panic!("expected SchemaTooNew, got {other:?}"),
         }
@@ -310,9 +316,7 @@ mod tests {
 
     #[test]
     fn the_real_schema_is_current_and_valid() {
-        let mut conn = Connection::open_in_memory().unwrap();
-        configure(&conn).unwrap();
-        prepare(&mut conn, Path::new(":memory:"), MIGRATIONS).unwrap();
+        let conn = open(None, MIGRATIONS).unwrap();
         assert_eq!(version(&conn), MIGRATIONS.last().unwrap().version);
         assert_eq!(version(&conn), crate::store::SqliteStore::SCHEMA_VERSION);
         let id: i32 = conn
