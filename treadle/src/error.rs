@@ -107,6 +107,37 @@ pub enum Error {
     /// An I/O error inside a stage or the store.
     #[error("I/O error")]
     Io(#[from] std::io::Error),
+
+    /// The SQLite database reported an error. Shared (`Arc`) because one
+    /// failed group commit is reported to every transition in it.
+    #[cfg(feature = "sqlite")]
+    #[error("SQLite error")]
+    Sqlite(#[source] std::sync::Arc<rusqlite::Error>),
+
+    #[cfg(feature = "sqlite")]
+    /// The database was written by a newer version of treadle.
+    #[error(
+        "the database has schema version {found}; this version of treadle supports up to {supported}"
+    )]
+    SchemaTooNew {
+        /// The version found in the database.
+        found: i64,
+        /// The newest version this build knows.
+        supported: i64,
+    },
+
+    #[cfg(feature = "sqlite")]
+    /// The file is not a treadle database (not SQLite, or SQLite with other tables).
+    #[error("`{}` is not a treadle database", path.display())]
+    NotATreadleDatabase {
+        /// The file that was opened.
+        path: std::path::PathBuf,
+    },
+
+    #[cfg(feature = "sqlite")]
+    /// The store was shut down; its background writer is gone.
+    #[error("the store is closed")]
+    StoreClosed,
 }
 
 impl Error {
@@ -121,6 +152,13 @@ impl Error {
             what: what.into(),
             source,
         }
+    }
+}
+
+#[cfg(feature = "sqlite")]
+impl From<rusqlite::Error> for Error {
+    fn from(error: rusqlite::Error) -> Self {
+        Error::Sqlite(std::sync::Arc::new(error))
     }
 }
 

@@ -39,6 +39,8 @@ pub use review::{Decision, DecisionRecord, ReviewStatus};
 pub use stage::{Backoff, Stage, StagePolicy};
 pub use state::{AttemptResult, DecisionKind, ItemState, StageState, UnknownVariant};
 pub use status::{AttemptRecord, AwaitingReview, ItemStatus, StageStatus, SubtaskStatus};
+#[cfg(feature = "sqlite")]
+pub use store::SqliteStore;
 pub use store::{MemoryStore, Store};
 #[cfg(feature = "macros")]
 pub use treadle_macros::{pipeline, stage};
@@ -52,5 +54,7 @@ pub mod prelude {
     pub use treadle_macros::{pipeline, stage};
 
     pub use crate::store::MemoryStore;
+    #[cfg(feature = "sqlite")]
+    pub use crate::store::SqliteStore;
     pub use serde::{Deserialize, Serialize};
 }

@@ -28,9 +28,13 @@ use crate::status::{AttemptRecord, AwaitingReview, ItemStatus};
 
 mod fan_in;
 mod memory;
+#[cfg(feature = "sqlite")]
+mod sqlite;
 
 pub use fan_in::{FanIn, fan_in};
 pub use memory::MemoryStore;
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteStore;
 
 /// One unit of work: a stage of an item, or one subtask of a fanned-out stage.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

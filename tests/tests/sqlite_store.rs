@@ -1,0 +1,1032 @@
+//! The SQLite store: the shared store suite on a database file, plus what
+//! only a database can show (reopening, schema versions, corruption,
+//! atomicity, group commit, lease recovery), and a differential run that
+//! drives the memory store and the SQLite store through the same script and
+//! requires identical results.
+
+mod store_suite;
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use rusqlite::Connection;
+use serde_json::json;
+use tempfile::TempDir;
+use treadle::store::{
+    ClaimRequest, Commit, DecisionCommit, EventQuery, NewItem, StageSeed, Store, TaskKey,
+    Transition, Verdict,
+};
+use treadle::{
+    AttemptRecord, AttemptResult, Decision, Error, EventKind, MemoryStore, Pipeline, PipelineDef,
+    ReviewRequest, SqliteStore, StageOutcome, StageState,
+};
+
+use crate::support::*;
+
+store_suite!(async {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("treadle.db"))
+        .await
+        .unwrap();
+    (store, dir)
+});
+
+// ---- helpers ----
+
+fn t(seconds: i64) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-03-01T10:00:00.123456789Z")
+        .unwrap()
+        .with_timezone(&Utc)
+        + TimeDelta::seconds(seconds)
+}
+
+fn db(dir: &TempDir) -> PathBuf {
+    dir.path().join("treadle.db")
+}
+
+/// An item with a linear pipeline `scan -> split -> review -> export`.
+fn item(id: &str, at: DateTime<Utc>) -> NewItem {
+    let stages = ["scan", "split", "review", "export"];
+    NewItem {
+        id: id.to_owned(),
+        payload: json!({"id": id, "pages": 3}),
+        stages: stages
+            .iter()
+            .enumerate()
+            .map(|(i, name)| StageSeed {
+                name: (*name).to_owned(),
+                upstream: u32::from(i > 0),
+            })
+            .collect(),
+        at,
+    }
+}
+
+fn definition() -> PipelineDef {
+    PipelineDef {
+        stages: ["scan", "split", "review", "export"]
+            .map(String::from)
+            .to_vec(),
+        edges: vec![
+            ("scan".into(), "split".into()),
+            ("split".into(), "review".into()),
+            ("review".into(), "export".into()),
+        ],
+    }
+}
+
+fn request(now: DateTime<Utc>) -> ClaimRequest {
+    ClaimRequest {
+        owner: "w1".into(),
+        limit: 16,
+        lease: Duration::from_secs(30),
+        now,
+    }
+}
+
+fn dependents(stage: &str) -> Arc<[String]> {
+    let next = match stage {
+        "scan" => vec!["split".to_owned()],
+        "split" => vec!["review".to_owned()],
+        "review" => vec!["export".to_owned()],
+        _ => vec![],
+    };
+    next.into()
+}
+
+fn key(item: &str, stage: &str, subtask: Option<&str>) -> TaskKey {
+    TaskKey {
+        item_id: item.into(),
+        stage: stage.into(),
+        subtask: subtask.map(Into::into),
+    }
+}
+
+/// A commit for `task` at `generation`, ending an attempt started at `start`.
+fn commit(
+    task: TaskKey,
+    generation: u64,
+    attempt: u32,
+    start: DateTime<Utc>,
+    transition: Transition,
+) -> Commit {
+    let (result, error) = match &transition {
+        Transition::Complete { .. } => (AttemptResult::Completed, None),
+        Transition::Skip { .. } => (AttemptResult::Skipped, None),
+        Transition::AwaitReview(_) => (AttemptResult::NeedsReview, None),
+        Transition::RetryAt { .. } => (AttemptResult::Error, Some("flaky".to_owned())),
+        Transition::Fail { reason } => (AttemptResult::Failed, Some(reason.clone())),
+        Transition::FanOut { .. } => (AttemptResult::FannedOut, None),
+    };
+    let dependents = dependents(&task.stage);
+    Commit {
+        task,
+        generation,
+        attempt: AttemptRecord {
+            attempt,
+            started_at: start,
+            finished_at: start + TimeDelta::milliseconds(250),
+            result,
+            error,
+        },
+        transition,
+        dependents,
+    }
+}
+
+fn complete(output: serde_json::Value) -> Transition {
+    Transition::Complete {
+        output: Some(output),
+    }
+}
+
+fn all_events_query() -> EventQuery {
+    EventQuery::default()
+}
+
+async fn all_events<S: Store>(store: &S) -> Vec<treadle::Event> {
+    store.events(all_events_query()).await.unwrap()
+}
+
+fn assert_gapless(events: &[treadle::Event]) {
+    for (i, event) in events.iter().enumerate() {
+        assert_eq!(event.seq, i as u64 + 1, "event log has a gap or reordering");
+    }
+}
+
+fn exec(path: &Path, sql: &str) {
+    Connection::open(path).unwrap().execute_batch(sql).unwrap();
+}
+
+fn corrupt_location(error: Error) -> String {
+    match error {
+        Error::Corrupt { location, detail } => {
+            assert!(!detail.is_empty());
+            location
+        }
+        other => panic!("expected Error::Corrupt, got {other:?}"),
+    }
+}
+
+// ---- the differential script ----
+
+/// Drives a store through every kind of transition with fixed times and
+/// returns a transcript of every result, error, event and status.
+async fn script<S: Store>(store: &S) -> Vec<String> {
+    let mut log = Vec::new();
+    macro_rules! note {
+        ($label:expr, $value:expr) => {
+            log.push(format!("{}: {:?}", $label, $value))
+        };
+    }
+    macro_rules! note_result {
+        ($label:expr, $value:expr) => {
+            match $value {
+                Ok(v) => log.push(format!("{}: ok {:?}", $label, v)),
+                Err(e) => log.push(format!("{}: error {}", $label, e)),
+            }
+        };
+    }
+    note!(
+        "drift",
+        store.register_pipeline(&definition()).await.unwrap()
+    );
+    let events = store
+        .submit(vec![item("a", t(0)), item("b", t(0)), item("c", t(1))])
+        .await
+        .unwrap();
+    note!("submit", events);
+    note!(
+        "resubmit",
+        store.submit(vec![item("a", t(2))]).await.unwrap()
+    );
+
+    let batch = store.claim(request(t(3))).await.unwrap();
+    note!("claim 1", (&batch.claims, &batch.events));
+    let generation = |task: &TaskKey| {
+        batch
+            .claims
+            .iter()
+            .find(|c| &c.task == task)
+            .map(|c| c.generation)
+            .unwrap()
+    };
+    let (a_scan, b_scan, c_scan) = (
+        key("a", "scan", None),
+        key("b", "scan", None),
+        key("c", "scan", None),
+    );
+    let (ga, gb, gc) = (
+        generation(&a_scan),
+        generation(&b_scan),
+        generation(&c_scan),
+    );
+    note_result!(
+        "a.scan",
+        store
+            .commit(commit(a_scan, ga, 1, t(3), complete(json!({"pages": 3}))))
+            .await
+    );
+    note_result!(
+        "b.scan retry",
+        store
+            .commit(commit(
+                b_scan.clone(),
+                gb,
+                1,
+                t(3),
+                Transition::RetryAt { at: t(20) }
+            ))
+            .await
+    );
+    note_result!(
+        "c.scan fail",
+        store
+            .commit(commit(
+                c_scan.clone(),
+                gc,
+                1,
+                t(3),
+                Transition::Fail {
+                    reason: "unreadable".into()
+                }
+            ))
+            .await
+    );
+    note_result!(
+        "stale commit",
+        store
+            .commit(commit(b_scan.clone(), gb, 1, t(3), complete(json!(1))))
+            .await
+    );
+    note!("next due", store.next_due().await.unwrap());
+
+    let batch = store.claim(request(t(4))).await.unwrap();
+    note!("claim 2", (&batch.claims, &batch.events));
+    let a_split = key("a", "split", None);
+    note_result!(
+        "a.split fan out",
+        store
+            .commit(commit(
+                a_split.clone(),
+                batch.claims[0].generation,
+                1,
+                t(4),
+                Transition::FanOut {
+                    subtasks: vec!["x".into(), "y".into(), "z".into()]
+                }
+            ))
+            .await
+    );
+    let batch = store.claim(request(t(5))).await.unwrap();
+    note!("claim 3", (&batch.claims, &batch.events));
+    let subs: Vec<_> = batch
+        .claims
+        .iter()
+        .map(|c| (c.task.clone(), c.generation))
+        .collect();
+    note_result!(
+        "x",
+        store
+            .commit(commit(
+                subs[0].0.clone(),
+                subs[0].1,
+                1,
+                t(5),
+                complete(json!("x!"))
+            ))
+            .await
+    );
+    note_result!(
+        "y retry",
+        store
+            .commit(commit(
+                subs[1].0.clone(),
+                subs[1].1,
+                1,
+                t(5),
+                Transition::RetryAt { at: t(10) }
+            ))
+            .await
+    );
+    note_result!(
+        "z skip",
+        store
+            .commit(commit(
+                subs[2].0.clone(),
+                subs[2].1,
+                1,
+                t(5),
+                Transition::Skip {
+                    reason: "empty".into()
+                }
+            ))
+            .await
+    );
+    note!("status a mid fan-out", store.status("a").await.unwrap());
+
+    // y (due t10) comes before b.scan (due t20).
+    let batch = store.claim(request(t(30))).await.unwrap();
+    note!("claim 4", (&batch.claims, &batch.events));
+    let y = batch
+        .claims
+        .iter()
+        .find(|c| c.task.subtask.is_some())
+        .unwrap();
+    let b = batch.claims.iter().find(|c| c.task.item_id == "b").unwrap();
+    let (y_task, y_gen, b_gen) = (y.task.clone(), y.generation, b.generation);
+    note_result!(
+        "y fail",
+        store
+            .commit(commit(
+                y_task.clone(),
+                y_gen,
+                2,
+                t(30),
+                Transition::Fail {
+                    reason: "bad page".into()
+                }
+            ))
+            .await
+    );
+    note_result!("retry a.split", store.retry("a", "split", t(31)).await);
+    note_result!("retry a.scan", store.retry("a", "scan", t(31)).await);
+    note_result!("retry ghost", store.retry("ghost", "scan", t(31)).await);
+    note_result!("retry a.nope", store.retry("a", "nope", t(31)).await);
+    let batch = store.claim(request(t(32))).await.unwrap();
+    note!("claim 5", (&batch.claims, &batch.events));
+    note_result!(
+        "y again",
+        store
+            .commit(commit(
+                y_task,
+                batch.claims[0].generation,
+                1,
+                t(32),
+                complete(json!("y!"))
+            ))
+            .await
+    );
+    note_result!(
+        "renew",
+        store
+            .renew(
+                &[
+                    (key("b", "scan", None), b_gen),
+                    (key("b", "scan", None), 99)
+                ],
+                t(60)
+            )
+            .await
+    );
+
+    let batch = store.claim(request(t(33))).await.unwrap();
+    note!("claim 6", (&batch.claims, &batch.events));
+    let review = ReviewRequest::new("check the split")
+        .proposed_output(json!({"ok": true}))
+        .unwrap()
+        .deadline_at(t(500), treadle::DeadlineAction::Approve);
+    note_result!(
+        "a.review asks",
+        store
+            .commit(commit(
+                key("a", "review", None),
+                batch.claims[0].generation,
+                1,
+                t(33),
+                Transition::AwaitReview(review)
+            ))
+            .await
+    );
+    note!("awaiting", store.awaiting_review().await.unwrap());
+    note!("deadline", store.next_review_deadline().await.unwrap());
+    note!(
+        "due reviews early",
+        store.due_reviews(t(400)).await.unwrap()
+    );
+    note!("due reviews late", store.due_reviews(t(600)).await.unwrap());
+    let decide = |verdict, decision: Decision| DecisionCommit {
+        item_id: "a".into(),
+        stage: "review".into(),
+        verdict,
+        decision,
+        at: t(40),
+        dependents: dependents("review"),
+    };
+    note_result!(
+        "stale decision",
+        store
+            .decide(decide(Verdict::Approve, Decision::by("ann").for_round(2)))
+            .await
+    );
+    note_result!(
+        "approve",
+        store
+            .decide(decide(
+                Verdict::ApproveWithEdits(json!({"ok": "edited"})),
+                Decision::by("ann").note("fine").for_round(1)
+            ))
+            .await
+    );
+    note_result!(
+        "approve again",
+        store
+            .decide(decide(Verdict::Approve, Decision::by("bob")))
+            .await
+    );
+    note_result!("cancel b", store.cancel("b", t(41)).await);
+    note_result!("cancel b again", store.cancel("b", t(42)).await);
+    note_result!(
+        "b.scan after cancel",
+        store
+            .commit(commit(b_scan, b_gen, 2, t(30), complete(json!(2))))
+            .await
+    );
+    note_result!("retry c.scan", store.retry("c", "scan", t(43)).await);
+    let batch = store.claim(request(t(44))).await.unwrap();
+    note!("claim 7", (&batch.claims, &batch.events));
+    for claim in &batch.claims {
+        let transition = if claim.task.item_id == "c" {
+            Transition::Skip {
+                reason: "nothing to scan".into(),
+            }
+        } else {
+            complete(json!({"exported": true}))
+        };
+        note_result!(
+            format!("finish {}", claim.task),
+            store
+                .commit(commit(
+                    claim.task.clone(),
+                    claim.generation,
+                    claim.attempt,
+                    t(44),
+                    transition
+                ))
+                .await
+        );
+    }
+    for id in ["a", "b", "c"] {
+        note!(format!("status {id}"), store.status(id).await.unwrap());
+    }
+    note_result!("status ghost", store.status("ghost").await);
+    for (stage, state) in [
+        ("scan", StageState::Completed),
+        ("scan", StageState::Cancelled),
+        ("split", StageState::Pending),
+        ("export", StageState::Completed),
+    ] {
+        note!(
+            format!("items in {stage} {state}"),
+            store.items_in(stage, state).await.unwrap()
+        );
+    }
+    note!("counts", store.stage_counts().await.unwrap());
+    note!("pipeline", store.pipeline_definition().await.unwrap());
+    note!("events", all_events(store).await);
+    note!(
+        "events of c after 5, 3 at most",
+        store
+            .events(EventQuery {
+                after: 5,
+                item_id: Some("c".into()),
+                limit: Some(3),
+            })
+            .await
+            .unwrap()
+    );
+    log
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_store_behaves_exactly_like_the_memory_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = SqliteStore::open(db(&dir)).await.unwrap();
+    let expected = script(&MemoryStore::new()).await;
+    let actual = script(&sqlite).await;
+    assert!(expected.len() > 40, "the script ran to its end");
+    for (i, (want, got)) in expected.iter().zip(&actual).enumerate() {
+        assert_eq!(got, want, "step {i} differs");
+    }
+    assert_eq!(actual.len(), expected.len());
+    assert_gapless(&all_events(&sqlite).await);
+}
+
+// ---- durability and reopening ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_survives_closing_and_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = || {
+        Pipeline::builder()
+            .stage(stage("scan", |doc, _| async move {
+                StageOutcome::complete_with(doc.pages)
+            }))
+            .stage(stage("review", |_, _| async {
+                Ok(StageOutcome::needs_review(
+                    ReviewRequest::new("looks right?")
+                        .proposed_output(json!("proposal"))
+                        .unwrap(),
+                ))
+            }))
+            .stage(done("export"))
+            .edge("scan", "review")
+            .edge("review", "export")
+            .build()
+            .unwrap()
+    };
+    let (status, events) = {
+        let store = SqliteStore::open(db(&dir)).await.unwrap();
+        let engine = engine(pipeline(), store);
+        engine.submit_all([doc("d1"), doc("d2")]).await.unwrap();
+        engine.run_until_idle().await.unwrap();
+        let status = engine.status("d1").await.unwrap();
+        assert_eq!(status.stages[1].state, StageState::AwaitingReview);
+        let events = engine.events(EventQuery::default()).await.unwrap();
+        (status, events)
+    };
+    // Everything above was dropped: the writer thread has closed the file.
+    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    assert_eq!(store.status("d1").await.unwrap(), status);
+    assert_eq!(all_events(&store).await, events);
+    assert_eq!(store.awaiting_review().await.unwrap().len(), 2);
+    assert_eq!(
+        store.pipeline_definition().await.unwrap().as_ref(),
+        Some(pipeline().definition())
+    );
+    // A new process resumes from the stored payloads and decisions.
+    let engine = engine(pipeline(), store);
+    assert!(engine.drift().await.unwrap().is_empty());
+    engine
+        .approve("d1", "review", Decision::by("ann"))
+        .await
+        .unwrap();
+    engine.run_until_idle().await.unwrap();
+    let status = engine.status("d1").await.unwrap();
+    assert_eq!(status.state, treadle::ItemState::Completed, "{status}");
+    assert_eq!(status.stages[1].output, Some(json!("proposal")));
+    assert_eq!(status.stages[0].output, Some(json!(3)));
+}
+
+#[tokio::test]
+async fn register_pipeline_reports_drift_and_keeps_rows_of_removed_stages() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    assert!(
+        store
+            .register_pipeline(&definition())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    store.submit(vec![item("a", t(0))]).await.unwrap();
+    let smaller = PipelineDef {
+        stages: vec!["scan".into(), "split".into(), "archive".into()],
+        edges: vec![
+            ("scan".into(), "split".into()),
+            ("split".into(), "archive".into()),
+        ],
+    };
+    drop(store);
+    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    let drift = store.register_pipeline(&smaller).await.unwrap();
+    assert_eq!(drift.added_stages, ["archive"]);
+    assert_eq!(drift.removed_stages, ["review", "export"]);
+    assert_eq!(
+        drift.removed_edges,
+        [
+            ("split".to_owned(), "review".to_owned()),
+            ("review".to_owned(), "export".to_owned())
+        ]
+    );
+    let status = store.status("a").await.unwrap();
+    let names: Vec<_> = status.stages.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["scan", "split", "review", "export"],
+        "no row dropped"
+    );
+    assert_eq!(store.pipeline_definition().await.unwrap(), Some(smaller));
+}
+
+// ---- schema versions and foreign files ----
+
+#[tokio::test]
+async fn a_database_from_a_newer_schema_is_refused_naming_both_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(SqliteStore::open(db(&dir)).await.unwrap());
+    let newer = SqliteStore::SCHEMA_VERSION + 1;
+    exec(&db(&dir), &format!("PRAGMA user_version = {newer};"));
+    let error = SqliteStore::open(db(&dir)).await.unwrap_err();
+    let message = error.to_string();
+    match error {
+        Error::SchemaTooNew { found, supported } => {
+            assert_eq!((found, supported), (newer, SqliteStore::SCHEMA_VERSION));
+        }
+        other => panic!("expected SchemaTooNew, got {other:?}"),
+    }
+    assert!(message.contains(&newer.to_string()) && message.contains("supports up to 1"));
+}
+
+#[tokio::test]
+async fn another_applications_database_is_refused_and_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("other.db");
+    exec(
+        &path,
+        "CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT);
+         INSERT INTO customers (name) VALUES ('ann');",
+    );
+    let before = std::fs::read(&path).unwrap();
+    match SqliteStore::open(&path).await.unwrap_err() {
+        Error::NotATreadleDatabase { path: named } => assert_eq!(named, path),
+        other => panic!("expected NotATreadleDatabase, got {other:?}"),
+    }
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "the file was not modified"
+    );
+    assert!(
+        !dir.path().join("other.db-wal").exists(),
+        "not switched to WAL"
+    );
+}
+
+#[tokio::test]
+async fn a_file_that_is_not_sqlite_is_refused_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notes.txt");
+    std::fs::write(&path, "these are notes, not a database\n".repeat(200)).unwrap();
+    let error = SqliteStore::open(&path).await.unwrap_err();
+    assert!(error.to_string().contains("notes.txt"), "{error}");
+    assert!(matches!(error, Error::NotATreadleDatabase { path: p } if p == path));
+}
+
+#[tokio::test]
+async fn a_database_stamped_at_an_older_version_is_migrated_on_open() {
+    // Version 0 of our own schema: the application id, no tables yet (as
+    // left by a process that died while creating the database).
+    let dir = tempfile::tempdir().unwrap();
+    exec(
+        &db(&dir),
+        "PRAGMA application_id = 1414677580; PRAGMA user_version = 0;",
+    );
+    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    store.submit(vec![item("a", t(0))]).await.unwrap();
+    drop(store);
+    let conn = Connection::open(db(&dir)).unwrap();
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, SqliteStore::SCHEMA_VERSION);
+    let mode: String = conn
+        .pragma_query_value(None, "journal_mode", |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+}
+
+// ---- strict decoding ----
+
+#[tokio::test]
+async fn corrupt_rows_are_errors_naming_table_key_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    store
+        .submit(vec![item("doc-1", t(0)), item("doc-2", t(0))])
+        .await
+        .unwrap();
+    let batch = store.claim(request(t(1))).await.unwrap();
+    let scan = batch
+        .claims
+        .iter()
+        .find(|c| c.task.item_id == "doc-2")
+        .unwrap();
+    store
+        .commit(commit(
+            scan.task.clone(),
+            scan.generation,
+            1,
+            t(1),
+            complete(json!({"pages": 3})),
+        ))
+        .await
+        .unwrap();
+    drop(store);
+
+    exec(
+        &db(&dir),
+        "UPDATE stages SET state = 'runing' WHERE item_id = 'doc-1' AND stage = 'scan';
+         UPDATE stages SET output = '{\"pages\": 3' WHERE item_id = 'doc-2' AND stage = 'scan';
+         UPDATE events SET kind = '{\"type\":\"exploded\"}' WHERE seq = 2;",
+    );
+    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    let error = store.status("doc-1").await.unwrap_err();
+    assert!(error.to_string().contains("runing"), "{error}");
+    assert_eq!(
+        corrupt_location(error),
+        "stages(item=doc-1, stage=scan).state"
+    );
+    assert_eq!(
+        corrupt_location(store.status("doc-2").await.unwrap_err()),
+        "stages(item=doc-2, stage=scan).output"
+    );
+    assert_eq!(
+        corrupt_location(store.events(all_events_query()).await.unwrap_err()),
+        "events(seq=2).kind"
+    );
+    assert_eq!(
+        corrupt_location(
+            store
+                .items_in("scan", StageState::Running)
+                .await
+                .map(|_| ())
+                .and(store.stage_counts().await.map(|_| ()))
+                .unwrap_err()
+        ),
+        "stages(stage=scan).state"
+    );
+    drop(store);
+
+    // A payload that is not JSON fails the claim that needs it, and the
+    // claim changes nothing.
+    exec(
+        &db(&dir),
+        "UPDATE stages SET output = '{\"pages\": 3}' WHERE item_id = 'doc-2' AND stage = 'scan';
+         UPDATE stages SET state = 'pending' WHERE item_id = 'doc-1' AND stage = 'scan';
+         INSERT INTO run_queue (item_id, stage) VALUES ('doc-1', 'scan');
+         UPDATE items SET payload = 'not json' WHERE id = 'doc-1';",
+    );
+    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    assert_eq!(
+        corrupt_location(store.claim(request(t(2))).await.unwrap_err()),
+        "items(id=doc-1).payload"
+    );
+    let status = store.status("doc-1").await.unwrap();
+    assert_eq!(status.stages[0].state, StageState::Pending);
+    assert_eq!(
+        status.stages[0].attempt, 1,
+        "the failed claim counted no attempt"
+    );
+    assert_eq!(
+        store.items_in("split", StageState::Running).await.unwrap(),
+        Vec::<String>::new(),
+        "the other claim of the failed batch was rolled back too"
+    );
+}
+
+// ---- atomicity ----
+
+#[tokio::test]
+async fn a_transition_that_fails_midway_leaves_no_partial_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    store.submit(vec![item("a", t(0))]).await.unwrap();
+    let claim = store.claim(request(t(1))).await.unwrap().claims.remove(0);
+    let before = store.status("a").await.unwrap();
+    let events_before = all_events(&store).await;
+
+    // The completion writes the output, the attempt record and the stage
+    // state, then fails when its `Completed` event is appended.
+    exec(
+        &db(&dir),
+        "CREATE TRIGGER fail_completion BEFORE INSERT ON events
+         WHEN json_extract(NEW.kind, '$.type') = 'completed'
+         BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
+    );
+    let finish = || {
+        commit(
+            claim.task.clone(),
+            claim.generation,
+            1,
+            t(1),
+            complete(json!("out")),
+        )
+    };
+    let error = store.commit(finish()).await.unwrap_err();
+    assert!(matches!(error, Error::Sqlite(_)), "{error:?}");
+    assert_eq!(store.status("a").await.unwrap(), before);
+    assert_eq!(all_events(&store).await, events_before);
+
+    // Without the fault the same commit goes through, and the log has no gap.
+    exec(&db(&dir), "DROP TRIGGER fail_completion;");
+    let events = store.commit(finish()).await.unwrap();
+    assert_eq!(events[0].seq, events_before.len() as u64 + 1);
+    let after = store.status("a").await.unwrap();
+    assert_eq!(after.stages[0].state, StageState::Completed);
+    assert_eq!(after.stages[0].attempts.len(), 1);
+    assert_gapless(&all_events(&store).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_transitions_all_land_with_a_gapless_log() {
+    const ITEMS: usize = 120;
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    let mut feed = store.subscribe();
+    let single = |id: String| NewItem {
+        id,
+        payload: json!(null),
+        stages: vec![StageSeed {
+            name: "only".into(),
+            upstream: 0,
+        }],
+        at: t(0),
+    };
+    let submits: Vec<_> = (0..ITEMS)
+        .map(|i| {
+            let (store, item) = (store.clone(), single(format!("i{i:03}")));
+            tokio::spawn(async move { store.submit(vec![item]).await })
+        })
+        .collect();
+    for task in submits {
+        assert_eq!(task.await.unwrap().unwrap().len(), 1);
+    }
+    let claims = store
+        .claim(ClaimRequest {
+            limit: ITEMS,
+            ..request(t(1))
+        })
+        .await
+        .unwrap()
+        .claims;
+    assert_eq!(claims.len(), ITEMS);
+    // Each good commit races a stale one for the same unit: every stale
+    // one must fail alone, inside the same group commits.
+    let mut tasks = Vec::new();
+    for claim in claims {
+        for generation in [claim.generation + 7, claim.generation] {
+            let store = store.clone();
+            let c = commit(claim.task.clone(), generation, 1, t(2), complete(json!(1)));
+            tasks.push(tokio::spawn(
+                async move { (generation, store.commit(c).await) },
+            ));
+        }
+    }
+    let (mut ok, mut lost) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            (_, Ok(events)) => {
+                assert_eq!(events.len(), 2, "stage and item completion events");
+                ok += 1;
+            }
+            (_, Err(Error::LeaseLost { .. })) => lost += 1,
+            (generation, Err(other)) => panic!("generation {generation}: {other:?}"),
+        }
+    }
+    assert_eq!((ok, lost), (ITEMS, ITEMS));
+    let events = all_events(&store).await;
+    assert_gapless(&events);
+    // submitted + started + completed + item completed, per item
+    assert_eq!(events.len(), ITEMS * 4);
+    let mut broadcast = Vec::new();
+    while let Ok(event) = feed.try_recv() {
+        broadcast.push(event);
+    }
+    assert_eq!(broadcast, events, "broadcast in log order, after commit");
+    assert_eq!(
+        store
+            .items_in("only", StageState::Completed)
+            .await
+            .unwrap()
+            .len(),
+        ITEMS
+    );
+}
+
+// ---- leases and crash recovery ----
+
+#[tokio::test]
+async fn expired_leases_are_recovered_but_fanned_out_stages_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    store
+        .submit(vec![item("a", t(0)), item("b", t(0))])
+        .await
+        .unwrap();
+    let short = |now, owner: &str| ClaimRequest {
+        owner: owner.into(),
+        limit: 16,
+        lease: Duration::from_secs(5),
+        now,
+    };
+    let first = store.claim(short(t(1), "dead")).await.unwrap().claims;
+    assert_eq!(first.len(), 2);
+    // b fans out: its stage keeps running without a lease while its subtask runs.
+    let b = first.iter().find(|c| c.task.item_id == "b").unwrap();
+    store
+        .commit(commit(
+            b.task.clone(),
+            b.generation,
+            1,
+            t(1),
+            Transition::Complete { output: None },
+        ))
+        .await
+        .unwrap();
+    let split = store.claim(short(t(2), "dead")).await.unwrap().claims;
+    store
+        .commit(commit(
+            split[0].task.clone(),
+            split[0].generation,
+            1,
+            t(2),
+            Transition::FanOut {
+                subtasks: vec!["p1".into()],
+            },
+        ))
+        .await
+        .unwrap();
+    let p1 = store.claim(short(t(2), "dead")).await.unwrap().claims;
+    assert_eq!(p1[0].task, key("b", "split", Some("p1")));
+
+    // Nothing is taken over before the leases run out.
+    assert!(
+        store
+            .claim(short(t(3), "alive"))
+            .await
+            .unwrap()
+            .claims
+            .is_empty()
+    );
+    let batch = store.claim(short(t(100), "alive")).await.unwrap();
+    let tasks: Vec<_> = batch.claims.iter().map(|c| c.task.clone()).collect();
+    assert_eq!(
+        tasks,
+        [key("a", "scan", None), key("b", "split", Some("p1"))],
+        "the fanned-out stage itself is never recovered"
+    );
+    let a = &batch.claims[0];
+    assert_eq!((a.attempt, a.generation), (2, first[0].generation + 1));
+    assert_eq!(
+        batch.events[0].kind,
+        EventKind::Recovered {
+            previous_owner: "dead".into(),
+            attempt: 1
+        }
+    );
+    assert!(matches!(
+        batch.events[1].kind,
+        EventKind::Started { attempt: 2, .. }
+    ));
+    let history = &store.status("a").await.unwrap().stages[0].attempts;
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].result, AttemptResult::Abandoned);
+    // The dead worker's late write is fenced off.
+    let late = store
+        .commit(commit(
+            first[0].task.clone(),
+            first[0].generation,
+            1,
+            t(1),
+            complete(json!(0)),
+        ))
+        .await
+        .unwrap_err();
+    assert!(matches!(late, Error::LeaseLost { .. }), "{late:?}");
+}
+
+#[tokio::test]
+async fn renewed_leases_are_not_recovered_and_released_claims_are_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    store
+        .submit(vec![item("a", t(0)), item("b", t(0))])
+        .await
+        .unwrap();
+    let claims = store.claim(request(t(1))).await.unwrap().claims;
+    let held: Vec<_> = claims
+        .iter()
+        .map(|c| (c.task.clone(), c.generation))
+        .collect();
+    assert!(store.renew(&held, t(200)).await.unwrap().is_empty());
+    // Past the original lease (t31) but within the renewed one.
+    assert!(
+        store
+            .claim(request(t(100)))
+            .await
+            .unwrap()
+            .claims
+            .is_empty()
+    );
+    assert_eq!(
+        store.release_claims("someone-else", t(101)).await.unwrap(),
+        0
+    );
+    assert_eq!(store.release_claims("w1", t(101)).await.unwrap(), 2);
+    let retaken = store.claim(request(t(102))).await.unwrap().claims;
+    assert_eq!(retaken.len(), 2);
+    assert!(retaken.iter().all(|c| c.attempt == 2));
+    let lost = store.renew(&held, t(300)).await.unwrap();
+    assert_eq!(lost.len(), 2, "the old generations lost their claims");
+}
+
+#[tokio::test]
+async fn an_in_memory_database_works_without_a_file() {
+    let store = SqliteStore::open_in_memory().await.unwrap();
+    let expected = script(&MemoryStore::new()).await;
+    assert_eq!(script(&store).await, expected);
+}

@@ -1,0 +1,316 @@
+//! The embedded SQLite store: durable, shared between the tasks of a process
+//! and between processes on one machine.
+//!
+//! # Design
+//!
+//! - One **writer thread** owns the write connection. Transitions queue on
+//!   it and are committed in groups: one `BEGIN IMMEDIATE` transaction per
+//!   batch, one `SAVEPOINT` per transition (a transition that fails, e.g.
+//!   with [`Error::LeaseLost`], rolls back alone), one `COMMIT`, and only
+//!   then are callers answered and events broadcast, in log order.
+//! - **Reads** run in `spawn_blocking` on separate read connections, each in
+//!   one read transaction (a consistent snapshot; WAL lets them run beside
+//!   the writer). An in-memory database has a single connection, so its
+//!   reads go through the writer thread.
+//! - The database uses WAL, `synchronous = FULL` (a commit survives power
+//!   loss), `foreign_keys = ON` and a busy timeout so several processes can
+//!   share it. Claims take a lease (owner, expiry) and bump a fencing
+//!   generation that every write for the claim must match.
+//! - Stored values are decoded strictly: an unknown state, malformed JSON or
+//!   a missing row is [`Error::Corrupt`] naming the table, key and column.
+//!
+//! # Pipeline changes
+//!
+//! [`Store::register_pipeline`] stores the new definition and reports the
+//! drift. Rows of stages that the pipeline no longer has are kept: they stay
+//! in whatever state they were, still appear in [`Store::status`] and
+//! [`Store::items_in`], and still count towards an item's state; nothing is
+//! deleted.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::broadcast;
+
+use super::{
+    ClaimBatch, ClaimRequest, Commit, DecisionCommit, EVENT_FEED_CAPACITY, EventQuery, NewItem,
+    PipelineDrift, StageCount, Store, TaskKey,
+};
+use crate::error::{Error, Result};
+use crate::event::Event;
+use crate::pipeline::PipelineDef;
+use crate::state::StageState;
+use crate::status::{AwaitingReview, ItemStatus};
+
+mod codec;
+mod read;
+mod schema;
+mod tx;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use tx::Tx;
+use writer::Writer;
+
+/// Read connections kept open for reuse.
+const MAX_IDLE_READERS: usize = 4;
+
+/// A [`Store`] in a SQLite database file. Cheap to clone: clones share the
+/// same connections and writer thread, which stops when the last clone is
+/// dropped.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    feed: broadcast::Sender<Event>,
+    /// `None` for an in-memory database, whose reads go through the writer.
+    readers: Option<Readers>,
+    writer: Writer,
+}
+
+#[derive(Debug)]
+struct Readers {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl Readers {
+    fn take(&self) -> Result<Connection> {
+        if let Some(conn) = self.lock().pop() {
+            return Ok(conn);
+        }
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        schema::configure(&conn)?;
+        conn.pragma_update(None, "query_only", true)?;
+        Ok(conn)
+    }
+
+    fn put(&self, conn: Connection) {
+        let mut idle = self.lock();
+        if idle.len() < MAX_IDLE_READERS {
+            idle.push(conn);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Connection>> {
+        // The list holds only idle connections; a panic cannot corrupt it.
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl SqliteStore {
+    /// The schema version this build writes, kept in `PRAGMA user_version`.
+    pub const SCHEMA_VERSION: i64 = 1;
+
+    /// Opens (or creates) the database at `path`, applying any pending
+    /// schema migrations.
+    ///
+    /// Fails with [`Error::SchemaTooNew`] if a newer treadle wrote it, and
+    /// with [`Error::NotATreadleDatabase`] if the file is not SQLite or is
+    /// another application's database; neither case writes to the file.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_owned();
+        blocking(move || {
+            let conn = schema::open(Some(&path), schema::MIGRATIONS)?;
+            Self::start(conn, Some(path))
+        })
+        .await
+    }
+
+    /// A private database in memory, gone when the store is dropped.
+    pub async fn open_in_memory() -> Result<Self> {
+        blocking(|| Self::start(schema::open(None, schema::MIGRATIONS)?, None)).await
+    }
+
+    fn start(conn: Connection, path: Option<PathBuf>) -> Result<Self> {
+        let feed = broadcast::channel(EVENT_FEED_CAPACITY).0;
+        let writer = Writer::start(conn, feed.clone())?;
+        Ok(SqliteStore {
+            inner: Arc::new(Inner {
+                feed,
+                readers: path.map(|path| Readers {
+                    path,
+                    idle: Mutex::new(Vec::new()),
+                }),
+                writer,
+            }),
+        })
+    }
+
+    /// Runs a transition on the writer thread; answered after its commit.
+    async fn write<T, F>(&self, transition: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Tx<'_>) -> Result<T> + Send + 'static,
+    {
+        self.inner
+            .writer
+            .write(move |conn| {
+                let mut tx = Tx::new(conn);
+                let value = transition(&mut tx)?;
+                Ok((value, tx.into_events()))
+            })
+            .await
+    }
+
+    /// Runs a query in one read transaction, off the async threads.
+    async fn read<T, F>(&self, query: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        if self.inner.readers.is_none() {
+            return self
+                .inner
+                .writer
+                .write(move |conn| Ok((query(conn)?, Vec::new())))
+                .await;
+        }
+        let inner = self.inner.clone();
+        blocking(move || {
+            let readers = inner.readers.as_ref().ok_or(Error::StoreClosed)?;
+            let conn = readers.take()?;
+            let value = {
+                let snapshot = conn.unchecked_transaction()?;
+                let value = query(&snapshot)?;
+                snapshot.commit()?;
+                value
+            };
+            readers.put(conn);
+            Ok(value)
+        })
+        .await
+    }
+}
+
+/// Runs blocking SQLite work on tokio's blocking pool.
+async fn blocking<T, F>(work: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Err(_) => Err(Error::StoreClosed),
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.inner.feed.subscribe()
+    }
+
+    async fn register_pipeline(&self, definition: &PipelineDef) -> Result<PipelineDrift> {
+        let definition = definition.clone();
+        self.write(move |tx| tx.register_pipeline(&definition))
+            .await
+    }
+
+    async fn submit(&self, items: Vec<NewItem>) -> Result<Vec<Event>> {
+        self.write(move |tx| {
+            tx.submit(items)?;
+            Ok(tx.events().to_vec())
+        })
+        .await
+    }
+
+    async fn claim(&self, request: ClaimRequest) -> Result<ClaimBatch> {
+        self.write(move |tx| tx.claim(&request)).await
+    }
+
+    async fn commit(&self, commit: Commit) -> Result<Vec<Event>> {
+        self.write(move |tx| {
+            tx.commit(commit)?;
+            Ok(tx.events().to_vec())
+        })
+        .await
+    }
+
+    async fn decide(&self, decision: DecisionCommit) -> Result<Vec<Event>> {
+        self.write(move |tx| {
+            tx.decide(decision)?;
+            Ok(tx.events().to_vec())
+        })
+        .await
+    }
+
+    async fn retry(&self, item_id: &str, stage: &str, at: DateTime<Utc>) -> Result<Vec<Event>> {
+        let (item_id, stage) = (item_id.to_owned(), stage.to_owned());
+        self.write(move |tx| {
+            tx.retry(&item_id, &stage, at)?;
+            Ok(tx.events().to_vec())
+        })
+        .await
+    }
+
+    async fn renew(&self, claims: &[(TaskKey, u64)], until: DateTime<Utc>) -> Result<Vec<TaskKey>> {
+        let claims = claims.to_vec();
+        self.write(move |tx| tx.renew(&claims, until)).await
+    }
+
+    async fn cancel(&self, item_id: &str, at: DateTime<Utc>) -> Result<(Vec<TaskKey>, Vec<Event>)> {
+        let item_id = item_id.to_owned();
+        self.write(move |tx| {
+            let running = tx.cancel(&item_id, at)?;
+            Ok((running, tx.events().to_vec()))
+        })
+        .await
+    }
+
+    async fn next_due(&self) -> Result<Option<DateTime<Utc>>> {
+        self.read(read::next_due).await
+    }
+
+    async fn next_review_deadline(&self) -> Result<Option<DateTime<Utc>>> {
+        self.read(read::next_review_deadline).await
+    }
+
+    async fn due_reviews(&self, now: DateTime<Utc>) -> Result<Vec<AwaitingReview>> {
+        self.read(move |conn| read::due_reviews(conn, now)).await
+    }
+
+    async fn release_claims(&self, owner: &str, now: DateTime<Utc>) -> Result<u64> {
+        let owner = owner.to_owned();
+        self.write(move |tx| tx.release_claims(&owner, now)).await
+    }
+
+    async fn pipeline_definition(&self) -> Result<Option<PipelineDef>> {
+        self.read(read::pipeline_definition).await
+    }
+
+    async fn stage_counts(&self) -> Result<Vec<StageCount>> {
+        self.read(read::stage_counts).await
+    }
+
+    async fn status(&self, item_id: &str) -> Result<ItemStatus> {
+        let item_id = item_id.to_owned();
+        self.read(move |conn| read::status(conn, &item_id)).await
+    }
+
+    async fn items_in(&self, stage: &str, state: StageState) -> Result<Vec<String>> {
+        let stage = stage.to_owned();
+        self.read(move |conn| read::items_in(conn, &stage, state))
+            .await
+    }
+
+    async fn awaiting_review(&self) -> Result<Vec<AwaitingReview>> {
+        self.read(read::awaiting_review).await
+    }
+
+    async fn events(&self, query: EventQuery) -> Result<Vec<Event>> {
+        self.read(move |conn| read::events(conn, &query)).await
+    }
+}

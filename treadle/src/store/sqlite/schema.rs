@@ -1,0 +1,327 @@
+//! The schema, its versioned migrations, and recognising our databases.
+//!
+//! A treadle database carries our `PRAGMA application_id` and its schema
+//! version in `PRAGMA user_version`. Opening applies the pending migrations
+//! in one transaction; a database of a newer version, or a file that is not
+//! ours, is refused with a typed error before anything is written to it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, TransactionBehavior};
+
+use crate::error::{Error, Result};
+
+/// Marks a SQLite file as a treadle database (`"TRDL"`).
+pub(crate) const APPLICATION_ID: i32 = 0x5452_444C;
+
+/// How long a connection waits for another process's write lock.
+pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One step of the schema: the SQL that brings version `version - 1` to `version`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Migration {
+    /// The version this migration produces.
+    pub(crate) version: i64,
+    /// The statements, run in the migration transaction.
+    pub(crate) sql: &'static str,
+}
+
+/// Every migration, oldest first; the last one's version is the current schema.
+pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    sql: V1,
+}];
+
+/// Version 1: items, stages, subtasks, attempts, reviews, the run queue,
+/// scheduled retries, the event log and the pipeline definition.
+const V1: &str = r#"
+CREATE TABLE items (
+    seq          INTEGER PRIMARY KEY,           -- submission order
+    id           TEXT NOT NULL UNIQUE,
+    payload      TEXT NOT NULL,                 -- the item as JSON
+    submitted_at TEXT NOT NULL,
+    cancelled    INTEGER NOT NULL DEFAULT 0 CHECK (cancelled IN (0, 1))
+) STRICT;
+
+CREATE TABLE stages (
+    item_id      TEXT NOT NULL REFERENCES items(id),
+    stage        TEXT NOT NULL,
+    item_seq     INTEGER NOT NULL,              -- items.seq, for ordered listings
+    position     INTEGER NOT NULL,              -- topological order
+    state        TEXT NOT NULL,
+    attempt      INTEGER NOT NULL DEFAULT 0,
+    generation   INTEGER NOT NULL DEFAULT 0,    -- fencing token of the latest claim
+    waiting      INTEGER NOT NULL,              -- upstream stages not yet done
+    started_at   TEXT,
+    finished_at  TEXT,
+    next_run_at  TEXT,
+    last_error   TEXT,
+    output       TEXT,                          -- JSON
+    lease_owner  TEXT,
+    lease_expiry TEXT,                          -- NULL unless claimed by a worker
+    review_round INTEGER NOT NULL DEFAULT 0,    -- 0: never asked for review
+    review_request TEXT,                        -- JSON ReviewRequest of the round
+    review_requested_at TEXT,
+    review_deadline TEXT,                       -- the request's deadline, for lookup
+    PRIMARY KEY (item_id, stage)
+) STRICT, WITHOUT ROWID;
+
+CREATE INDEX stages_by_state ON stages (stage, state, item_seq);
+CREATE INDEX stages_awaiting_review ON stages (review_requested_at, item_id, stage)
+    WHERE state = 'awaiting_review';
+CREATE INDEX stages_review_deadline ON stages (review_deadline)
+    WHERE state = 'awaiting_review' AND review_deadline IS NOT NULL;
+CREATE INDEX stages_leased ON stages (lease_expiry)
+    WHERE state = 'running' AND lease_expiry IS NOT NULL;
+
+CREATE TABLE subtasks (
+    item_id      TEXT NOT NULL,
+    stage        TEXT NOT NULL,
+    name         TEXT NOT NULL,
+    position     INTEGER NOT NULL,
+    state        TEXT NOT NULL,
+    attempt      INTEGER NOT NULL DEFAULT 0,
+    generation   INTEGER NOT NULL DEFAULT 0,
+    started_at   TEXT,
+    finished_at  TEXT,
+    next_run_at  TEXT,
+    last_error   TEXT,
+    output       TEXT,
+    lease_owner  TEXT,
+    lease_expiry TEXT,
+    PRIMARY KEY (item_id, stage, name),
+    FOREIGN KEY (item_id, stage) REFERENCES stages (item_id, stage)
+) STRICT, WITHOUT ROWID;
+
+CREATE INDEX subtasks_leased ON subtasks (lease_expiry)
+    WHERE state = 'running' AND lease_expiry IS NOT NULL;
+
+CREATE TABLE attempts (
+    id           INTEGER PRIMARY KEY,           -- history order
+    item_id      TEXT NOT NULL,
+    stage        TEXT NOT NULL,
+    subtask      TEXT,                          -- NULL for the stage itself
+    attempt      INTEGER NOT NULL,
+    started_at   TEXT NOT NULL,
+    finished_at  TEXT NOT NULL,
+    result       TEXT NOT NULL,
+    error        TEXT,
+    FOREIGN KEY (item_id, stage) REFERENCES stages (item_id, stage)
+) STRICT;
+
+CREATE INDEX attempts_by_item ON attempts (item_id, id);
+
+CREATE TABLE review_decisions (
+    item_id      TEXT NOT NULL,
+    stage        TEXT NOT NULL,
+    round        INTEGER NOT NULL,
+    kind         TEXT NOT NULL,
+    decided_by   TEXT NOT NULL,
+    decided_at   TEXT NOT NULL,
+    note         TEXT,
+    reason       TEXT,
+    edits        TEXT,                          -- JSON
+    PRIMARY KEY (item_id, stage, round),
+    FOREIGN KEY (item_id, stage) REFERENCES stages (item_id, stage)
+) STRICT, WITHOUT ROWID;
+
+-- Units of work that may be claimable, in the order they became so.
+-- Entries are hints: a claim re-checks the unit and drops stale ones.
+CREATE TABLE run_queue (
+    seq          INTEGER PRIMARY KEY,
+    item_id      TEXT NOT NULL,
+    stage        TEXT NOT NULL,
+    subtask      TEXT
+) STRICT;
+
+-- Scheduled retries, moved to the run queue once due; ties are broken by
+-- submission order, then stage and subtask position.
+CREATE TABLE scheduled (
+    id           INTEGER PRIMARY KEY,
+    due          TEXT NOT NULL,
+    item_id      TEXT NOT NULL,
+    stage        TEXT NOT NULL,
+    subtask      TEXT,
+    item_seq     INTEGER NOT NULL,
+    stage_position INTEGER NOT NULL,
+    subtask_position INTEGER
+) STRICT;
+
+CREATE INDEX scheduled_by_due
+    ON scheduled (due, item_seq, stage_position, subtask_position);
+
+CREATE TABLE events (
+    seq          INTEGER PRIMARY KEY,           -- gapless: max + 1 at insert
+    at           TEXT NOT NULL,
+    item_id      TEXT NOT NULL REFERENCES items(id),
+    stage        TEXT,
+    subtask      TEXT,
+    kind         TEXT NOT NULL                  -- JSON EventKind
+) STRICT;
+
+CREATE INDEX events_by_item ON events (item_id, seq);
+
+CREATE TABLE pipeline (
+    id           INTEGER PRIMARY KEY CHECK (id = 1),
+    definition   TEXT NOT NULL                  -- JSON PipelineDef
+) STRICT;
+"#;
+
+/// Sets up a freshly opened connection: waits for other writers instead of
+/// failing, enforces foreign keys, and makes commits durable.
+pub(crate) fn configure(conn: &Connection) -> Result<()> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "foreign_keys", true)?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    Ok(())
+}
+
+/// Opens the database at `path` (`None`: a private one in memory), checks
+/// that it is a treadle database (or empty), brings its schema up to date
+/// with `migrations` in one transaction, and switches it to WAL. Nothing is
+/// written to a file that is not ours.
+pub(crate) fn open(path: Option<&Path>, migrations: &[Migration]) -> Result<Connection> {
+    let name = path.unwrap_or(Path::new(":memory:"));
+    let not_ours = || Error::NotATreadleDatabase {
+        path: name.to_owned(),
+    };
+    let opened = (|| {
+        let mut conn = match path {
+            Some(path) => Connection::open(path)?,
+            None => Connection::open_in_memory()?,
+        };
+        configure(&conn)?;
+        migrate(&mut conn, migrations, &not_ours)?;
+        // Not inside the transaction: the journal mode cannot change there.
+        let mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+        tracing::debug!(path = %name.display(), journal_mode = %mode, "opened treadle database");
+        Ok(conn)
+    })();
+    match opened {
+        Err(Error::Sqlite(e)) if e.sqlite_error_code() == Some(ErrorCode::NotADatabase) => {
+            Err(not_ours())
+        }
+        other => other,
+    }
+}
+
+fn migrate(
+    conn: &mut Connection,
+    migrations: &[Migration],
+    not_ours: &dyn Fn() -> Error,
+) -> Result<()> {
+    let supported = migrations.last().map_or(0, |m| m.version);
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let application_id: i32 = tx.pragma_query_value(None, "application_id", |row| row.get(0))?;
+    let version: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    if application_id != APPLICATION_ID {
+        let objects: i64 =
+            tx.query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get(0))?;
+        if application_id != 0 || version != 0 || objects != 0 {
+            return Err(not_ours());
+        }
+        tx.pragma_update(None, "application_id", APPLICATION_ID)?;
+    }
+    if version > supported {
+        return Err(Error::SchemaTooNew {
+            found: version,
+            supported,
+        });
+    }
+    for migration in migrations.iter().filter(|m| m.version > version) {
+        tx.execute_batch(migration.sql)?;
+        tx.pragma_update(None, "user_version", migration.version)?;
+        tracing::info!(
+            version = migration.version,
+            "applied treadle schema migration"
+        );
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const V1_FIXTURE: Migration = Migration {
+        version: 1,
+        sql: "CREATE TABLE things (id INTEGER PRIMARY KEY);",
+    };
+    const V2_FIXTURE: Migration = Migration {
+        version: 2,
+        sql: "ALTER TABLE things ADD COLUMN label TEXT NOT NULL DEFAULT 'none';",
+    };
+    const BROKEN_V2: Migration = Migration {
+        version: 2,
+        sql: "ALTER TABLE things ADD COLUMN a TEXT; ALTER TABLE nowhere ADD COLUMN b TEXT;",
+    };
+
+    fn version(conn: &Connection) -> i64 {
+        conn.pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn an_older_database_is_migrated_step_by_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let mut conn = Connection::open(&path).unwrap();
+        prepare(&mut conn, &path, &[V1_FIXTURE]).unwrap();
+        conn.execute("INSERT INTO things (id) VALUES (7)", [])
+            .unwrap();
+        assert_eq!(version(&conn), 1);
+
+        prepare(&mut conn, &path, &[V1_FIXTURE, V2_FIXTURE]).unwrap();
+        assert_eq!(version(&conn), 2);
+        let label: String = conn
+            .query_row("SELECT label FROM things WHERE id = 7", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(label, "none", "v2 ran on the v1 data; v1 did not run twice");
+    }
+
+    #[test]
+    fn a_failing_migration_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        drop(open(Some(&path), &[V1_FIXTURE]).unwrap());
+        assert!(open(Some(&path), &[V1_FIXTURE, BROKEN_V2]).is_err());
+        let conn = Connection::open(&path).unwrap();
+        assert_eq!(version(&conn), 1);
+        let columns: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM pragma_table_info('things')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(
+            columns, 1,
+            "the first half of the broken migration was rolled back"
+        );
+    }
+
+    #[test]
+    fn a_newer_database_is_refused_with_both_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.db");
+        drop(open(Some(&path), &[V1_FIXTURE, V2_FIXTURE]).unwrap());
+        match open(Some(&path), &[V1_FIXTURE]) {
+            Err(Error::SchemaTooNew { found, supported }) => assert_eq!((found, supported), (2, 1)),
+            other => panic!("expected SchemaTooNew, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_real_schema_is_current_and_valid() {
+        let conn = open(None, MIGRATIONS).unwrap();
+        assert_eq!(version(&conn), MIGRATIONS.last().unwrap().version);
+        assert_eq!(version(&conn), crate::store::SqliteStore::SCHEMA_VERSION);
+        let id: i32 = conn
+            .pragma_query_value(None, "application_id", |r| r.get(0))
+            .unwrap();
+        assert_eq!(id, APPLICATION_ID);
+    }
+}
