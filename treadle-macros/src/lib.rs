@@ -37,7 +37,10 @@ mod stage;
 /// visibility, implementing `treadle::Stage<W>`: its `run` calls the
 /// function (without the context if the function does not take one).
 /// A struct with braces lives only in the type namespace, so it does not
-/// clash with the function; `pipeline!` names stages by this type.
+/// clash with the function; `pipeline!` names stages by this type. The impls
+/// sit in `const _: () = { .. }` and name only `::treadle` paths, so nothing
+/// else is added to your module. A private stage that nothing uses is
+/// reported as dead code on the function, like any unused function.
 ///
 /// # Options
 ///
@@ -113,11 +116,13 @@ pub fn stage(args: TokenStream, item: TokenStream) -> TokenStream {
 ///   occurrence, also through groups (`a -> { b, b }`);
 /// - an empty pipeline, an empty group, or a syntax error such as
 ///   ``expected `->` or `;` `` or a missing stage after `->`;
-/// - a name that is not a `#[stage]` type: "`x` is not a treadle stage";
+/// - a name that is not a `#[stage]` type: "`x` is not a treadle stage"
+///   (a hand-written `Stage` impl is added with `Pipeline::builder()`);
 /// - a stage whose work item type differs from the first stage's: "`x` is
 ///   not a treadle stage for work items of type `W`", at that stage;
-/// - two stages with the same runtime name (via `name = "..."`), found
-///   when the generated constants are evaluated, at the later stage.
+/// - two stages with the same runtime name (via `name = "..."`, or one
+///   stage reached by two different paths): "duplicate stage name", found
+///   when a generated constant is evaluated, at the later stage.
 ///
 /// A pipeline the macro accepts is valid for the runtime's builder too, so
 /// the expression never fails at run time.

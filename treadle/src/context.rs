@@ -155,7 +155,7 @@ mod tests {
     #[test]
     fn output_of_decodes_a_stored_output_and_names_missing_ones() {
         let ctx = StageContext::new("doc-1", "enrich").with_output("scan", json!({"pages": 3}));
-        #[derive(serde::Deserialize)]
+        #[derive(Debug, serde::Deserialize)]
         struct Report {
             pages: u32,
         }

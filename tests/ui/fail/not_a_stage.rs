@@ -12,18 +12,19 @@ impl WorkItem for Doc {
 }
 
 #[stage]
-async fn scan(_doc: &Doc) -> treadle::Result<StageOutcome> {
+async fn scan(_item: &Doc, _ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
     Ok(StageOutcome::complete())
 }
 
-struct NotAStage;
+struct Audit;
 
-async fn plain(_doc: &Doc) -> treadle::Result<StageOutcome> {
+async fn plain(_item: &Doc) -> treadle::Result<StageOutcome> {
     Ok(StageOutcome::complete())
 }
 
 fn main() {
-    let _a = pipeline! { scan -> NotAStage };
-    let _b = pipeline! { scan -> plain };
-    let _c = pipeline! { NotAStage -> scan };
+    let _first = pipeline! { scan -> Audit };
+    let _second = pipeline! { Audit -> scan };
+    let _third = pipeline! { scan -> plain };
+    let _fourth = pipeline! { scan -> missing };
 }

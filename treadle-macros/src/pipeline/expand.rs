@@ -73,9 +73,9 @@ fn generate(graph: &Graph, errors: Errors) -> TokenStream {
         names.push(quote_spanned!(span=> <#path as ::treadle::__private::StageDef>::NAME));
         if i > 0 {
             unique.extend(quote_spanned! {span=>
-                ::core::assert!(
+                ::treadle::__private::assert!(
                     !::treadle::__private::name_seen_before(&#names_const, #i),
-                    "two stages of this pipeline have the same name: check their `#[stage(name = \"..\")]` options",
+                    "duplicate stage name: an earlier stage of this pipeline has the same runtime name as this one; give one of them another `#[stage(name = \"..\")]`",
                 );
             });
         }

@@ -28,6 +28,8 @@ pub(crate) struct Edge {
     pub(crate) to: usize,
     /// The downstream name where the edge was written, for errors.
     pub(crate) at: Path,
+    /// The position of the edge among all edges written, duplicates included.
+    pub(crate) written: usize,
 }
 
 /// The stages and distinct edges of a pipeline.
@@ -42,10 +44,14 @@ pub(crate) struct Graph {
 
 impl Graph {
     /// Builds the graph of `input`, recording a duplicate edge at its second
-    /// occurrence, then every cycle.
+    /// occurrence and every cycle at the edge that closes it, in the order
+    /// those edges are written.
     pub(crate) fn build(input: &PipelineInput, errors: &mut Errors) -> Graph {
         let mut graph = Graph::default();
         let mut seen = BTreeSet::new();
+        // (position of the offending edge, error), sorted before reporting.
+        let mut found = Vec::new();
+        let mut written = 0;
         for chain in &input.statements {
             let mut previous: Vec<usize> = chain
                 .first
@@ -64,22 +70,26 @@ impl Graph {
                                 from,
                                 to,
                                 at: path.clone(),
+                                written,
                             });
                         } else {
-                            errors.spanned(
-                                path,
-                                format_args!(
-                                    "duplicate edge `{} -> {}`",
-                                    graph.nodes[from].key, graph.nodes[to].key
-                                ),
+                            let message = format!(
+                                "duplicate edge `{} -> {}`",
+                                graph.nodes[from].key, graph.nodes[to].key
                             );
+                            found.push((written, syn::Error::new_spanned(path, message)));
                         }
+                        written += 1;
                     }
                 }
                 previous = current;
             }
         }
-        graph.report_cycles(errors);
+        graph.find_cycles(&mut found);
+        found.sort_by_key(|(written, _)| *written);
+        for (_, error) in found {
+            errors.push(error);
+        }
         graph
     }
 
@@ -98,12 +108,13 @@ impl Graph {
         index
     }
 
-    /// Reports each cycle closed by a back edge of a depth-first search
-    /// (roots in node order, edges in declaration order), as the path of
-    /// names from the stage where it starts back to that stage, at the
-    /// downstream name of the edge that closes it. Iterative and linear in
-    /// nodes + edges, plus the length of the reported paths.
-    fn report_cycles(&self, errors: &mut Errors) {
+    /// Finds the cycle closed by each back edge of a depth-first search
+    /// (roots in node order, edges in declaration order). Each is reported
+    /// as the path of names around it, ending with the edge of the cycle
+    /// written last, at that edge's downstream name: the edge that closed
+    /// it. Iterative, and linear in nodes + edges plus the length of the
+    /// reported cycles.
+    fn find_cycles(&self, found: &mut Vec<(usize, syn::Error)>) {
         #[derive(Clone, Copy, PartialEq)]
         enum Mark {
             New,
@@ -121,40 +132,56 @@ impl Graph {
             if marks[root] != Mark::New {
                 continue;
             }
-            let mut path = vec![root];
-            let mut stack = vec![successors[root].iter()];
             marks[root] = Mark::OnPath;
+            depth[root] = 0;
+            // The edges followed from the root; `path_edges[k]` leaves the
+            // node at depth `k`.
+            let mut path_edges: Vec<usize> = Vec::new();
+            let mut stack = vec![successors[root].iter()];
             while let Some(next) = stack.last_mut() {
                 let Some(&edge) = next.next() else {
                     stack.pop();
-                    if let Some(done) = path.pop() {
-                        marks[done] = Mark::Done;
-                    }
+                    let done = match path_edges.pop() {
+                        Some(edge) => self.edges[edge].to,
+                        None => root,
+                    };
+                    marks[done] = Mark::Done;
                     continue;
                 };
                 let child = self.edges[edge].to;
                 match marks[child] {
                     Mark::New => {
                         marks[child] = Mark::OnPath;
-                        depth[child] = path.len();
-                        path.push(child);
+                        depth[child] = path_edges.len() + 1;
+                        path_edges.push(edge);
                         stack.push(successors[child].iter());
                     }
                     Mark::OnPath => {
-                        let names: Vec<&str> = path[depth[child]..]
-                            .iter()
-                            .chain([&child])
-                            .map(|&n| self.nodes[n].key.as_str())
-                            .collect();
-                        errors.spanned(
-                            &self.edges[edge].at,
-                            format_args!("cycle detected: {}", names.join(" -> ")),
-                        );
+                        let mut cycle = path_edges[depth[child]..].to_vec();
+                        cycle.push(edge);
+                        found.push(self.cycle_error(&cycle));
                     }
                     Mark::Done => {}
                 }
             }
         }
+    }
+
+    /// The error for the cycle made of `edges` (each leading to the next).
+    fn cycle_error(&self, edges: &[usize]) -> (usize, syn::Error) {
+        let last = (0..edges.len())
+            .max_by_key(|&i| self.edges[edges[i]].written)
+            .unwrap_or(0);
+        // Start after the last written edge, so that the path ends with it.
+        let rotated = edges[last + 1..].iter().chain(&edges[..=last]);
+        let closing = &self.edges[edges[last]];
+        let mut names = vec![self.nodes[closing.to].key.as_str()];
+        names.extend(rotated.map(|&e| self.nodes[self.edges[e].to].key.as_str()));
+        let message = format!("cycle detected: {}", names.join(" -> "));
+        (
+            closing.written,
+            syn::Error::new_spanned(&closing.at, message),
+        )
     }
 }
 

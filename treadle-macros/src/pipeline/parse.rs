@@ -68,6 +68,12 @@ impl Parse for Chain {
         let mut rest = Vec::new();
         while input.peek(Token![->]) {
             let arrow = input.parse::<Token![->]>()?;
+            if input.is_empty() || input.peek(Token![;]) {
+                return Err(syn::Error::new_spanned(
+                    arrow,
+                    "expected a stage name or a `{ .. }` group after `->`",
+                ));
+            }
             rest.push((arrow, input.parse()?));
         }
         Ok(Chain { first, rest })

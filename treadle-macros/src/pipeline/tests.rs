@@ -132,6 +132,34 @@ fn cycles_through_groups_and_diamonds() {
 }
 
 #[test]
+fn a_cycle_ends_with_the_edge_written_last() {
+    assert_eq!(
+        errors(quote!(scan -> { ocr, thumbnails } -> index; index -> thumbnails)),
+        ["cycle detected: thumbnails -> index -> thumbnails"]
+    );
+    assert_eq!(
+        errors(quote!(c -> a; a -> b -> c)),
+        ["cycle detected: c -> a -> b -> c"]
+    );
+    assert_eq!(
+        errors(quote!(b -> c; c -> a; a -> b)),
+        ["cycle detected: b -> c -> a -> b"]
+    );
+}
+
+#[test]
+fn errors_follow_the_order_edges_are_written() {
+    assert_eq!(
+        errors(quote!(x -> y; a -> b; x -> y; b -> a; z -> z)),
+        [
+            "duplicate edge `x -> y`",
+            "cycle detected: a -> b -> a",
+            "cycle detected: z -> z",
+        ]
+    );
+}
+
+#[test]
 fn duplicate_edges() {
     assert_eq!(errors(quote!(a -> b; a -> b)), ["duplicate edge `a -> b`"]);
     assert_eq!(errors(quote!(a -> { b, b })), ["duplicate edge `a -> b`"]);
@@ -146,8 +174,8 @@ fn every_problem_is_reported_in_order() {
     assert_eq!(
         errors(quote!(a -> b -> a; c -> d; c -> d; e -> e)),
         [
-            "duplicate edge `c -> d`",
             "cycle detected: a -> b -> a",
+            "duplicate edge `c -> d`",
             "cycle detected: e -> e",
         ]
     );
@@ -162,7 +190,11 @@ fn syntax_errors() {
     );
     assert_eq!(
         errors(quote!(a ->)),
-        ["unexpected end of input, expected a stage name or a `{ .. }` group"]
+        ["expected a stage name or a `{ .. }` group after `->`"]
+    );
+    assert_eq!(
+        errors(quote!(a -> ; b)),
+        ["expected a stage name or a `{ .. }` group after `->`"]
     );
     assert_eq!(
         errors(quote!(a -> {})),

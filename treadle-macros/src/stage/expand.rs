@@ -55,7 +55,12 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
 
         #[doc = #doc]
         #[allow(non_camel_case_types)]
-        #[derive(::core::clone::Clone, ::core::marker::Copy, ::core::fmt::Debug, ::core::default::Default)]
+        #[derive(
+            ::treadle::__private::Clone,
+            ::treadle::__private::Copy,
+            ::treadle::__private::Debug,
+            ::treadle::__private::Default,
+        )]
         #vis struct #ident {}
 
         const _: () = {
@@ -73,15 +78,19 @@ fn stage_impl(
 ) -> TokenStream {
     let item_ty = &signature.item;
     let policy = policy(options);
-    let item = Ident::new("item", Span::mixed_site());
-    let ctx = Ident::new("ctx", Span::mixed_site());
+    // Hygienic names, located at the user's parameter types so that a type
+    // error in passing them (a context that is not `StageContext`) is
+    // reported there.
+    let item = Ident::new("item", Span::mixed_site().located_at(item_ty.span()));
+    let ctx_span = signature
+        .context
+        .as_ref()
+        .map_or_else(Span::call_site, Spanned::span);
+    let ctx = Ident::new("ctx", Span::mixed_site().located_at(ctx_span));
     // Spanned on the user's return type, so a `Result` alias other than
     // `treadle::Result` is reported there.
     let call = match &signature.context {
-        Some(context) => {
-            let arg = quote_spanned!(context.span()=> #ctx);
-            quote_spanned!(signature.output.span()=> #ident(#item, #arg).await)
-        }
+        Some(_) => quote_spanned!(signature.output.span()=> #ident(#item, #ctx).await),
         None => quote_spanned!(signature.output.span()=> #ident(#item).await),
     };
     quote! {
@@ -148,7 +157,7 @@ fn stub_impl(ident: &Ident, name: &LitStr) -> TokenStream {
                 _item: &W,
                 _ctx: &mut ::treadle::StageContext,
             ) -> ::treadle::Result<::treadle::StageOutcome> {
-                ::core::unreachable!("`#[stage]` reported a compile error")
+                ::treadle::__private::unreachable!("`#[stage]` reported a compile error")
             }
         }
     }
@@ -161,10 +170,10 @@ fn policy(options: &StageOptions) -> TokenStream {
         policy = quote!(#policy.retries(#retries));
     }
     let millis = |ms: Option<u64>| match ms {
-        Some(ms) => quote!(::core::option::Option::Some(
+        Some(ms) => quote!(::treadle::__private::Some(
             ::treadle::__private::Duration::from_millis(#ms)
         )),
-        None => quote!(::core::option::Option::None),
+        None => quote!(::treadle::__private::None),
     };
     let (base, max) = (millis(options.backoff_base), millis(options.backoff_max));
     let kind = options

@@ -261,7 +261,7 @@ pub(crate) fn check_signature(function: &ItemFn, errors: &mut Errors) -> Option<
                     reference,
                     format_args!(
                         "the work item is passed by shared reference: write `&{}`",
-                        reference.elem.to_token_stream()
+                        type_text(&reference.elem)
                     ),
                 );
                 None
@@ -271,7 +271,7 @@ pub(crate) fn check_signature(function: &ItemFn, errors: &mut Errors) -> Option<
                     other,
                     format_args!(
                         "the work item parameter must be a reference: write `&{}`",
-                        other.to_token_stream()
+                        type_text(other)
                     ),
                 );
                 None
@@ -320,7 +320,7 @@ pub(crate) fn check_signature(function: &ItemFn, errors: &mut Errors) -> Option<
                     format_args!(
                         "a `#[stage]` function must return `treadle::Result<StageOutcome>`, \
                          not `{}`",
-                        ty.to_token_stream()
+                        type_text(ty)
                     ),
                 );
             }
@@ -359,4 +359,27 @@ fn returns_stage_result(ty: &Type) -> bool {
             .segments
             .last()
             .is_some_and(|segment| segment.ident == "StageOutcome" && segment.arguments.is_empty())
+}
+
+/// A type as a person writes it: `Result<String, treadle::Error>`, not the
+/// token stream's `Result < String , treadle :: Error >`.
+fn type_text(ty: &Type) -> String {
+    let spaced = ty.to_token_stream().to_string();
+    let mut text = String::with_capacity(spaced.len());
+    let mut chars = spaced.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != ' ' {
+            text.push(c);
+            continue;
+        }
+        let before = text.chars().last();
+        let after = chars.peek().copied();
+        let tight_before = matches!(before, Some('<' | '&' | ':' | '(' | '['));
+        let tight_after = matches!(after, Some('<' | '>' | ',' | ':' | ')' | ']'));
+        // Keeps the space in `dyn Trait`, `&'a T`, `impl Trait`, `&mut T`.
+        if !(tight_before || tight_after) {
+            text.push(' ');
+        }
+    }
+    text
 }

@@ -198,7 +198,7 @@ fn signature_errors_are_all_reported() {
             "a `#[stage]` function cannot be generic: it is the stage for one work item type",
             "the work item is passed by shared reference: write `&Doc`",
             "a `#[stage]` function must return `treadle::Result<StageOutcome>`, not \
-             `Result < StageOutcome , E >`",
+             `Result<StageOutcome, E>`",
         ]
     );
     assert_eq!(
@@ -208,7 +208,7 @@ fn signature_errors_are_all_reported() {
         [
             "a `#[stage]` function cannot take `self`",
             "a `#[stage]` function must return `treadle::Result<StageOutcome>`, not \
-             `Result < Outcome >`",
+             `Result<Outcome>`",
         ]
     );
 }

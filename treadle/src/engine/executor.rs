@@ -20,7 +20,7 @@ use crate::outcome::{DEADLINE_REVIEWER, DeadlineAction, StageOutcome};
 use crate::review::Decision;
 use crate::stage::{Stage, StagePolicy};
 use crate::state::AttemptResult;
-use crate::store::{Claim, ClaimRequest, Commit, Store, TaskKey, Verdict};
+use crate::store::{Claim, ClaimBatch, ClaimRequest, Commit, Store, TaskKey, Verdict};
 
 /// What a run of the engine did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -36,6 +36,26 @@ pub struct RunReport {
 enum Finished {
     Committed,
     Discarded,
+}
+
+impl RunReport {
+    /// Counts a finished attempt task; a store error in it ends the run.
+    fn count(
+        &mut self,
+        joined: std::result::Result<Result<Finished>, tokio::task::JoinError>,
+    ) -> Result<()> {
+        let finished = match joined {
+            Ok(finished) => finished?,
+            // Aborted: its item was cancelled or its lease lost.
+            Err(e) if e.is_cancelled() => Finished::Discarded,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
+        match finished {
+            Finished::Committed => self.attempts += 1,
+            Finished::Discarded => self.discarded += 1,
+        }
+        Ok(())
+    }
 }
 
 impl<W: WorkItem, S: Store> Engine<W, S> {
@@ -78,42 +98,39 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
         let mut tasks: JoinSet<Result<Finished>> = JoinSet::new();
         let mut report = RunReport::default();
         let mut stopping = false;
+        // A claim runs concurrently with the attempts already running, so a
+        // slow (durable) claim never holds up the commits of finished work.
+        let mut claiming: Option<Pin<Box<dyn Future<Output = Result<ClaimBatch>> + Send + '_>>> =
+            None;
+        let mut claim_wanted = true;
+        // Claim in batches: wait for this many free slots while work runs.
+        let refill = (capacity / 8).max(1);
         loop {
-            if !stopping && tasks.len() < capacity {
-                let batch = shared
-                    .store
-                    .claim(ClaimRequest {
-                        owner: shared.config.worker_id.clone(),
-                        limit: capacity - tasks.len(),
-                        lease: shared.config.lease,
-                        now: Utc::now(),
-                    })
-                    .await?;
-                let claimed = !batch.claims.is_empty();
-                let mut running = self.running();
-                for claim in batch.claims {
-                    let (engine, signal) = (self.clone(), CancelSignal::default());
-                    let (key, generation) = (claim.task.clone(), claim.generation);
-                    let abort = tasks.spawn(engine.execute(claim, signal.clone()));
-                    running.insert(
-                        key,
-                        RunningWork {
-                            generation,
-                            signal,
-                            abort,
-                        },
-                    );
-                }
-                drop(running);
-                if claimed {
-                    continue;
-                }
+            while let Some(joined) = tasks.try_join_next() {
+                report.count(joined)?;
+                claim_wanted = true;
             }
-            if tasks.is_empty() {
+            let free = capacity - tasks.len();
+            if !stopping
+                && claim_wanted
+                && claiming.is_none()
+                && free > 0
+                && (tasks.is_empty() || free >= refill)
+            {
+                claim_wanted = false;
+                claiming = Some(Box::pin(shared.store.claim(ClaimRequest {
+                    owner: shared.config.worker_id.clone(),
+                    limit: free,
+                    lease: shared.config.lease,
+                    now: Utc::now(),
+                })));
+            }
+            if claiming.is_none() && tasks.is_empty() {
                 if stopping {
                     return Ok(report);
                 }
                 if self.expire_reviews().await? > 0 {
+                    claim_wanted = true;
                     continue;
                 }
                 let due = shared.store.next_due().await?;
@@ -139,28 +156,48 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
                     () = shared.wake.notified() => {}
                     () = tokio::time::sleep(nap) => {}
                 }
+                claim_wanted = true;
                 continue;
             }
             tokio::select! {
-                Some(joined) = tasks.join_next() => {
-                    let finished = match joined {
-                        Ok(finished) => finished?,
-                        // Aborted: its item was cancelled or its lease lost.
-                        Err(e) if e.is_cancelled() => Finished::Discarded,
-                        Err(e) => std::panic::resume_unwind(e.into_panic()),
-                    };
-                    match finished {
-                        Finished::Committed => report.attempts += 1,
-                        Finished::Discarded => report.discarded += 1,
-                    }
+                batch = async { claiming.as_mut().expect("guarded").await }, if claiming.is_some() => {
+                    claiming = None;
+                    let batch = batch?;
+                    // A full batch means more may be runnable right away.
+                    claim_wanted = batch.claims.len() == free;
+                    self.start(&mut tasks, batch.claims);
                 }
-                () = shared.wake.notified(), if !stopping => {}
+                Some(joined) = tasks.join_next() => {
+                    report.count(joined)?;
+                    claim_wanted = true;
+                }
+                () = shared.wake.notified(), if !stopping => claim_wanted = true,
                 _ = renewal.tick() => {
                     self.renew_leases().await?;
-                    self.expire_reviews().await?;
+                    if self.expire_reviews().await? > 0 {
+                        claim_wanted = true;
+                    }
                 }
                 () = &mut shutdown, if !stopping => stopping = true,
             }
+        }
+    }
+
+    /// Spawns one task per claim and registers it for cancellation and renewal.
+    fn start(&self, tasks: &mut JoinSet<Result<Finished>>, claims: Vec<Claim>) {
+        let mut running = self.running();
+        for claim in claims {
+            let (engine, signal) = (self.clone(), CancelSignal::default());
+            let (key, generation) = (claim.task.clone(), claim.generation);
+            let abort = tasks.spawn(engine.execute(claim, signal.clone()));
+            running.insert(
+                key,
+                RunningWork {
+                    generation,
+                    signal,
+                    abort,
+                },
+            );
         }
     }
 

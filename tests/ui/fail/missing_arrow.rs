@@ -11,16 +11,16 @@ impl WorkItem for Doc {
     }
 }
 
-#[stage(name = "scan")]
-async fn scan_v1(_doc: &Doc) -> treadle::Result<StageOutcome> {
+#[stage]
+async fn scan(_item: &Doc, _ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
     Ok(StageOutcome::complete())
 }
 
-#[stage(name = "scan")]
-async fn scan_v2(_doc: &Doc) -> treadle::Result<StageOutcome> {
+#[stage]
+async fn enrich(_item: &Doc, _ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
     Ok(StageOutcome::complete())
 }
 
 fn main() {
-    let _p = pipeline! { scan_v1 -> scan_v2 };
+    let _pipeline = pipeline! { scan enrich };
 }

@@ -23,20 +23,20 @@ impl WorkItem for Invoice {
 }
 
 #[stage]
-async fn scan(_doc: &Doc) -> treadle::Result<StageOutcome> {
+async fn scan(_item: &Doc, _ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
     Ok(StageOutcome::complete())
 }
 
 #[stage]
-async fn bill(_invoice: &Invoice) -> treadle::Result<StageOutcome> {
+async fn bill(_item: &Invoice, _ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
     Ok(StageOutcome::complete())
 }
 
 #[stage]
-async fn index(_doc: &Doc) -> treadle::Result<StageOutcome> {
+async fn index(_item: &Doc, _ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
     Ok(StageOutcome::complete())
 }
 
 fn main() {
-    let _p = pipeline! { scan -> bill -> index };
+    let _pipeline = pipeline! { scan -> bill -> index };
 }

@@ -1,0 +1,35 @@
+use treadle::prelude::*;
+
+#[derive(Serialize, Deserialize)]
+struct Doc {
+    id: String,
+}
+
+impl WorkItem for Doc {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+#[stage]
+async fn scan(_item: &Doc, _ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
+    Ok(StageOutcome::complete())
+}
+
+#[stage]
+async fn enrich(_item: &Doc, _ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
+    Ok(StageOutcome::complete())
+}
+
+#[stage]
+async fn index(_item: &Doc, _ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
+    Ok(StageOutcome::complete())
+}
+
+fn main() {
+    let _pipeline = pipeline! {
+        scan -> enrich;
+        enrich -> index;
+        index -> scan;
+    };
+}

@@ -1,0 +1,16 @@
+use treadle::prelude::*;
+
+#[derive(Serialize, Deserialize)]
+struct Doc {
+    id: String,
+}
+
+impl WorkItem for Doc {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+fn main() {
+    let _pipeline: Pipeline<Doc> = pipeline! {};
+}

@@ -1,0 +1,17 @@
+use treadle::prelude::*;
+
+#[derive(Serialize, Deserialize)]
+struct Doc {
+    id: String,
+}
+
+impl WorkItem for Doc {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+#[stage]
+async fn scan(_item: &Doc) {}
+
+fn main() {}

@@ -1,0 +1,19 @@
+use treadle::prelude::*;
+
+#[derive(Serialize, Deserialize)]
+struct Doc {
+    id: String,
+}
+
+impl WorkItem for Doc {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+#[stage]
+async fn scan() -> treadle::Result<StageOutcome> {
+    Ok(StageOutcome::complete())
+}
+
+fn main() {}

@@ -1,0 +1,19 @@
+use treadle::prelude::*;
+
+#[derive(Serialize, Deserialize)]
+struct Doc {
+    id: String,
+}
+
+impl WorkItem for Doc {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+#[stage(retries = 3, timeout = "10s", retries = 5)]
+async fn scan(_item: &Doc) -> treadle::Result<StageOutcome> {
+    Ok(StageOutcome::complete())
+}
+
+fn main() {}

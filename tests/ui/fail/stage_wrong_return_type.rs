@@ -1,0 +1,19 @@
+use treadle::prelude::*;
+
+#[derive(Serialize, Deserialize)]
+struct Doc {
+    id: String,
+}
+
+impl WorkItem for Doc {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+#[stage]
+async fn scan(_item: &Doc) -> Result<String, treadle::Error> {
+    Ok(String::new())
+}
+
+fn main() {}

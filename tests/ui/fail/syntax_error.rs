@@ -1,5 +1,0 @@
-use treadle::prelude::*;
-
-fn main() {
-    let _p = pipeline! { a -> -> b };
-}

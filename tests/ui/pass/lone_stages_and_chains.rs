@@ -1,0 +1,38 @@
+use treadle::prelude::*;
+
+#[derive(Serialize, Deserialize)]
+struct Doc {
+    id: String,
+}
+
+impl WorkItem for Doc {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+#[stage]
+async fn scan(_item: &Doc, _ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
+    Ok(StageOutcome::complete())
+}
+
+#[stage]
+async fn enrich(_item: &Doc, _ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
+    Ok(StageOutcome::complete())
+}
+
+#[stage]
+async fn archive(_item: &Doc, _ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
+    Ok(StageOutcome::complete())
+}
+
+fn main() {
+    let pipeline = pipeline! {
+        scan -> enrich;
+        archive;
+        scan;
+    };
+    let definition = pipeline.definition();
+    assert_eq!(pipeline.len(), 3);
+    assert_eq!(definition.edges, [("scan".to_owned(), "enrich".to_owned())]);
+}
