@@ -139,7 +139,7 @@ async fn killing_a_worker_at_random_points_loses_nothing() {
 
     // Every event a worker printed had been committed: it is in the log, unchanged.
     let by_seq: BTreeMap<u64, &Event> = log.iter().map(|e| (e.seq, e)).collect();
-    let printed = printed.lock().unwrap();
+    let printed = printed.lock().unwrap().clone();
     assert!(
         printed.len() > 100,
         "the workers reported progress ({} events)",

@@ -97,7 +97,7 @@ async fn an_expired_lease_is_recovered_and_the_stale_worker_is_fenced_off() {
         .unwrap();
     assert_eq!(
         renewed_lost,
-        [first.task.clone()],
+        std::slice::from_ref(&first.task),
         "the stale worker learns it lost the claim"
     );
 
