@@ -268,13 +268,13 @@ mod tests {
     fn an_older_database_is_migrated_step_by_step() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("old.db");
-        let mut conn = Connection::open(&path).unwrap();
-        prepare(&mut conn, &path, &[V1_FIXTURE]).unwrap();
+        let conn = open(Some(&path), &[V1_FIXTURE]).unwrap();
         conn.execute("INSERT INTO things (id) VALUES (7)", [])
             .unwrap();
         assert_eq!(version(&conn), 1);
+        drop(conn);
 
-        prepare(&mut conn, &path, &[V1_FIXTURE, V2_FIXTURE]).unwrap();
+        let conn = open(Some(&path), &[V1_FIXTURE, V2_FIXTURE]).unwrap();
         assert_eq!(version(&conn), 2);
         let label: String = conn
             .query_row("SELECT label FROM things WHERE id = 7", [], |r| r.get(0))

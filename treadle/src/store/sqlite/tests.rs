@@ -1,1 +1,89 @@
-//! Unit tests of the SQLite store internals.
+//! Unit tests of the SQLite store internals: every statement the store runs
+//! is planned against the real schema, and none scans a whole table.
+
+use super::schema;
+
+/// Every SQL statement written as a string literal in the store's sources.
+fn statements() -> Vec<String> {
+    let mut found = Vec::new();
+    for source in [include_str!("tx.rs"), include_str!("read.rs")] {
+        let mut rest = source;
+        while let Some(start) = rest.find('"') {
+            let after = &rest[start + 1..];
+            let Some(end) = after.find('"') else { break };
+            let literal = &after[..end];
+            let head = literal.trim_start();
+            if ["SELECT", "UPDATE", "INSERT", "DELETE"]
+                .iter()
+                .any(|k| head.starts_with(k))
+            {
+                found.push(literal.to_owned());
+            }
+            rest = &after[end + 1..];
+        }
+    }
+    found
+}
+
+/// The lines of `EXPLAIN QUERY PLAN` for `sql`.
+fn plan(conn: &rusqlite::Connection, sql: &str) -> Vec<String> {
+    let mut statement = conn
+        .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+        .unwrap_or_else(|e| panic!("{e}: {sql}"));
+    let mut rows = statement.raw_query();
+    let mut lines = Vec::new();
+    while let Some(row) = rows.next().unwrap() {
+        lines.push(row.get::<_, String>(3).unwrap());
+    }
+    lines
+}
+
+#[test]
+fn no_statement_scans_a_whole_table() {
+    let conn = schema::open(None, schema::MIGRATIONS).unwrap();
+    let statements = statements();
+    assert!(
+        statements.len() > 40,
+        "found only {} statements",
+        statements.len()
+    );
+    let mut scans = Vec::new();
+    for sql in &statements {
+        for line in plan(&conn, sql) {
+            // Reading the run queue's first row in key order is one step.
+            let queue_head = line == "SCAN run_queue" && sql.contains("LIMIT 1");
+            let constant = line == "SCAN CONSTANT ROW";
+            if line.starts_with("SCAN ") && !line.contains("INDEX") && !queue_head && !constant {
+                scans.push(format!("{line}\n    in: {}", sql.trim()));
+            }
+        }
+    }
+    assert!(scans.is_empty(), "full scans:\n{}", scans.join("\n"));
+}
+
+#[test]
+fn hot_queries_use_their_indexes() {
+    let conn = schema::open(None, schema::MIGRATIONS).unwrap();
+    let uses = |needle: &str, index: &str| {
+        let statements = statements();
+        let sql = statements
+            .iter()
+            .find(|s| s.contains(needle))
+            .unwrap_or_else(|| panic!("no statement contains `{needle}`"));
+        let lines = plan(&conn, sql);
+        assert!(
+            lines.iter().any(|l| l.contains(index)),
+            "`{needle}` does not use {index}: {lines:?}"
+        );
+    };
+    uses("ORDER BY item_seq", "stages_by_state");
+    uses("ORDER BY review_requested_at", "stages_awaiting_review");
+    uses("ORDER BY review_deadline", "stages_review_deadline");
+    uses("ORDER BY due, item_seq", "scheduled_by_due");
+    uses(
+        "FROM stages\n             WHERE state = 'running'",
+        "stages_leased",
+    );
+    uses("WHERE item_id = ?1 AND seq > ?2", "events_by_item");
+    uses("FROM attempts WHERE item_id", "attempts_by_item");
+}
