@@ -5,6 +5,10 @@
 //! checked first: it must exist, be SQLite, and carry treadle's application
 //! id in its header. Only then is it opened (which also refuses a schema
 //! newer than this build).
+//!
+//! Opening is [`SqliteStore::open`], so a database of an *older* treadle
+//! schema is migrated to this build's schema, as any engine of this version
+//! opening it would; the failed checks above write nothing.
 
 use std::io::Read;
 use std::path::Path;
