@@ -7,6 +7,7 @@
 //! commits once, and only then answers the jobs and broadcasts their events,
 //! in commit order. rusqlite never runs on an async worker thread.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -151,7 +152,17 @@ fn run_job(conn: &Connection, work: Work) -> Done {
     if let Err(error) = exec(conn, "SAVEPOINT job") {
         return work(Err(error.into()));
     }
-    let done = work(Ok(conn));
+    // A panicking job must not take the writer (and every later transition)
+    // down with it: its savepoint is rolled back and its caller, whose
+    // answer channel was dropped in the unwind, sees the store as closed.
+    let done = std::panic::catch_unwind(AssertUnwindSafe(|| work(Ok(conn)))).unwrap_or_else(|_| {
+        tracing::error!("a treadle SQLite transition panicked; it was rolled back");
+        Done {
+            ok: false,
+            events: Vec::new(),
+            reply: Box::new(|_| {}),
+        }
+    });
     let mut end = Ok(());
     if !done.ok {
         end = exec(conn, "ROLLBACK TO job");
