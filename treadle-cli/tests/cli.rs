@@ -575,3 +575,24 @@ async fn events_follow_prints_what_other_processes_commit() {
     assert!(kinds.contains(&"review_decided"), "{kinds:?}");
     assert!(kinds.contains(&"item_completed"), "{kinds:?}");
 }
+
+#[test]
+fn help_documents_every_exit_code() {
+    let help = finish(
+        Command::new(env!("CARGO_BIN_EXE_treadle"))
+            .arg("--help")
+            .output()
+            .unwrap(),
+    )
+    .ok()
+    .stdout;
+    for line in [
+        "0  success",
+        "2  usage error",
+        "3  not found",
+        "4  conflict",
+        "5  no usable database",
+    ] {
+        assert!(help.contains(line), "{line} missing from:\n{help}");
+    }
+}
