@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use treadle::store::Store;
 use treadle::{
-    Decision, Engine, EngineConfig, MemoryStore, Pipeline, SqliteStore, ReviewRequest, Stage, StageContext,
-    StageOutcome, WorkItem,
+    Decision, Engine, EngineConfig, MemoryStore, Pipeline, ReviewRequest, SqliteStore, Stage,
+    StageContext, StageOutcome, WorkItem,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

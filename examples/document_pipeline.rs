@@ -176,7 +176,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let path = match args.iter().position(|a| a == "--db") {
         Some(i) => args.get(i + 1).ok_or("--db needs a path")?.into(),
-        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/document_pipeline.db"),
+        None => {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/document_pipeline.db")
+        }
     };
     println!("state: {}", path.display());
     run(SqliteStore::open(&path).await?, approve_all).await?;
