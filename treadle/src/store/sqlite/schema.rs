@@ -178,6 +178,9 @@ pub(crate) fn configure(conn: &Connection) -> Result<()> {
     // larger copies from the WAL into the database.
     conn.pragma_update(None, "cache_size", -65_536)?;
     conn.pragma_update(None, "wal_autocheckpoint", 16_384)?;
+    // Each transition runs in a savepoint whose undo journal lives in a
+    // temporary file unless this says memory.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     Ok(())
 }
 
