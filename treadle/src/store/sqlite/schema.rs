@@ -174,6 +174,11 @@ pub(crate) fn configure(conn: &Connection) -> Result<()> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "foreign_keys", true)?;
     conn.pragma_update(None, "synchronous", "FULL")?;
+    // Each transition runs in a savepoint, whose sub-journal would otherwise
+    // be a temporary file written on every page it touches.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    // 16 MiB of page cache (negative: KiB) keeps the hot indexes in memory.
+    conn.pragma_update(None, "cache_size", -16_384)?;
     Ok(())
 }
 
