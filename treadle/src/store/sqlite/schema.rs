@@ -174,13 +174,13 @@ pub(crate) fn configure(conn: &Connection) -> Result<()> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "foreign_keys", true)?;
     conn.pragma_update(None, "synchronous", "FULL")?;
-    // A 64 MiB page cache, and checkpoints every 16k WAL pages: fewer,
-    // larger copies from the WAL into the database.
-    conn.pragma_update(None, "cache_size", -65_536)?;
-    conn.pragma_update(None, "wal_autocheckpoint", 16_384)?;
-    // Each transition runs in a savepoint whose undo journal lives in a
-    // temporary file unless this says memory.
+    // Each transition runs in a savepoint, whose sub-journal would otherwise
+    // be a temporary file written on every page it touches.
     conn.pragma_update(None, "temp_store", "MEMORY")?;
+    // 64 MiB of page cache (negative: KiB) keeps the hot indexes in memory.
+    conn.pragma_update(None, "cache_size", -65_536)?;
+    // Checkpoints every 16k WAL pages: fewer, larger copies into the database.
+    conn.pragma_update(None, "wal_autocheckpoint", 16_384)?;
     Ok(())
 }
 

@@ -38,6 +38,9 @@ type Work = Box<dyn FnOnce(std::result::Result<&Connection, Error>) -> Done + Se
 pub(crate) struct Writer {
     jobs: Option<mpsc::Sender<Work>>,
     thread: Option<JoinHandle<()>>,
+    /// Transactions committed (or attempted), for tests of batching.
+    #[cfg(test)]
+    batches: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -50,12 +53,18 @@ impl Writer {
     /// Starts the thread that owns `conn`, broadcasting committed events on `feed`.
     pub(crate) fn start(conn: Connection, feed: broadcast::Sender<Event>) -> Result<Self> {
         let (jobs, queue) = mpsc::channel::<Work>();
+        let batches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = batches.clone();
         let thread = std::thread::Builder::new()
             .name("treadle-sqlite-writer".into())
-            .spawn(move || run(conn, queue, feed))?;
+            .spawn(move || run(conn, queue, feed, &counter))?;
+        #[cfg(not(test))]
+        drop(batches);
         Ok(Writer {
             jobs: Some(jobs),
             thread: Some(thread),
+            #[cfg(test)]
+            batches,
         })
     }
 
@@ -105,8 +114,14 @@ impl Drop for Writer {
     }
 }
 
-fn run(conn: Connection, queue: mpsc::Receiver<Work>, feed: broadcast::Sender<Event>) {
+fn run(
+    conn: Connection,
+    queue: mpsc::Receiver<Work>,
+    feed: broadcast::Sender<Event>,
+    batches: &std::sync::atomic::AtomicUsize,
+) {
     while let Ok(first) = queue.recv() {
+        batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match queue.try_recv() {
@@ -177,4 +192,76 @@ fn run_job(conn: &Connection, work: Work) -> Done {
 
 fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use super::*;
+
+    fn writer() -> Writer {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t (n INTEGER NOT NULL)")
+            .unwrap();
+        Writer::start(conn, broadcast::channel(16).0).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_transitions_share_one_commit_and_fail_alone() {
+        let writer = Arc::new(writer());
+        // The first job holds the writer while the others queue up.
+        let slow = {
+            let writer = writer.clone();
+            tokio::spawn(async move {
+                writer
+                    .write(|conn| {
+                        std::thread::sleep(Duration::from_millis(200));
+                        conn.execute("INSERT INTO t (n) VALUES (0)", [])?;
+                        Ok(((), Vec::new()))
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let jobs: Vec<_> = (1..=100)
+            .map(|n: i64| {
+                let writer = writer.clone();
+                tokio::spawn(async move {
+                    writer
+                        .write(move |conn| {
+                            conn.execute("INSERT INTO t (n) VALUES (?1)", [n])?;
+                            if n % 10 == 0 {
+                                // Fails after writing: only this job rolls back.
+                                return Err(Error::stage(format!("job {n} fails")));
+                            }
+                            Ok((n, Vec::new()))
+                        })
+                        .await
+                })
+            })
+            .collect();
+        slow.await.unwrap().unwrap();
+        let mut failed = 0;
+        for job in jobs {
+            if job.await.unwrap().is_err() {
+                failed += 1;
+            }
+        }
+        assert_eq!(failed, 10);
+        let batches = writer.batches.load(Ordering::Relaxed);
+        assert!(batches <= 5, "{batches} transactions for 101 jobs");
+        let (rows, sum) = writer
+            .write(|conn| {
+                let counted = conn.query_row("SELECT count(*), sum(n) FROM t", [], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                })?;
+                Ok((counted, Vec::new()))
+            })
+            .await
+            .unwrap();
+        assert_eq!(rows, 91, "the failed jobs' rows were rolled back");
+        assert_eq!(sum, (1..=100).filter(|n| n % 10 != 0).sum::<i64>());
+    }
 }
