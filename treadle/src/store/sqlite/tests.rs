@@ -50,8 +50,9 @@ fn no_statement_scans_a_whole_table() {
     let mut scans = Vec::new();
     for sql in &statements {
         for line in plan(&conn, sql) {
-            // Reading the run queue's first row in key order is one step.
-            let queue_head = line == "SCAN run_queue" && sql.contains("LIMIT 1");
+            // Reading the run queue's first rows in key order stops at the
+            // limit: it reads only what it returns.
+            let queue_head = line == "SCAN run_queue" && sql.contains("ORDER BY seq LIMIT");
             let constant = line == "SCAN CONSTANT ROW";
             if line.starts_with("SCAN ") && !line.contains("INDEX") && !queue_head && !constant {
                 scans.push(format!("{line}\n    in: {}", sql.trim()));

@@ -74,16 +74,13 @@ impl<'c> Tx<'c> {
         kind: EventKind,
     ) -> Result<Event> {
         let json = codec::json(&kind, "an event")?;
-        let seq: u64 = self
-            .conn
+        self.conn
             .prepare_cached(
-                "INSERT INTO events (at, item_id, stage, subtask, kind) VALUES (?1, ?2, ?3, ?4, ?5)
-                 RETURNING seq",
+                "INSERT INTO events (at, item_id, stage, subtask, kind) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
-            .query_row(
-                params![codec::time(at), item_id, stage, subtask, json],
-                |row| row.get(0),
-            )?;
+            .execute(params![codec::time(at), item_id, stage, subtask, json])?;
+        // `seq` is the rowid: the row just inserted on this connection.
+        let seq = self.conn.last_insert_rowid() as u64;
         let event = Event {
             seq,
             at,
@@ -198,15 +195,6 @@ impl<'c> Tx<'c> {
         Ok(())
     }
 
-    fn set_output(&self, key: &TaskKey, output: Option<&Value>) -> Result<()> {
-        let json = codec::json_opt(output, "the stage output")?;
-        self.set_stage_column(
-            key,
-            "UPDATE stages SET output = ?3 WHERE item_id = ?1 AND stage = ?2",
-            json,
-        )
-    }
-
     fn enqueue(&self, item_id: &str, stage: &str, subtask: Option<&str>) -> Result<()> {
         self.conn
             .prepare_cached("INSERT INTO run_queue (item_id, stage, subtask) VALUES (?1, ?2, ?3)")?
@@ -272,42 +260,72 @@ impl<'c> Tx<'c> {
         Ok(())
     }
 
-    /// Marks a stage completed or skipped, unblocks its dependents, and
-    /// records `ItemCompleted` after the item's last stage.
-    fn finish_stage(
+    /// Completes a stage with `output` (one update of its row), records the
+    /// `Completed` event, and unblocks its dependents.
+    fn complete_stage(
         &mut self,
         key: &TaskKey,
-        state: StageState,
+        output: Option<&Value>,
         dependents: &[String],
         at: DateTime<Utc>,
     ) -> Result<()> {
-        self.set_stage_state(key, state)?;
-        self.set_stage_column(
-            key,
-            "UPDATE stages SET finished_at = ?3 WHERE item_id = ?1 AND stage = ?2",
-            Some(codec::time(at)),
-        )?;
+        self.conn
+            .prepare_cached(
+                "UPDATE stages SET state = 'completed', output = ?3, finished_at = ?4,
+                    lease_owner = NULL, lease_expiry = NULL
+                 WHERE item_id = ?1 AND stage = ?2",
+            )?
+            .execute(params![
+                key.item_id,
+                key.stage,
+                codec::json_opt(output, "the stage output")?,
+                codec::time(at),
+            ])?;
+        self.unit_event(at, key, true, EventKind::Completed)?;
+        self.unblock_dependents(key, dependents, at)
+    }
+
+    /// Marks a stage skipped and unblocks its dependents.
+    fn skip_stage(
+        &mut self,
+        key: &TaskKey,
+        dependents: &[String],
+        at: DateTime<Utc>,
+    ) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "UPDATE stages SET state = 'skipped', finished_at = ?3,
+                    lease_owner = NULL, lease_expiry = NULL
+                 WHERE item_id = ?1 AND stage = ?2",
+            )?
+            .execute(params![key.item_id, key.stage, codec::time(at)])?;
+        self.unblock_dependents(key, dependents, at)
+    }
+
+    /// After a stage completed or skipped: makes dependents whose upstream
+    /// stages are all done runnable, and records `ItemCompleted` after the
+    /// item's last stage.
+    fn unblock_dependents(
+        &mut self,
+        key: &TaskKey,
+        dependents: &[String],
+        at: DateTime<Utc>,
+    ) -> Result<()> {
         for dependent in dependents {
-            let loc = Loc::stage(&key.item_id, dependent);
-            let unblocked = self
-                .conn
+            self.conn
                 .prepare_cached(
                     "UPDATE stages SET waiting = max(waiting - 1, 0)
-                     WHERE item_id = ?1 AND stage = ?2
-                     RETURNING waiting, state",
+                     WHERE item_id = ?1 AND stage = ?2",
                 )?
-                .query_row(params![key.item_id, dependent], |row| {
-                    Ok((|| -> Result<bool> {
-                        let waiting: u32 = loc.count(row, 0, "waiting")?;
-                        let state: StageState = loc.parse(row, 1, "state")?;
-                        Ok(waiting == 0 && state == StageState::Pending)
-                    })())
-                })
-                .optional()?
-                .transpose()?;
-            if unblocked == Some(true) {
-                self.enqueue(&key.item_id, dependent, None)?;
-            }
+                .execute(params![key.item_id, dependent])?;
+            // Queue it if that was its last upstream stage.
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO run_queue (item_id, stage, subtask)
+                     SELECT item_id, stage, NULL FROM stages
+                     WHERE item_id = ?1 AND stage = ?2 AND waiting = 0 AND state = 'pending'",
+                )?
+                .execute(params![key.item_id, dependent])?;
         }
         let all_done: bool = self
             .conn
@@ -413,13 +431,16 @@ impl<'c> Tx<'c> {
                 .execute([id])?;
             self.enqueue(&key.item_id, &key.stage, key.subtask.as_deref())?;
         }
+        // Pop the queue's head in batches; stale entries are dropped and the
+        // next batch tops the claims up.
         while batch.claims.len() < request.limit {
-            let next: Option<(i64, TaskKey)> = self
+            let wanted = request.limit - batch.claims.len();
+            let head: Vec<(i64, TaskKey)> = self
                 .conn
                 .prepare_cached(
-                    "SELECT seq, item_id, stage, subtask FROM run_queue ORDER BY seq LIMIT 1",
+                    "SELECT seq, item_id, stage, subtask FROM run_queue ORDER BY seq LIMIT ?1",
                 )?
-                .query_row([], |row| {
+                .query_map([wanted], |row| {
                     Ok((
                         row.get(0)?,
                         TaskKey {
@@ -428,14 +449,16 @@ impl<'c> Tx<'c> {
                             subtask: row.get(3)?,
                         },
                     ))
-                })
-                .optional()?;
-            let Some((seq, key)) = next else { break };
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let Some(&(last, _)) = head.last() else { break };
             self.conn
-                .prepare_cached("DELETE FROM run_queue WHERE seq = ?1")?
-                .execute([seq])?;
-            if let Some(claim) = self.claim_one(&key, request)? {
-                batch.claims.push(claim);
+                .prepare_cached("DELETE FROM run_queue WHERE seq <= ?1")?
+                .execute([last])?;
+            for (_, key) in head {
+                if let Some(claim) = self.claim_one(&key, request)? {
+                    batch.claims.push(claim);
+                }
             }
         }
         batch.events = self.events.clone();
@@ -473,9 +496,6 @@ impl<'c> Tx<'c> {
     }
 
     fn claim_one(&mut self, key: &TaskKey, request: &ClaimRequest) -> Result<Option<Claim>> {
-        if self.item_cancelled(&key.item_id)? != Some(false) {
-            return Ok(None);
-        }
         let Some(unit) = self.load(key)? else {
             return Ok(None);
         };
@@ -492,6 +512,9 @@ impl<'c> Tx<'c> {
         if !runnable {
             return Ok(None);
         }
+        let Some(payload) = self.live_payload(&key.item_id)? else {
+            return Ok(None);
+        };
         if abandoned {
             let expired = unit.lease_expiry.unwrap_or(request.now);
             let previous_owner = unit.lease_owner.clone().unwrap_or_default();
@@ -546,7 +569,6 @@ impl<'c> Tx<'c> {
             }
         };
         self.conn.prepare_cached(sql)?.execute(values)?;
-        let payload = self.payload(&key.item_id)?;
         let outputs = self.outputs(&key.item_id)?;
         self.unit_event(
             request.now,
@@ -567,11 +589,14 @@ impl<'c> Tx<'c> {
         }))
     }
 
-    fn payload(&self, item_id: &str) -> Result<Value> {
+    /// The payload of an item that is not cancelled (`None` if it is).
+    fn live_payload(&self, item_id: &str) -> Result<Option<Value>> {
         let loc = Loc::item(item_id);
         self.conn
-            .prepare_cached("SELECT payload FROM items WHERE id = ?1")?
-            .query_row([item_id], |row| Ok(loc.json(row, 0, "payload")))?
+            .prepare_cached("SELECT payload FROM items WHERE id = ?1 AND cancelled = 0")?
+            .query_row([item_id], |row| Ok(loc.json(row, 0, "payload")))
+            .optional()?
+            .transpose()
     }
 
     fn outputs(&self, item_id: &str) -> Result<BTreeMap<String, Value>> {
@@ -593,12 +618,15 @@ impl<'c> Tx<'c> {
     }
 
     pub(crate) fn commit(&mut self, c: Commit) -> Result<()> {
-        self.require_stage(&c.task.item_id, &c.task.stage)?;
         let lease_lost = || Error::LeaseLost {
             task: c.task.clone(),
             generation: c.generation,
         };
-        let unit = self.load(&c.task)?.ok_or_else(lease_lost)?;
+        let Some(unit) = self.load(&c.task)? else {
+            // Say which of item, stage or subtask is unknown.
+            self.require_stage(&c.task.item_id, &c.task.stage)?;
+            return Err(lease_lost());
+        };
         if unit.state != StageState::Running || unit.generation != c.generation {
             return Err(lease_lost());
         }
@@ -614,13 +642,11 @@ impl<'c> Tx<'c> {
         let at = c.attempt.finished_at;
         match c.transition {
             Transition::Complete { output } => {
-                self.set_output(key, output.as_ref())?;
-                self.unit_event(at, key, true, EventKind::Completed)?;
-                self.finish_stage(key, StageState::Completed, &c.dependents, at)?;
+                self.complete_stage(key, output.as_ref(), &c.dependents, at)?;
             }
             Transition::Skip { reason } => {
                 self.unit_event(at, key, true, EventKind::Skipped { reason })?;
-                self.finish_stage(key, StageState::Skipped, &c.dependents, at)?;
+                self.skip_stage(key, &c.dependents, at)?;
             }
             Transition::AwaitReview(request) => {
                 let summary = request.summary.clone();
@@ -690,9 +716,8 @@ impl<'c> Tx<'c> {
                     },
                 )?;
                 if subtasks.is_empty() {
-                    self.set_output(key, Some(&Value::Object(Default::default())))?;
-                    self.unit_event(at, key, true, EventKind::Completed)?;
-                    self.finish_stage(key, StageState::Completed, &c.dependents, at)?;
+                    let empty = Value::Object(Default::default());
+                    self.complete_stage(key, Some(&empty), &c.dependents, at)?;
                 }
                 for name in &subtasks {
                     self.enqueue(&key.item_id, &key.stage, Some(name))?;
@@ -770,9 +795,7 @@ impl<'c> Tx<'c> {
             FanIn::Waiting => {}
             FanIn::Completed => {
                 let output = self.subtask_outputs(&key.item_id, &key.stage)?;
-                self.set_output(key, Some(&output))?;
-                self.unit_event(at, key, true, EventKind::Completed)?;
-                self.finish_stage(key, StageState::Completed, &c.dependents, at)?;
+                self.complete_stage(key, Some(&output), &c.dependents, at)?;
             }
             FanIn::Failed(failed) => {
                 self.fail_stage(key, FanIn::failure_reason(&failed), at)?;
@@ -892,9 +915,8 @@ impl<'c> Tx<'c> {
                 self.fail_stage(&key, reason, d.at)?;
             }
             None => {
-                self.set_output(&key, edits.or(request.proposed_output).as_ref())?;
-                self.unit_event(d.at, &key, true, EventKind::Completed)?;
-                self.finish_stage(&key, StageState::Completed, &d.dependents, d.at)?;
+                let output = edits.or(request.proposed_output);
+                self.complete_stage(&key, output.as_ref(), &d.dependents, d.at)?;
             }
         }
         Ok(())
