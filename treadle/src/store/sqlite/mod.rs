@@ -152,8 +152,9 @@ impl SqliteStore {
     async fn write<T, F>(&self, transition: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Tx<'_>) -> Result<T> + Send + 'static,
+        F: FnMut(&mut Tx<'_>) -> Result<T> + Send + 'static,
     {
+        let mut transition = transition;
         self.inner
             .writer
             .write(move |conn| {
@@ -168,8 +169,9 @@ impl SqliteStore {
     async fn read<T, F>(&self, query: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+        F: FnMut(&Connection) -> Result<T> + Send + 'static,
     {
+        let mut query = query;
         if self.inner.readers.is_none() {
             return self
                 .inner
@@ -221,7 +223,7 @@ impl Store for SqliteStore {
 
     async fn submit(&self, items: Vec<NewItem>) -> Result<Vec<Event>> {
         self.write(move |tx| {
-            tx.submit(items)?;
+            tx.submit(&items)?;
             Ok(tx.events().to_vec())
         })
         .await
@@ -233,7 +235,7 @@ impl Store for SqliteStore {
 
     async fn commit(&self, commit: Commit) -> Result<Vec<Event>> {
         self.write(move |tx| {
-            tx.commit(commit)?;
+            tx.commit(commit.clone())?;
             Ok(tx.events().to_vec())
         })
         .await
@@ -241,7 +243,7 @@ impl Store for SqliteStore {
 
     async fn decide(&self, decision: DecisionCommit) -> Result<Vec<Event>> {
         self.write(move |tx| {
-            tx.decide(decision)?;
+            tx.decide(decision.clone())?;
             Ok(tx.events().to_vec())
         })
         .await

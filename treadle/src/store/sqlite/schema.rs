@@ -172,6 +172,8 @@ CREATE TABLE pipeline (
 /// failing, enforces foreign keys, and makes commits durable.
 pub(crate) fn configure(conn: &Connection) -> Result<()> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    // Room for every statement the store prepares, so none is re-parsed.
+    conn.set_prepared_statement_cache_capacity(128);
     conn.pragma_update(None, "foreign_keys", true)?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     // Each transition runs in a savepoint, whose sub-journal would otherwise

@@ -367,7 +367,7 @@ impl<'c> Tx<'c> {
         Ok(drift)
     }
 
-    pub(crate) fn submit(&mut self, items: Vec<NewItem>) -> Result<()> {
+    pub(crate) fn submit(&mut self, items: &[NewItem]) -> Result<()> {
         for item in items {
             let payload = codec::json(&item.payload, "the item payload")?;
             let seq: Option<i64> = self

@@ -1,11 +1,17 @@
 //! The writer thread: owns the write connection and commits transitions in
 //! groups.
 //!
-//! Callers queue jobs on a channel. The thread takes every job waiting,
-//! opens one `BEGIN IMMEDIATE` transaction, runs each job inside its own
-//! `SAVEPOINT` (a failing job rolls back to it, touching no other job),
-//! commits once, and only then answers the jobs and broadcasts their events,
-//! in commit order. rusqlite never runs on an async worker thread.
+//! Callers queue jobs on a channel. The thread takes every job waiting and
+//! runs them all in one `BEGIN IMMEDIATE` transaction, commits once, and
+//! only then answers the jobs and broadcasts their events, in commit order.
+//! rusqlite never runs on an async worker thread.
+//!
+//! A job checks before it writes, so a job that fails (a lost lease, a
+//! decision on the wrong state) normally fails having written nothing, and
+//! the batch goes on without it. If a job fails or panics *after* writing,
+//! the whole transaction is rolled back and the batch is replayed with each
+//! job in its own `SAVEPOINT`, so that job's writes are undone alone and the
+//! others commit. Jobs are therefore closures that can run twice.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -21,22 +27,47 @@ use crate::event::Event;
 /// The most jobs committed in one transaction.
 const MAX_BATCH: usize = 512;
 
-/// What a job leaves behind once it has run: whether it succeeded, the
-/// events to broadcast if its batch commits, and how to answer its caller.
-struct Done {
-    ok: bool,
-    events: Vec<Event>,
-    reply: Box<dyn FnOnce(Option<Error>) + Send>,
+/// A queued transition.
+trait Job: Send {
+    /// Runs the transition, returning the events it appended. It may be run
+    /// again, from scratch, after its transaction was rolled back.
+    fn run(&mut self, conn: &Connection) -> Result<Vec<Event>>;
+
+    /// Answers the caller: with the value of the last run if `outcome` is
+    /// `Ok`, else with the error.
+    fn answer(self: Box<Self>, outcome: Result<()>);
 }
 
-/// A queued job: given the connection (or the error that keeps it from
-/// running), it runs and says how to answer.
-type Work = Box<dyn FnOnce(std::result::Result<&Connection, Error>) -> Done + Send>;
+/// A job returning a `T` to a waiting caller.
+struct Transition<T, F> {
+    work: F,
+    value: Option<T>,
+    reply: oneshot::Sender<Result<T>>,
+}
+
+impl<T, F> Job for Transition<T, F>
+where
+    T: Send,
+    F: FnMut(&Connection) -> Result<(T, Vec<Event>)> + Send,
+{
+    fn run(&mut self, conn: &Connection) -> Result<Vec<Event>> {
+        let (value, events) = (self.work)(conn)?;
+        self.value = Some(value);
+        Ok(events)
+    }
+
+    fn answer(self: Box<Self>, outcome: Result<()>) {
+        let Transition { value, reply, .. } = *self;
+        let answer = outcome.and_then(|()| value.ok_or(Error::StoreClosed));
+        // A caller that stopped waiting is not an error.
+        let _ = reply.send(answer);
+    }
+}
 
 /// The handle on the writer thread. Dropping it stops the thread once every
 /// queued job is answered, and waits for it so the database is closed.
 pub(crate) struct Writer {
-    jobs: Option<mpsc::Sender<Work>>,
+    jobs: Option<mpsc::Sender<Box<dyn Job>>>,
     thread: Option<JoinHandle<()>>,
     /// Transactions committed (or attempted), for tests of batching.
     #[cfg(test)]
@@ -52,7 +83,7 @@ impl std::fmt::Debug for Writer {
 impl Writer {
     /// Starts the thread that owns `conn`, broadcasting committed events on `feed`.
     pub(crate) fn start(conn: Connection, feed: broadcast::Sender<Event>) -> Result<Self> {
-        let (jobs, queue) = mpsc::channel::<Work>();
+        let (jobs, queue) = mpsc::channel::<Box<dyn Job>>();
         let batches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = batches.clone();
         let thread = std::thread::Builder::new()
@@ -68,36 +99,23 @@ impl Writer {
         })
     }
 
-    /// Runs `job` in the next group commit and returns its value once the
-    /// group is committed. The job returns its value and the events it
-    /// appended; on error everything it wrote is rolled back.
-    pub(crate) async fn write<T, F>(&self, job: F) -> Result<T>
+    /// Runs `work` in the next group commit and returns its value once the
+    /// group is committed. The work returns its value and the events it
+    /// appended; on error everything it wrote is rolled back. It must be
+    /// safe to run twice (see the module docs).
+    pub(crate) async fn write<T, F>(&self, work: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<(T, Vec<Event>)> + Send + 'static,
+        F: FnMut(&Connection) -> Result<(T, Vec<Event>)> + Send + 'static,
     {
-        let (answer, answered) = oneshot::channel::<Result<T>>();
-        let work: Work = Box::new(move |conn| match conn.and_then(job) {
-            Ok((value, events)) => Done {
-                ok: true,
-                events,
-                reply: Box::new(move |failed| {
-                    let _ = answer.send(match failed {
-                        None => Ok(value),
-                        Some(error) => Err(error),
-                    });
-                }),
-            },
-            Err(error) => Done {
-                ok: false,
-                events: Vec::new(),
-                reply: Box::new(move |_| {
-                    let _ = answer.send(Err(error));
-                }),
-            },
+        let (reply, answered) = oneshot::channel::<Result<T>>();
+        let job = Box::new(Transition {
+            work,
+            value: None,
+            reply,
         });
         let jobs = self.jobs.as_ref().ok_or(Error::StoreClosed)?;
-        jobs.send(work).map_err(|_| Error::StoreClosed)?;
+        jobs.send(job).map_err(|_| Error::StoreClosed)?;
         answered.await.map_err(|_| Error::StoreClosed)?
     }
 }
@@ -116,7 +134,7 @@ impl Drop for Writer {
 
 fn run(
     conn: Connection,
-    queue: mpsc::Receiver<Work>,
+    queue: mpsc::Receiver<Box<dyn Job>>,
     feed: broadcast::Sender<Event>,
     batches: &std::sync::atomic::AtomicUsize,
 ) {
@@ -125,61 +143,82 @@ fn run(
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match queue.try_recv() {
-                Ok(work) => batch.push(work),
+                Ok(job) => batch.push(job),
                 Err(_) => break,
             }
         }
-        commit_batch(&conn, batch, &feed);
-    }
-}
-
-fn commit_batch(conn: &Connection, batch: Vec<Work>, feed: &broadcast::Sender<Event>) {
-    if let Err(error) = exec(conn, "BEGIN IMMEDIATE") {
-        let error = Arc::new(error);
-        for work in batch {
-            (work(Err(Error::Sqlite(error.clone()))).reply)(None);
-        }
-        return;
-    }
-    let done: Vec<Done> = batch.into_iter().map(|work| run_job(conn, work)).collect();
-    let failed = exec(conn, "COMMIT").err().map(|error| {
-        tracing::error!(%error, "treadle SQLite group commit failed");
-        // Leave no transaction open for the next batch.
-        let _ = exec(conn, "ROLLBACK");
-        Arc::new(error)
-    });
-    for Done { ok, events, reply } in done {
-        match &failed {
-            Some(error) if ok => reply(Some(Error::Sqlite(error.clone()))),
-            _ => {
-                for event in &events {
-                    // No subscribers is fine: the log keeps every event.
-                    let _ = feed.send(event.clone());
+        let outcomes = run_batch(&conn, &mut batch, false)
+            .or_else(|| run_batch(&conn, &mut batch, true))
+            .unwrap_or_else(|| {
+                // Unreachable in practice: with savepoints no job poisons the batch.
+                batch.iter().map(|_| Err(Error::StoreClosed)).collect()
+            });
+        for (job, outcome) in batch.into_iter().zip(outcomes) {
+            match outcome {
+                Ok(events) => {
+                    for event in events {
+                        // No subscribers is fine: the log keeps every event.
+                        let _ = feed.send(event);
+                    }
+                    job.answer(Ok(()));
                 }
-                reply(None);
+                Err(error) => job.answer(Err(error)),
             }
         }
     }
 }
 
-/// Runs one job inside its own savepoint, rolled back if the job fails.
-fn run_job(conn: &Connection, work: Work) -> Done {
-    if let Err(error) = exec(conn, "SAVEPOINT job") {
-        return work(Err(error.into()));
+/// Runs every job of `batch` in one transaction and commits it, returning
+/// each job's events or error. Without `savepoints`, returns `None` (having
+/// rolled everything back) as soon as a job fails after writing.
+fn run_batch(
+    conn: &Connection,
+    batch: &mut [Box<dyn Job>],
+    savepoints: bool,
+) -> Option<Vec<Result<Vec<Event>>>> {
+    if let Err(error) = exec(conn, "BEGIN IMMEDIATE") {
+        let error = Arc::new(error);
+        return Some(
+            batch
+                .iter()
+                .map(|_| Err(Error::Sqlite(error.clone())))
+                .collect(),
+        );
     }
-    // A panicking job must not take the writer (and every later transition)
-    // down with it: its savepoint is rolled back and its caller, whose
-    // answer channel was dropped in the unwind, sees the store as closed.
-    let done = std::panic::catch_unwind(AssertUnwindSafe(|| work(Ok(conn)))).unwrap_or_else(|_| {
-        tracing::error!("a treadle SQLite transition panicked; it was rolled back");
-        Done {
-            ok: false,
-            events: Vec::new(),
-            reply: Box::new(|_| {}),
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for job in batch.iter_mut() {
+        let outcome = if savepoints {
+            run_in_savepoint(conn, job.as_mut())
+        } else {
+            let before = conn.total_changes();
+            match catch(conn, job.as_mut()) {
+                Err(_) if conn.total_changes() != before => {
+                    let _ = exec(conn, "ROLLBACK");
+                    return None;
+                }
+                outcome => outcome,
+            }
+        };
+        outcomes.push(outcome);
+    }
+    if let Err(error) = exec(conn, "COMMIT") {
+        tracing::error!(%error, "treadle SQLite group commit failed");
+        // Leave no transaction open for the next batch.
+        let _ = exec(conn, "ROLLBACK");
+        let error = Arc::new(error);
+        for outcome in outcomes.iter_mut().filter(|o| o.is_ok()) {
+            *outcome = Err(Error::Sqlite(error.clone()));
         }
-    });
+    }
+    Some(outcomes)
+}
+
+/// Runs one job inside its own savepoint, rolled back if the job fails.
+fn run_in_savepoint(conn: &Connection, job: &mut dyn Job) -> Result<Vec<Event>> {
+    exec(conn, "SAVEPOINT job")?;
+    let outcome = catch(conn, job);
     let mut end = Ok(());
-    if !done.ok {
+    if outcome.is_err() {
         end = exec(conn, "ROLLBACK TO job");
     }
     if let Err(error) = end.and_then(|()| exec(conn, "RELEASE job")) {
@@ -187,7 +226,16 @@ fn run_job(conn: &Connection, work: Work) -> Done {
         // COMMIT result reports it to the jobs that succeeded.
         tracing::error!(%error, "treadle SQLite savepoint failed");
     }
-    done
+    outcome
+}
+
+/// Runs a job; a panic in it is an error of that job, not of the writer
+/// (and every later transition).
+fn catch(conn: &Connection, job: &mut dyn Job) -> Result<Vec<Event>> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| job.run(conn))).unwrap_or_else(|_| {
+        tracing::error!("a treadle SQLite transition panicked; it was rolled back");
+        Err(Error::StoreClosed)
+    })
 }
 
 fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
