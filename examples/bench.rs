@@ -91,6 +91,7 @@ struct Args {
     workload: Workload,
     store: String,
     items: u64,
+    concurrency: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -98,6 +99,7 @@ fn parse_args() -> Result<Args, String> {
         workload: Workload::Linear,
         store: "memory".into(),
         items: 10_000,
+        concurrency: 256,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -118,6 +120,9 @@ fn parse_args() -> Result<Args, String> {
                 other => return Err(format!("unknown store `{other}` (memory|sqlite)")),
             },
             "--items" => args.items = value.parse().map_err(|e| format!("--items {value}: {e}"))?,
+            "--concurrency" => {
+                args.concurrency = value.parse().map_err(|e| format!("--concurrency {value}: {e}"))?
+            }
             other => return Err(format!("unknown flag `{other}`")),
         }
     }
@@ -185,7 +190,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 async fn bench<S: Store>(args: &Args, store: S) -> treadle::Result<serde_json::Value> {
     let probe = Arc::new(Probe::default());
     let config = EngineConfig {
-        max_concurrency: 256,
+        max_concurrency: args.concurrency,
         ..EngineConfig::default()
     };
     let engine = Engine::with_config(pipeline(args.workload, &probe), store, config);
@@ -293,7 +298,7 @@ async fn bench<S: Store>(args: &Args, store: S) -> treadle::Result<serde_json::V
     Ok(serde_json::Value::Object(result))
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args().map_err(|e| {
         format!("{e}\nusage: bench --workload linear|fanout|review --store memory|sqlite --items N")

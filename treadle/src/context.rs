@@ -9,14 +9,15 @@ use serde_json::Value;
 use tokio::sync::Notify;
 
 use crate::error::{Error, Result};
+use crate::store::TaskKey;
 
 /// The context of one attempt: which item, stage, subtask and attempt it is,
 /// the stored outputs of the item's finished stages, and a cancellation signal.
 #[derive(Debug, Clone)]
 pub struct StageContext {
-    item_id: String,
-    stage: String,
-    subtask: Option<String>,
+    /// Shared with the engine's bookkeeping of the attempt, so building a
+    /// context copies no strings.
+    task: Arc<TaskKey>,
     attempt: u32,
     outputs: BTreeMap<String, Value>,
     cancel: CancelSignal,
@@ -29,9 +30,7 @@ impl StageContext {
     /// directly, e.g. in unit tests.
     pub fn new(item_id: impl Into<String>, stage: impl Into<String>) -> Self {
         StageContext {
-            item_id: item_id.into(),
-            stage: stage.into(),
-            subtask: None,
+            task: Arc::new(TaskKey::stage(item_id, stage)),
             attempt: 1,
             outputs: BTreeMap::new(),
             cancel: CancelSignal::default(),
@@ -40,8 +39,18 @@ impl StageContext {
 
     /// Sets the subtask this attempt runs (for fan-out stages).
     pub fn with_subtask(mut self, subtask: impl Into<String>) -> Self {
-        self.subtask = Some(subtask.into());
+        Arc::make_mut(&mut self.task).subtask = Some(subtask.into());
         self
+    }
+
+    /// A context for the unit of work `task`, attempt `attempt`.
+    pub(crate) fn for_task(task: Arc<TaskKey>, attempt: u32) -> Self {
+        StageContext {
+            task,
+            attempt,
+            outputs: BTreeMap::new(),
+            cancel: CancelSignal::default(),
+        }
     }
 
     /// Sets the attempt number (1-based).
@@ -70,17 +79,17 @@ impl StageContext {
 
     /// The id of the item being processed.
     pub fn item_id(&self) -> &str {
-        &self.item_id
+        &self.task.item_id
     }
 
     /// The name of the running stage.
     pub fn stage(&self) -> &str {
-        &self.stage
+        &self.task.stage
     }
 
     /// The subtask being run, when the stage has fanned out.
     pub fn subtask(&self) -> Option<&str> {
-        self.subtask.as_deref()
+        self.task.subtask.as_deref()
     }
 
     /// The attempt number, starting at 1 (reset by a manual retry).

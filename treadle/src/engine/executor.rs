@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::{Pin, pin};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -30,6 +31,30 @@ pub struct RunReport {
     /// Attempts whose result was discarded because their claim was lost
     /// (the item was cancelled, or another worker took the work over).
     pub discarded: u64,
+}
+
+/// A claimed unit of work as the engine runs it: the claim, with its key
+/// shared between the attempt, its context and the running-work registry.
+struct Attempt {
+    task: Arc<TaskKey>,
+    attempt: u32,
+    generation: u64,
+    started_at: chrono::DateTime<Utc>,
+    payload: Arc<serde_json::Value>,
+    outputs: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+impl From<Claim> for Attempt {
+    fn from(claim: Claim) -> Self {
+        Attempt {
+            task: Arc::new(claim.task),
+            attempt: claim.attempt,
+            generation: claim.generation,
+            started_at: claim.started_at,
+            payload: claim.payload,
+            outputs: claim.outputs,
+        }
+    }
 }
 
 /// How one unit of work ended, for the report.
@@ -188,8 +213,10 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
         let mut running = self.running();
         for claim in claims {
             let (engine, signal) = (self.clone(), CancelSignal::default());
-            let (key, generation) = (claim.task.clone(), claim.generation);
-            let abort = tasks.spawn(engine.execute(claim, signal.clone()));
+            let generation = claim.generation;
+            let attempt = Attempt::from(claim);
+            let key = attempt.task.clone();
+            let abort = tasks.spawn(engine.execute(attempt, signal.clone()));
             running.insert(
                 key,
                 RunningWork {
@@ -238,7 +265,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
         let held: Vec<(TaskKey, u64)> = self
             .running()
             .iter()
-            .map(|(key, work)| (key.clone(), work.generation))
+            .map(|(key, work)| (TaskKey::clone(key), work.generation))
             .collect();
         if held.is_empty() {
             return Ok(());
@@ -254,7 +281,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
 
     fn running(
         &self,
-    ) -> std::sync::MutexGuard<'_, crate::fast_hash::FastMap<TaskKey, RunningWork>> {
+    ) -> std::sync::MutexGuard<'_, crate::fast_hash::FastMap<Arc<TaskKey>, RunningWork>> {
         self.shared
             .running
             .lock()
@@ -262,25 +289,25 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
     }
 
     /// Runs one claimed attempt and commits its end.
-    async fn execute(self, claim: Claim, signal: CancelSignal) -> Result<Finished> {
+    async fn execute(self, claimed: Attempt, signal: CancelSignal) -> Result<Finished> {
         let span = tracing::info_span!(
             "treadle.attempt",
-            item_id = %claim.task.item_id,
-            stage = %claim.task.stage,
-            subtask = claim.task.subtask.as_deref(),
-            attempt = claim.attempt,
+            item_id = %claimed.task.item_id,
+            stage = %claimed.task.stage,
+            subtask = claimed.task.subtask.as_deref(),
+            attempt = claimed.attempt,
         );
         async move {
-            let stage = self.shared.pipeline.stage(&claim.task.stage).cloned();
+            let stage = self.shared.pipeline.stage(&claimed.task.stage).cloned();
             let policy = stage.as_ref().map_or(StagePolicy::DEFAULT, |s| s.policy());
-            let Claim {
+            let Attempt {
                 task,
                 attempt,
                 generation,
                 started_at,
                 payload,
                 outputs,
-            } = claim;
+            } = claimed;
             let end = match stage {
                 None => AttemptEnd::Outcome(StageOutcome::failed(format!(
                     "stage `{}` is not in this pipeline",
@@ -295,13 +322,9 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
                 }
                 Some(stage) => match W::deserialize(&*payload) {
                     Ok(item) => {
-                        let mut ctx = StageContext::new(&task.item_id, &task.stage)
-                            .with_attempt(attempt)
+                        let mut ctx = StageContext::for_task(task.clone(), attempt)
                             .with_outputs(outputs)
                             .with_cancel_signal(signal);
-                        if let Some(subtask) = &task.subtask {
-                            ctx = ctx.with_subtask(subtask);
-                        }
                         run_guarded(stage.as_ref(), &item, &mut ctx, policy.timeout).await
                     }
                     Err(e) => AttemptEnd::Outcome(StageOutcome::failed(format!(
@@ -309,7 +332,9 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
                     ))),
                 },
             };
-            self.running().remove(&task);
+            self.running().remove(&*task);
+            // Usually the last reference now, so no copy is made.
+            let task = Arc::try_unwrap(task).unwrap_or_else(|shared| (*shared).clone());
             if let AttemptEnd::Error { result, message } = &end {
                 tracing::warn!(%result, error = %message, "attempt failed");
             }

@@ -89,7 +89,7 @@ struct Shared<W: WorkItem, S: Store> {
     /// Wakes the run loop: new items, decisions, retries.
     wake: Notify,
     /// Work this process is running, for cancellation and lease renewal.
-    running: Mutex<FastMap<TaskKey, RunningWork>>,
+    running: Mutex<FastMap<Arc<TaskKey>, RunningWork>>,
     random: AtomicU64,
 }
 
