@@ -89,7 +89,18 @@ struct Data {
     scheduled: BTreeSet<(DateTime<Utc>, Unit)>,
     /// Item positions by stage name, then state.
     by_state: FastMap<String, FastMap<StageState, BTreeSet<usize>>>,
-    events: Vec<Event>,
+    /// The event log, by position; names are resolved when events are read.
+    events: Vec<LoggedEvent>,
+}
+
+/// An event as the log keeps it: positions instead of names.
+#[derive(Debug)]
+struct LoggedEvent {
+    at: DateTime<Utc>,
+    item: usize,
+    /// The stage and subtask positions, for events about a stage.
+    unit: Option<Unit>,
+    kind: EventKind,
 }
 
 #[derive(Debug)]
@@ -251,18 +262,7 @@ impl Data {
     /// Appends an event about `unit` (its subtask too, if it has one) to
     /// the log and to `events`.
     fn log(&mut self, at: DateTime<Utc>, unit: Unit, kind: EventKind, events: &mut Vec<Event>) {
-        let item = &self.items[unit.item];
-        let row = &item.stages[unit.stage];
-        let event = Event {
-            seq: self.events.len() as u64 + 1,
-            at,
-            item_id: item.id.clone(),
-            stage: Some(row.unit.name.clone()),
-            subtask: unit.subtask.map(|i| row.subtasks[i].name.clone()),
-            kind,
-        };
-        self.events.push(event.clone());
-        events.push(event);
+        self.append(at, unit.item, Some(unit), kind, events);
     }
 
     /// Appends an event about a whole item.
@@ -273,16 +273,41 @@ impl Data {
         kind: EventKind,
         events: &mut Vec<Event>,
     ) {
-        let event = Event {
-            seq: self.events.len() as u64 + 1,
-            at,
-            item_id: self.items[item].id.clone(),
-            stage: None,
-            subtask: None,
-            kind,
+        self.append(at, item, None, kind, events);
+    }
+
+    fn append(
+        &mut self,
+        at: DateTime<Utc>,
+        item: usize,
+        unit: Option<Unit>,
+        kind: EventKind,
+        events: &mut Vec<Event>,
+    ) {
+        let logged = LoggedEvent { at, item, unit, kind };
+        events.push(self.resolve(self.events.len(), &logged));
+        self.events.push(logged);
+    }
+
+    /// The event at log position `index`, with its names.
+    fn resolve(&self, index: usize, logged: &LoggedEvent) -> Event {
+        let item = &self.items[logged.item];
+        let (stage, subtask) = match logged.unit {
+            None => (None, None),
+            Some(unit) => {
+                let row = &item.stages[unit.stage];
+                let subtask = unit.subtask.map(|i| row.subtasks[i].name.clone());
+                (Some(row.unit.name.clone()), subtask)
+            }
         };
-        self.events.push(event.clone());
-        events.push(event);
+        Event {
+            seq: index as u64 + 1,
+            at: logged.at,
+            item_id: item.id.clone(),
+            stage,
+            subtask,
+            kind: logged.kind.clone(),
+        }
     }
 
     /// Sends committed events to live subscribers, in log order.
@@ -967,13 +992,21 @@ impl Store for MemoryStore {
 
     async fn events(&self, query: EventQuery) -> Result<Vec<Event>> {
         let data = self.lock();
+        let item = match &query.item_id {
+            None => None,
+            Some(id) => match data.ids.get(id) {
+                Some(&item) => Some(item),
+                None => return Ok(Vec::new()),
+            },
+        };
         let start =
             usize::try_from(query.after).map_or(data.events.len(), |a| a.min(data.events.len()));
         Ok(data.events[start..]
             .iter()
-            .filter(|e| query.item_id.as_ref().is_none_or(|id| &e.item_id == id))
+            .enumerate()
+            .filter(|(_, e)| item.is_none_or(|item| e.item == item))
             .take(query.limit.unwrap_or(usize::MAX))
-            .cloned()
+            .map(|(offset, e)| data.resolve(start + offset, e))
             .collect())
     }
 }
