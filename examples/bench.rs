@@ -121,7 +121,9 @@ fn parse_args() -> Result<Args, String> {
             },
             "--items" => args.items = value.parse().map_err(|e| format!("--items {value}: {e}"))?,
             "--concurrency" => {
-                args.concurrency = value.parse().map_err(|e| format!("--concurrency {value}: {e}"))?
+                args.concurrency = value
+                    .parse()
+                    .map_err(|e| format!("--concurrency {value}: {e}"))?
             }
             other => return Err(format!("unknown flag `{other}`")),
         }

@@ -52,7 +52,7 @@ fn item(id: &str, at: DateTime<Utc>) -> NewItem {
     let stages = ["scan", "split", "review", "export"];
     NewItem {
         id: id.to_owned(),
-        payload: json!({"id": id, "pages": 3}),
+        payload: json!({"id": id, "pages": 3}).to_string(),
         stages: stages
             .iter()
             .enumerate()
@@ -829,7 +829,7 @@ async fn concurrent_transitions_all_land_with_a_gapless_log() {
     let mut feed = store.subscribe();
     let single = |id: String| NewItem {
         id,
-        payload: json!(null),
+        payload: json!(null).to_string(),
         stages: vec![StageSeed {
             name: "only".into(),
             upstream: 0,

@@ -40,7 +40,7 @@ struct Attempt {
     attempt: u32,
     generation: u64,
     started_at: chrono::DateTime<Utc>,
-    payload: Arc<serde_json::Value>,
+    payload: Arc<str>,
     outputs: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
@@ -320,7 +320,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
                         policy.max_attempts
                     )))
                 }
-                Some(stage) => match W::deserialize(&*payload) {
+                Some(stage) => match serde_json::from_str::<W>(&payload) {
                     Ok(item) => {
                         let mut ctx = StageContext::for_task(task.clone(), attempt)
                             .with_outputs(outputs)

@@ -180,7 +180,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
         let items = items
             .into_iter()
             .map(|item| {
-                let payload = serde_json::to_value(&item)
+                let payload = serde_json::to_string(&item)
                     .map_err(|e| Error::json(format!("item `{}`", item.id()), e))?;
                 Ok(NewItem {
                     id: item.id().to_owned(),

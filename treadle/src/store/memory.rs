@@ -13,7 +13,7 @@ use tokio::sync::broadcast;
 use super::{
     Claim, ClaimBatch, ClaimRequest, Commit, DecisionCommit, EVENT_FEED_CAPACITY, EventQuery,
     FanIn, NewItem, PipelineDrift, StageCount, Store, SubtaskTransition, TaskKey, Transition,
-    Verdict, fan_in,
+    Verdict, check_json, fan_in,
 };
 use crate::error::{Error, Result};
 use crate::event::{Event, EventKind};
@@ -106,7 +106,7 @@ struct LoggedEvent {
 #[derive(Debug)]
 struct ItemRow {
     id: String,
-    payload: Arc<Value>,
+    payload: Arc<str>,
     submitted_at: DateTime<Utc>,
     cancelled: bool,
     /// Stages not yet completed or skipped.
@@ -284,7 +284,12 @@ impl Data {
         kind: EventKind,
         events: &mut Vec<Event>,
     ) {
-        let logged = LoggedEvent { at, item, unit, kind };
+        let logged = LoggedEvent {
+            at,
+            item,
+            unit,
+            kind,
+        };
         events.push(self.resolve(self.events.len(), &logged));
         self.events.push(logged);
     }
@@ -448,7 +453,7 @@ impl Data {
         self.ids.insert(item.id.clone(), position);
         self.items.push(ItemRow {
             id: item.id,
-            payload: Arc::new(item.payload),
+            payload: Arc::from(item.payload),
             submitted_at: item.at,
             cancelled: false,
             unfinished: stages.len(),
@@ -666,6 +671,10 @@ impl Store for MemoryStore {
     async fn submit(&self, items: Vec<NewItem>) -> Result<Vec<Event>> {
         let mut data = self.lock();
         let mut events = Vec::with_capacity(items.len());
+        // Check every payload first: a batch is stored whole or not at all.
+        for item in &items {
+            check_json(&item.payload, &format!("the payload of item `{}`", item.id))?;
+        }
         for item in items {
             data.insert_item(item, &mut events);
         }

@@ -36,6 +36,14 @@ pub use memory::MemoryStore;
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 
+/// Checks that `text` is well-formed JSON (without building it), so no
+/// store ever keeps a payload that cannot be read back.
+pub(crate) fn check_json(text: &str, what: &str) -> Result<()> {
+    serde_json::from_str::<serde::de::IgnoredAny>(text)
+        .map(drop)
+        .map_err(|e| crate::Error::json(what, e))
+}
+
 /// One unit of work: a stage of an item, or one subtask of a fanned-out stage.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct TaskKey {
@@ -73,8 +81,8 @@ impl fmt::Display for TaskKey {
 pub struct NewItem {
     /// The item's id.
     pub id: String,
-    /// The item serialized as JSON.
-    pub payload: Value,
+    /// The item serialized as JSON text.
+    pub payload: String,
     /// One entry per stage, in the pipeline's topological order.
     pub stages: Vec<StageSeed>,
     /// The submission time.
@@ -114,8 +122,8 @@ pub struct Claim {
     pub generation: u64,
     /// When the attempt started.
     pub started_at: DateTime<Utc>,
-    /// The item as stored at submission.
-    pub payload: Arc<Value>,
+    /// The item as stored at submission, as JSON text.
+    pub payload: Arc<str>,
     /// The stored outputs of the item's completed stages, by stage name.
     pub outputs: BTreeMap<String, Value>,
 }

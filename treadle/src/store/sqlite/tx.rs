@@ -17,7 +17,7 @@ use crate::state::{AttemptResult, DecisionKind, StageState};
 use crate::status::AttemptRecord;
 use crate::store::{
     Claim, ClaimBatch, ClaimRequest, Commit, DecisionCommit, FanIn, NewItem, PipelineDrift,
-    SubtaskTransition, TaskKey, Transition, Verdict, fan_in,
+    SubtaskTransition, TaskKey, Transition, Verdict, check_json, fan_in,
 };
 
 /// One transition in progress: the connection and the events appended so far.
@@ -369,7 +369,8 @@ impl<'c> Tx<'c> {
 
     pub(crate) fn submit(&mut self, items: &[NewItem]) -> Result<()> {
         for item in items {
-            let payload = codec::json(&item.payload, "the item payload")?;
+            check_json(&item.payload, &format!("the payload of item `{}`", item.id))?;
+            let payload = &item.payload;
             let seq: Option<i64> = self
                 .conn
                 .prepare_cached(
@@ -584,19 +585,26 @@ impl<'c> Tx<'c> {
             attempt,
             generation,
             started_at: request.now,
-            payload: Arc::new(payload),
+            payload,
             outputs,
         }))
     }
 
     /// The payload of an item that is not cancelled (`None` if it is).
-    fn live_payload(&self, item_id: &str) -> Result<Option<Value>> {
+    fn live_payload(&self, item_id: &str) -> Result<Option<Arc<str>>> {
         let loc = Loc::item(item_id);
-        self.conn
+        let text: Option<Result<String>> = self
+            .conn
             .prepare_cached("SELECT payload FROM items WHERE id = ?1 AND cancelled = 0")?
-            .query_row([item_id], |row| Ok(loc.json(row, 0, "payload")))
-            .optional()?
-            .transpose()
+            .query_row([item_id], |row| Ok(loc.get(row, 0, "payload")))
+            .optional()?;
+        let Some(text) = text.transpose()? else {
+            return Ok(None);
+        };
+        // Decoded strictly here, so a corrupt payload is the store's typed error.
+        serde_json::from_str::<serde::de::IgnoredAny>(&text)
+            .map_err(|e| loc.corrupt("payload", format!("invalid JSON: {e}")))?;
+        Ok(Some(Arc::from(text)))
     }
 
     fn outputs(&self, item_id: &str) -> Result<BTreeMap<String, Value>> {
