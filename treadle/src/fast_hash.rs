@@ -54,6 +54,9 @@ impl Hasher for FastHasher {
     }
 }
 
+/// A `HashSet` using [`FastHasher`].
+pub(crate) type FastSet<T> = std::collections::HashSet<T, BuildHasherDefault<FastHasher>>;
+
 /// A `HashMap` using [`FastHasher`].
 pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, BuildHasherDefault<FastHasher>>;
 

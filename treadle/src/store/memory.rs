@@ -17,7 +17,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::event::{Event, EventKind};
-use crate::fast_hash::FastMap;
+use crate::fast_hash::{FastMap, FastSet};
 use crate::pipeline::PipelineDef;
 use crate::review::{DecisionRecord, ReviewStatus};
 use crate::state::{DecisionKind, ItemState, StageState};
@@ -87,8 +87,9 @@ struct Data {
     ready: VecDeque<Unit>,
     /// Scheduled retries by due time.
     scheduled: BTreeSet<(DateTime<Utc>, Unit)>,
-    /// Item positions by stage name, then state.
-    by_state: FastMap<String, FastMap<StageState, BTreeSet<usize>>>,
+    /// Item positions by stage name, then state (unordered: cheap to keep
+    /// in step on every transition; sorted when listed).
+    by_state: FastMap<String, FastMap<StageState, FastSet<usize>>>,
     /// The event log, by position; names are resolved when events are read.
     events: Vec<LoggedEvent>,
 }
@@ -642,9 +643,9 @@ impl Data {
 
 /// The (state -> items) index of `stage`, created on first use.
 fn state_index<'a>(
-    index: &'a mut FastMap<String, FastMap<StageState, BTreeSet<usize>>>,
+    index: &'a mut FastMap<String, FastMap<StageState, FastSet<usize>>>,
     stage: &str,
-) -> &'a mut FastMap<StageState, BTreeSet<usize>> {
+) -> &'a mut FastMap<StageState, FastSet<usize>> {
     if !index.contains_key(stage) {
         index.insert(stage.to_owned(), FastMap::default());
     }
@@ -975,7 +976,15 @@ impl Store for MemoryStore {
             .by_state
             .get(stage)
             .and_then(|states| states.get(&state))
-            .map(|items| items.iter().map(|&i| data.items[i].id.clone()).collect())
+            .map(|items| {
+                // The index is unordered; positions are submission order.
+                let mut positions: Vec<usize> = items.iter().copied().collect();
+                positions.sort_unstable();
+                positions
+                    .into_iter()
+                    .map(|i| data.items[i].id.clone())
+                    .collect()
+            })
             .unwrap_or_default())
     }
 
