@@ -4,7 +4,8 @@
 //! cargo run --release --example bench -- --workload linear --store sqlite --items 20000
 //! ```
 //!
-//! Flags: `--concurrency N` (`EngineConfig::max_concurrency`, default 256),
+//! Flags: `--concurrency N` (`EngineConfig::max_concurrency`, default: the
+//! engine's default, 256),
 //! `--runtime current|multi` (the tokio runtime, default current-thread:
 //! the engine's work is short and a single thread avoids cross-thread
 //! wake-ups; the SQLite store commits on its own thread either way).
@@ -106,7 +107,7 @@ fn parse_args() -> Result<Args, String> {
         workload: Workload::Linear,
         store: "memory".into(),
         items: 10_000,
-        concurrency: 256,
+        concurrency: EngineConfig::default().max_concurrency,
         multi_thread: false,
     };
     let mut it = std::env::args().skip(1);

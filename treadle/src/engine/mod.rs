@@ -43,7 +43,7 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
-            max_concurrency: 64,
+            max_concurrency: 256,
             lease: Duration::from_secs(60),
             worker_id: default_worker_id(),
             idle_poll: Duration::from_millis(250),
