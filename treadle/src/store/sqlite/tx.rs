@@ -409,23 +409,11 @@ impl<'c> Tx<'c> {
             }
         }
         // Retries that fell due join the back of the run queue.
-        let due: Vec<(i64, TaskKey)> = self
-            .conn
-            .prepare_cached(
-                "SELECT id, item_id, stage, subtask FROM scheduled WHERE due <= ?1
-                 ORDER BY due, item_seq, stage_position, subtask_position",
-            )?
-            .query_map([&now], |row| {
-                Ok((
-                    row.get(0)?,
-                    TaskKey {
-                        item_id: row.get(1)?,
-                        stage: row.get(2)?,
-                        subtask: row.get(3)?,
-                    },
-                ))
-            })?
-            .collect::<rusqlite::Result<_>>()?;
+        let due = self.queued_units(
+            "SELECT id, item_id, stage, subtask FROM scheduled WHERE due <= ?1
+             ORDER BY due, item_seq, stage_position, subtask_position",
+            &now,
+        )?;
         for (id, key) in due {
             self.conn
                 .prepare_cached("DELETE FROM scheduled WHERE id = ?1")?
@@ -436,22 +424,10 @@ impl<'c> Tx<'c> {
         // next batch tops the claims up.
         while batch.claims.len() < request.limit {
             let wanted = request.limit - batch.claims.len();
-            let head: Vec<(i64, TaskKey)> = self
-                .conn
-                .prepare_cached(
-                    "SELECT seq, item_id, stage, subtask FROM run_queue ORDER BY seq LIMIT ?1",
-                )?
-                .query_map([wanted], |row| {
-                    Ok((
-                        row.get(0)?,
-                        TaskKey {
-                            item_id: row.get(1)?,
-                            stage: row.get(2)?,
-                            subtask: row.get(3)?,
-                        },
-                    ))
-                })?
-                .collect::<rusqlite::Result<_>>()?;
+            let head = self.queued_units(
+                "SELECT seq, item_id, stage, subtask FROM run_queue ORDER BY seq LIMIT ?1",
+                &wanted,
+            )?;
             let Some(&(last, _)) = head.last() else { break };
             self.conn
                 .prepare_cached("DELETE FROM run_queue WHERE seq <= ?1")?
@@ -464,6 +440,26 @@ impl<'c> Tx<'c> {
         }
         batch.events = self.events.clone();
         Ok(batch)
+    }
+
+    /// Rows of a queue table (`scheduled` or `run_queue`): their id and the
+    /// unit of work they name, from `sql` with one parameter.
+    fn queued_units(&self, sql: &str, param: &dyn rusqlite::ToSql) -> Result<Vec<(i64, TaskKey)>> {
+        let units = self
+            .conn
+            .prepare_cached(sql)?
+            .query_map([param], |row| {
+                Ok((
+                    row.get(0)?,
+                    TaskKey {
+                        item_id: row.get(1)?,
+                        stage: row.get(2)?,
+                        subtask: row.get(3)?,
+                    },
+                ))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(units)
     }
 
     /// Running units whose lease expired before `now`, oldest expiry first.
