@@ -138,6 +138,35 @@ impl<'c> Tx<'c> {
         Ok((cancelled, unit))
     }
 
+    /// The state and fencing generation of a unit: all a commit checks.
+    fn fence(&self, key: &TaskKey) -> Result<Option<(StageState, u64)>> {
+        let loc = unit_loc(key);
+        let read = |row: &rusqlite::Row<'_>| -> Result<(StageState, u64)> {
+            Ok((
+                loc.parse(row, 0, "state")?,
+                loc.count(row, 1, "generation")?,
+            ))
+        };
+        let found = match &key.subtask {
+            None => self
+                .conn
+                .prepare_cached(
+                    "SELECT state, generation FROM stages WHERE item_id = ?1 AND stage = ?2",
+                )?
+                .query_row(params![key.item_id, key.stage], |row| Ok(read(row)))
+                .optional()?,
+            Some(sub) => self
+                .conn
+                .prepare_cached(
+                    "SELECT state, generation FROM subtasks
+                     WHERE item_id = ?1 AND stage = ?2 AND name = ?3",
+                )?
+                .query_row(params![key.item_id, key.stage, sub], |row| Ok(read(row)))
+                .optional()?,
+        };
+        found.transpose()
+    }
+
     fn load(&self, key: &TaskKey) -> Result<Option<Unit>> {
         let loc = unit_loc(key);
         let read = |row: &rusqlite::Row<'_>| -> Result<Unit> {
@@ -326,6 +355,10 @@ impl<'c> Tx<'c> {
                      WHERE item_id = ?1 AND stage = ?2 AND waiting = 0 AND state = 'pending'",
                 )?
                 .execute(params![key.item_id, dependent])?;
+        }
+        // Only a stage no other stage waits for can be an item's last.
+        if !dependents.is_empty() {
+            return Ok(());
         }
         let all_done: bool = self
             .conn
@@ -626,12 +659,12 @@ impl<'c> Tx<'c> {
             task: c.task.clone(),
             generation: c.generation,
         };
-        let Some(unit) = self.load(&c.task)? else {
+        let Some((state, generation)) = self.fence(&c.task)? else {
             // Say which of item, stage or subtask is unknown.
             self.require_stage(&c.task.item_id, &c.task.stage)?;
             return Err(lease_lost());
         };
-        if unit.state != StageState::Running || unit.generation != c.generation {
+        if state != StageState::Running || generation != c.generation {
             return Err(lease_lost());
         }
         self.record_attempt(&c.task, &c.attempt)?;
