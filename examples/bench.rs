@@ -21,15 +21,13 @@
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use treadle::prelude::*;
 use treadle::store::Store;
-use treadle::{
-    Decision, Engine, EngineConfig, MemoryStore, Pipeline, ReviewRequest, SqliteStore, Stage,
-    StageContext, StageOutcome, WorkItem,
-};
+use treadle::{Decision, EngineConfig};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Record {
@@ -49,48 +47,53 @@ enum Workload {
     Review,
 }
 
-/// What the bench's stages share: progress and, for `review`, start times.
+/// What the bench's stages share: the workload, progress and, for
+/// `review`, when each item's next stage started.
 #[derive(Default)]
 struct Probe {
+    workload: OnceLock<Workload>,
     finished: AtomicU64,
     export_started: Mutex<HashMap<String, Instant>>,
 }
 
-struct BenchStage {
-    name: &'static str,
-    workload: Workload,
-    probe: Arc<Probe>,
+static PROBE: LazyLock<Probe> = LazyLock::new(Probe::default);
+
+fn workload() -> Workload {
+    *PROBE.workload.get().unwrap_or(&Workload::Linear)
 }
 
-#[treadle::async_trait]
-impl Stage<Record> for BenchStage {
-    fn name(&self) -> &str {
-        self.name
-    }
+#[stage]
+async fn scan(_record: &Record) -> treadle::Result<StageOutcome> {
+    Ok(StageOutcome::complete())
+}
 
-    async fn run(&self, item: &Record, ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
-        Ok(match (self.name, self.workload) {
-            ("enrich", Workload::Fanout) if ctx.subtask().is_none() => {
-                StageOutcome::fan_out((0..8).map(|i| format!("source-{i}")))
-            }
-            ("review", Workload::Review) => StageOutcome::needs_review(ReviewRequest::new("check")),
-            ("export", _) => {
-                let now = Instant::now();
-                self.probe
-                    .export_started
-                    .lock()
-                    .unwrap()
-                    .insert(item.id.clone(), now);
-                self.probe.finished.fetch_add(1, Ordering::Relaxed);
-                StageOutcome::complete()
-            }
-            ("review", _) => {
-                self.probe.finished.fetch_add(1, Ordering::Relaxed);
-                StageOutcome::complete()
-            }
-            _ => StageOutcome::complete(),
-        })
+#[stage]
+async fn enrich(_record: &Record, ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
+    if workload() == Workload::Fanout && ctx.subtask().is_none() {
+        return Ok(StageOutcome::fan_out((0..8).map(|i| format!("source-{i}"))));
     }
+    Ok(StageOutcome::complete())
+}
+
+#[stage]
+async fn review(_record: &Record) -> treadle::Result<StageOutcome> {
+    if workload() == Workload::Review {
+        return Ok(StageOutcome::needs_review(ReviewRequest::new("check")));
+    }
+    PROBE.finished.fetch_add(1, Ordering::Relaxed);
+    Ok(StageOutcome::complete())
+}
+
+#[stage]
+async fn export(record: &Record) -> treadle::Result<StageOutcome> {
+    let now = Instant::now();
+    PROBE
+        .export_started
+        .lock()
+        .unwrap()
+        .insert(record.id.clone(), now);
+    PROBE.finished.fetch_add(1, Ordering::Relaxed);
+    Ok(StageOutcome::complete())
 }
 
 struct Args {
@@ -145,22 +148,11 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-fn pipeline(workload: Workload, probe: &Arc<Probe>) -> Pipeline<Record> {
-    let stage = |name| BenchStage {
-        name,
-        workload,
-        probe: probe.clone(),
-    };
-    let mut builder = Pipeline::builder()
-        .stage(stage("scan"))
-        .stage(stage("enrich"))
-        .stage(stage("review"))
-        .edge("scan", "enrich")
-        .edge("enrich", "review");
-    if workload == Workload::Review {
-        builder = builder.stage(stage("export")).edge("review", "export");
+fn pipeline(workload: Workload) -> Pipeline<Record> {
+    match workload {
+        Workload::Review => pipeline! { scan -> enrich -> review -> export },
+        Workload::Linear | Workload::Fanout => pipeline! { scan -> enrich -> review },
     }
-    builder.build().expect("the bench pipeline is valid")
 }
 
 fn peak_rss_mb() -> f64 {
@@ -173,13 +165,13 @@ fn peak_rss_mb() -> f64 {
 }
 
 /// Redraws a progress line on stderr while the bench runs, if it is a terminal.
-fn progress(probe: Arc<Probe>, total: u64) -> Option<tokio::task::JoinHandle<()>> {
+fn progress(total: u64) -> Option<tokio::task::JoinHandle<()>> {
     if !std::io::stderr().is_terminal() {
         return None;
     }
     Some(tokio::spawn(async move {
         loop {
-            let done = probe.finished.load(Ordering::Relaxed).min(total);
+            let done = PROBE.finished.load(Ordering::Relaxed).min(total);
             let width = 40;
             let filled = (done * width / total.max(1)) as usize;
             eprint!(
@@ -204,31 +196,33 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 async fn bench<S: Store>(args: &Args, store: S) -> treadle::Result<serde_json::Value> {
-    let probe = Arc::new(Probe::default());
+    PROBE
+        .workload
+        .set(args.workload)
+        .map_err(|_| treadle::Error::stage("the bench runs one workload per process"))?;
     let config = EngineConfig {
         max_concurrency: args.concurrency,
         ..EngineConfig::default()
     };
-    let engine = Engine::with_config(pipeline(args.workload, &probe), store, config);
+    let engine = Engine::with_config(pipeline(args.workload), store, config);
     let ids: Vec<String> = (0..args.items).map(|i| format!("item-{i:08}")).collect();
     for chunk in ids.chunks(1_000) {
         engine
             .submit_all(chunk.iter().map(|id| Record { id: id.clone() }))
             .await?;
     }
-    let bar = progress(probe.clone(), args.items);
+    let bar = progress(args.items);
     let started = Instant::now();
     let mut result = serde_json::Map::new();
     let report = if args.workload == Workload::Review {
         engine.run_until_idle().await?;
         let worker = tokio::spawn({
             let engine = engine.clone();
-            let probe = probe.clone();
             let total = args.items;
             async move {
                 engine
                     .run(async move {
-                        while probe.finished.load(Ordering::Relaxed) < total {
+                        while PROBE.finished.load(Ordering::Relaxed) < total {
                             tokio::time::sleep(Duration::from_millis(5)).await;
                         }
                     })
@@ -255,7 +249,7 @@ async fn bench<S: Store>(args: &Args, store: S) -> treadle::Result<serde_json::V
         }
         let approve_secs = approve_started.elapsed().as_secs_f64();
         let report = worker.await.expect("worker task")?;
-        let starts = probe.export_started.lock().unwrap();
+        let starts = PROBE.export_started.lock().unwrap();
         let approved = approved.lock().unwrap();
         let mut latencies: Vec<f64> = approved
             .iter()
