@@ -37,6 +37,9 @@ struct Unit {
     started_at: Option<DateTime<Utc>>,
     lease_expiry: Option<DateTime<Utc>>,
     lease_owner: Option<String>,
+    /// The item's payload (JSON text, not yet checked), unless the item is
+    /// cancelled: read with the unit so a claim needs no second query.
+    payload: Option<String>,
 }
 
 fn unit_loc(key: &TaskKey) -> Loc {
@@ -179,24 +182,29 @@ impl<'c> Tx<'c> {
                 started_at: loc.time_opt(row, 5, "started_at")?,
                 lease_expiry: loc.time_opt(row, 6, "lease_expiry")?,
                 lease_owner: loc.get(row, 7, "lease_owner")?,
+                payload: loc.get(row, 8, "payload")?,
             })
         };
         let found = match &key.subtask {
             None => self
                 .conn
                 .prepare_cached(
-                    "SELECT state, attempt, generation, waiting, next_run_at, started_at,
-                            lease_expiry, lease_owner
-                     FROM stages WHERE item_id = ?1 AND stage = ?2",
+                    "SELECT s.state, s.attempt, s.generation, s.waiting, s.next_run_at,
+                            s.started_at, s.lease_expiry, s.lease_owner,
+                            CASE WHEN i.cancelled = 0 THEN i.payload END
+                     FROM stages s JOIN items i ON i.id = s.item_id
+                     WHERE s.item_id = ?1 AND s.stage = ?2",
                 )?
                 .query_row(params![key.item_id, key.stage], |row| Ok(read(row)))
                 .optional()?,
             Some(sub) => self
                 .conn
                 .prepare_cached(
-                    "SELECT state, attempt, generation, 0, next_run_at, started_at, lease_expiry,
-                            lease_owner
-                     FROM subtasks WHERE item_id = ?1 AND stage = ?2 AND name = ?3",
+                    "SELECT t.state, t.attempt, t.generation, 0, t.next_run_at, t.started_at,
+                            t.lease_expiry, t.lease_owner,
+                            CASE WHEN i.cancelled = 0 THEN i.payload END
+                     FROM subtasks t JOIN items i ON i.id = t.item_id
+                     WHERE t.item_id = ?1 AND t.stage = ?2 AND t.name = ?3",
                 )?
                 .query_row(params![key.item_id, key.stage, sub], |row| Ok(read(row)))
                 .optional()?,
@@ -542,9 +550,14 @@ impl<'c> Tx<'c> {
         if !runnable {
             return Ok(None);
         }
-        let Some(payload) = self.live_payload(&key.item_id)? else {
-            return Ok(None);
+        let Some(text) = unit.payload.as_deref() else {
+            return Ok(None); // the item was cancelled
         };
+        // Decoded strictly here, so a corrupt payload is the store's typed error.
+        serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| {
+            Loc::item(&key.item_id).corrupt("payload", format!("invalid JSON: {e}"))
+        })?;
+        let payload: Arc<str> = Arc::from(text);
         if abandoned {
             let expired = unit.lease_expiry.unwrap_or(request.now);
             let previous_owner = unit.lease_owner.clone().unwrap_or_default();
@@ -617,23 +630,6 @@ impl<'c> Tx<'c> {
             payload,
             outputs,
         }))
-    }
-
-    /// The payload of an item that is not cancelled (`None` if it is).
-    fn live_payload(&self, item_id: &str) -> Result<Option<Arc<str>>> {
-        let loc = Loc::item(item_id);
-        let text: Option<Result<String>> = self
-            .conn
-            .prepare_cached("SELECT payload FROM items WHERE id = ?1 AND cancelled = 0")?
-            .query_row([item_id], |row| Ok(loc.get(row, 0, "payload")))
-            .optional()?;
-        let Some(text) = text.transpose()? else {
-            return Ok(None);
-        };
-        // Decoded strictly here, so a corrupt payload is the store's typed error.
-        serde_json::from_str::<serde::de::IgnoredAny>(&text)
-            .map_err(|e| loc.corrupt("payload", format!("invalid JSON: {e}")))?;
-        Ok(Some(Arc::from(text)))
     }
 
     fn outputs(&self, item_id: &str) -> Result<BTreeMap<String, Value>> {
