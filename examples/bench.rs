@@ -4,8 +4,9 @@
 //! cargo run --release --example bench -- --workload linear --store sqlite --items 20000
 //! ```
 //!
-//! Flags: `--concurrency N` (`EngineConfig::max_concurrency`, default: the
-//! engine's default, 256),
+//! Flags: `--concurrency N` (`EngineConfig::max_concurrency`; by default
+//! what the store suggests, as `Engine::new` uses: 256 in memory, 512 on
+//! SQLite, where more work in flight makes bigger group commits),
 //! `--runtime current|multi` (the tokio runtime, default current-thread:
 //! the engine's work is short and a single thread avoids cross-thread
 //! wake-ups; the SQLite store commits on its own thread either way).
@@ -100,7 +101,8 @@ struct Args {
     workload: Workload,
     store: String,
     items: u64,
-    concurrency: usize,
+    /// `None`: what the store suggests, as `Engine::new` does.
+    concurrency: Option<usize>,
     /// A multi-thread tokio runtime instead of a current-thread one.
     multi_thread: bool,
 }
@@ -110,7 +112,7 @@ fn parse_args() -> Result<Args, String> {
         workload: Workload::Linear,
         store: "memory".into(),
         items: 10_000,
-        concurrency: EngineConfig::default().max_concurrency,
+        concurrency: None,
         multi_thread: false,
     };
     let mut it = std::env::args().skip(1);
@@ -138,9 +140,10 @@ fn parse_args() -> Result<Args, String> {
                 other => return Err(format!("unknown runtime `{other}` (current|multi)")),
             },
             "--concurrency" => {
-                args.concurrency = value
+                let n = value
                     .parse()
-                    .map_err(|e| format!("--concurrency {value}: {e}"))?
+                    .map_err(|e| format!("--concurrency {value}: {e}"))?;
+                args.concurrency = Some(n);
             }
             other => return Err(format!("unknown flag `{other}`")),
         }
@@ -201,9 +204,12 @@ async fn bench<S: Store>(args: &Args, store: S) -> treadle::Result<serde_json::V
         .set(args.workload)
         .map_err(|_| treadle::Error::stage("the bench runs one workload per process"))?;
     let config = EngineConfig {
-        max_concurrency: args.concurrency,
+        max_concurrency: args
+            .concurrency
+            .unwrap_or_else(|| store.suggested_concurrency()),
         ..EngineConfig::default()
     };
+    let concurrency = config.max_concurrency;
     let engine = Engine::with_config(pipeline(args.workload), store, config);
     let ids: Vec<String> = (0..args.items).map(|i| format!("item-{i:08}")).collect();
     for chunk in ids.chunks(1_000) {
@@ -294,6 +300,7 @@ async fn bench<S: Store>(args: &Args, store: S) -> treadle::Result<serde_json::V
         ["linear", "fanout", "review"][args.workload as usize].into(),
     );
     result.insert("store".into(), args.store.clone().into());
+    result.insert("concurrency".into(), concurrency.into());
     result.insert("items".into(), args.items.into());
     result.insert("transitions".into(), transitions.into());
     result.insert("secs".into(), ((secs * 1000.0).round() / 1000.0).into());
@@ -341,6 +348,5 @@ async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error
         "current_thread"
     }
     .into();
-    line["concurrency"] = args.concurrency.into();
     Ok(line)
 }

@@ -251,3 +251,16 @@ async fn attempts_used_up_by_dead_workers_fail_the_stage() {
         Some("no attempts left: 1 of 1 were used by workers that stopped mid-attempt")
     );
 }
+
+#[tokio::test]
+async fn engine_new_runs_as_many_attempts_as_the_store_suggests() {
+    let pipeline = || Pipeline::builder().stage(done("only")).build().unwrap();
+    let sqlite = Engine::new(pipeline(), SqliteStore::open_in_memory().await.unwrap());
+    assert_eq!(
+        sqlite.config().max_concurrency,
+        512,
+        "group commit wants more in flight"
+    );
+    let memory = Engine::new(pipeline(), treadle::MemoryStore::new());
+    assert_eq!(memory.config().max_concurrency, 256);
+}

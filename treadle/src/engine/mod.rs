@@ -100,9 +100,14 @@ struct RunningWork {
 }
 
 impl<W: WorkItem, S: Store> Engine<W, S> {
-    /// An engine with the default configuration.
+    /// An engine with the default configuration, running as many attempts
+    /// at once as the store suggests ([`Store::suggested_concurrency`]).
     pub fn new(pipeline: Pipeline<W>, store: S) -> Self {
-        Self::with_config(pipeline, store, EngineConfig::default())
+        let config = EngineConfig {
+            max_concurrency: store.suggested_concurrency(),
+            ..EngineConfig::default()
+        };
+        Self::with_config(pipeline, store, config)
     }
 
     /// An engine with an explicit configuration.
@@ -141,6 +146,11 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
                 random: AtomicU64::new(seed),
             }),
         }
+    }
+
+    /// The configuration this engine runs with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.shared.config
     }
 
     /// The pipeline this engine runs.

@@ -332,6 +332,14 @@ pub trait Store: Send + Sync + 'static {
     /// behind gets `Lagged` and can catch up from [`Store::events`].
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event>;
 
+    /// How many attempts an engine should keep running at once on this
+    /// store by default ([`crate::Engine::new`]). A store that commits
+    /// transitions in groups gains from more work in flight: each group,
+    /// and each fsync, then carries more transitions.
+    fn suggested_concurrency(&self) -> usize {
+        256
+    }
+
     /// Records the pipeline's shape and reports how it differs from the one
     /// recorded before (empty the first time).
     async fn register_pipeline(&self, definition: &PipelineDef) -> Result<PipelineDrift>;

@@ -211,6 +211,12 @@ where
 
 #[async_trait]
 impl Store for SqliteStore {
+    /// Group commit: with more attempts in flight, each transaction (and
+    /// its fsync) carries more transitions.
+    fn suggested_concurrency(&self) -> usize {
+        512
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.inner.feed.subscribe()
     }
