@@ -20,7 +20,8 @@ pub enum StageOutcome {
     },
     /// The item parks here until a person approves or rejects it.
     NeedsReview(ReviewRequest),
-    /// Run this stage again after a delay (counts as an attempt).
+    /// Run this stage again after a delay. It counts as an attempt: once
+    /// the policy's `max_attempts` are used, the stage fails instead.
     Retry {
         /// How long to wait before the next attempt.
         after: Duration,
