@@ -1008,8 +1008,8 @@ impl<'c> Tx<'c> {
         let until = codec::time(until);
         for (key, generation) in claims {
             let held = self
-                .load(key)?
-                .is_some_and(|u| u.state == StageState::Running && u.generation == *generation);
+                .fence(key)?
+                .is_some_and(|(state, held)| state == StageState::Running && held == *generation);
             if !held {
                 lost.push(key.clone());
                 continue;
