@@ -29,6 +29,8 @@ pub struct StageStatus {
     pub name: String,
     /// Its state.
     pub state: StageState,
+    /// How many of its upstream stages have not completed or skipped yet.
+    pub waiting_on: u32,
     /// Attempts made in the current run (a manual retry starts a new run).
     pub attempt: u32,
     /// When the latest attempt started.
@@ -95,22 +97,26 @@ pub struct AwaitingReview {
 }
 
 impl ItemState {
-    /// Derives an item's state from whether it was cancelled and its stages'
-    /// states, in this order of precedence: cancelled; awaiting review if any
-    /// stage waits for a person; active while any stage runs or waits for a
-    /// retry; failed if any stage failed; active while any stage is pending;
-    /// otherwise completed.
-    pub fn derive(cancelled: bool, stages: impl IntoIterator<Item = StageState> + Clone) -> Self {
-        let any = |wanted: &[StageState]| stages.clone().into_iter().any(|s| wanted.contains(&s));
+    /// Derives an item's state from whether it was cancelled and its
+    /// stages, in this order of precedence: cancelled; awaiting review if any
+    /// stage waits for a person; active while any stage runs, waits for a
+    /// retry, or is pending with nothing left to wait for; failed if any
+    /// stage failed (what is still pending waits behind it); active while any
+    /// stage is pending; otherwise completed.
+    pub fn derive(cancelled: bool, stages: &[StageStatus]) -> Self {
+        let any = |wanted: fn(&StageStatus) -> bool| stages.iter().any(wanted);
         if cancelled {
             ItemState::Cancelled
-        } else if any(&[StageState::AwaitingReview]) {
+        } else if any(|s| s.state == StageState::AwaitingReview) {
             ItemState::AwaitingReview
-        } else if any(&[StageState::Running, StageState::RetryScheduled]) {
+        } else if any(|s| {
+            matches!(s.state, StageState::Running | StageState::RetryScheduled)
+                || (s.state == StageState::Pending && s.waiting_on == 0)
+        }) {
             ItemState::Active
-        } else if any(&[StageState::Failed]) {
+        } else if any(|s| s.state == StageState::Failed) {
             ItemState::Failed
-        } else if any(&[StageState::Pending]) {
+        } else if any(|s| s.state == StageState::Pending) {
             ItemState::Active
         } else {
             ItemState::Completed

@@ -57,6 +57,7 @@ macro_rules! store_suite {
             items_by_stage_and_state,
             long_lived_worker_picks_up_new_items_and_decisions,
             review_deadlines_decide_when_they_pass,
+            a_failure_leaves_the_item_active_while_a_branch_can_run,
         );
     };
 }
@@ -1097,4 +1098,78 @@ pub async fn review_deadlines_decide_when_they_pass<S: Store>(store: S) {
         engine.store().next_review_deadline().await.unwrap(),
         waiting[0].review.request.deadline.as_ref().map(|d| d.at)
     );
+}
+
+pub async fn a_failure_leaves_the_item_active_while_a_branch_can_run<S: Store>(store: S) {
+    use treadle::store::{ClaimRequest, Commit, Transition};
+    // Two independent stages: claim one and fail it, before the other runs.
+    let pipeline = Pipeline::builder()
+        .stage(done("left"))
+        .stage(done("right"))
+        .stage(done("join"))
+        .edge("left", "join")
+        .edge("right", "join")
+        .build()
+        .unwrap();
+    let engine = engine(pipeline, store);
+    engine.submit(doc("d")).await.unwrap();
+    let now = chrono::Utc::now();
+    let request = ClaimRequest {
+        owner: "test".into(),
+        limit: 1,
+        lease: Duration::from_secs(30),
+        now,
+    };
+    let claim = engine
+        .store()
+        .claim(request)
+        .await
+        .unwrap()
+        .claims
+        .remove(0);
+    let failed = claim.task.stage.clone();
+    engine
+        .store()
+        .commit(Commit {
+            task: claim.task.clone(),
+            generation: claim.generation,
+            attempt: treadle::AttemptRecord {
+                attempt: 1,
+                started_at: now,
+                finished_at: now,
+                result: AttemptResult::Failed,
+                error: Some("broken".into()),
+            },
+            transition: Transition::Fail {
+                reason: "broken".into(),
+            },
+            dependents: vec!["join".to_owned()].into(),
+        })
+        .await
+        .unwrap();
+    let status = engine.status("d").await.unwrap();
+    let other = status
+        .stages
+        .iter()
+        .find(|s| s.name != failed && s.name != "join")
+        .unwrap();
+    assert_eq!((other.state, other.waiting_on), (StageState::Pending, 0));
+    assert_eq!(
+        status.stages.last().unwrap().waiting_on,
+        2,
+        "join still waits for both"
+    );
+    assert_eq!(
+        status.state,
+        ItemState::Active,
+        "the other branch can still run: {status}"
+    );
+    engine.run_until_idle().await.unwrap();
+    let status = engine.status("d").await.unwrap();
+    assert_eq!(
+        status.state,
+        ItemState::Failed,
+        "only the blocked join is left: {status}"
+    );
+    assert_eq!(status.stages.last().unwrap().waiting_on, 1);
 }

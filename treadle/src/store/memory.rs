@@ -205,6 +205,7 @@ impl ItemRow {
         StageStatus {
             name: row.unit.name.clone(),
             state: row.unit.state,
+            waiting_on: row.waiting,
             attempt: row.unit.attempt,
             started_at: row.unit.started_at,
             finished_at: row.unit.finished_at,
@@ -964,7 +965,7 @@ impl Store for MemoryStore {
         let stages: Vec<StageStatus> = (0..item.stages.len()).map(|i| item.status_of(i)).collect();
         Ok(ItemStatus {
             item_id: item.id.clone(),
-            state: ItemState::derive(item.cancelled, stages.iter().map(|s| s.state)),
+            state: ItemState::derive(item.cancelled, &stages),
             submitted_at: item.submitted_at,
             stages,
         })

@@ -211,7 +211,7 @@ pub(crate) fn status(conn: &Connection, item_id: &str) -> Result<ItemStatus> {
     let stages = collect(
         conn,
         "SELECT stage, state, attempt, started_at, finished_at, next_run_at, last_error, output,
-                review_round, review_request, review_requested_at
+                review_round, review_request, review_requested_at, waiting
          FROM stages WHERE item_id = ?1 ORDER BY position",
         [item_id],
         |row| {
@@ -219,6 +219,7 @@ pub(crate) fn status(conn: &Connection, item_id: &str) -> Result<ItemStatus> {
             let loc = Loc::stage(item_id, &name);
             Ok(StageStatus {
                 state: loc.parse(row, 1, "state")?,
+                waiting_on: loc.count(row, 11, "waiting")?,
                 attempt: loc.count(row, 2, "attempt")?,
                 started_at: loc.time_opt(row, 3, "started_at")?,
                 finished_at: loc.time_opt(row, 4, "finished_at")?,
@@ -237,7 +238,7 @@ pub(crate) fn status(conn: &Connection, item_id: &str) -> Result<ItemStatus> {
     }
     Ok(ItemStatus {
         item_id: item_id.to_owned(),
-        state: ItemState::derive(cancelled, stages.iter().map(|s| s.state)),
+        state: ItemState::derive(cancelled, &stages),
         submitted_at,
         stages,
     })
