@@ -1030,3 +1030,115 @@ async fn an_in_memory_database_works_without_a_file() {
     let expected = script(&MemoryStore::new()).await;
     assert_eq!(script(&store).await, expected);
 }
+
+// ---- several processes on one file ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_stores_on_one_file_never_claim_the_same_work() {
+    const ITEMS: usize = 300;
+    let dir = tempfile::tempdir().unwrap();
+    // Two stores, each with its own connections and writer thread, as two
+    // processes would have.
+    let first = SqliteStore::open(db(&dir)).await.unwrap();
+    let second = SqliteStore::open(db(&dir)).await.unwrap();
+    let items: Vec<_> = (0..ITEMS)
+        .map(|i| item(&format!("i{i:03}"), t(0)))
+        .collect();
+    first.submit(items).await.unwrap();
+    let worker = |store: SqliteStore, owner: &'static str| {
+        tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let batch = store
+                    .claim(ClaimRequest {
+                        owner: owner.into(),
+                        limit: 7,
+                        lease: Duration::from_secs(60),
+                        now: t(1),
+                    })
+                    .await
+                    .unwrap();
+                if batch.claims.is_empty() {
+                    return mine;
+                }
+                mine.extend(batch.claims.into_iter().map(|c| c.task));
+                // Let the other process in, as a worker busy running its claims would.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    let (a, b) = (worker(first.clone(), "one"), worker(second.clone(), "two"));
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    assert!(!a.is_empty() && !b.is_empty(), "both processes got work");
+    let mut all: Vec<_> = a.into_iter().chain(b).collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), ITEMS, "every scan claimed exactly once");
+    // Each store reads what the other committed, with one gapless log.
+    let events = all_events(&second).await;
+    assert_eq!(events.len(), ITEMS * 2);
+    assert_gapless(&events);
+    assert_eq!(
+        first
+            .items_in("scan", StageState::Running)
+            .await
+            .unwrap()
+            .len(),
+        ITEMS
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_engines_on_one_file_run_every_stage_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = Trace::default();
+    let pipeline = |runs: Trace| {
+        let counted = |name: &'static str| {
+            let runs = runs.clone();
+            stage(name, move |doc, _| {
+                let runs = runs.clone();
+                async move {
+                    runs.push(format!("{name}:{}", doc.id));
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    Ok(StageOutcome::complete())
+                }
+            })
+        };
+        Pipeline::builder()
+            .stage(counted("scan"))
+            .stage(counted("export"))
+            .edge("scan", "export")
+            .build()
+            .unwrap()
+    };
+    // Distinct worker ids: a worker releases its own id's claims on start.
+    let worker = |id: &str, store| {
+        treadle::Engine::with_config(
+            pipeline(runs.clone()),
+            store,
+            treadle::EngineConfig {
+                max_concurrency: 8,
+                lease: Duration::from_secs(30),
+                worker_id: id.into(),
+                idle_poll: Duration::from_millis(20),
+            },
+        )
+    };
+    let one = worker("one", SqliteStore::open(db(&dir)).await.unwrap());
+    let two = worker("two", SqliteStore::open(db(&dir)).await.unwrap());
+    one.submit_all((0..60).map(|i| doc(&format!("d{i:02}"))))
+        .await
+        .unwrap();
+    let (r1, r2) = tokio::join!(one.run_until_idle(), two.run_until_idle());
+    let (r1, r2) = (r1.unwrap(), r2.unwrap());
+    let mut entries = runs.entries();
+    let total = entries.len();
+    entries.sort();
+    entries.dedup();
+    assert_eq!(total, entries.len(), "a stage ran twice");
+    for i in 0..60 {
+        let status = one.status(&format!("d{i:02}")).await.unwrap();
+        assert_eq!(status.state, treadle::ItemState::Completed, "{status}");
+    }
+    assert_eq!(total, 120, "{r1:?} {r2:?}");
+}
