@@ -1142,3 +1142,157 @@ async fn two_engines_on_one_file_run_every_stage_once() {
     }
     assert_eq!(total, 120, "{r1:?} {r2:?}");
 }
+
+// ---- a real crash: SIGKILL in the middle of the work ----
+
+const CRASH_DB: &str = "TREADLE_SQLITE_CRASH_DB";
+
+fn crash_pipeline() -> Pipeline<Doc> {
+    let slow = |name: &str| {
+        stage(name, |_, ctx| async move {
+            if ctx.stage() == "split" && ctx.subtask().is_none() {
+                return Ok(StageOutcome::fan_out(["p1", "p2", "p3"]));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            StageOutcome::complete_with(ctx.attempt())
+        })
+        .policy(treadle::StagePolicy::new().retries(5))
+    };
+    Pipeline::builder()
+        .stage(slow("scan"))
+        .stage(slow("split"))
+        .stage(slow("export"))
+        .edge("scan", "split")
+        .edge("split", "export")
+        .build()
+        .unwrap()
+}
+
+/// Not a test on its own: the worker process that
+/// `a_killed_worker_loses_nothing_it_committed` starts and kills. Without
+/// the environment variable it does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_child_worker() {
+    let Ok(path) = std::env::var(CRASH_DB) else {
+        return;
+    };
+    let store = SqliteStore::open(path).await.unwrap();
+    let engine = treadle::Engine::with_config(
+        crash_pipeline(),
+        store,
+        treadle::EngineConfig {
+            max_concurrency: 8,
+            lease: Duration::from_millis(300),
+            worker_id: "doomed".into(),
+            idle_poll: Duration::from_millis(5),
+        },
+    );
+    let mut feed = engine.subscribe();
+    tokio::spawn(async move {
+        use std::io::Write;
+        while let Ok(event) = feed.recv().await {
+            // Printed only after the event's transition committed.
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}", serde_json::to_string(&event).unwrap()).unwrap();
+            out.flush().unwrap();
+        }
+    });
+    engine
+        .submit_all((0..40).map(|i| doc(&format!("c{i:02}"))))
+        .await
+        .unwrap();
+    engine.run_until_idle().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_loses_nothing_it_committed() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "crash_child_worker",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CRASH_DB, db(&dir))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let printed = tokio::task::spawn_blocking(move || {
+        let mut printed = Vec::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            if line.starts_with('{') {
+                let event: treadle::Event = serde_json::from_str(&line).unwrap();
+                // Kill right after an attempt started: it is still sleeping.
+                let started = matches!(event.kind, EventKind::Started { .. });
+                printed.push(event);
+                if printed.len() >= 150 && started {
+                    break;
+                }
+            }
+        }
+        printed
+    })
+    .await
+    .unwrap();
+    child.kill().unwrap(); // SIGKILL: no destructor, no clean shutdown
+    child.wait().unwrap();
+    assert!(
+        printed.len() >= 150,
+        "the worker got far enough before it was killed"
+    );
+
+    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    let log = all_events(&store).await;
+    assert_gapless(&log);
+    for event in &printed {
+        assert_eq!(
+            log.get(event.seq as usize - 1),
+            Some(event),
+            "a committed event was lost"
+        );
+    }
+    assert!(log.len() < 40 * 14, "killed before the end");
+    // Units the dead worker was running: stages without subtasks, and subtasks.
+    let mut interrupted = 0;
+    for i in 0..40 {
+        for stage in store.status(&format!("c{i:02}")).await.unwrap().stages {
+            let running = |s: StageState| s == StageState::Running;
+            interrupted += stage.subtasks.iter().filter(|s| running(s.state)).count();
+            interrupted += usize::from(running(stage.state) && stage.subtasks.is_empty());
+        }
+    }
+    assert!(interrupted > 0, "the worker was killed mid-attempt");
+
+    // Another worker takes over once the dead one's leases run out.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let rescuer = treadle::Engine::with_config(
+        crash_pipeline(),
+        store,
+        treadle::EngineConfig {
+            max_concurrency: 8,
+            lease: Duration::from_secs(30),
+            worker_id: "rescuer".into(),
+            idle_poll: Duration::from_millis(5),
+        },
+    );
+    rescuer.run_until_idle().await.unwrap();
+    for i in 0..40 {
+        let status = rescuer.status(&format!("c{i:02}")).await.unwrap();
+        assert_eq!(status.state, treadle::ItemState::Completed, "{status}");
+    }
+    let log = rescuer.events(EventQuery::default()).await.unwrap();
+    assert_gapless(&log);
+    let recovered = log
+        .iter()
+        .filter(|e| matches!(&e.kind, EventKind::Recovered { previous_owner, .. } if previous_owner == "doomed"))
+        .count();
+    assert!(
+        recovered >= interrupted,
+        "{recovered} recovered, {interrupted} stages were running"
+    );
+}
