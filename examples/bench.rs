@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use treadle::store::Store;
 use treadle::{
-    Decision, Engine, EngineConfig, MemoryStore, Pipeline, ReviewRequest, Stage, StageContext,
-    StageOutcome, WorkItem,
+    Decision, Engine, EngineConfig, MemoryStore, Pipeline, ReviewRequest, SqliteStore, Stage,
+    StageContext, StageOutcome, WorkItem,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -300,7 +300,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     })?;
     let line = match args.store.as_str() {
         "memory" => bench(&args, MemoryStore::new()).await?,
-        _ => return Err("the sqlite store is not built yet".into()),
+        _ => {
+            // A file in a temporary directory, with the store's durable defaults.
+            let dir = tempfile::tempdir()?;
+            let store = SqliteStore::open(dir.path().join("bench.db")).await?;
+            bench(&args, store).await?
+        }
     };
     println!("{line}");
     Ok(())

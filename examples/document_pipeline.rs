@@ -170,6 +170,17 @@ async fn run<S: Store>(store: S, approve_all: bool) -> treadle::Result<()> {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let approve_all = args.iter().any(|a| a == "--approve-all");
-    run(MemoryStore::new(), approve_all).await?;
+    if args.iter().any(|a| a == "--memory") {
+        run(MemoryStore::new(), approve_all).await?;
+        return Ok(());
+    }
+    let path = match args.iter().position(|a| a == "--db") {
+        Some(i) => args.get(i + 1).ok_or("--db needs a path")?.into(),
+        None => {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/document_pipeline.db")
+        }
+    };
+    println!("state: {}", path.display());
+    run(SqliteStore::open(&path).await?, approve_all).await?;
     Ok(())
 }

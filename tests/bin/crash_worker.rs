@@ -78,8 +78,12 @@ fn parse() -> Args {
             "--items" => args.items = value.parse().expect("--items N"),
             "--prefix" => args.prefix = value,
             "--worker-id" => args.worker_id = value,
-            "--lease-ms" => args.lease = Duration::from_millis(value.parse().expect("--lease-ms MS")),
-            "--stage-ms" => args.stage_delay = Duration::from_millis(value.parse().expect("--stage-ms MS")),
+            "--lease-ms" => {
+                args.lease = Duration::from_millis(value.parse().expect("--lease-ms MS"))
+            }
+            "--stage-ms" => {
+                args.stage_delay = Duration::from_millis(value.parse().expect("--stage-ms MS"))
+            }
             other => panic!("unknown flag {other}"),
         }
     }
@@ -111,11 +115,16 @@ async fn main() -> treadle::Result<()> {
     let engine = Engine::with_config(pipeline, SqliteStore::open(&args.db).await?, config);
     let mut feed = engine.subscribe();
     let printer = tokio::spawn(async move {
-        let mut out = std::io::stdout().lock();
         while let Ok(event) = feed.recv().await {
             // One line per committed event, flushed at once: what the test
             // reads was committed before it was printed.
-            writeln!(out, "{}", serde_json::to_string(&event).expect("events serialize")).ok();
+            let mut out = std::io::stdout().lock();
+            writeln!(
+                out,
+                "{}",
+                serde_json::to_string(&event).expect("events serialize")
+            )
+            .ok();
             out.flush().ok();
         }
     });

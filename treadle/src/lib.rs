@@ -1,8 +1,4 @@
-//! treadle: a persistent, resumable, human-in-the-loop workflow engine.
-//!
-//! Work items move through a DAG of stages. Every item's progress is stored,
-//! survives a crash or restart, can pause for a person's decision, and can be
-//! inspected at any moment. See the README for a tour.
+#![doc = include_str!("../../README.md")]
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -48,7 +44,8 @@ pub use treadle_macros::{pipeline, stage};
 /// The names most programs need: `use treadle::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        Decision, Engine, Pipeline, ReviewRequest, Stage, StageContext, StageOutcome, WorkItem,
+        Decision, Engine, EngineConfig, ItemState, Pipeline, ReviewRequest, Stage, StageContext,
+        StageOutcome, StageState, WorkItem,
     };
     #[cfg(feature = "macros")]
     pub use treadle_macros::{pipeline, stage};
