@@ -738,8 +738,8 @@ impl<'c> Tx<'c> {
                 EventKind::Failed { reason },
             ),
         };
-        // Terminal states record when they ended; a scheduled retry records
-        // its due time and error; only a completion stores an output.
+        // Terminal states record when they ended, a scheduled retry its due
+        // time, a failure its reason; only a completion stores an output.
         self.conn
             .prepare_cached(
                 "UPDATE subtasks SET state = ?4, lease_owner = NULL, lease_expiry = NULL,
