@@ -833,19 +833,15 @@ impl<'c> Tx<'c> {
                     })(),
                 )
             })??;
-        let request = match request {
-            Some(request) if round > 0 && unit.state == StageState::AwaitingReview => request,
-            _ if unit.state == StageState::AwaitingReview && round > 0 => {
-                return Err(loc.corrupt("review_request", "awaiting review without a request"));
-            }
-            _ => {
-                return Err(Error::NotAwaitingReview {
-                    item: d.item_id,
-                    stage: d.stage,
-                    state: unit.state,
-                });
-            }
-        };
+        if unit.state != StageState::AwaitingReview || round == 0 {
+            return Err(Error::NotAwaitingReview {
+                item: d.item_id,
+                stage: d.stage,
+                state: unit.state,
+            });
+        }
+        let request = request
+            .ok_or_else(|| loc.corrupt("review_request", "awaiting review without a request"))?;
         if let Some(answered) = d.decision.round.filter(|&r| r != round) {
             return Err(Error::StaleDecision {
                 item: d.item_id,
