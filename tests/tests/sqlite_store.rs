@@ -1149,11 +1149,14 @@ const CRASH_DB: &str = "TREADLE_SQLITE_CRASH_DB";
 
 fn crash_pipeline() -> Pipeline<Doc> {
     let slow = |name: &str| {
-        stage(name, |_, ctx| async move {
+        stage(name, |doc, ctx| async move {
             if ctx.stage() == "split" && ctx.subtask().is_none() {
                 return Ok(StageOutcome::fan_out(["p1", "p2", "p3"]));
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // One first attempt hangs, so the worker is surely killed mid-attempt.
+            let hangs = doc.id == "c05" && ctx.stage() == "export" && ctx.attempt() == 1;
+            let pause = if hangs { 60_000 } else { 5 };
+            tokio::time::sleep(Duration::from_millis(pause)).await;
             StageOutcome::complete_with(ctx.attempt())
         })
         .policy(treadle::StagePolicy::new().retries(5))
@@ -1222,15 +1225,17 @@ async fn a_killed_worker_loses_nothing_it_committed() {
         .unwrap();
     let stdout = child.stdout.take().unwrap();
     let printed = tokio::task::spawn_blocking(move || {
-        let mut printed = Vec::new();
+        let (mut printed, mut seen_hang) = (Vec::new(), false);
         for line in std::io::BufReader::new(stdout).lines() {
             let line = line.unwrap();
             if line.starts_with('{') {
                 let event: treadle::Event = serde_json::from_str(&line).unwrap();
-                // Kill right after an attempt started: it is still sleeping.
-                let started = matches!(event.kind, EventKind::Started { .. });
+                let hung = event.item_id == "c05"
+                    && event.stage.as_deref() == Some("export")
+                    && matches!(event.kind, EventKind::Started { .. });
                 printed.push(event);
-                if printed.len() >= 150 && started {
+                seen_hang |= hung;
+                if printed.len() >= 150 && seen_hang {
                     break;
                 }
             }
