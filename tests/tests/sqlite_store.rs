@@ -749,6 +749,13 @@ async fn corrupt_rows_are_errors_naming_table_key_and_column() {
         ),
         "stages(stage=scan).state"
     );
+    // A missing row: an item whose stage rows are gone.
+    store.submit(vec![item("doc-3", t(0))]).await.unwrap();
+    exec(&db(&dir), "DELETE FROM stages WHERE item_id = 'doc-3';");
+    assert_eq!(
+        corrupt_location(store.status("doc-3").await.unwrap_err()),
+        "items(id=doc-3).stages"
+    );
     drop(store);
 
     // A payload that is not JSON fails the claim that needs it, and the
