@@ -749,6 +749,13 @@ async fn corrupt_rows_are_errors_naming_table_key_and_column() {
         ),
         "stages(stage=scan).state"
     );
+    // A missing row: an item whose stage rows are gone.
+    store.submit(vec![item("doc-3", t(0))]).await.unwrap();
+    exec(&db(&dir), "DELETE FROM stages WHERE item_id = 'doc-3';");
+    assert_eq!(
+        corrupt_location(store.status("doc-3").await.unwrap_err()),
+        "items(id=doc-3).stages"
+    );
     drop(store);
 
     // A payload that is not JSON fails the claim that needs it, and the
@@ -1029,4 +1036,275 @@ async fn an_in_memory_database_works_without_a_file() {
     let store = SqliteStore::open_in_memory().await.unwrap();
     let expected = script(&MemoryStore::new()).await;
     assert_eq!(script(&store).await, expected);
+}
+
+// ---- several processes on one file ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_stores_on_one_file_never_claim_the_same_work() {
+    const ITEMS: usize = 300;
+    let dir = tempfile::tempdir().unwrap();
+    // Two stores, each with its own connections and writer thread, as two
+    // processes would have.
+    let first = SqliteStore::open(db(&dir)).await.unwrap();
+    let second = SqliteStore::open(db(&dir)).await.unwrap();
+    let items: Vec<_> = (0..ITEMS)
+        .map(|i| item(&format!("i{i:03}"), t(0)))
+        .collect();
+    first.submit(items).await.unwrap();
+    let worker = |store: SqliteStore, owner: &'static str| {
+        tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let batch = store
+                    .claim(ClaimRequest {
+                        owner: owner.into(),
+                        limit: 7,
+                        lease: Duration::from_secs(60),
+                        now: t(1),
+                    })
+                    .await
+                    .unwrap();
+                if batch.claims.is_empty() {
+                    return mine;
+                }
+                mine.extend(batch.claims.into_iter().map(|c| c.task));
+                // Let the other process in, as a worker busy running its claims would.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    let (a, b) = (worker(first.clone(), "one"), worker(second.clone(), "two"));
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    assert!(!a.is_empty() && !b.is_empty(), "both processes got work");
+    let mut all: Vec<_> = a.into_iter().chain(b).collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), ITEMS, "every scan claimed exactly once");
+    // Each store reads what the other committed, with one gapless log.
+    let events = all_events(&second).await;
+    assert_eq!(events.len(), ITEMS * 2);
+    assert_gapless(&events);
+    assert_eq!(
+        first
+            .items_in("scan", StageState::Running)
+            .await
+            .unwrap()
+            .len(),
+        ITEMS
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_engines_on_one_file_run_every_stage_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = Trace::default();
+    let pipeline = |runs: Trace| {
+        let counted = |name: &'static str| {
+            let runs = runs.clone();
+            stage(name, move |doc, _| {
+                let runs = runs.clone();
+                async move {
+                    runs.push(format!("{name}:{}", doc.id));
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    Ok(StageOutcome::complete())
+                }
+            })
+        };
+        Pipeline::builder()
+            .stage(counted("scan"))
+            .stage(counted("export"))
+            .edge("scan", "export")
+            .build()
+            .unwrap()
+    };
+    // Distinct worker ids: a worker releases its own id's claims on start.
+    let worker = |id: &str, store| {
+        treadle::Engine::with_config(
+            pipeline(runs.clone()),
+            store,
+            treadle::EngineConfig {
+                max_concurrency: 8,
+                lease: Duration::from_secs(30),
+                worker_id: id.into(),
+                idle_poll: Duration::from_millis(20),
+            },
+        )
+    };
+    let one = worker("one", SqliteStore::open(db(&dir)).await.unwrap());
+    let two = worker("two", SqliteStore::open(db(&dir)).await.unwrap());
+    one.submit_all((0..60).map(|i| doc(&format!("d{i:02}"))))
+        .await
+        .unwrap();
+    let (r1, r2) = tokio::join!(one.run_until_idle(), two.run_until_idle());
+    let (r1, r2) = (r1.unwrap(), r2.unwrap());
+    let mut entries = runs.entries();
+    let total = entries.len();
+    entries.sort();
+    entries.dedup();
+    assert_eq!(total, entries.len(), "a stage ran twice");
+    for i in 0..60 {
+        let status = one.status(&format!("d{i:02}")).await.unwrap();
+        assert_eq!(status.state, treadle::ItemState::Completed, "{status}");
+    }
+    assert_eq!(total, 120, "{r1:?} {r2:?}");
+}
+
+// ---- a real crash: SIGKILL in the middle of the work ----
+
+const CRASH_DB: &str = "TREADLE_SQLITE_CRASH_DB";
+
+fn crash_pipeline() -> Pipeline<Doc> {
+    let slow = |name: &str| {
+        stage(name, |doc, ctx| async move {
+            if ctx.stage() == "split" && ctx.subtask().is_none() {
+                return Ok(StageOutcome::fan_out(["p1", "p2", "p3"]));
+            }
+            // One first attempt hangs, so the worker is surely killed mid-attempt.
+            let hangs = doc.id == "c05" && ctx.stage() == "export" && ctx.attempt() == 1;
+            let pause = if hangs { 60_000 } else { 5 };
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            StageOutcome::complete_with(ctx.attempt())
+        })
+        .policy(treadle::StagePolicy::new().retries(5))
+    };
+    Pipeline::builder()
+        .stage(slow("scan"))
+        .stage(slow("split"))
+        .stage(slow("export"))
+        .edge("scan", "split")
+        .edge("split", "export")
+        .build()
+        .unwrap()
+}
+
+/// Not a test on its own: the worker process that
+/// `a_killed_worker_loses_nothing_it_committed` starts and kills. Without
+/// the environment variable it does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_child_worker() {
+    let Ok(path) = std::env::var(CRASH_DB) else {
+        return;
+    };
+    let store = SqliteStore::open(path).await.unwrap();
+    let engine = treadle::Engine::with_config(
+        crash_pipeline(),
+        store,
+        treadle::EngineConfig {
+            max_concurrency: 8,
+            lease: Duration::from_millis(300),
+            worker_id: "doomed".into(),
+            idle_poll: Duration::from_millis(5),
+        },
+    );
+    let mut feed = engine.subscribe();
+    tokio::spawn(async move {
+        use std::io::Write;
+        while let Ok(event) = feed.recv().await {
+            // Printed only after the event's transition committed.
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}", serde_json::to_string(&event).unwrap()).unwrap();
+            out.flush().unwrap();
+        }
+    });
+    engine
+        .submit_all((0..40).map(|i| doc(&format!("c{i:02}"))))
+        .await
+        .unwrap();
+    engine.run_until_idle().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_loses_nothing_it_committed() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "crash_child_worker",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CRASH_DB, db(&dir))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let printed = tokio::task::spawn_blocking(move || {
+        let (mut printed, mut seen_hang) = (Vec::new(), false);
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            if line.starts_with('{') {
+                let event: treadle::Event = serde_json::from_str(&line).unwrap();
+                let hung = event.item_id == "c05"
+                    && event.stage.as_deref() == Some("export")
+                    && matches!(event.kind, EventKind::Started { .. });
+                printed.push(event);
+                seen_hang |= hung;
+                if printed.len() >= 150 && seen_hang {
+                    break;
+                }
+            }
+        }
+        printed
+    })
+    .await
+    .unwrap();
+    child.kill().unwrap(); // SIGKILL: no destructor, no clean shutdown
+    child.wait().unwrap();
+    assert!(
+        printed.len() >= 150,
+        "the worker got far enough before it was killed"
+    );
+
+    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    let log = all_events(&store).await;
+    assert_gapless(&log);
+    for event in &printed {
+        assert_eq!(
+            log.get(event.seq as usize - 1),
+            Some(event),
+            "a committed event was lost"
+        );
+    }
+    assert!(log.len() < 40 * 14, "killed before the end");
+    // Units the dead worker was running: stages without subtasks, and subtasks.
+    let mut interrupted = 0;
+    for i in 0..40 {
+        for stage in store.status(&format!("c{i:02}")).await.unwrap().stages {
+            let running = |s: StageState| s == StageState::Running;
+            interrupted += stage.subtasks.iter().filter(|s| running(s.state)).count();
+            interrupted += usize::from(running(stage.state) && stage.subtasks.is_empty());
+        }
+    }
+    assert!(interrupted > 0, "the worker was killed mid-attempt");
+
+    // Another worker takes over once the dead one's leases run out.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let rescuer = treadle::Engine::with_config(
+        crash_pipeline(),
+        store,
+        treadle::EngineConfig {
+            max_concurrency: 8,
+            lease: Duration::from_secs(30),
+            worker_id: "rescuer".into(),
+            idle_poll: Duration::from_millis(5),
+        },
+    );
+    rescuer.run_until_idle().await.unwrap();
+    for i in 0..40 {
+        let status = rescuer.status(&format!("c{i:02}")).await.unwrap();
+        assert_eq!(status.state, treadle::ItemState::Completed, "{status}");
+    }
+    let log = rescuer.events(EventQuery::default()).await.unwrap();
+    assert_gapless(&log);
+    let recovered = log
+        .iter()
+        .filter(|e| matches!(&e.kind, EventKind::Recovered { previous_owner, .. } if previous_owner == "doomed"))
+        .count();
+    assert!(
+        recovered >= interrupted,
+        "{recovered} recovered, {interrupted} stages were running"
+    );
 }

@@ -22,10 +22,14 @@
 //! # Pipeline changes
 //!
 //! [`Store::register_pipeline`] stores the new definition and reports the
-//! drift. Rows of stages that the pipeline no longer has are kept: they stay
-//! in whatever state they were, still appear in [`Store::status`] and
-//! [`Store::items_in`], and still count towards an item's state; nothing is
-//! deleted.
+//! drift; it changes no item. Rows of stages that the pipeline no longer has
+//! are kept: they stay in whatever state they were, still appear in
+//! [`Store::status`] and [`Store::items_in`], and still count towards an
+//! item's state. One that becomes runnable is still claimed, and the engine
+//! fails it ("not in this pipeline"), so the item stops visibly instead of
+//! vanishing; restoring the stage and retrying it resumes the item. Stages
+//! added to the pipeline apply to items submitted afterwards: existing items
+//! have no rows for them.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

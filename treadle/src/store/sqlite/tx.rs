@@ -796,8 +796,8 @@ impl<'c> Tx<'c> {
                 EventKind::Failed { reason },
             ),
         };
-        // Terminal states record when they ended; a scheduled retry records
-        // its due time and error; only a completion stores an output.
+        // Terminal states record when they ended, a scheduled retry its due
+        // time, a failure its reason; only a completion stores an output.
         self.conn
             .prepare_cached(
                 "UPDATE subtasks SET state = ?4, lease_owner = NULL, lease_expiry = NULL,
@@ -889,19 +889,15 @@ impl<'c> Tx<'c> {
                     })(),
                 )
             })??;
-        let request = match request {
-            Some(request) if round > 0 && unit.state == StageState::AwaitingReview => request,
-            _ if unit.state == StageState::AwaitingReview && round > 0 => {
-                return Err(loc.corrupt("review_request", "awaiting review without a request"));
-            }
-            _ => {
-                return Err(Error::NotAwaitingReview {
-                    item: d.item_id,
-                    stage: d.stage,
-                    state: unit.state,
-                });
-            }
-        };
+        if unit.state != StageState::AwaitingReview || round == 0 {
+            return Err(Error::NotAwaitingReview {
+                item: d.item_id,
+                stage: d.stage,
+                state: unit.state,
+            });
+        }
+        let request = request
+            .ok_or_else(|| loc.corrupt("review_request", "awaiting review without a request"))?;
         if let Some(answered) = d.decision.round.filter(|&r| r != round) {
             return Err(Error::StaleDecision {
                 item: d.item_id,

@@ -14,8 +14,8 @@
 //! others commit. Jobs are therefore closures that can run twice.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 
 use rusqlite::Connection;
@@ -69,14 +69,15 @@ where
 pub(crate) struct Writer {
     jobs: Option<mpsc::Sender<Box<dyn Job>>>,
     thread: Option<JoinHandle<()>>,
-    /// Transactions committed (or attempted), for tests of batching.
-    #[cfg(test)]
-    batches: Arc<std::sync::atomic::AtomicUsize>,
+    /// Group commits run so far (shown by `Debug`; tests check batching).
+    batches: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Writer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Writer").finish_non_exhaustive()
+        f.debug_struct("Writer")
+            .field("group_commits", &self.batches.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
     }
 }
 
@@ -84,17 +85,14 @@ impl Writer {
     /// Starts the thread that owns `conn`, broadcasting committed events on `feed`.
     pub(crate) fn start(conn: Connection, feed: broadcast::Sender<Event>) -> Result<Self> {
         let (jobs, queue) = mpsc::channel::<Box<dyn Job>>();
-        let batches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let batches = Arc::new(AtomicUsize::new(0));
         let counter = batches.clone();
         let thread = std::thread::Builder::new()
             .name("treadle-sqlite-writer".into())
             .spawn(move || run(conn, queue, feed, &counter))?;
-        #[cfg(not(test))]
-        drop(batches);
         Ok(Writer {
             jobs: Some(jobs),
             thread: Some(thread),
-            #[cfg(test)]
             batches,
         })
     }
@@ -136,10 +134,10 @@ fn run(
     conn: Connection,
     queue: mpsc::Receiver<Box<dyn Job>>,
     feed: broadcast::Sender<Event>,
-    batches: &std::sync::atomic::AtomicUsize,
+    batches: &AtomicUsize,
 ) {
     while let Ok(first) = queue.recv() {
-        batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        batches.fetch_add(1, Ordering::Relaxed);
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match queue.try_recv() {
@@ -244,7 +242,6 @@ fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::Ordering;
     use std::time::Duration;
 
     use super::*;
