@@ -9,7 +9,7 @@ use serde_json::Value;
 use tokio::sync::Notify;
 
 use crate::error::{Error, Result};
-use crate::store::TaskKey;
+use crate::task::TaskKey;
 
 /// The context of one attempt: which item, stage, subtask and attempt it is,
 /// the stored outputs of the item's finished stages, and a cancellation signal.

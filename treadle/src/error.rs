@@ -1,6 +1,6 @@
 //! The one error type of the runtime.
 
-use crate::pipeline::PipelineError;
+use crate::definition::PipelineError;
 use crate::state::StageState;
 
 /// What went wrong, with enough context (item, stage, table, key) to act on it.
@@ -71,7 +71,7 @@ pub enum Error {
     #[error("lease lost on {task} (generation {generation}): the write was rejected")]
     LeaseLost {
         /// The unit of work the stale claim was for.
-        task: crate::store::TaskKey,
+        task: crate::task::TaskKey,
         /// The fencing generation the stale worker held.
         generation: u64,
     },

@@ -5,6 +5,7 @@
 extern crate self as treadle;
 
 mod context;
+mod definition;
 mod engine;
 mod error;
 mod event;
@@ -17,6 +18,7 @@ mod stage;
 mod state;
 mod status;
 pub mod store;
+mod task;
 
 #[doc(hidden)]
 pub mod __private;
@@ -24,13 +26,17 @@ pub mod __private;
 /// Re-exported for implementing [`Stage`] by hand: `#[treadle::async_trait]`.
 pub use async_trait::async_trait;
 pub use context::StageContext;
+pub use definition::{PipelineDef, PipelineError, PipelineProblem};
 pub use engine::{Engine, EngineConfig, RunReport};
 pub use error::{Error, Result};
 pub use event::{Event, EventKind};
 pub use item::WorkItem;
-pub use outcome::{DEADLINE_REVIEWER, DeadlineAction, ReviewDeadline, ReviewRequest, StageOutcome};
-pub use pipeline::{Pipeline, PipelineBuilder, PipelineDef, PipelineError, PipelineProblem};
-pub use review::{Decision, DecisionRecord, ReviewStatus};
+pub use outcome::StageOutcome;
+pub use pipeline::{Pipeline, PipelineBuilder};
+pub use review::{
+    DEADLINE_REVIEWER, DeadlineAction, Decision, DecisionRecord, ReviewDeadline, ReviewRequest,
+    ReviewStatus,
+};
 pub use stage::{Backoff, Stage, StagePolicy};
 pub use state::{AttemptResult, DecisionKind, ItemState, StageState, UnknownVariant};
 pub use status::{AttemptRecord, AwaitingReview, ItemStatus, StageStatus, SubtaskStatus};

@@ -6,6 +6,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::review::ReviewRequest;
 
 /// The result of one successful run of a stage.
 ///
@@ -93,85 +94,5 @@ impl StageOutcome {
         StageOutcome::Skip {
             reason: reason.into(),
         }
-    }
-}
-
-/// What a person is asked to review.
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-pub struct ReviewRequest {
-    /// One line saying what to check.
-    pub summary: String,
-    /// Anything that helps the reviewer decide.
-    pub details: Value,
-    /// The output the stage proposes; approving keeps it, approving with
-    /// edits replaces it.
-    pub proposed_output: Option<Value>,
-    /// When the review times out, and what is decided then.
-    #[serde(default)]
-    pub deadline: Option<ReviewDeadline>,
-}
-
-/// A review's time limit, kept in the store with the request, so it fires
-/// even if the process that asked was restarted.
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-pub struct ReviewDeadline {
-    /// When the review times out.
-    pub at: chrono::DateTime<chrono::Utc>,
-    /// What is decided at that time if nobody decided before.
-    pub then: DeadlineAction,
-}
-
-/// The decision a review deadline makes, recorded as made by [`DEADLINE_REVIEWER`].
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-#[serde(tag = "action", rename_all = "snake_case")]
-pub enum DeadlineAction {
-    /// Approve with the proposed output.
-    Approve,
-    /// Reject with this reason.
-    Reject {
-        /// Why.
-        reason: String,
-    },
-}
-
-/// The reviewer name recorded for decisions made by a review deadline.
-pub const DEADLINE_REVIEWER: &str = "treadle:deadline";
-
-impl ReviewRequest {
-    /// A review request with a summary and no details.
-    pub fn new(summary: impl Into<String>) -> Self {
-        ReviewRequest {
-            summary: summary.into(),
-            details: Value::Null,
-            proposed_output: None,
-            deadline: None,
-        }
-    }
-
-    /// Times the review out `after` from now; then `then` is decided.
-    pub fn deadline_after(self, after: Duration, then: DeadlineAction) -> Self {
-        let at =
-            chrono::Utc::now() + chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX);
-        self.deadline_at(at, then)
-    }
-
-    /// Times the review out at `at`; then `then` is decided.
-    pub fn deadline_at(mut self, at: chrono::DateTime<chrono::Utc>, then: DeadlineAction) -> Self {
-        self.deadline = Some(ReviewDeadline { at, then });
-        self
-    }
-
-    /// Attaches details (serialized to JSON) for the reviewer.
-    pub fn details(mut self, details: impl Serialize) -> Result<Self> {
-        self.details =
-            serde_json::to_value(details).map_err(|e| Error::json("the review details", e))?;
-        Ok(self)
-    }
-
-    /// Attaches the output this stage proposes, kept if the review approves it.
-    pub fn proposed_output(mut self, output: impl Serialize) -> Result<Self> {
-        self.proposed_output =
-            Some(serde_json::to_value(output).map_err(|e| Error::json("the proposed output", e))?);
-        Ok(self)
     }
 }

@@ -17,11 +17,13 @@ use super::{Engine, RunningWork};
 use crate::context::{CancelSignal, StageContext};
 use crate::error::{Error, Result};
 use crate::item::WorkItem;
-use crate::outcome::{DEADLINE_REVIEWER, DeadlineAction, StageOutcome};
+use crate::outcome::StageOutcome;
 use crate::review::Decision;
+use crate::review::{DEADLINE_REVIEWER, DeadlineAction};
 use crate::stage::{Stage, StagePolicy};
 use crate::state::AttemptResult;
-use crate::store::{Claim, ClaimBatch, ClaimRequest, Commit, Store, TaskKey, Verdict};
+use crate::store::{Claim, ClaimBatch, ClaimRequest, Commit, Store, Verdict};
+use crate::task::TaskKey;
 
 /// What a run of the engine did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -15,10 +15,10 @@ use super::{
     FanIn, NewItem, PipelineDrift, StageCount, Store, SubtaskTransition, TaskKey, Transition,
     Verdict, check_json, fan_in,
 };
+use crate::definition::PipelineDef;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventKind};
 use crate::fast_hash::{FastMap, FastSet};
-use crate::pipeline::PipelineDef;
 use crate::review::{DecisionRecord, ReviewStatus};
 use crate::state::{DecisionKind, ItemState, StageState};
 use crate::status::{AttemptRecord, AwaitingReview, ItemStatus, StageStatus, SubtaskStatus};

@@ -9,7 +9,6 @@
 //! (`FOR UPDATE SKIP LOCKED`) implement the same contract.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,13 +17,13 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::definition::PipelineDef;
 use crate::error::Result;
 use crate::event::Event;
-use crate::outcome::ReviewRequest;
-use crate::pipeline::PipelineDef;
-use crate::review::Decision;
+use crate::review::{Decision, ReviewRequest};
 use crate::state::StageState;
 use crate::status::{AttemptRecord, AwaitingReview, ItemStatus};
+pub use crate::task::TaskKey;
 
 mod fan_in;
 mod memory;
@@ -42,38 +41,6 @@ pub(crate) fn check_json(text: &str, what: &str) -> Result<()> {
     serde_json::from_str::<serde::de::IgnoredAny>(text)
         .map(drop)
         .map_err(|e| crate::Error::json(what, e))
-}
-
-/// One unit of work: a stage of an item, or one subtask of a fanned-out stage.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct TaskKey {
-    /// The item.
-    pub item_id: String,
-    /// The stage.
-    pub stage: String,
-    /// The subtask, for a fanned-out stage.
-    pub subtask: Option<String>,
-}
-
-impl TaskKey {
-    /// The key of a whole stage.
-    pub fn stage(item_id: impl Into<String>, stage: impl Into<String>) -> Self {
-        TaskKey {
-            item_id: item_id.into(),
-            stage: stage.into(),
-            subtask: None,
-        }
-    }
-}
-
-impl fmt::Display for TaskKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "item `{}` stage `{}`", self.item_id, self.stage)?;
-        if let Some(sub) = &self.subtask {
-            write!(f, " subtask `{sub}`")?;
-        }
-        Ok(())
-    }
 }
 
 /// A new item with the stages it must go through.

@@ -43,9 +43,9 @@ use super::{
     ClaimBatch, ClaimRequest, Commit, DecisionCommit, EVENT_FEED_CAPACITY, EventQuery, NewItem,
     PipelineDrift, StageCount, Store, TaskKey,
 };
+use crate::definition::PipelineDef;
 use crate::error::{Error, Result};
 use crate::event::Event;
-use crate::pipeline::PipelineDef;
 use crate::state::StageState;
 use crate::status::{AwaitingReview, ItemStatus};
 

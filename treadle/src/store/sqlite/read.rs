@@ -7,10 +7,10 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::codec::Loc;
+use crate::definition::PipelineDef;
 use crate::error::{Error, Result};
 use crate::event::Event;
-use crate::outcome::ReviewRequest;
-use crate::pipeline::PipelineDef;
+use crate::review::ReviewRequest;
 use crate::review::{DecisionRecord, ReviewStatus};
 use crate::state::{ItemState, StageState};
 use crate::status::{AttemptRecord, AwaitingReview, ItemStatus, StageStatus, SubtaskStatus};

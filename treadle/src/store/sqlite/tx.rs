@@ -10,9 +10,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 
 use super::codec::{self, Loc};
+use crate::definition::PipelineDef;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventKind};
-use crate::pipeline::PipelineDef;
 use crate::state::{AttemptResult, DecisionKind, StageState};
 use crate::status::AttemptRecord;
 use crate::store::{
@@ -874,14 +874,14 @@ impl<'c> Tx<'c> {
     pub(crate) fn decide(&mut self, d: DecisionCommit) -> Result<()> {
         let (_, unit) = self.require_stage(&d.item_id, &d.stage)?;
         let loc = Loc::stage(&d.item_id, &d.stage);
-        let (round, request): (u64, Option<crate::outcome::ReviewRequest>) = self
+        let (round, request): (u64, Option<crate::review::ReviewRequest>) = self
             .conn
             .prepare_cached(
                 "SELECT review_round, review_request FROM stages WHERE item_id = ?1 AND stage = ?2",
             )?
             .query_row(params![d.item_id, d.stage], |row| {
                 Ok(
-                    (|| -> Result<(u64, Option<crate::outcome::ReviewRequest>)> {
+                    (|| -> Result<(u64, Option<crate::review::ReviewRequest>)> {
                         Ok((
                             loc.count(row, 0, "review_round")?,
                             loc.json_opt(row, 1, "review_request")?,
