@@ -1128,6 +1128,7 @@ async fn two_engines_on_one_file_run_every_stage_once() {
                 lease: Duration::from_secs(30),
                 worker_id: id.into(),
                 idle_poll: Duration::from_millis(20),
+                ..treadle::EngineConfig::default()
             },
         )
     };
@@ -1195,6 +1196,7 @@ async fn crash_child_worker() {
             lease: Duration::from_millis(300),
             worker_id: "doomed".into(),
             idle_poll: Duration::from_millis(5),
+            ..treadle::EngineConfig::default()
         },
     );
     let mut feed = engine.subscribe();
@@ -1290,6 +1292,7 @@ async fn a_killed_worker_loses_nothing_it_committed() {
             lease: Duration::from_secs(30),
             worker_id: "rescuer".into(),
             idle_poll: Duration::from_millis(5),
+            ..treadle::EngineConfig::default()
         },
     );
     rescuer.run_until_idle().await.unwrap();
@@ -1301,7 +1304,7 @@ async fn a_killed_worker_loses_nothing_it_committed() {
     assert_gapless(&log);
     let recovered = log
         .iter()
-        .filter(|e| matches!(&e.kind, EventKind::Recovered { previous_owner, .. } if previous_owner == "doomed"))
+        .filter(|e| matches!(&e.kind, EventKind::Recovered { previous_owner, .. } if treadle::LeaseOwner::parse(previous_owner).worker_id == "doomed"))
         .count();
     assert!(
         recovered >= interrupted,

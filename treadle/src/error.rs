@@ -146,12 +146,33 @@ impl Error {
         Error::Stage(message.to_string())
     }
 
+    /// The error followed by its chain of causes, joined with `: `, as one
+    /// line for a person to read (`I/O error: No such file or directory`).
+    pub fn with_causes(&self) -> impl std::fmt::Display + '_ {
+        WithCauses(self)
+    }
+
     /// Wraps a serde_json error with a description of what was converted.
     pub fn json(what: impl Into<String>, source: serde_json::Error) -> Self {
         Error::Json {
             what: what.into(),
             source,
         }
+    }
+}
+
+/// Displays an error and its causes; see [`Error::with_causes`].
+struct WithCauses<'a>(&'a Error);
+
+impl std::fmt::Display for WithCauses<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = std::error::Error::source(self.0);
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
     }
 }
 

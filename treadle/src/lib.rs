@@ -27,7 +27,7 @@ pub mod __private;
 pub use async_trait::async_trait;
 pub use context::StageContext;
 pub use definition::{PipelineDef, PipelineError, PipelineProblem};
-pub use engine::{Engine, EngineConfig, RunReport};
+pub use engine::{Engine, EngineConfig, LeaseOwner, ProcessMark, RunReport};
 pub use error::{Error, Result};
 pub use event::{Event, EventKind};
 pub use item::WorkItem;

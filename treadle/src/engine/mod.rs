@@ -1,6 +1,8 @@
 //! The engine: submits items, runs their stages, and takes people's decisions.
 
+mod attempt;
 mod executor;
+mod owner;
 mod settle;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +27,7 @@ use crate::store::{
 };
 
 pub use executor::RunReport;
+pub use owner::{LeaseOwner, ProcessMark};
 
 /// Tuning of an [`Engine`].
 #[derive(Debug, Clone)]
@@ -33,11 +36,31 @@ pub struct EngineConfig {
     pub max_concurrency: usize,
     /// How long a claim holds before another worker may take it over; the
     /// engine renews the leases of its running work every third of this.
+    /// A worker whose process died on the same host is taken over at once
+    /// by the next engine that starts there ([`LeaseOwner`]); one on
+    /// another host, or one whose process still lives, only when its lease
+    /// expires.
     pub lease: Duration,
-    /// This worker's identity, recorded as the owner of its claims.
+    /// This worker's identity, recorded (with its host and process, see
+    /// [`LeaseOwner`]) as the owner of its claims. A worker starting with
+    /// the id of an earlier one takes that one's claims over at once.
     pub worker_id: String,
-    /// How often an idle `run` looks for work committed by other processes.
+    /// How often an idle `run` looks for work committed by other processes,
+    /// and how often `run_until_idle` looks again at work another worker runs.
     pub idle_poll: Duration,
+    /// The longest an attempt of a stage that sets no timeout of its own may
+    /// run before it counts as failed (timed out). Default: 10 minutes;
+    /// `None` lets such stages run for as long as they take.
+    ///
+    /// A timeout stops a stage at its next `.await`: a stage that blocks its
+    /// thread (CPU-heavy work, blocking I/O) cannot be stopped and should run
+    /// that work in `tokio::task::spawn_blocking`.
+    pub default_attempt_timeout: Option<Duration>,
+}
+
+impl EngineConfig {
+    /// The timeout applied to stages that set none: 10 minutes.
+    pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(600);
 }
 
 impl Default for EngineConfig {
@@ -47,6 +70,7 @@ impl Default for EngineConfig {
             lease: Duration::from_secs(60),
             worker_id: default_worker_id(),
             idle_poll: Duration::from_millis(250),
+            default_attempt_timeout: Some(Self::DEFAULT_ATTEMPT_TIMEOUT),
         }
     }
 }
@@ -80,6 +104,8 @@ struct Shared<W: WorkItem, S: Store> {
     pipeline: Pipeline<W>,
     store: S,
     config: EngineConfig,
+    /// This worker as the owner of its leases.
+    owner: LeaseOwner,
     /// One entry per stage, in topological order, for new items.
     seeds: Vec<StageSeed>,
     /// Each stage's direct dependents.
@@ -137,6 +163,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
             shared: Arc::new(Shared {
                 pipeline,
                 store,
+                owner: LeaseOwner::this_process(&config.worker_id),
                 config,
                 seeds,
                 dependents,

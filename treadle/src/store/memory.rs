@@ -936,6 +936,16 @@ impl Store for MemoryStore {
         Ok(0)
     }
 
+    /// Leases are not enforced: nothing waits for one to expire.
+    async fn next_lease_expiry(&self) -> Result<Option<DateTime<Utc>>> {
+        Ok(None)
+    }
+
+    /// Leases are not enforced: no owner is ever taken over.
+    async fn lease_owners(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
     async fn pipeline_definition(&self) -> Result<Option<PipelineDef>> {
         Ok(self.lock().pipeline.clone())
     }

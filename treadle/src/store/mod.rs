@@ -364,6 +364,16 @@ pub trait Store: Send + Sync + 'static {
     /// id recovers its own dead claims without waiting. Returns how many.
     async fn release_claims(&self, owner: &str, now: DateTime<Utc>) -> Result<u64>;
 
+    /// The earliest lease expiry among units running under a worker's lease,
+    /// if any: when such a unit may be recovered (if its worker stopped
+    /// renewing). A store that does not enforce leases returns `None`.
+    async fn next_lease_expiry(&self) -> Result<Option<DateTime<Utc>>>;
+
+    /// The distinct owner tokens of the leases of running units (see
+    /// [`crate::LeaseOwner`]), so a starting worker can tell which of them
+    /// are dead. A store that does not enforce leases returns none.
+    async fn lease_owners(&self) -> Result<Vec<String>>;
+
     /// The pipeline definition last recorded by `register_pipeline`, if any.
     async fn pipeline_definition(&self) -> Result<Option<PipelineDef>>;
 

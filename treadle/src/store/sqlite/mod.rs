@@ -299,6 +299,14 @@ impl Store for SqliteStore {
         self.write(move |tx| tx.release_claims(&owner, now)).await
     }
 
+    async fn next_lease_expiry(&self) -> Result<Option<DateTime<Utc>>> {
+        self.read(read::next_lease_expiry).await
+    }
+
+    async fn lease_owners(&self) -> Result<Vec<String>> {
+        self.read(read::lease_owners).await
+    }
+
     async fn pipeline_definition(&self) -> Result<Option<PipelineDef>> {
         self.read(read::pipeline_definition).await
     }
