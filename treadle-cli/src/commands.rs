@@ -220,6 +220,10 @@ pub async fn decide<S: Store>(
     verdict: Verdict,
     args: DecisionArgs,
 ) -> Result<Change> {
+    treadle::check_reviewer(&args.by)?;
+    if let Verdict::Reject { reason } = &verdict {
+        treadle::check_reject_reason(reason)?;
+    }
     let dependents = dependents(store, item, stage).await?;
     let action = match verdict {
         Verdict::Approve => "approved",

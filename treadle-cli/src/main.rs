@@ -14,8 +14,10 @@
 //! ```
 //!
 //! `--json` prints one JSON document on stdout instead of text (with
-//! `events --follow`, one JSON event per line). The database is never
-//! created: a path that does not exist, or a file that is not a treadle
+//! `events --follow`, one JSON event per line). Read commands (`status`,
+//! `items`, `review list`, `events`, `graph`) open the database read-only
+//! and take no lock, so they answer at once while workers write. The
+//! database is never created: a path that does not exist, or a file that is not a treadle
 //! database, is an error.
 //!
 //! # Exit codes
@@ -24,10 +26,10 @@
 //! |------|---------|
 //! | 0 | success |
 //! | 1 | any other error (I/O, SQLite, a corrupt stored value) |
-//! | 2 | usage error: bad arguments, an unknown state name, an unreadable `--edits` file |
+//! | 2 | usage error: bad arguments (a blank `--by` or `--reason`, the reserved deadline reviewer), an unknown state name, an unreadable `--edits` file |
 //! | 3 | not found: no such item or stage |
 //! | 4 | conflict: not awaiting review, a stale decision, not retryable, item cancelled |
-//! | 5 | no usable database: missing, not a treadle database, or a newer schema |
+//! | 5 | no usable database: missing, not a treadle database, a reset schema version, a newer schema (or an older one, for a read command) |
 //!
 //! On an error, one line on stderr says what was wrong, and nothing changes.
 
@@ -65,7 +67,11 @@ fn main() -> ExitCode {
 /// Opens the database and runs the command on it.
 async fn run(cli: Cli) -> Result<(), CliError> {
     let path = cli.db.ok_or(CliError::NoDatabaseGiven)?;
-    let store = db::open(&path).await?;
+    let store = if cli.command.only_reads() {
+        db::open_read_only(&path).await?
+    } else {
+        db::open(&path).await?
+    };
     let stdout = std::io::stdout();
     let ctrl_c = async {
         // If the handler cannot be installed, Ctrl-C still ends the process.

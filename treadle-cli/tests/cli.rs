@@ -596,3 +596,72 @@ fn help_documents_every_exit_code() {
         assert!(help.contains(line), "{line} missing from:\n{help}");
     }
 }
+
+#[tokio::test]
+async fn read_commands_answer_while_a_worker_holds_the_write_lock() {
+    let f = fixture().await;
+    let writer = rusqlite::Connection::open(&f.db).unwrap();
+    // A worker mid-transaction: the write lock is held until it commits.
+    writer.execute_batch("BEGIN IMMEDIATE").unwrap();
+    writer
+        .execute("UPDATE items SET cancelled = 0 WHERE id = 'a'", [])
+        .unwrap();
+    let status = treadle(&f.db, &["status"]).ok();
+    assert!(status.stdout.contains("review"), "{}", status.stdout);
+    treadle(&f.db, &["status", "a"]).ok();
+    let waiting = treadle(
+        &f.db,
+        &["items", "--stage", "review", "--state", "awaiting_review"],
+    )
+    .ok();
+    assert!(waiting.stdout.contains('a'), "{}", waiting.stdout);
+    treadle(&f.db, &["review", "list"]).ok();
+    treadle(&f.db, &["events", "--limit", "3"]).ok();
+    treadle(&f.db, &["graph"]).ok();
+    writer.execute_batch("COMMIT").unwrap();
+}
+
+#[tokio::test]
+async fn a_read_command_opens_a_database_no_process_has_open() {
+    let f = fixture().await;
+    let Fixture { dir, db, engine } = f;
+    drop(engine); // the last connection closes; SQLite removes the WAL files
+    assert!(!db.with_extension("db-wal").exists());
+    let status = treadle(&db, &["status", "--json"]).ok().json();
+    assert!(status.to_string().contains("awaiting_review"), "{status}");
+    drop(dir);
+}
+
+#[tokio::test]
+async fn blank_or_reserved_reviewers_and_blank_reasons_are_usage_errors() {
+    let f = fixture().await;
+    let before = snapshot(&f.db);
+    treadle(&f.db, &["approve", "a", "review", "--by", ""])
+        .fails(2, "the reviewer's name; the name given is blank");
+    treadle(
+        &f.db,
+        &["approve", "a", "review", "--by", "treadle:deadline"],
+    )
+    .fails(2, "reserved for the decisions the engine makes");
+    treadle(
+        &f.db,
+        &["reject", "a", "review", "--by", "alice", "--reason", " "],
+    )
+    .fails(2, "a rejection needs a reason");
+    assert_eq!(snapshot(&f.db), before, "nothing changed");
+}
+
+#[tokio::test]
+async fn a_reset_schema_version_is_a_typed_error_for_reads_and_writes() {
+    let f = fixture().await;
+    let Fixture { dir, db, engine } = f;
+    drop(engine);
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .pragma_update(None, "user_version", 0)
+        .unwrap();
+    treadle(&db, &["status"]).fails(5, "schema version was reset to 0");
+    treadle(&db, &["approve", "a", "review", "--by", "alice"])
+        .fails(5, "schema version was reset to 0");
+    drop(dir);
+}

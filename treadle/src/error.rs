@@ -62,6 +62,25 @@ pub enum Error {
         state: StageState,
     },
 
+    /// A decision named no reviewer (an empty or blank name).
+    #[error("a decision needs the reviewer's name; the name given is blank")]
+    BlankReviewer,
+
+    /// A person's decision used the name the engine reserves for the
+    /// decisions of review deadlines.
+    #[error(
+        "the reviewer name `{0}` is reserved for the decisions the engine makes when a review deadline passes"
+    )]
+    ReservedReviewer(String),
+
+    /// A rejection gave no reason (an empty or blank one).
+    #[error("a rejection needs a reason; the reason given is blank")]
+    BlankRejectReason,
+
+    /// An item's id is the empty string.
+    #[error("an item id cannot be empty")]
+    EmptyItemId,
+
     /// The item was cancelled; nothing more runs or changes for it.
     #[error("item `{0}` is cancelled")]
     ItemCancelled(String),
@@ -123,6 +142,31 @@ pub enum Error {
         /// The version found in the database.
         found: i64,
         /// The newest version this build knows.
+        supported: i64,
+    },
+
+    #[cfg(feature = "sqlite")]
+    /// The database carries treadle's mark and tables but schema version 0:
+    /// its `PRAGMA user_version` was reset, so which migrations it has is unknown.
+    #[error(
+        "`{}` is a treadle database whose schema version was reset to 0 (PRAGMA user_version); restore its version or a backup before using it",
+        path.display()
+    )]
+    SchemaVersionLost {
+        /// The file that was opened.
+        path: std::path::PathBuf,
+    },
+
+    #[cfg(feature = "sqlite")]
+    /// A database opened read-only has an older schema, which only a
+    /// writable open ([`crate::SqliteStore::open`]) migrates.
+    #[error(
+        "the database has schema version {found}, older than this build's {supported}; open it once for writing to migrate it"
+    )]
+    SchemaTooOld {
+        /// The version found in the database.
+        found: i64,
+        /// The version this build uses.
         supported: i64,
     },
 

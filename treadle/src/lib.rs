@@ -30,12 +30,12 @@ pub use definition::{PipelineDef, PipelineError, PipelineProblem};
 pub use engine::{Engine, EngineConfig, LeaseOwner, ProcessMark, RunReport};
 pub use error::{Error, Result};
 pub use event::{Event, EventKind};
-pub use item::WorkItem;
+pub use item::{WorkItem, check_item_id};
 pub use outcome::StageOutcome;
 pub use pipeline::{Pipeline, PipelineBuilder};
 pub use review::{
     DEADLINE_REVIEWER, DeadlineAction, Decision, DecisionRecord, ReviewDeadline, ReviewRequest,
-    ReviewStatus,
+    ReviewStatus, check_reject_reason, check_reviewer,
 };
 pub use stage::{Backoff, Stage, StagePolicy};
 pub use state::{AttemptResult, DecisionKind, ItemState, StageState, UnknownVariant};

@@ -17,9 +17,9 @@ use crate::context::CancelSignal;
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::fast_hash::FastMap;
-use crate::item::WorkItem;
+use crate::item::{WorkItem, check_item_id};
 use crate::pipeline::Pipeline;
-use crate::review::Decision;
+use crate::review::{Decision, check_reject_reason, check_reviewer};
 use crate::state::StageState;
 use crate::status::{AwaitingReview, ItemStatus};
 use crate::store::{
@@ -206,17 +206,20 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
 
     /// Stores `item` and makes its first stages runnable. Idempotent by id:
     /// returns `false` (and changes nothing) if an item with this id exists.
+    /// An empty id is refused ([`Error::EmptyItemId`]).
     pub async fn submit(&self, item: W) -> Result<bool> {
         Ok(self.submit_all([item]).await? == 1)
     }
 
-    /// Stores many items in one transition; returns how many were new.
+    /// Stores many items in one transition; returns how many were new. One
+    /// item with an empty id refuses the whole batch.
     pub async fn submit_all(&self, items: impl IntoIterator<Item = W>) -> Result<usize> {
         self.drift().await?;
         let at = Utc::now();
         let items = items
             .into_iter()
             .map(|item| {
+                check_item_id(item.id())?;
                 let payload = serde_json::to_string(&item)
                     .map_err(|e| Error::json(format!("item `{}`", item.id()), e))?;
                 Ok(NewItem {
@@ -233,7 +236,11 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
     }
 
     /// Approves a stage awaiting review; it completes with its proposed output.
+    ///
+    /// A decision must name its reviewer ([`check_reviewer`]), as must
+    /// those of `approve_with_edits` and `reject`.
     pub async fn approve(&self, item_id: &str, stage: &str, decision: Decision) -> Result<()> {
+        check_reviewer(&decision.by)?;
         self.decide(item_id, stage, decision, Verdict::Approve)
             .await
     }
@@ -246,13 +253,14 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
         decision: Decision,
         edits: impl Serialize,
     ) -> Result<()> {
+        check_reviewer(&decision.by)?;
         let edits = serde_json::to_value(edits).map_err(|e| Error::json("the review edits", e))?;
         self.decide(item_id, stage, decision, Verdict::ApproveWithEdits(edits))
             .await
     }
 
-    /// Rejects a stage awaiting review; it fails with `reason`, and can be
-    /// run again with [`Engine::retry`].
+    /// Rejects a stage awaiting review; it fails with `reason` (which must
+    /// not be blank), and can be run again with [`Engine::retry`].
     pub async fn reject(
         &self,
         item_id: &str,
@@ -261,6 +269,8 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
         reason: impl Into<String>,
     ) -> Result<()> {
         let reason = reason.into();
+        check_reviewer(&decision.by)?;
+        check_reject_reason(&reason)?;
         self.decide(item_id, stage, decision, Verdict::Reject { reason })
             .await
     }

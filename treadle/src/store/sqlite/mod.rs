@@ -84,6 +84,8 @@ struct Inner {
 struct Readers {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
+    /// Open the file read-only (a store from [`SqliteStore::open_read_only`]).
+    read_only: bool,
 }
 
 impl Readers {
@@ -91,10 +93,12 @@ impl Readers {
         if let Some(conn) = self.lock().pop() {
             return Ok(conn);
         }
-        let conn = Connection::open_with_flags(
-            &self.path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
+        let flags = if self.read_only {
+            schema::read_only_flags()
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        };
+        let conn = Connection::open_with_flags(&self.path, flags)?;
         schema::configure(&conn)?;
         conn.pragma_update(None, "query_only", true)?;
         Ok(conn)
@@ -127,17 +131,32 @@ impl SqliteStore {
         let path = path.as_ref().to_owned();
         blocking(move || {
             let conn = schema::open(Some(&path), schema::MIGRATIONS)?;
-            Self::start(conn, Some(path))
+            Self::start(conn, Some(path), false)
         })
         .await
     }
 
     /// A private database in memory, gone when the store is dropped.
     pub async fn open_in_memory() -> Result<Self> {
-        blocking(|| Self::start(schema::open(None, schema::MIGRATIONS)?, None)).await
+        blocking(|| Self::start(schema::open(None, schema::MIGRATIONS)?, None, false)).await
     }
 
-    fn start(conn: Connection, path: Option<PathBuf>) -> Result<Self> {
+    /// Opens the existing database at `path` for inspection only: it is
+    /// never created, migrated or locked, so reads answer at once while
+    /// workers write. Every transition fails with the store's read-only
+    /// error. The file must have this build's schema version:
+    /// [`Error::SchemaTooOld`] if an older treadle wrote it, besides the
+    /// errors of [`SqliteStore::open`].
+    pub async fn open_read_only(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_owned();
+        blocking(move || {
+            let conn = schema::open_read_only(&path, schema::MIGRATIONS)?;
+            Self::start(conn, Some(path), true)
+        })
+        .await
+    }
+
+    fn start(conn: Connection, path: Option<PathBuf>, read_only: bool) -> Result<Self> {
         let feed = broadcast::channel(EVENT_FEED_CAPACITY).0;
         let writer = Writer::start(conn, feed.clone())?;
         Ok(SqliteStore {
@@ -146,6 +165,7 @@ impl SqliteStore {
                 readers: path.map(|path| Readers {
                     path,
                     idle: Mutex::new(Vec::new()),
+                    read_only,
                 }),
                 writer,
             }),

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::{Connection, ErrorCode, TransactionBehavior};
+use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
 
 use crate::error::{Error, Result};
 
@@ -195,13 +195,16 @@ pub(crate) fn open(path: Option<&Path>, migrations: &[Migration]) -> Result<Conn
     let not_ours = || Error::NotATreadleDatabase {
         path: name.to_owned(),
     };
+    let version_lost = || Error::SchemaVersionLost {
+        path: name.to_owned(),
+    };
     let opened = (|| {
         let mut conn = match path {
             Some(path) => Connection::open(path)?,
             None => Connection::open_in_memory()?,
         };
         configure(&conn)?;
-        migrate(&mut conn, migrations, &not_ours)?;
+        migrate(&mut conn, migrations, &not_ours, &version_lost)?;
         // Not inside the transaction: the journal mode cannot change there.
         let mode: String =
             conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
@@ -220,18 +223,20 @@ fn migrate(
     conn: &mut Connection,
     migrations: &[Migration],
     not_ours: &dyn Fn() -> Error,
+    version_lost: &dyn Fn() -> Error,
 ) -> Result<()> {
     let supported = migrations.last().map_or(0, |m| m.version);
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let application_id: i32 = tx.pragma_query_value(None, "application_id", |row| row.get(0))?;
     let version: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    let objects: i64 = tx.query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get(0))?;
     if application_id != APPLICATION_ID {
-        let objects: i64 =
-            tx.query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get(0))?;
         if application_id != 0 || version != 0 || objects != 0 {
             return Err(not_ours());
         }
         tx.pragma_update(None, "application_id", APPLICATION_ID)?;
+    } else if version == 0 && objects != 0 {
+        return Err(version_lost());
     }
     if version > supported {
         return Err(Error::SchemaTooNew {
@@ -249,6 +254,55 @@ fn migrate(
     }
     tx.commit()?;
     Ok(())
+}
+
+/// Opens the existing database at `path` for reading only: nothing is
+/// written to the file and no lock is taken, so a reader never waits for a
+/// writer. The file must be a treadle database of exactly this build's
+/// schema version (only a writable open migrates).
+pub(crate) fn open_read_only(path: &Path, migrations: &[Migration]) -> Result<Connection> {
+    let supported = migrations.last().map_or(0, |m| m.version);
+    let not_ours = || Error::NotATreadleDatabase {
+        path: path.to_owned(),
+    };
+    let conn = match Connection::open_with_flags(path, read_only_flags()) {
+        Err(e) if e.sqlite_error_code() == Some(ErrorCode::NotADatabase) => return Err(not_ours()),
+        opened => opened?,
+    };
+    configure(&conn)?;
+    let checked = (|| {
+        let application_id: i32 =
+            conn.pragma_query_value(None, "application_id", |row| row.get(0))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        if application_id != APPLICATION_ID {
+            return Err(not_ours());
+        }
+        match version {
+            0 => Err(Error::SchemaVersionLost {
+                path: path.to_owned(),
+            }),
+            v if v > supported => Err(Error::SchemaTooNew {
+                found: v,
+                supported,
+            }),
+            v if v < supported => Err(Error::SchemaTooOld {
+                found: v,
+                supported,
+            }),
+            _ => Ok(()),
+        }
+    })();
+    match checked {
+        Err(Error::Sqlite(e)) if e.sqlite_error_code() == Some(ErrorCode::NotADatabase) => {
+            Err(not_ours())
+        }
+        other => other.map(|()| conn),
+    }
+}
+
+/// How read-only connections open a database file: never creating it.
+pub(crate) fn read_only_flags() -> OpenFlags {
+    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
 }
 
 #[cfg(test)]
@@ -321,6 +375,47 @@ mod tests {
             Err(Error::SchemaTooNew { found, supported }) => assert_eq!((found, supported), (2, 1)),
             other => panic!("expected SchemaTooNew, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_reset_schema_version_is_a_typed_error_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("reset.db");
+        drop(open(Some(&path), MIGRATIONS).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 0)
+            .unwrap();
+        match open(Some(&path), MIGRATIONS) {
+            Err(Error::SchemaVersionLost { path: named }) => assert_eq!(named, path),
+            other => panic!("expected SchemaVersionLost, got {other:?}"),
+        }
+        assert!(matches!(
+            open_read_only(&path, MIGRATIONS),
+            Err(Error::SchemaVersionLost { .. })
+        ));
+        assert_eq!(version(&Connection::open(&path).unwrap()), 0);
+    }
+
+    #[test]
+    fn a_read_only_open_checks_the_version_and_cannot_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ro.db");
+        assert!(
+            open_read_only(&path, MIGRATIONS).is_err(),
+            "a missing file is not created"
+        );
+        assert!(!path.exists());
+        drop(open(Some(&path), &[V1_FIXTURE]).unwrap());
+        match open_read_only(&path, &[V1_FIXTURE, V2_FIXTURE]) {
+            Err(Error::SchemaTooOld { found, supported }) => assert_eq!((found, supported), (1, 2)),
+            other => panic!("expected SchemaTooOld, got {other:?}"),
+        }
+        let conn = open_read_only(&path, &[V1_FIXTURE]).unwrap();
+        assert!(
+            conn.execute("INSERT INTO things (id) VALUES (1)", [])
+                .is_err()
+        );
     }
 
     #[test]
