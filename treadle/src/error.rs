@@ -81,6 +81,24 @@ pub enum Error {
     #[error("an item id cannot be empty")]
     EmptyItemId,
 
+    /// An item's pipeline version has a stage that the running build's
+    /// pipeline does not provide; the stage fails with this reason and
+    /// resumes with a retry once a build provides it again.
+    #[error(
+        "stage `{stage}` of pipeline version {version} is not provided by this build: \
+         deploy a build that has it and retry the stage, or migrate the item"
+    )]
+    StageNotInBuild {
+        /// The stage.
+        stage: String,
+        /// The item's pipeline version.
+        version: u32,
+    },
+
+    /// No pipeline version with this number is registered in the store.
+    #[error("pipeline version {0} is not registered in this store")]
+    UnknownVersion(u32),
+
     /// The item was cancelled; nothing more runs or changes for it.
     #[error("item `{0}` is cancelled")]
     ItemCancelled(String),

@@ -14,6 +14,7 @@ mod item;
 mod outcome;
 mod pipeline;
 mod review;
+pub mod rules;
 mod stage;
 mod state;
 mod status;
@@ -26,7 +27,9 @@ pub mod __private;
 /// Re-exported for implementing [`Stage`] by hand: `#[treadle::async_trait]`.
 pub use async_trait::async_trait;
 pub use context::StageContext;
-pub use definition::{PipelineDef, PipelineError, PipelineProblem};
+pub use definition::{
+    PipelineChanges, PipelineDef, PipelineDrift, PipelineError, PipelineProblem, VersionInFlight,
+};
 pub use engine::{Engine, EngineConfig, LeaseOwner, ProcessMark, RunReport};
 pub use error::{Error, Result};
 pub use event::{Event, EventKind};

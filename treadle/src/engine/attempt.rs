@@ -17,6 +17,7 @@ use serde_json::Value;
 
 use super::settle::{AttemptEnd, AttemptFacts, settle};
 use crate::context::{CancelSignal, StageContext};
+use crate::error::Error;
 use crate::item::WorkItem;
 use crate::outcome::StageOutcome;
 use crate::pipeline::Pipeline;
@@ -35,6 +36,8 @@ pub(super) struct Attempt {
     started_at: DateTime<Utc>,
     payload: Arc<str>,
     outputs: BTreeMap<String, Value>,
+    /// The pipeline version the item moves on.
+    version: u32,
 }
 
 impl From<Claim> for Attempt {
@@ -46,6 +49,7 @@ impl From<Claim> for Attempt {
             started_at: claim.started_at,
             payload: claim.payload,
             outputs: claim.outputs,
+            version: claim.version,
         }
     }
 }
@@ -83,10 +87,13 @@ impl Attempt {
         let policy = stage.as_ref().map_or(StagePolicy::DEFAULT, |s| s.policy());
         let timeout = policy.timeout.or(settings.default_timeout);
         let end = match stage {
-            None => AttemptEnd::Outcome(StageOutcome::failed(format!(
-                "stage `{}` is not in this pipeline",
-                self.task.stage
-            ))),
+            None => AttemptEnd::Outcome(StageOutcome::failed(
+                Error::StageNotInBuild {
+                    stage: self.task.stage.clone(),
+                    version: self.version,
+                }
+                .to_string(),
+            )),
             Some(_) if self.attempt > policy.max_attempts => {
                 AttemptEnd::Outcome(StageOutcome::failed(format!(
                     "no attempts left: {} of {} were used by workers that stopped mid-attempt",

@@ -430,18 +430,11 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
 
     /// Commits a settled attempt; a claim lost meanwhile discards it.
     async fn commit(&self, settled: Settled) -> Result<Finished> {
-        let dependents = self
-            .shared
-            .dependents
-            .get(&settled.task.stage)
-            .cloned()
-            .unwrap_or_default();
         let commit = Commit {
             task: settled.task,
             generation: settled.generation,
             attempt: settled.record,
             transition: settled.transition,
-            dependents,
         };
         match self.shared.store.commit(commit).await {
             Ok(_) => Ok(Finished::Committed),
