@@ -68,12 +68,19 @@ fn definition() -> PipelineDef {
     }
 }
 
+/// Claims in these tests run recovered work again at once (no crash backoff).
+const RECOVER_AT_ONCE: treadle::CrashRetries = treadle::CrashRetries {
+    limit: 3,
+    backoff: treadle::Backoff::Fixed(Duration::ZERO),
+};
+
 fn request(now: DateTime<Utc>) -> ClaimRequest {
     ClaimRequest {
         owner: "w1".into(),
         limit: 16,
         lease: Duration::from_secs(30),
         now,
+        crash_retries: RECOVER_AT_ONCE,
     }
 }
 
@@ -916,6 +923,7 @@ async fn expired_leases_are_recovered_but_fanned_out_stages_are_not() {
         limit: 16,
         lease: Duration::from_secs(5),
         now,
+        crash_retries: RECOVER_AT_ONCE,
     };
     let first = store.claim(short(t(1), "dead")).await.unwrap().claims;
     assert_eq!(first.len(), 2);
@@ -1059,6 +1067,7 @@ async fn two_stores_on_one_file_never_claim_the_same_work() {
                         limit: 7,
                         lease: Duration::from_secs(60),
                         now: t(1),
+                        crash_retries: RECOVER_AT_ONCE,
                     })
                     .await
                     .unwrap();

@@ -38,6 +38,10 @@ pub(super) struct Attempt {
     outputs: BTreeMap<String, Value>,
     /// The pipeline version the item moves on.
     version: u32,
+    /// Attempts of this run that workers abandoned mid-attempt.
+    crashes: u32,
+    /// Why the unit fails without running: its crash retries are spent.
+    crash_retries_spent: Option<String>,
 }
 
 impl From<Claim> for Attempt {
@@ -50,6 +54,8 @@ impl From<Claim> for Attempt {
             payload: claim.payload,
             outputs: claim.outputs,
             version: claim.version,
+            crashes: claim.crashes,
+            crash_retries_spent: claim.crash_retries_spent,
         }
     }
 }
@@ -94,13 +100,9 @@ impl Attempt {
                 }
                 .to_string(),
             )),
-            Some(_) if self.attempt > policy.max_attempts => {
-                AttemptEnd::Outcome(StageOutcome::failed(format!(
-                    "no attempts left: {} of {} were used by workers that stopped mid-attempt",
-                    self.attempt - 1,
-                    policy.max_attempts
-                )))
-            }
+            Some(_) if self.crash_retries_spent.is_some() => AttemptEnd::Outcome(
+                StageOutcome::failed(self.crash_retries_spent.unwrap_or_default()),
+            ),
             Some(stage) => match serde_json::from_str::<W>(&self.payload) {
                 Ok(item) => {
                     let mut ctx = StageContext::for_task(self.task.clone(), self.attempt)
@@ -118,6 +120,7 @@ impl Attempt {
         }
         let facts = AttemptFacts {
             attempt: self.attempt,
+            crashes: self.crashes,
             started_at: self.started_at,
             finished_at: Utc::now(),
             policy: &policy,

@@ -182,6 +182,7 @@ impl<'e, W: WorkItem, S: Store, F: Future<Output = ()>> RunLoop<'e, W, S, F> {
             limit: free,
             lease: shared.config.lease,
             now: Utc::now(),
+            crash_retries: shared.config.crash_retries,
         });
         self.claiming = Some((claim, free));
     }

@@ -20,6 +20,7 @@ use crate::fast_hash::FastMap;
 use crate::item::{WorkItem, check_item_id};
 use crate::pipeline::Pipeline;
 use crate::review::{Decision, check_reject_reason, check_reviewer};
+use crate::rules::CrashRetries;
 use crate::state::StageState;
 use crate::status::{AwaitingReview, ItemStatus};
 use crate::store::{
@@ -56,6 +57,11 @@ pub struct EngineConfig {
     /// thread (CPU-heavy work, blocking I/O) cannot be stopped and should run
     /// that work in `tokio::task::spawn_blocking`.
     pub default_attempt_timeout: Option<Duration>,
+    /// How work is run again after its worker stopped mid-attempt (a crash,
+    /// a kill, a full disk): up to 3 times per run of attempts, after 1 s,
+    /// 2 s, 4 s, without spending the stage's own attempts; then the stage
+    /// (or subtask) fails with a reason saying so.
+    pub crash_retries: CrashRetries,
 }
 
 impl EngineConfig {
@@ -71,6 +77,7 @@ impl Default for EngineConfig {
             worker_id: default_worker_id(),
             idle_poll: Duration::from_millis(250),
             default_attempt_timeout: Some(Self::DEFAULT_ATTEMPT_TIMEOUT),
+            crash_retries: CrashRetries::DEFAULT,
         }
     }
 }

@@ -43,7 +43,8 @@ pub use graph::VersionGraph;
 pub use operator::{MigrateOutcome, cancel, migrate, renew, retry};
 pub use record::{FanOut, ItemRecord, Lease, StageRecord, UnitRecord, UnitRef};
 pub use transition::{
-    Claim, ClaimRequest, Commit, DecisionCommit, NewItem, SubtaskTransition, Transition, Verdict,
+    Claim, ClaimRequest, Commit, CrashRetries, DecisionCommit, NewItem, SubtaskTransition,
+    Transition, Verdict,
 };
 
 use crate::event::EventKind;

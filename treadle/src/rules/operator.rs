@@ -44,6 +44,7 @@ pub fn retry(
     }
     let row = &mut item.stages[position];
     row.unit.attempt = 0;
+    row.unit.crashes = 0;
     row.unit.finished_at = None;
     row.unit.last_error = None;
     let mut requeued = 0;
@@ -55,6 +56,7 @@ pub fn retry(
         {
             set_state(sub, StageState::Pending);
             sub.attempt = 0;
+            sub.crashes = 0;
             sub.finished_at = None;
             sub.last_error = None;
             let unit = UnitRef {

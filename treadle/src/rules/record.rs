@@ -82,6 +82,10 @@ pub struct UnitRecord {
     pub state: StageState,
     /// Attempts made in the current run.
     pub attempt: u32,
+    /// Attempts of the current run abandoned by a worker that stopped
+    /// mid-attempt (counted in `attempt` too, but not against the stage's
+    /// own budget; see [`super::CrashRetries`]).
+    pub crashes: u32,
     /// The fencing generation of the latest claim.
     pub generation: u64,
     /// When the latest attempt started.
@@ -106,6 +110,7 @@ impl UnitRecord {
             position,
             state: StageState::Pending,
             attempt: 0,
+            crashes: 0,
             generation: 0,
             started_at: None,
             finished_at: None,

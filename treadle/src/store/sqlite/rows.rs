@@ -65,7 +65,7 @@ pub(crate) fn load_item(
         "SELECT stage, position, state, attempt, generation, started_at, finished_at,
                 next_run_at, last_error, output, lease_owner, lease_expiry, waiting,
                 review_round, review_request, review_requested_at,
-                fan_total, fan_open, fan_failed
+                fan_total, fan_open, fan_failed, crashes
          FROM stages WHERE item_id = ?1 ORDER BY position",
     )?;
     let rows = statement.query_map([id], |row| Ok(stage_row(conn, id, row)))?;
@@ -120,6 +120,7 @@ fn stage_row(conn: &Connection, item_id: &str, row: &Row<'_>) -> Result<StageRec
         last_error: loc.get(row, 8, "last_error")?,
         output: loc.json_opt(row, 9, "output")?,
         lease: lease(&loc, row, 10)?,
+        crashes: loc.count(row, 19, "crashes")?,
         name: name.clone(),
     };
     let review = review(conn, &loc, row, 13, (item_id, &name))?;
@@ -191,7 +192,7 @@ pub(crate) fn subtask_rows(
 ) -> Result<Vec<UnitRecord>> {
     let mut statement = conn.prepare_cached(
         "SELECT name, position, state, attempt, generation, started_at, finished_at,
-                next_run_at, last_error, output, lease_owner, lease_expiry
+                next_run_at, last_error, output, lease_owner, lease_expiry, crashes
          FROM subtasks WHERE item_id = ?1 AND stage = ?2 AND (?3 IS NULL OR name = ?3)
          ORDER BY position",
     )?;
@@ -210,6 +211,7 @@ pub(crate) fn subtask_rows(
                 last_error: loc.get(row, 8, "last_error")?,
                 output: loc.json_opt(row, 9, "output")?,
                 lease: lease(&loc, row, 10)?,
+                crashes: loc.count(row, 12, "crashes")?,
                 name,
             })
         })())
@@ -423,7 +425,7 @@ fn write_unit(conn: &Connection, record: &ItemRecord, unit: UnitRef) -> Result<(
                     finished_at = ?7, next_run_at = ?8, last_error = ?9, output = ?10,
                     lease_owner = ?11, lease_expiry = ?12, waiting = ?13, review_round = ?14,
                     review_request = ?15, review_requested_at = ?16, review_deadline = ?17,
-                    fan_total = ?18, fan_open = ?19, fan_failed = ?20
+                    fan_total = ?18, fan_open = ?19, fan_failed = ?20, crashes = ?21
                  WHERE item_id = ?1 AND stage = ?2",
             )?
             .execute(params![
@@ -447,13 +449,14 @@ fn write_unit(conn: &Connection, record: &ItemRecord, unit: UnitRef) -> Result<(
                 fan.map(|f| f.total),
                 fan.map(|f| f.open),
                 fan.map(|f| f.failed),
+                row.crashes,
             ])?;
         }
         Some(_) => {
             conn.prepare_cached(
                 "UPDATE subtasks SET state = ?4, attempt = ?5, generation = ?6, started_at = ?7,
                     finished_at = ?8, next_run_at = ?9, last_error = ?10, output = ?11,
-                    lease_owner = ?12, lease_expiry = ?13
+                    lease_owner = ?12, lease_expiry = ?13, crashes = ?14
                  WHERE item_id = ?1 AND stage = ?2 AND name = ?3",
             )?
             .execute(params![
@@ -470,6 +473,7 @@ fn write_unit(conn: &Connection, record: &ItemRecord, unit: UnitRef) -> Result<(
                 output,
                 owner,
                 expiry,
+                row.crashes,
             ])?;
         }
     }

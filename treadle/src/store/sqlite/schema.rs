@@ -37,7 +37,18 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         version: 2,
         sql: V2,
     },
+    Migration {
+        version: 3,
+        sql: V3,
+    },
 ];
+
+/// Version 3: per stage and subtask, the attempts of the current run that
+/// workers abandoned when they stopped mid-attempt (crash retries).
+const V3: &str = r#"
+ALTER TABLE stages ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE subtasks ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;
+"#;
 
 /// Version 1: items, stages, subtasks, attempts, reviews, the run queue,
 /// scheduled retries, the event log and the pipeline definition.
