@@ -665,3 +665,41 @@ async fn a_reset_schema_version_is_a_typed_error_for_reads_and_writes() {
         .fails(5, "schema version was reset to 0");
     drop(dir);
 }
+
+#[tokio::test]
+async fn a_corrupt_payload_is_named_in_status_and_events() {
+    let f = fixture().await;
+    rusqlite::Connection::open(&f.db)
+        .unwrap()
+        .execute("UPDATE items SET payload = '{\"id\": ' WHERE id = 'd'", [])
+        .unwrap();
+    treadle(&f.db, &["retry", "d", "tag"]).ok();
+    f.engine.run_until_idle().await.unwrap();
+    let status = treadle(&f.db, &["status", "d"]).ok();
+    assert!(
+        status
+            .stdout
+            .contains("corrupt stored value at items(id=d).payload"),
+        "{}",
+        status.stdout
+    );
+    let events = treadle(&f.db, &["events", "d"]).ok();
+    assert!(
+        events.stdout.contains("items(id=d).payload"),
+        "{}",
+        events.stdout
+    );
+    // The other items were untouched: still awaiting review.
+    let waiting = treadle(
+        &f.db,
+        &["items", "--stage", "review", "--state", "awaiting_review"],
+    )
+    .ok();
+    for id in ["a", "b", "c"] {
+        assert!(
+            waiting.stdout.lines().any(|l| l.trim() == id),
+            "{}",
+            waiting.stdout
+        );
+    }
+}

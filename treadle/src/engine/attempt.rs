@@ -110,9 +110,15 @@ impl Attempt {
                         .with_cancel_signal(settings.signal);
                     run_guarded(stage.as_ref(), &item, &mut ctx, timeout).await
                 }
-                Err(e) => AttemptEnd::Outcome(StageOutcome::failed(format!(
-                    "the stored item cannot be decoded: {e}"
-                ))),
+                // A poisoned item fails alone; after the row is repaired,
+                // a retry runs it again.
+                Err(e) => AttemptEnd::Outcome(StageOutcome::failed(
+                    Error::Corrupt {
+                        location: format!("items(id={}).payload", self.task.item_id),
+                        detail: format!("cannot be decoded as the work item: {e}"),
+                    }
+                    .to_string(),
+                )),
             },
         };
         if let AttemptEnd::Error { result, message } = &end {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::codec::{self, Loc};
+use super::codec;
 use super::rows::{self, Loaded, Subtasks};
 use super::versions::{self, Versions};
 use crate::definition::{PipelineChanges, PipelineDef, PipelineDrift, VersionInFlight};
@@ -291,12 +291,8 @@ impl<'c> Tx<'c> {
         let Some(unit) = loaded.record.locate(key) else {
             return Ok(None);
         };
-        if !loaded.record.cancelled {
-            // Decoded strictly here, so a corrupt payload is the store's typed error.
-            serde_json::from_str::<serde::de::IgnoredAny>(&loaded.record.payload).map_err(|e| {
-                Loc::item(&key.item_id).corrupt("payload", format!("invalid JSON: {e}"))
-            })?;
-        }
+        // A payload that does not decode is not checked here: the attempt
+        // decodes it and fails this unit alone, naming the column.
         self.apply(loaded, |_, record, fx| {
             Ok(rules::claim(record, unit, request, fx))
         })
