@@ -13,7 +13,7 @@ Exit codes:
      reviewer), an unknown state name, an unreadable --edits file
   3  not found: no such item, or no such stage
   4  conflict: the stage is not awaiting review, the decision is stale, the stage
-     is not retryable, or the item is cancelled
+     is not retryable (or rerunnable), or the item is cancelled
   5  no usable database: the file is missing, is not a treadle database, its
      schema version was reset, or it was written by a newer treadle (or, for a
      read command, an older one: any write command migrates it)
@@ -105,6 +105,16 @@ pub enum Command {
         stage: String,
     },
 
+    /// Run a finished or failed stage again with every stage downstream of
+    /// it, keeping their history (a review stage asks for a new review);
+    /// a running worker picks it up.
+    Rerun {
+        /// The item.
+        item: String,
+        /// The completed, skipped or failed stage.
+        stage: String,
+    },
+
     /// Cancel an item: nothing more runs for it, and running stages stop.
     Cancel {
         /// The item.
@@ -152,6 +162,7 @@ impl Command {
             Command::Approve { .. }
             | Command::Reject { .. }
             | Command::Retry { .. }
+            | Command::Rerun { .. }
             | Command::Cancel { .. } => false,
         }
     }

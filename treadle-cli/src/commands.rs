@@ -83,6 +83,7 @@ pub async fn run<S: Store>(
             )?;
         }
         Command::Retry { item, stage } => emit(&retry(store, &item, &stage).await?, json, out)?,
+        Command::Rerun { item, stage } => emit(&rerun(store, &item, &stage).await?, json, out)?,
         Command::Cancel { item } => emit(&cancel(store, &item).await?, json, out)?,
         Command::Events {
             item,
@@ -245,6 +246,19 @@ pub async fn retry<S: Store>(store: &S, item: &str, stage: &str) -> Result<Chang
     let events = store.retry(item, stage, Utc::now()).await?;
     Ok(Change {
         action: "retry_requested",
+        item_id: item.to_owned(),
+        stage: Some(stage.to_owned()),
+        events,
+    })
+}
+
+/// `rerun`: makes a finished or failed stage, and everything downstream of
+/// it, run again. Downstream work running in another process loses its
+/// lease, so that process stops it.
+pub async fn rerun<S: Store>(store: &S, item: &str, stage: &str) -> Result<Change> {
+    let (_running, events) = store.rerun(item, stage, Utc::now()).await?;
+    Ok(Change {
+        action: "rerun_requested",
         item_id: item.to_owned(),
         stage: Some(stage.to_owned()),
         events,

@@ -75,6 +75,7 @@ impl CliError {
                 E::NotAwaitingReview { .. }
                 | E::StaleDecision { .. }
                 | E::NotRetryable { .. }
+                | E::NotRerunnable { .. }
                 | E::ItemCancelled(_)
                 | E::LeaseLost { .. } => Exit::Conflict,
                 E::NotATreadleDatabase { .. }

@@ -8,6 +8,7 @@
 //! treadle --db PATH approve ITEM STAGE --by NAME [--note TEXT] [--round N] [--edits FILE.json]
 //! treadle --db PATH reject ITEM STAGE --by NAME --reason TEXT [--note TEXT] [--round N]
 //! treadle --db PATH retry ITEM STAGE               run a failed stage again
+//! treadle --db PATH rerun ITEM STAGE               run a finished stage and everything after it again
 //! treadle --db PATH cancel ITEM                    cancel an item
 //! treadle --db PATH events [ITEM] [--after SEQ] [--limit N] [--follow]
 //! treadle --db PATH graph [--format dot|mermaid] [--counts]
@@ -28,7 +29,7 @@
 //! | 1 | any other error (I/O, SQLite, a corrupt stored value) |
 //! | 2 | usage error: bad arguments (a blank `--by` or `--reason`, the reserved deadline reviewer), an unknown state name, an unreadable `--edits` file |
 //! | 3 | not found: no such item or stage |
-//! | 4 | conflict: not awaiting review, a stale decision, not retryable, item cancelled |
+//! | 4 | conflict: not awaiting review, a stale decision, not retryable or rerunnable, item cancelled |
 //! | 5 | no usable database: missing, not a treadle database, a reset schema version, a newer schema (or an older one, for a read command) |
 //!
 //! On an error, one line on stderr says what was wrong, and nothing changes.

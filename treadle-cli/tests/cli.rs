@@ -703,3 +703,32 @@ async fn a_corrupt_payload_is_named_in_status_and_events() {
         );
     }
 }
+
+#[tokio::test]
+async fn rerun_reopens_a_decided_review_and_refuses_an_unfinished_stage() {
+    let f = fixture().await;
+    treadle(&f.db, &["approve", "a", "review", "--by", "alice"]).ok();
+    f.engine.run_until_idle().await.unwrap();
+    let status = treadle(&f.db, &["status", "a", "--json"]).ok().json();
+    assert_eq!(status["state"], "completed", "{status}");
+
+    let rerun = treadle(&f.db, &["rerun", "a", "review"]).ok();
+    assert!(
+        rerun.stdout.starts_with("rerun_requested item `a`"),
+        "{}",
+        rerun.stdout
+    );
+    f.engine.run_until_idle().await.unwrap();
+    let list = treadle(&f.db, &["review", "list", "--json"]).ok().json();
+    let a = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["item_id"] == "a")
+        .expect("a awaits review again");
+    assert_eq!(a["review"]["round"], 2, "{a}");
+    let status = treadle(&f.db, &["status", "a", "--json"]).ok().json();
+    assert_eq!(stage(&status, "export")["state"], "pending");
+
+    treadle(&f.db, &["rerun", "b", "review"]).fails(4, "only a completed, skipped or failed");
+}

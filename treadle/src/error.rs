@@ -99,6 +99,19 @@ pub enum Error {
     #[error("pipeline version {0} is not registered in this store")]
     UnknownVersion(u32),
 
+    /// A rerun was asked for a stage that has not finished or failed.
+    #[error(
+        "stage `{stage}` of item `{item}` is {state}; only a completed, skipped or failed stage can be rerun"
+    )]
+    NotRerunnable {
+        /// The item that was addressed.
+        item: String,
+        /// The stage that was addressed.
+        stage: String,
+        /// The stage's current state.
+        state: StageState,
+    },
+
     /// The item was cancelled; nothing more runs or changes for it.
     #[error("item `{0}` is cancelled")]
     ItemCancelled(String),

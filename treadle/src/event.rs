@@ -83,6 +83,12 @@ pub enum EventKind {
     },
     /// A person asked for a failed stage to run again.
     RetryRequested,
+    /// An operator asked for a finished or failed stage to run again, with
+    /// every stage downstream of it; `reset` names those stages.
+    RerunRequested {
+        /// The downstream stages reset to pending with it, in order.
+        reset: Vec<String>,
+    },
     /// Every stage of the item completed or was skipped.
     ItemCompleted,
     /// The item was cancelled.

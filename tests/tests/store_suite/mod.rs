@@ -17,6 +17,9 @@ use treadle::{
 
 use crate::support::*;
 
+mod faults;
+pub use faults::*;
+
 /// Generates one `#[tokio::test]` per suite case, each on a fresh store made
 /// by `$make` (an async expression returning `(store, guard)`; the guard
 /// lives as long as the test, e.g. a temporary directory).
@@ -58,6 +61,9 @@ macro_rules! store_suite {
             long_lived_worker_picks_up_new_items_and_decisions,
             review_deadlines_decide_when_they_pass,
             a_failure_leaves_the_item_active_while_a_branch_can_run,
+            rerun_of_a_review_stage_reopens_the_review_and_reruns_downstream,
+            rerun_of_a_fan_out_stage_fans_out_afresh,
+            only_a_finished_or_failed_stage_can_be_rerun,
         );
     };
 }

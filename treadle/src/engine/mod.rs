@@ -315,6 +315,18 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
         Ok(moved)
     }
 
+    /// Runs a finished (completed or skipped) or failed stage again, with
+    /// every stage downstream of it on the item's pipeline version, keeping
+    /// their attempt history: a review stage asks for a new review round,
+    /// and downstream work still running here is stopped. Any other state
+    /// is [`Error::NotRerunnable`].
+    pub async fn rerun(&self, item_id: &str, stage: &str) -> Result<()> {
+        let (running, _) = self.shared.store.rerun(item_id, stage, Utc::now()).await?;
+        self.stop_local(running);
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
     /// Cancels an item: its running stages are stopped and nothing more runs.
     pub async fn cancel(&self, item_id: &str) -> Result<()> {
         let (running, _) = self.shared.store.cancel(item_id, Utc::now()).await?;

@@ -417,6 +417,21 @@ impl Store for MemoryStore {
         Ok(lost)
     }
 
+    async fn rerun(
+        &self,
+        item_id: &str,
+        stage: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(Vec<TaskKey>, Vec<Event>)> {
+        let mut data = self.lock();
+        let item = data.position(item_id)?;
+        let (running, events) = data.transition(item, |graph, record, fx| {
+            rules::rerun(graph, record, stage, at, &mut AllLoaded, fx)
+        })?;
+        data.publish(&events);
+        Ok((running, events))
+    }
+
     async fn cancel(&self, item_id: &str, at: DateTime<Utc>) -> Result<(Vec<TaskKey>, Vec<Event>)> {
         let mut data = self.lock();
         let item = data.position(item_id)?;

@@ -137,6 +137,17 @@ pub trait Store: Send + Sync + 'static {
     /// running); their work must stop.
     async fn renew(&self, claims: &[(TaskKey, u64)], until: DateTime<Utc>) -> Result<Vec<TaskKey>>;
 
+    /// Runs a finished or failed stage again with every stage downstream of
+    /// it ([`crate::rules::rerun`]), keeping their history. Returns the keys
+    /// of downstream units that were running (they lose their claim), and
+    /// the events. Any other state is [`crate::Error::NotRerunnable`].
+    async fn rerun(
+        &self,
+        item_id: &str,
+        stage: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(Vec<TaskKey>, Vec<Event>)>;
+
     /// Cancels an item: every stage and subtask not yet finished becomes
     /// `cancelled` (so running claims lose their lease). Returns the keys of
     /// the units that were running, and the events. Cancelling twice is a no-op.

@@ -300,6 +300,20 @@ impl Store for SqliteStore {
         self.write(move |tx| tx.renew(&claims, until)).await
     }
 
+    async fn rerun(
+        &self,
+        item_id: &str,
+        stage: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(Vec<TaskKey>, Vec<Event>)> {
+        let (item_id, stage) = (item_id.to_owned(), stage.to_owned());
+        self.write(move |tx| {
+            let running = tx.rerun(&item_id, &stage, at)?;
+            Ok((running, tx.events().to_vec()))
+        })
+        .await
+    }
+
     async fn cancel(&self, item_id: &str, at: DateTime<Utc>) -> Result<(Vec<TaskKey>, Vec<Event>)> {
         let item_id = item_id.to_owned();
         self.write(move |tx| {

@@ -333,11 +333,8 @@ pub(crate) fn save(
         .execute(params![record.id, name])?;
         conn.prepare_cached("DELETE FROM subtasks WHERE item_id = ?1 AND stage = ?2")?
             .execute(params![record.id, name])?;
-        let fan = record.stages[stage]
-            .fan_out
-            .as_ref()
-            .expect("a fanned-out stage has its subtasks");
-        for sub in &fan.rows {
+        // No fan-out: a rerun dropped the subtasks; a new fan-out makes them.
+        for sub in record.stages[stage].fan_out.iter().flat_map(|f| &f.rows) {
             conn.prepare_cached(
                 "INSERT INTO subtasks (item_id, stage, name, position, state)
                  VALUES (?1, ?2, ?3, ?4, 'pending')",

@@ -367,6 +367,19 @@ impl<'c> Tx<'c> {
         Ok(released)
     }
 
+    pub(crate) fn rerun(
+        &mut self,
+        item_id: &str,
+        stage: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<TaskKey>> {
+        let loaded = self.load(item_id, Subtasks::None)?;
+        let conn = self.conn;
+        self.apply(loaded, |graph, record, fx| {
+            rules::rerun(graph, record, stage, at, &mut SubtaskRows(conn), fx)
+        })
+    }
+
     pub(crate) fn cancel(&mut self, item_id: &str, at: DateTime<Utc>) -> Result<Vec<TaskKey>> {
         let loaded = self.load(item_id, Subtasks::None)?;
         let conn = self.conn;
