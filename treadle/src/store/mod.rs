@@ -170,6 +170,12 @@ pub trait Store: Send + Sync + 'static {
     /// in submission order.
     async fn items_before_version(&self, version: u32) -> Result<Vec<String>>;
 
+    /// How the latest registered pipeline version stands, without
+    /// registering anything: its number, how it differs from the version
+    /// before it, and the unfinished items of older versions. `None` if no
+    /// pipeline was registered yet. This is what operators' tools show.
+    async fn pipeline_drift(&self) -> Result<Option<PipelineDrift>>;
+
     /// The latest pipeline definition recorded by `register_pipeline`, if any.
     async fn pipeline_definition(&self) -> Result<Option<PipelineDef>>;
 

@@ -325,6 +325,10 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn pipeline_drift(&self) -> Result<Option<PipelineDrift>> {
+        self.read(read::latest_drift).await
+    }
+
     async fn pipeline_definition(&self) -> Result<Option<PipelineDef>> {
         self.read(|conn| Ok(versions::all(conn)?.pop().map(|(_, d)| d)))
             .await
