@@ -61,6 +61,8 @@ pub enum CliError {
         /// Why it could not be used.
         why: String,
     },
+    /// No engine has registered a pipeline in the database yet.
+    NoPipeline,
     /// Writing the output failed.
     Output(std::io::Error),
 }
@@ -88,7 +90,7 @@ impl CliError {
             CliError::NoDatabaseGiven | CliError::UnknownState(_) | CliError::BadEdits { .. } => {
                 Exit::Usage
             }
-            CliError::UnknownStage(_) => Exit::NotFound,
+            CliError::UnknownStage(_) | CliError::NoPipeline => Exit::NotFound,
             CliError::MissingDatabase(_) | CliError::NotADatabase { .. } => Exit::BadDatabase,
             CliError::Output(_) => Exit::Failure,
         }
@@ -98,7 +100,7 @@ impl CliError {
 impl fmt::Display for CliError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            // One line, with the causes: "SQLite error: database is locked".
+            // One line, with the causes the message does not already show.
             CliError::Treadle(error) => write!(f, "{}", error.with_causes()),
             CliError::NoDatabaseGiven => f.write_str("no database given: pass --db PATH"),
             CliError::MissingDatabase(path) => {
@@ -121,6 +123,9 @@ impl fmt::Display for CliError {
             CliError::BadEdits { path, why } => {
                 write!(f, "cannot use edits file `{}`: {why}", path.display())
             }
+            CliError::NoPipeline => f.write_str(
+                "no pipeline is registered in this database yet: start a worker of the pipeline first",
+            ),
             CliError::Output(error) => write!(f, "cannot write the output: {error}"),
         }
     }

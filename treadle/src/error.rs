@@ -155,16 +155,35 @@ pub enum Error {
     Stage(String),
 
     /// An I/O error inside a stage or the store.
-    #[error("I/O error")]
+    #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 
-    /// The SQLite database reported an error. Shared (`Arc`) because one
-    /// failed group commit is reported to every transition in it.
-    #[cfg(feature = "sqlite")]
-    #[error("SQLite error")]
-    Sqlite(#[source] std::sync::Arc<rusqlite::Error>),
+    /// The database behind a store failed. `context` says what the store
+    /// was doing; `cause` is what the database reported (a missing
+    /// directory, a read-only file, a full disk, a lock timeout, ...).
+    /// Shared (`Arc`) because one failed group commit is reported to every
+    /// transition in it.
+    #[error("{backend} store: {context}: {cause}")]
+    Store {
+        /// Which store: `SQLite`, `PostgreSQL`.
+        backend: &'static str,
+        /// What the store was doing.
+        context: String,
+        /// What went wrong underneath.
+        #[source]
+        cause: std::sync::Arc<dyn std::error::Error + Send + Sync>,
+    },
 
-    #[cfg(feature = "sqlite")]
+    /// A transition panicked inside the store; it was rolled back and
+    /// changed nothing, and the store goes on serving other transitions.
+    #[error("a {backend} store transition panicked and was rolled back: {message}")]
+    TransitionPanicked {
+        /// Which store.
+        backend: &'static str,
+        /// The panic's message.
+        message: String,
+    },
+
     /// The database was written by a newer version of treadle.
     #[error(
         "the database has schema version {found}; this version of treadle supports up to {supported}"
@@ -176,21 +195,18 @@ pub enum Error {
         supported: i64,
     },
 
-    #[cfg(feature = "sqlite")]
     /// The database carries treadle's mark and tables but schema version 0:
-    /// its `PRAGMA user_version` was reset, so which migrations it has is unknown.
+    /// its `user_version` was reset, so which migrations it has is unknown.
     #[error(
-        "`{}` is a treadle database whose schema version was reset to 0 (PRAGMA user_version); restore its version or a backup before using it",
-        path.display()
+        "`{location}` is a treadle database whose schema version was reset to 0 (PRAGMA user_version); restore its version or a backup before using it"
     )]
     SchemaVersionLost {
-        /// The file that was opened.
-        path: std::path::PathBuf,
+        /// The file or schema that was opened.
+        location: String,
     },
 
-    #[cfg(feature = "sqlite")]
     /// A database opened read-only has an older schema, which only a
-    /// writable open ([`crate::SqliteStore::open`]) migrates.
+    /// writable open (`SqliteStore::open`) migrates.
     #[error(
         "the database has schema version {found}, older than this build's {supported}; open it once for writing to migrate it"
     )]
@@ -201,15 +217,14 @@ pub enum Error {
         supported: i64,
     },
 
-    #[cfg(feature = "sqlite")]
-    /// The file is not a treadle database (not SQLite, or SQLite with other tables).
-    #[error("`{}` is not a treadle database", path.display())]
+    /// The database (a file, or a PostgreSQL schema) is not a treadle
+    /// database: another application's, or not a database at all.
+    #[error("`{location}` is not a treadle database")]
     NotATreadleDatabase {
-        /// The file that was opened.
-        path: std::path::PathBuf,
+        /// The file or schema that was opened.
+        location: String,
     },
 
-    #[cfg(feature = "sqlite")]
     /// The store was shut down; its background writer is gone.
     #[error("the store is closed")]
     StoreClosed,
@@ -221,10 +236,23 @@ impl Error {
         Error::Stage(message.to_string())
     }
 
-    /// The error followed by its chain of causes, joined with `: `, as one
-    /// line for a person to read (`I/O error: No such file or directory`).
+    /// The error followed by the causes its message does not already show,
+    /// joined with `: `, as one line for a person to read.
     pub fn with_causes(&self) -> impl std::fmt::Display + '_ {
         WithCauses(self)
+    }
+
+    /// A failure of the SQLite database while the store was doing `context`.
+    #[cfg(feature = "sqlite")]
+    pub(crate) fn sqlite(
+        context: impl Into<String>,
+        cause: std::sync::Arc<dyn std::error::Error + Send + Sync>,
+    ) -> Self {
+        Error::Store {
+            backend: "SQLite",
+            context: context.into(),
+            cause,
+        }
     }
 
     /// Wraps a serde_json error with a description of what was converted.
@@ -241,20 +269,24 @@ struct WithCauses<'a>(&'a Error);
 
 impl std::fmt::Display for WithCauses<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
+        let mut line = self.0.to_string();
         let mut source = std::error::Error::source(self.0);
         while let Some(cause) = source {
-            write!(f, ": {cause}")?;
+            // A message that already shows its cause is not repeated.
+            let text = cause.to_string();
+            if !line.contains(&text) {
+                line = format!("{line}: {text}");
+            }
             source = cause.source();
         }
-        Ok(())
+        f.write_str(&line)
     }
 }
 
 #[cfg(feature = "sqlite")]
 impl From<rusqlite::Error> for Error {
     fn from(error: rusqlite::Error) -> Self {
-        Error::Sqlite(std::sync::Arc::new(error))
+        Error::sqlite("a database operation failed", std::sync::Arc::new(error))
     }
 }
 

@@ -19,6 +19,8 @@ use crate::support::*;
 
 mod faults;
 pub use faults::*;
+mod versions;
+pub use versions::*;
 
 /// Generates one `#[tokio::test]` per suite case, each on a fresh store made
 /// by `$make` (an async expression returning `(store, guard)`; the guard
@@ -64,6 +66,12 @@ macro_rules! store_suite {
             rerun_of_a_review_stage_reopens_the_review_and_reruns_downstream,
             rerun_of_a_fan_out_stage_fans_out_afresh,
             only_a_finished_or_failed_stage_can_be_rerun,
+            a_stage_added_at_the_end_applies_to_old_items_only_when_migrated,
+            a_stage_inserted_in_the_middle_does_not_strand_old_items,
+            a_removed_last_stage_fails_visibly_and_resumes_when_it_is_back,
+            reordered_stages_keep_the_old_order_for_old_items,
+            a_removed_review_stage_can_still_be_decided,
+            a_renamed_review_stage_is_decided_by_its_old_name_or_migrated,
         );
     };
 }

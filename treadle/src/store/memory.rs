@@ -266,6 +266,38 @@ impl Data {
         })
     }
 
+    /// How version `version` stands: its changes from `previous`, and the
+    /// unfinished items of other versions.
+    fn drift(&self, version: u32, previous: Option<&PipelineDef>) -> Result<PipelineDrift> {
+        let current = self.graph(version)?;
+        let mut in_flight: Vec<VersionInFlight> = Vec::new();
+        for item in (0..self.items.len()).filter(|&i| self.unfinished(i)) {
+            let old = self.items[item].record.version;
+            if old == version {
+                continue;
+            }
+            match in_flight.iter_mut().find(|v| v.version == old) {
+                Some(entry) => entry.items += 1,
+                None => in_flight.push(VersionInFlight {
+                    version: old,
+                    items: 1,
+                    changes: PipelineChanges::between(
+                        self.graph(old)?.definition(),
+                        current.definition(),
+                    ),
+                }),
+            }
+        }
+        in_flight.sort_by_key(|v| v.version);
+        Ok(PipelineDrift {
+            version,
+            changes: previous
+                .map(|p| PipelineChanges::between(p, current.definition()))
+                .unwrap_or_default(),
+            in_flight,
+        })
+    }
+
     /// Whether the item at `item` is unfinished: not cancelled, not completed.
     fn unfinished(&self, item: usize) -> bool {
         let record = &self.items[item].record;
@@ -302,30 +334,16 @@ impl Store for MemoryStore {
                 version
             }
         };
-        let changes = latest
-            .map(|l| PipelineChanges::between(l.definition(), definition))
-            .unwrap_or_default();
-        let mut in_flight: Vec<VersionInFlight> = Vec::new();
-        for item in (0..data.items.len()).filter(|&i| data.unfinished(i)) {
-            let old = data.items[item].record.version;
-            if old == version {
-                continue;
-            }
-            match in_flight.iter_mut().find(|v| v.version == old) {
-                Some(entry) => entry.items += 1,
-                None => in_flight.push(VersionInFlight {
-                    version: old,
-                    items: 1,
-                    changes: PipelineChanges::between(data.graph(old)?.definition(), definition),
-                }),
-            }
-        }
-        in_flight.sort_by_key(|v| v.version);
-        Ok(PipelineDrift {
-            version,
-            changes,
-            in_flight,
-        })
+        data.drift(version, latest.as_ref().map(|l| l.definition()))
+    }
+
+    async fn pipeline_drift(&self) -> Result<Option<PipelineDrift>> {
+        let data = self.lock();
+        let Some(latest) = data.versions.last() else {
+            return Ok(None);
+        };
+        let previous = data.versions.iter().rev().nth(1).map(|v| v.definition());
+        data.drift(latest.version(), previous).map(Some)
     }
 
     async fn submit(&self, items: Vec<NewItem>) -> Result<Vec<Event>> {

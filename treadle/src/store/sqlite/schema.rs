@@ -6,6 +6,7 @@
 //! ours, is refused with a typed error before anything is written to it.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
@@ -244,39 +245,113 @@ pub(crate) fn configure(conn: &Connection) -> Result<()> {
 /// written to a file that is not ours.
 pub(crate) fn open(path: Option<&Path>, migrations: &[Migration]) -> Result<Connection> {
     let name = path.unwrap_or(Path::new(":memory:"));
-    let not_ours = || Error::NotATreadleDatabase {
-        path: name.to_owned(),
-    };
-    let version_lost = || Error::SchemaVersionLost {
-        path: name.to_owned(),
-    };
+    let context = format!("cannot open `{}`", name.display());
+    if let Some(dir) = path
+        .and_then(Path::parent)
+        .filter(|dir| !dir.as_os_str().is_empty() && !dir.is_dir())
+    {
+        let missing = std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("the directory `{}` does not exist", dir.display()),
+        );
+        return Err(Error::sqlite(context, Arc::new(missing)));
+    }
     let opened = (|| {
         let mut conn = match path {
             Some(path) => Connection::open(path)?,
             None => Connection::open_in_memory()?,
         };
+        if conn.is_readonly(rusqlite::MAIN_DB)? {
+            let denied = std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "the file is readonly: the store needs to write to it",
+            );
+            return Err(Error::sqlite("cannot open for writing", Arc::new(denied)));
+        }
         configure(&conn)?;
-        migrate(&mut conn, migrations, &not_ours, &version_lost)?;
+        migrate(&mut conn, migrations, name)?;
         // Not inside the transaction: the journal mode cannot change there.
         let mode: String =
             conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
         tracing::debug!(path = %name.display(), journal_mode = %mode, "opened treadle database");
         Ok(conn)
     })();
-    match opened {
-        Err(Error::Sqlite(e)) if e.sqlite_error_code() == Some(ErrorCode::NotADatabase) => {
-            Err(not_ours())
+    opened.map_err(|error| match error {
+        Error::Store { cause, .. } => {
+            let code = cause
+                .downcast_ref::<rusqlite::Error>()
+                .and_then(rusqlite::Error::sqlite_error_code);
+            if code == Some(ErrorCode::NotADatabase) {
+                not_ours(name)
+            } else {
+                Error::sqlite(context, cause)
+            }
         }
         other => other,
+    })
+}
+
+fn not_ours(name: &Path) -> Error {
+    Error::NotATreadleDatabase {
+        location: name.display().to_string(),
     }
 }
 
-fn migrate(
-    conn: &mut Connection,
-    migrations: &[Migration],
-    not_ours: &dyn Fn() -> Error,
-    version_lost: &dyn Fn() -> Error,
-) -> Result<()> {
+fn version_lost(name: &Path) -> Error {
+    Error::SchemaVersionLost {
+        location: name.display().to_string(),
+    }
+}
+
+/// Opens the existing database at `path` for reading only: nothing is
+/// written to the file and no lock is taken, so a reader never waits for a
+/// writer. The file must be a treadle database of exactly this build's
+/// schema version (only a writable open migrates).
+pub(crate) fn open_read_only(path: &Path, migrations: &[Migration]) -> Result<Connection> {
+    let supported = migrations.last().map_or(0, |m| m.version);
+    let checked = (|| {
+        let conn = Connection::open_with_flags(path, read_only_flags())?;
+        configure(&conn)?;
+        let application_id: i32 =
+            conn.pragma_query_value(None, "application_id", |row| row.get(0))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        if application_id != APPLICATION_ID {
+            return Err(not_ours(path));
+        }
+        match version {
+            0 => Err(version_lost(path)),
+            v if v > supported => Err(Error::SchemaTooNew {
+                found: v,
+                supported,
+            }),
+            v if v < supported => Err(Error::SchemaTooOld {
+                found: v,
+                supported,
+            }),
+            _ => Ok(conn),
+        }
+    })();
+    checked.map_err(|error| match error {
+        Error::Store { cause, .. } => {
+            let code = cause
+                .downcast_ref::<rusqlite::Error>()
+                .and_then(rusqlite::Error::sqlite_error_code);
+            if code == Some(ErrorCode::NotADatabase) {
+                not_ours(path)
+            } else {
+                Error::sqlite(format!("cannot open `{}` to read", path.display()), cause)
+            }
+        }
+        other => other,
+    })
+}
+
+/// How read-only connections open a database file: never creating it.
+pub(crate) fn read_only_flags() -> OpenFlags {
+    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+}
+
+fn migrate(conn: &mut Connection, migrations: &[Migration], name: &Path) -> Result<()> {
     let supported = migrations.last().map_or(0, |m| m.version);
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let application_id: i32 = tx.pragma_query_value(None, "application_id", |row| row.get(0))?;
@@ -284,11 +359,11 @@ fn migrate(
     let objects: i64 = tx.query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get(0))?;
     if application_id != APPLICATION_ID {
         if application_id != 0 || version != 0 || objects != 0 {
-            return Err(not_ours());
+            return Err(not_ours(name));
         }
         tx.pragma_update(None, "application_id", APPLICATION_ID)?;
     } else if version == 0 && objects != 0 {
-        return Err(version_lost());
+        return Err(version_lost(name));
     }
     if version > supported {
         return Err(Error::SchemaTooNew {
@@ -306,55 +381,6 @@ fn migrate(
     }
     tx.commit()?;
     Ok(())
-}
-
-/// Opens the existing database at `path` for reading only: nothing is
-/// written to the file and no lock is taken, so a reader never waits for a
-/// writer. The file must be a treadle database of exactly this build's
-/// schema version (only a writable open migrates).
-pub(crate) fn open_read_only(path: &Path, migrations: &[Migration]) -> Result<Connection> {
-    let supported = migrations.last().map_or(0, |m| m.version);
-    let not_ours = || Error::NotATreadleDatabase {
-        path: path.to_owned(),
-    };
-    let conn = match Connection::open_with_flags(path, read_only_flags()) {
-        Err(e) if e.sqlite_error_code() == Some(ErrorCode::NotADatabase) => return Err(not_ours()),
-        opened => opened?,
-    };
-    configure(&conn)?;
-    let checked = (|| {
-        let application_id: i32 =
-            conn.pragma_query_value(None, "application_id", |row| row.get(0))?;
-        let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
-        if application_id != APPLICATION_ID {
-            return Err(not_ours());
-        }
-        match version {
-            0 => Err(Error::SchemaVersionLost {
-                path: path.to_owned(),
-            }),
-            v if v > supported => Err(Error::SchemaTooNew {
-                found: v,
-                supported,
-            }),
-            v if v < supported => Err(Error::SchemaTooOld {
-                found: v,
-                supported,
-            }),
-            _ => Ok(()),
-        }
-    })();
-    match checked {
-        Err(Error::Sqlite(e)) if e.sqlite_error_code() == Some(ErrorCode::NotADatabase) => {
-            Err(not_ours())
-        }
-        other => other.map(|()| conn),
-    }
-}
-
-/// How read-only connections open a database file: never creating it.
-pub(crate) fn read_only_flags() -> OpenFlags {
-    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
 }
 
 #[cfg(test)]
@@ -439,7 +465,9 @@ mod tests {
             .pragma_update(None, "user_version", 0)
             .unwrap();
         match open(Some(&path), MIGRATIONS) {
-            Err(Error::SchemaVersionLost { path: named }) => assert_eq!(named, path),
+            Err(Error::SchemaVersionLost { location }) => {
+                assert_eq!(location, path.display().to_string())
+            }
             other => panic!("expected SchemaVersionLost, got {other:?}"),
         }
         assert!(matches!(
