@@ -112,7 +112,9 @@ fn commit(
         Transition::Skip { .. } => (AttemptResult::Skipped, None),
         Transition::AwaitReview(_) => (AttemptResult::NeedsReview, None),
         Transition::RetryAt { .. } => (AttemptResult::Error, Some("flaky".to_owned())),
-        Transition::Fail { reason } => (AttemptResult::Failed, Some(reason.clone())),
+        Transition::Fail { reason } | Transition::RefuseEdits { reason } => {
+            (AttemptResult::Failed, Some(reason.clone()))
+        }
         Transition::FanOut { .. } => (AttemptResult::FannedOut, None),
     };
     Commit {

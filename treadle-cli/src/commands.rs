@@ -60,7 +60,8 @@ pub async fn run<S: Store>(
             edits,
         } => {
             let verdict = match edits {
-                Some(path) => Verdict::ApproveWithEdits(read_edits(&path)?),
+                // Only a worker knows the stage's output type: it checks them.
+                Some(path) => Verdict::ApproveWithEditsToCheck(read_edits(&path)?),
                 None => Verdict::Approve,
             };
             emit(
@@ -243,7 +244,7 @@ pub async fn decide<S: Store>(
     }
     let action = match verdict {
         Verdict::Approve => "approved",
-        Verdict::ApproveWithEdits(_) => "approved_with_edits",
+        Verdict::ApproveWithEdits(_) | Verdict::ApproveWithEditsToCheck(_) => "approved_with_edits",
         Verdict::Reject { .. } => "rejected",
     };
     let decision = Decision {

@@ -735,3 +735,85 @@ async fn rerun_reopens_a_decided_review_and_refuses_an_unfinished_stage() {
 
     treadle(&f.db, &["rerun", "b", "review"]).fails(4, "only a completed, skipped or failed");
 }
+
+/// A review stage whose output must be a list of tags.
+struct TagList;
+
+#[treadle::async_trait]
+impl treadle::Stage<Doc> for TagList {
+    fn name(&self) -> &str {
+        "review"
+    }
+
+    async fn run(&self, _doc: &Doc, _ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
+        Ok(StageOutcome::needs_review(
+            ReviewRequest::new("Check the tags").proposed_output(["rock"])?,
+        ))
+    }
+
+    fn check_output(&self, value: &Value) -> treadle::Result<()> {
+        serde_json::from_value::<Vec<String>>(value.clone())
+            .map(drop)
+            .map_err(|e| treadle::Error::json("the tags", e))
+    }
+}
+
+#[tokio::test]
+async fn edits_from_the_cli_that_do_not_fit_reopen_the_review_with_an_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("edits.db");
+    let pipeline = Pipeline::builder().stage(TagList).build().unwrap();
+    let engine = Engine::new(pipeline, SqliteStore::open(&db).await.unwrap());
+    engine
+        .submit(Doc {
+            id: "a".into(),
+            gate: None,
+        })
+        .await
+        .unwrap();
+    engine.run_until_idle().await.unwrap();
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{"tags": 3}"#).unwrap();
+    let bad = bad.to_str().unwrap();
+    treadle(
+        &db,
+        &["approve", "a", "review", "--by", "carol", "--edits", bad],
+    )
+    .ok();
+    engine.run_until_idle().await.unwrap();
+
+    let list = treadle(&db, &["review", "list", "--json"]).ok().json();
+    assert_eq!(list[0]["item_id"], "a", "{list}");
+    assert_eq!(list[0]["review"]["round"], 2, "{list}");
+    let events = treadle(&db, &["events", "a", "--json"]).ok().json();
+    let refused = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"]["type"] == "edits_refused")
+        .unwrap_or_else(|| panic!("no edits_refused event in {events}"));
+    assert_eq!(refused["kind"]["edits"], serde_json::json!({"tags": 3}));
+    assert!(
+        refused["kind"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("do not fit the output of stage `review`"),
+        "{refused}"
+    );
+
+    let good = dir.path().join("good.json");
+    std::fs::write(&good, r#"["jazz"]"#).unwrap();
+    let good = good.to_str().unwrap();
+    treadle(
+        &db,
+        &["approve", "a", "review", "--by", "carol", "--edits", good],
+    )
+    .ok();
+    engine.run_until_idle().await.unwrap();
+    let status = treadle(&db, &["status", "a", "--json"]).ok().json();
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(
+        stage(&status, "review")["output"],
+        serde_json::json!(["jazz"])
+    );
+}

@@ -83,6 +83,14 @@ pub enum EventKind {
     },
     /// A person asked for a failed stage to run again.
     RetryRequested,
+    /// The edits of an approval did not fit the stage's output; the review
+    /// is asked again (the refused decision stays in the review's history).
+    EditsRefused {
+        /// Why the edits do not fit.
+        reason: String,
+        /// The refused edits, kept here for the record.
+        edits: serde_json::Value,
+    },
     /// An operator asked for a finished or failed stage to run again, with
     /// every stage downstream of it; `reset` names those stages.
     RerunRequested {

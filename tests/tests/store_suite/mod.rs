@@ -66,6 +66,7 @@ macro_rules! store_suite {
             rerun_of_a_review_stage_reopens_the_review_and_reruns_downstream,
             rerun_of_a_fan_out_stage_fans_out_afresh,
             only_a_finished_or_failed_stage_can_be_rerun,
+            edits_decided_outside_are_checked_by_the_worker_and_refused_ones_reopen_the_review,
             a_stage_added_at_the_end_applies_to_old_items_only_when_migrated,
             a_stage_inserted_in_the_middle_does_not_strand_old_items,
             a_removed_last_stage_fails_visibly_and_resumes_when_it_is_back,

@@ -42,6 +42,8 @@ pub(super) struct Attempt {
     crashes: u32,
     /// Why the unit fails without running: its crash retries are spent.
     crash_retries_spent: Option<String>,
+    /// Approved edits to check instead of running the stage.
+    edits_to_check: Option<Value>,
 }
 
 impl From<Claim> for Attempt {
@@ -56,6 +58,7 @@ impl From<Claim> for Attempt {
             version: claim.version,
             crashes: claim.crashes,
             crash_retries_spent: claim.crash_retries_spent,
+            edits_to_check: claim.edits_to_check,
         }
     }
 }
@@ -103,6 +106,23 @@ impl Attempt {
             Some(_) if self.crash_retries_spent.is_some() => AttemptEnd::Outcome(
                 StageOutcome::failed(self.crash_retries_spent.unwrap_or_default()),
             ),
+            // Edits approved where the output type is unknown (the CLI):
+            // checked here, by the stage that knows it.
+            Some(stage) if self.edits_to_check.is_some() => {
+                let edits = self.edits_to_check.unwrap_or_default();
+                match stage.check_output(&edits) {
+                    Ok(()) => AttemptEnd::Outcome(StageOutcome::Complete {
+                        output: Some(edits),
+                    }),
+                    Err(e) => AttemptEnd::EditsRefused {
+                        reason: format!(
+                            "the approved edits do not fit the output of stage `{}`: {}",
+                            self.task.stage,
+                            e.with_causes()
+                        ),
+                    },
+                }
+            }
             Some(stage) => match serde_json::from_str::<W>(&self.payload) {
                 Ok(item) => {
                     let mut ctx = StageContext::for_task(self.task.clone(), self.attempt)

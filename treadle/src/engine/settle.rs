@@ -16,6 +16,12 @@ use crate::store::Transition;
 pub(crate) enum AttemptEnd {
     /// The stage returned an outcome.
     Outcome(StageOutcome),
+    /// Approved edits, checked instead of running the stage, do not fit
+    /// its output.
+    EditsRefused {
+        /// Why.
+        reason: String,
+    },
     /// The stage returned `Err`, timed out or panicked.
     Error {
         /// Which of the three.
@@ -101,6 +107,11 @@ pub(crate) fn settle(end: AttemptEnd, facts: &AttemptFacts<'_>) -> (AttemptRecor
                 (AttemptResult::RetryRequested, Some(reason), transition)
             }
         },
+        AttemptEnd::EditsRefused { reason } => (
+            AttemptResult::Failed,
+            Some(reason.clone()),
+            Transition::RefuseEdits { reason },
+        ),
         AttemptEnd::Error { result, message } => {
             let delay = facts.policy.backoff.delay(own, facts.random);
             let transition = retry_or_fail(delay, &message);

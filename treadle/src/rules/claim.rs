@@ -27,6 +27,7 @@ pub fn claim(
     }
     let item_id = item.id.as_str();
     let stage = &mut item.stages[unit.stage];
+    let check_edits = unit.subtask.is_none() && stage.edits_to_check;
     let row = match unit.subtask {
         None => &mut stage.unit,
         Some(position) => stage.fan_out.as_mut()?.row_mut(position)?,
@@ -103,6 +104,11 @@ pub fn claim(
         expiry: lease_expiry(request),
     });
     let (attempt, generation, crashes) = (row.attempt, row.generation, row.crashes);
+    let edits_to_check = if check_edits {
+        row.output.clone()
+    } else {
+        None
+    };
     fx.changed.push(unit);
     fx.event(
         request.now,
@@ -122,6 +128,7 @@ pub fn claim(
         version: item.version,
         crashes,
         crash_retries_spent,
+        edits_to_check,
     })
 }
 

@@ -114,6 +114,7 @@ fn finish_stage(
     at: DateTime<Utc>,
     fx: &mut Effects,
 ) {
+    item.stages[stage].edits_to_check = false;
     let unit = &mut item.stages[stage].unit;
     set_state(unit, state);
     unit.finished_at = Some(at);

@@ -157,6 +157,7 @@ pub fn rerun(
         if item.stages[reset].fan_out.take().is_some() {
             fx.fanned_out.push(reset);
         }
+        item.stages[reset].edits_to_check = false;
         fx.changed.push(here);
     }
     for &reset in std::iter::once(&position).chain(&downstream) {

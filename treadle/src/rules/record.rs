@@ -42,6 +42,10 @@ pub struct StageRecord {
     pub review: Option<ReviewStatus>,
     /// The subtasks, once the stage fanned out.
     pub fan_out: Option<FanOut>,
+    /// Whether the stage is pending only so that a worker checks the edits
+    /// of an approval made where the output type is unknown (the CLI); the
+    /// edits wait in the unit's `output` meanwhile.
+    pub edits_to_check: bool,
 }
 
 /// The subtasks of a fanned-out stage, with counters that let a rule decide
@@ -175,6 +179,7 @@ impl StageRecord {
             waiting,
             review: None,
             fan_out: None,
+            edits_to_check: false,
         }
     }
 }

@@ -182,6 +182,7 @@ fn a_fan_in_with_partial_rows_loads_the_rest_only_for_the_last_subtask() {
         version: 1,
         crashes: 0,
         crash_retries_spent: None,
+        edits_to_check: None,
     };
     let mut source = Stored(stored_rows, 0);
     let out = Transition::Complete {

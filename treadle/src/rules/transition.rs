@@ -97,6 +97,9 @@ pub struct Claim {
     /// Set when the unit's crash retries are spent: the engine fails the
     /// unit with this reason instead of running it.
     pub crash_retries_spent: Option<String>,
+    /// Edits of an approval that the engine must check against the stage's
+    /// output type instead of running the stage ([`Verdict::ApproveWithEditsToCheck`]).
+    pub edits_to_check: Option<Value>,
 }
 
 /// The end of one attempt, to be applied atomically.
@@ -137,6 +140,12 @@ pub enum Transition {
         /// Why.
         reason: String,
     },
+    /// The edits being checked do not fit the stage's output: the review
+    /// is asked again in a new round (never for a subtask).
+    RefuseEdits {
+        /// Why the edits do not fit.
+        reason: String,
+    },
     /// Split into subtasks, created pending (never for a subtask).
     FanOut {
         /// The subtask names, distinct.
@@ -153,7 +162,9 @@ impl Transition {
             Transition::Skip { reason } => SubtaskTransition::Skip { reason },
             Transition::RetryAt { at } => SubtaskTransition::RetryAt { at },
             Transition::Fail { reason } => SubtaskTransition::Fail { reason },
-            Transition::AwaitReview(_) | Transition::FanOut { .. } => SubtaskTransition::Fail {
+            Transition::AwaitReview(_)
+            | Transition::FanOut { .. }
+            | Transition::RefuseEdits { .. } => SubtaskTransition::Fail {
                 reason: "a subtask cannot ask for review or fan out".to_owned(),
             },
         }
@@ -192,6 +203,11 @@ pub enum Verdict {
     Approve,
     /// Complete with this output instead.
     ApproveWithEdits(Value),
+    /// Complete with this output instead once a worker, which knows the
+    /// stage's output type, has checked it (a decision made where the type
+    /// is unknown, as in the CLI); edits that do not fit put the review
+    /// back to awaiting a decision.
+    ApproveWithEditsToCheck(Value),
     /// Fail the stage with this reason.
     Reject {
         /// Why.

@@ -65,7 +65,7 @@ pub(crate) fn load_item(
         "SELECT stage, position, state, attempt, generation, started_at, finished_at,
                 next_run_at, last_error, output, lease_owner, lease_expiry, waiting,
                 review_round, review_request, review_requested_at,
-                fan_total, fan_open, fan_failed, crashes
+                fan_total, fan_open, fan_failed, crashes, edits_to_check
          FROM stages WHERE item_id = ?1 ORDER BY position",
     )?;
     let rows = statement.query_map([id], |row| Ok(stage_row(conn, id, row)))?;
@@ -135,11 +135,17 @@ fn stage_row(conn: &Connection, item_id: &str, row: &Row<'_>) -> Result<StageRec
             complete: total == 0,
         }),
     };
+    let edits_to_check = match loc.get::<i64>(row, 20, "edits_to_check")? {
+        0 => false,
+        1 => true,
+        n => return Err(loc.corrupt("edits_to_check", format!("{n} is not 0 or 1"))),
+    };
     Ok(StageRecord {
         unit,
         waiting: loc.count(row, 12, "waiting")?,
         review,
         fan_out,
+        edits_to_check,
     })
 }
 
@@ -422,7 +428,8 @@ fn write_unit(conn: &Connection, record: &ItemRecord, unit: UnitRef) -> Result<(
                     finished_at = ?7, next_run_at = ?8, last_error = ?9, output = ?10,
                     lease_owner = ?11, lease_expiry = ?12, waiting = ?13, review_round = ?14,
                     review_request = ?15, review_requested_at = ?16, review_deadline = ?17,
-                    fan_total = ?18, fan_open = ?19, fan_failed = ?20, crashes = ?21
+                    fan_total = ?18, fan_open = ?19, fan_failed = ?20, crashes = ?21,
+                    edits_to_check = ?22
                  WHERE item_id = ?1 AND stage = ?2",
             )?
             .execute(params![
@@ -447,6 +454,7 @@ fn write_unit(conn: &Connection, record: &ItemRecord, unit: UnitRef) -> Result<(
                 fan.map(|f| f.open),
                 fan.map(|f| f.failed),
                 row.crashes,
+                stage.edits_to_check,
             ])?;
         }
         Some(_) => {

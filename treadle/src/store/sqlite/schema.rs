@@ -45,10 +45,13 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
 ];
 
 /// Version 3: per stage and subtask, the attempts of the current run that
-/// workers abandoned when they stopped mid-attempt (crash retries).
+/// workers abandoned when they stopped mid-attempt (crash retries); per
+/// stage, whether approved edits wait for a worker's check.
 const V3: &str = r#"
 ALTER TABLE stages ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE subtasks ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE stages ADD COLUMN edits_to_check INTEGER NOT NULL DEFAULT 0
+    CHECK (edits_to_check IN (0, 1));
 "#;
 
 /// Version 1: items, stages, subtasks, attempts, reviews, the run queue,
