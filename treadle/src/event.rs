@@ -88,8 +88,9 @@ pub enum EventKind {
     EditsRefused {
         /// Why the edits do not fit.
         reason: String,
-        /// The refused edits, kept here for the record.
-        edits: serde_json::Value,
+        /// The refused edits, kept here for the record (boxed: a rare event
+        /// should not make every event bigger).
+        edits: Box<serde_json::Value>,
     },
     /// An operator asked for a finished or failed stage to run again, with
     /// every stage downstream of it; `reset` names those stages.

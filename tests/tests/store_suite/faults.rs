@@ -242,7 +242,7 @@ pub async fn edits_decided_outside_are_checked_by_the_worker_and_refused_ones_re
             && reason.contains("expected an object with a `tags` list"),
         "{reason}"
     );
-    assert_eq!(edits, json!([1, 2, 3]), "the refused edits are kept");
+    assert_eq!(*edits, json!([1, 2, 3]), "the refused edits are kept");
 
     engine
         .store()

@@ -101,7 +101,7 @@ fn commit_stage(
             // request is asked again in the next one.
             let row = &mut item.stages[stage];
             row.edits_to_check = false;
-            let edits = row.unit.output.take().unwrap_or_default();
+            let edits = Box::new(row.unit.output.take().unwrap_or_default());
             let Some(review) = row.review.as_mut() else {
                 fail_stage(item, stage, reason, at, fx);
                 return;
