@@ -17,6 +17,9 @@ use treadle::{
 
 use crate::support::*;
 
+mod typed;
+pub use typed::*;
+
 /// Generates one `#[tokio::test]` per suite case, each on a fresh store made
 /// by `$make` (an async expression returning `(store, guard)`; the guard
 /// lives as long as the test, e.g. a temporary directory).
@@ -58,6 +61,13 @@ macro_rules! store_suite {
             long_lived_worker_picks_up_new_items_and_decisions,
             review_deadlines_decide_when_they_pass,
             a_failure_leaves_the_item_active_while_a_branch_can_run,
+            typed_outputs_flow_to_typed_reads,
+            a_skipped_upstream_is_read_as_none,
+            fan_out_outputs_are_read_by_subtask,
+            edits_of_the_wrong_shape_are_refused_and_change_nothing,
+            edits_of_the_right_shape_are_read_typed_downstream,
+            outcomes_the_stage_did_not_declare_fail_it,
+            a_stored_output_of_another_shape_fails_the_reader,
         );
     };
 }
