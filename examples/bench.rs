@@ -11,7 +11,8 @@
 //! the engine's work is short and a single thread avoids cross-thread
 //! wake-ups; the SQLite store commits on its own thread either way).
 //!
-//! Workloads: `linear` (scan -> enrich -> review, each completes at once),
+//! Workloads: `linear` (scan -> enrich -> review, each completes at once;
+//! `scan` outputs a number that `review` reads, typed),
 //! `fanout` (enrich fans out to 8 subtasks), `review` (every item parks at
 //! review; the bench approves them all and measures how soon the next stage
 //! starts). Items are submitted first, in batches; the clock runs from the
@@ -63,30 +64,44 @@ fn workload() -> Workload {
     *PROBE.workload.get().unwrap_or(&Workload::Linear)
 }
 
+/// Measures the record: its id's length, read by `review`.
 #[stage]
-async fn scan(_record: &Record) -> treadle::Result<StageOutcome> {
-    Ok(StageOutcome::complete())
+async fn scan(record: &Record) -> treadle::Result<u32> {
+    Ok(record.id.len() as u32)
+}
+
+/// Completes at once (workloads `linear` and `review`).
+#[stage]
+async fn enrich(_record: &Record) -> treadle::Result<()> {
+    Ok(())
+}
+
+/// Fans out to 8 subtasks, each completing at once (workload `fanout`).
+#[stage(name = "enrich", fan_out)]
+async fn enrich_sources(
+    _record: &Record,
+    ctx: &mut StageContext,
+) -> treadle::Result<StageOutcome<()>> {
+    Ok(match ctx.subtask() {
+        None => StageOutcome::fan_out((0..8).map(|i| format!("source-{i}"))),
+        Some(_) => StageOutcome::done(()),
+    })
 }
 
 #[stage]
-async fn enrich(_record: &Record, ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
-    if workload() == Workload::Fanout && ctx.subtask().is_none() {
-        return Ok(StageOutcome::fan_out((0..8).map(|i| format!("source-{i}"))));
+async fn review(_record: &Record, #[from(scan)] size: &u32) -> treadle::Result<StageOutcome<()>> {
+    if *size == 0 {
+        return Ok(StageOutcome::failed("a record without an id"));
     }
-    Ok(StageOutcome::complete())
-}
-
-#[stage]
-async fn review(_record: &Record) -> treadle::Result<StageOutcome> {
     if workload() == Workload::Review {
         return Ok(StageOutcome::needs_review(ReviewRequest::new("check")));
     }
     PROBE.finished.fetch_add(1, Ordering::Relaxed);
-    Ok(StageOutcome::complete())
+    Ok(StageOutcome::done(()))
 }
 
 #[stage]
-async fn export(record: &Record) -> treadle::Result<StageOutcome> {
+async fn export(record: &Record) -> treadle::Result<()> {
     let now = Instant::now();
     PROBE
         .export_started
@@ -94,7 +109,7 @@ async fn export(record: &Record) -> treadle::Result<StageOutcome> {
         .unwrap()
         .insert(record.id.clone(), now);
     PROBE.finished.fetch_add(1, Ordering::Relaxed);
-    Ok(StageOutcome::complete())
+    Ok(())
 }
 
 struct Args {
@@ -154,7 +169,8 @@ fn parse_args() -> Result<Args, String> {
 fn pipeline(workload: Workload) -> Pipeline<Record> {
     match workload {
         Workload::Review => pipeline! { scan -> enrich -> review -> export },
-        Workload::Linear | Workload::Fanout => pipeline! { scan -> enrich -> review },
+        Workload::Linear => pipeline! { scan -> enrich -> review },
+        Workload::Fanout => pipeline! { scan -> enrich_sources -> review },
     }
 }
 

@@ -102,18 +102,18 @@ fn stage_impl(
         match param {
             Param::Context(_) => args.push(quote!(#ctx)),
             Param::Read { from, ty } => {
-                // Located at the parameter's type, where a mismatch with
-                // the producer's output type is reported.
-                let output = Ident::new(
-                    &format!("__treadle_output{i}"),
-                    Span::mixed_site().located_at(ty.span()),
-                );
+                let output = format_ident!("__treadle_output{}", i, span = Span::mixed_site());
                 let arg = format_ident!("__treadle_read{}", i, span = Span::mixed_site());
                 reads.extend(quote_spanned! {from.span()=>
                     let #output = ::treadle::__private::read_output::<#from>(#ctx)?;
                 });
+                // The parameter's type must take the producer's output:
+                // checked at the user's type, where a mismatch is reported.
                 reads.extend(quote_spanned! {ty.span()=>
-                    let #arg: #ty = ::treadle::__private::ReadParam::from_output(&#output);
+                    let #arg = <#ty as ::treadle::__private::ReadParam<
+                        '_,
+                        <#from as ::treadle::StageOutput>::Output,
+                    >>::from_output(&#output);
                 });
                 args.push(quote!(#arg));
             }
