@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::io::{self, Write};
 
 use serde::Serialize;
-use treadle::{AwaitingReview, Event, ItemStatus, PipelineDef, StageState};
+use treadle::{AwaitingReview, Event, ItemStatus, PipelineDef, PipelineDrift, StageState};
 
 use crate::cli::GraphFormat;
 
@@ -40,6 +40,8 @@ pub fn zero_counts() -> Counts {
 /// `treadle status`: item counts per stage and state.
 #[derive(Debug, Serialize)]
 pub struct Overview {
+    /// The latest pipeline version and the unfinished items of older ones.
+    pub pipeline: Option<PipelineDrift>,
     /// One row per stage, in the pipeline's topological order (stages the
     /// pipeline no longer has, but items still do, come last).
     pub stages: Vec<StageRow>,
@@ -62,6 +64,9 @@ impl Report for Overview {
             .map(|s| s.as_str())
             .filter(|s| self.stages.iter().any(|row| row.counts[s] > 0))
             .collect();
+        if let Some(pipeline) = &self.pipeline {
+            let _ = writeln!(out, "{pipeline}");
+        }
         if states.is_empty() {
             let _ = writeln!(out, "no items");
             return;
@@ -242,9 +247,10 @@ impl Report for ReviewList {
             let review = &waiting.review;
             let _ = writeln!(
                 out,
-                "{} {} (round {}, requested {}): {}",
+                "{} {} (pipeline version {}, round {}, requested {}): {}",
                 waiting.item_id,
                 waiting.stage,
+                waiting.version,
                 review.round,
                 time(review.requested_at),
                 review.request.summary
@@ -279,6 +285,26 @@ impl Report for Change {
             let _ = write!(out, " (nothing changed)");
         }
         let _ = writeln!(out);
+    }
+}
+
+/// `treadle migrate`: what happened to each item.
+#[derive(Debug, Serialize)]
+pub struct Migration {
+    /// The version items were moved to.
+    pub version: u32,
+    /// Each item and what happened to it.
+    pub items: Vec<(String, &'static str)>,
+}
+
+impl Report for Migration {
+    fn text(&self, out: &mut String) {
+        if self.items.is_empty() {
+            let _ = writeln!(out, "no items of older versions in flight");
+        }
+        for (item, outcome) in &self.items {
+            let _ = writeln!(out, "item `{item}` to version {}: {outcome}", self.version);
+        }
     }
 }
 
@@ -505,6 +531,7 @@ mod tests {
         let mut counts = zero_counts();
         counts.insert("completed", 12);
         let overview = Overview {
+            pipeline: None,
             stages: vec![
                 StageRow {
                     stage: "tag".into(),
@@ -521,6 +548,32 @@ mod tests {
         assert_eq!(
             text,
             "stage   completed\ntag            12\nexport          0\n"
+        );
+    }
+
+    #[test]
+    fn the_overview_names_older_versions_in_flight() {
+        let drift = PipelineDrift {
+            version: 3,
+            changes: Default::default(),
+            in_flight: vec![treadle::VersionInFlight {
+                version: 1,
+                items: 4,
+                changes: treadle::PipelineChanges {
+                    added_stages: vec!["archive".into()],
+                    ..Default::default()
+                },
+            }],
+        };
+        let overview = Overview {
+            pipeline: Some(drift),
+            stages: Vec::new(),
+        };
+        let mut text = String::new();
+        overview.text(&mut text);
+        assert_eq!(
+            text,
+            "pipeline version 3; 4 unfinished items on version 1 (stages added: archive)\nno items\n"
         );
     }
 }

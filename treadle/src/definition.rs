@@ -131,3 +131,122 @@ fn mermaid_id(name: &str) -> String {
         })
         .collect()
 }
+
+/// How one pipeline definition differs from another.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineChanges {
+    /// Stages the newer definition has and the older did not.
+    pub added_stages: Vec<String>,
+    /// Stages the older definition had and the newer does not.
+    pub removed_stages: Vec<String>,
+    /// Edges the newer definition has and the older did not.
+    pub added_edges: Vec<(String, String)>,
+    /// Edges the older definition had and the newer does not.
+    pub removed_edges: Vec<(String, String)>,
+}
+
+impl PipelineChanges {
+    /// The differences from `older` to `newer`.
+    pub fn between(older: &PipelineDef, newer: &PipelineDef) -> Self {
+        fn missing<T: Clone + PartialEq>(from: &[T], in_: &[T]) -> Vec<T> {
+            from.iter().filter(|x| !in_.contains(x)).cloned().collect()
+        }
+        PipelineChanges {
+            added_stages: missing(&newer.stages, &older.stages),
+            removed_stages: missing(&older.stages, &newer.stages),
+            added_edges: missing(&newer.edges, &older.edges),
+            removed_edges: missing(&older.edges, &newer.edges),
+        }
+    }
+
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.added_stages.is_empty()
+            && self.removed_stages.is_empty()
+            && self.added_edges.is_empty()
+            && self.removed_edges.is_empty()
+    }
+}
+
+impl fmt::Display for PipelineChanges {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_empty() {
+            return f.write_str("no changes");
+        }
+        let edges = |edges: &[(String, String)]| {
+            edges
+                .iter()
+                .map(|(a, b)| format!("{a} -> {b}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let parts = [
+            ("stages added", self.added_stages.join(", ")),
+            ("stages removed", self.removed_stages.join(", ")),
+            ("edges added", edges(&self.added_edges)),
+            ("edges removed", edges(&self.removed_edges)),
+        ];
+        let mut first = true;
+        for (label, list) in parts.iter().filter(|(_, list)| !list.is_empty()) {
+            if !first {
+                f.write_str("; ")?;
+            }
+            first = false;
+            write!(f, "{label}: {list}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What registering a pipeline definition with a store found: the version
+/// it runs as, what changed since the version registered before it, and
+/// which unfinished items still move on older versions.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineDrift {
+    /// The version number the current definition is stored as.
+    pub version: u32,
+    /// How the current definition differs from the latest version stored
+    /// before it (empty the first time, and when nothing changed).
+    pub changes: PipelineChanges,
+    /// Unfinished items (not completed, not cancelled) of older versions,
+    /// oldest version first.
+    pub in_flight: Vec<VersionInFlight>,
+}
+
+/// Unfinished items that move on an older pipeline version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionInFlight {
+    /// The older version.
+    pub version: u32,
+    /// How many unfinished items move on it.
+    pub items: u64,
+    /// How the current definition differs from it.
+    pub changes: PipelineChanges,
+}
+
+impl PipelineDrift {
+    /// Whether the definition is unchanged and no item moves on an older version.
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty() && self.in_flight.is_empty()
+    }
+}
+
+impl fmt::Display for PipelineDrift {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pipeline version {}", self.version)?;
+        if !self.changes.is_empty() {
+            write!(f, " (changed from the previous version: {})", self.changes)?;
+        }
+        for older in &self.in_flight {
+            write!(
+                f,
+                "; {} unfinished item{} on version {} ({})",
+                older.items,
+                if older.items == 1 { "" } else { "s" },
+                older.version,
+                older.changes
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -62,6 +62,24 @@ pub enum Error {
         state: StageState,
     },
 
+    /// An item's pipeline version has a stage that the running build's
+    /// pipeline does not provide; the stage fails with this reason and
+    /// resumes with a retry once a build provides it again.
+    #[error(
+        "stage `{stage}` of pipeline version {version} is not provided by this build: \
+         deploy a build that has it and retry the stage, or migrate the item"
+    )]
+    StageNotInBuild {
+        /// The stage.
+        stage: String,
+        /// The item's pipeline version.
+        version: u32,
+    },
+
+    /// No pipeline version with this number is registered in the store.
+    #[error("pipeline version {0} is not registered in this store")]
+    UnknownVersion(u32),
+
     /// The item was cancelled; nothing more runs or changes for it.
     #[error("item `{0}` is cancelled")]
     ItemCancelled(String),
@@ -121,16 +139,35 @@ pub enum Error {
     Stage(String),
 
     /// An I/O error inside a stage or the store.
-    #[error("I/O error")]
+    #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 
-    /// The SQLite database reported an error. Shared (`Arc`) because one
-    /// failed group commit is reported to every transition in it.
-    #[cfg(feature = "sqlite")]
-    #[error("SQLite error")]
-    Sqlite(#[source] std::sync::Arc<rusqlite::Error>),
+    /// The database behind a store failed. `context` says what the store
+    /// was doing; `cause` is what the database reported (a missing
+    /// directory, a read-only file, a full disk, a lock timeout, ...).
+    /// Shared (`Arc`) because one failed group commit is reported to every
+    /// transition in it.
+    #[error("{backend} store: {context}: {cause}")]
+    Store {
+        /// Which store: `SQLite`, `PostgreSQL`.
+        backend: &'static str,
+        /// What the store was doing.
+        context: String,
+        /// What went wrong underneath.
+        #[source]
+        cause: std::sync::Arc<dyn std::error::Error + Send + Sync>,
+    },
 
-    #[cfg(feature = "sqlite")]
+    /// A transition panicked inside the store; it was rolled back and
+    /// changed nothing, and the store goes on serving other transitions.
+    #[error("a {backend} store transition panicked and was rolled back: {message}")]
+    TransitionPanicked {
+        /// Which store.
+        backend: &'static str,
+        /// The panic's message.
+        message: String,
+    },
+
     /// The database was written by a newer version of treadle.
     #[error(
         "the database has schema version {found}; this version of treadle supports up to {supported}"
@@ -142,15 +179,14 @@ pub enum Error {
         supported: i64,
     },
 
-    #[cfg(feature = "sqlite")]
-    /// The file is not a treadle database (not SQLite, or SQLite with other tables).
-    #[error("`{}` is not a treadle database", path.display())]
+    /// The database (a file, or a PostgreSQL schema) is not a treadle
+    /// database: another application's, or not a database at all.
+    #[error("`{location}` is not a treadle database")]
     NotATreadleDatabase {
-        /// The file that was opened.
-        path: std::path::PathBuf,
+        /// The file or schema that was opened.
+        location: String,
     },
 
-    #[cfg(feature = "sqlite")]
     /// The store was shut down; its background writer is gone.
     #[error("the store is closed")]
     StoreClosed,
@@ -160,6 +196,19 @@ impl Error {
     /// An error raised by stage code, carrying its message.
     pub fn stage(message: impl std::fmt::Display) -> Self {
         Error::Stage(message.to_string())
+    }
+
+    /// A failure of the SQLite database while the store was doing `context`.
+    #[cfg(feature = "sqlite")]
+    pub(crate) fn sqlite(
+        context: impl Into<String>,
+        cause: std::sync::Arc<dyn std::error::Error + Send + Sync>,
+    ) -> Self {
+        Error::Store {
+            backend: "SQLite",
+            context: context.into(),
+            cause,
+        }
     }
 
     /// Wraps a serde_json error with a description of what was converted.
@@ -174,7 +223,7 @@ impl Error {
 #[cfg(feature = "sqlite")]
 impl From<rusqlite::Error> for Error {
     fn from(error: rusqlite::Error) -> Self {
-        Error::Sqlite(std::sync::Arc::new(error))
+        Error::sqlite("a database operation failed", std::sync::Arc::new(error))
     }
 }
 

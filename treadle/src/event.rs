@@ -87,4 +87,11 @@ pub enum EventKind {
     ItemCompleted,
     /// The item was cancelled.
     ItemCancelled,
+    /// An operator moved the unfinished item to another pipeline version.
+    ItemMigrated {
+        /// The version it moved on before.
+        from: u32,
+        /// The version it moves on now.
+        to: u32,
+    },
 }

@@ -16,6 +16,7 @@ mod output;
 mod pipeline;
 mod reads;
 mod review;
+pub mod rules;
 mod stage;
 mod state;
 mod status;
@@ -28,7 +29,9 @@ pub mod __private;
 /// Re-exported for implementing [`Stage`] by hand: `#[treadle::async_trait]`.
 pub use async_trait::async_trait;
 pub use context::StageContext;
-pub use definition::{PipelineDef, PipelineError, PipelineProblem};
+pub use definition::{
+    PipelineChanges, PipelineDef, PipelineDrift, PipelineError, PipelineProblem, VersionInFlight,
+};
 pub use engine::{Engine, EngineConfig, RunReport};
 pub use error::{Error, Result};
 pub use event::{Event, EventKind};

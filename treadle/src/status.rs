@@ -18,7 +18,9 @@ pub struct ItemStatus {
     pub state: ItemState,
     /// When the item was submitted.
     pub submitted_at: DateTime<Utc>,
-    /// The stages, upstream before downstream.
+    /// The pipeline version the item moves on.
+    pub version: u32,
+    /// The stages of that version, upstream before downstream.
     pub stages: Vec<StageStatus>,
 }
 
@@ -92,6 +94,8 @@ pub struct AwaitingReview {
     pub item_id: String,
     /// The stage that asked.
     pub stage: String,
+    /// The pipeline version the item moves on.
+    pub version: u32,
     /// The request and its round.
     pub review: ReviewStatus,
 }
@@ -126,7 +130,11 @@ impl ItemState {
 
 impl fmt::Display for ItemStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "item {} — {}", self.item_id, self.state)?;
+        writeln!(
+            f,
+            "item {} — {} (pipeline version {})",
+            self.item_id, self.state, self.version
+        )?;
         let width = self.stages.iter().map(|s| s.name.len()).max().unwrap_or(0);
         for stage in &self.stages {
             write!(f, "  {:width$}  {:<15}", stage.name, stage.state.as_str())?;

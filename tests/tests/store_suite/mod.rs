@@ -17,6 +17,8 @@ use treadle::{
 
 use crate::support::*;
 
+mod versions;
+pub use versions::*;
 mod typed;
 pub use typed::*;
 
@@ -61,6 +63,12 @@ macro_rules! store_suite {
             long_lived_worker_picks_up_new_items_and_decisions,
             review_deadlines_decide_when_they_pass,
             a_failure_leaves_the_item_active_while_a_branch_can_run,
+            a_stage_added_at_the_end_applies_to_old_items_only_when_migrated,
+            a_stage_inserted_in_the_middle_does_not_strand_old_items,
+            a_removed_last_stage_fails_visibly_and_resumes_when_it_is_back,
+            reordered_stages_keep_the_old_order_for_old_items,
+            a_removed_review_stage_can_still_be_decided,
+            a_renamed_review_stage_is_decided_by_its_old_name_or_migrated,
             typed_outputs_flow_to_typed_reads,
             a_skipped_upstream_is_read_as_none,
             fan_out_outputs_are_read_by_subtask,
@@ -896,7 +904,7 @@ pub async fn status_displays_every_stage<S: Store>(store: S) {
     engine.run_until_idle().await.unwrap();
     let text = engine.status("doc-7").await.unwrap().to_string();
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines[0], "item doc-7 — failed");
+    assert_eq!(lines[0], "item doc-7 — failed (pipeline version 1)");
     assert!(
         lines[1].starts_with("  scan    completed        attempt 1"),
         "{text}"
@@ -1153,7 +1161,6 @@ pub async fn a_failure_leaves_the_item_active_while_a_branch_can_run<S: Store>(s
             transition: Transition::Fail {
                 reason: "broken".into(),
             },
-            dependents: vec!["join".to_owned()].into(),
         })
         .await
         .unwrap();

@@ -44,6 +44,7 @@ struct Attempt {
     started_at: chrono::DateTime<Utc>,
     payload: Arc<str>,
     outputs: std::collections::BTreeMap<String, serde_json::Value>,
+    version: u32,
 }
 
 impl From<Claim> for Attempt {
@@ -55,6 +56,7 @@ impl From<Claim> for Attempt {
             started_at: claim.started_at,
             payload: claim.payload,
             outputs: claim.outputs,
+            version: claim.version,
         }
     }
 }
@@ -309,12 +311,16 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
                 started_at,
                 payload,
                 outputs,
+                version,
             } = claimed;
             let end = match stage {
-                None => AttemptEnd::Outcome(StageOutcome::failed(format!(
-                    "stage `{}` is not in this pipeline",
-                    task.stage
-                ))),
+                None => AttemptEnd::Outcome(StageOutcome::failed(
+                    Error::StageNotInBuild {
+                        stage: task.stage.clone(),
+                        version,
+                    }
+                    .to_string(),
+                )),
                 Some(_) if attempt > policy.max_attempts => {
                     AttemptEnd::Outcome(StageOutcome::failed(format!(
                         "no attempts left: {} of {} were used by workers that stopped mid-attempt",
@@ -348,18 +354,11 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
                 random: self.random(),
             };
             let (attempt, transition) = settle(end, &facts);
-            let dependents = self
-                .shared
-                .dependents
-                .get(&task.stage)
-                .cloned()
-                .unwrap_or_default();
             let commit = Commit {
                 task,
                 generation,
                 attempt,
                 transition,
-                dependents,
             };
             match self.shared.store.commit(commit).await {
                 Ok(_) => Ok(Finished::Committed),

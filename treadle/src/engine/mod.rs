@@ -21,7 +21,7 @@ use crate::review::Decision;
 use crate::state::StageState;
 use crate::status::{AwaitingReview, ItemStatus};
 use crate::store::{
-    DecisionCommit, EventQuery, NewItem, PipelineDrift, StageSeed, Store, TaskKey, Verdict,
+    DecisionCommit, EventQuery, MigrateOutcome, NewItem, PipelineDrift, Store, TaskKey, Verdict,
 };
 
 pub use executor::RunReport;
@@ -80,10 +80,6 @@ struct Shared<W: WorkItem, S: Store> {
     pipeline: Pipeline<W>,
     store: S,
     config: EngineConfig,
-    /// One entry per stage, in topological order, for new items.
-    seeds: Vec<StageSeed>,
-    /// Each stage's direct dependents.
-    dependents: FastMap<String, Arc<[String]>>,
     /// Set once the pipeline has been recorded in the store.
     drift: OnceCell<PipelineDrift>,
     /// Wakes the run loop: new items, decisions, retries.
@@ -112,25 +108,6 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
 
     /// An engine with an explicit configuration.
     pub fn with_config(pipeline: Pipeline<W>, store: S, config: EngineConfig) -> Self {
-        let definition = pipeline.definition();
-        let seeds = definition
-            .stages
-            .iter()
-            .map(|name| StageSeed {
-                name: name.clone(),
-                upstream: pipeline.upstream_of(name).count() as u32,
-            })
-            .collect();
-        let dependents = definition
-            .stages
-            .iter()
-            .map(|name| {
-                (
-                    name.clone(),
-                    pipeline.downstream_of(name).map(str::to_owned).collect(),
-                )
-            })
-            .collect();
         let seed =
             Utc::now().timestamp_nanos_opt().unwrap_or(1) as u64 ^ u64::from(std::process::id());
         Engine {
@@ -138,8 +115,6 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
                 pipeline,
                 store,
                 config,
-                seeds,
-                dependents,
                 drift: OnceCell::new(),
                 wake: Notify::new(),
                 running: Mutex::new(FastMap::default()),
@@ -163,9 +138,10 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
         &self.shared.store
     }
 
-    /// How the pipeline differs from the one the store last saw (recorded on
-    /// first use of the engine). Stages removed from the code keep their
-    /// stored state; work for them fails with a reason naming the stage.
+    /// Registers the pipeline with the store (on first use of the engine)
+    /// and reports its version number, how it differs from the version
+    /// registered before it, and the unfinished items that still move on
+    /// older versions (see [`Engine::migrate_all`]).
     pub async fn drift(&self) -> Result<&PipelineDrift> {
         self.shared
             .drift
@@ -185,7 +161,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
 
     /// Stores many items in one transition; returns how many were new.
     pub async fn submit_all(&self, items: impl IntoIterator<Item = W>) -> Result<usize> {
-        self.drift().await?;
+        let version = self.drift().await?.version;
         let at = Utc::now();
         let items = items
             .into_iter()
@@ -195,7 +171,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
                 Ok(NewItem {
                     id: item.id().to_owned(),
                     payload,
-                    stages: self.shared.seeds.clone(),
+                    version,
                     at,
                 })
             })
@@ -253,7 +229,6 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
         decision: Decision,
         verdict: Verdict,
     ) -> Result<()> {
-        let dependents = self.dependents_of(item_id, stage)?;
         self.shared
             .store
             .decide(DecisionCommit {
@@ -262,7 +237,6 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
                 verdict,
                 decision,
                 at: Utc::now(),
-                dependents,
             })
             .await?;
         self.shared.wake.notify_one();
@@ -271,10 +245,38 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
 
     /// Runs a failed stage again (a fan-out stage runs only its failed subtasks).
     pub async fn retry(&self, item_id: &str, stage: &str) -> Result<()> {
-        self.dependents_of(item_id, stage)?;
         self.shared.store.retry(item_id, stage, Utc::now()).await?;
         self.shared.wake.notify_one();
         Ok(())
+    }
+
+    /// Moves an unfinished, idle item to this engine's pipeline version,
+    /// matching stages by name: completed stages stay completed, stages new
+    /// in this version start pending, stages this version lacks are dropped.
+    /// Finished items keep their version; an item with running work is left
+    /// for later. See [`crate::rules::migrate`].
+    pub async fn migrate(&self, item_id: &str) -> Result<MigrateOutcome> {
+        let version = self.drift().await?.version;
+        let (outcome, _) = self
+            .shared
+            .store
+            .migrate(item_id, version, Utc::now())
+            .await?;
+        self.shared.wake.notify_one();
+        Ok(outcome)
+    }
+
+    /// Migrates every unfinished item of an older pipeline version (see
+    /// [`Engine::migrate`]); returns how many moved.
+    pub async fn migrate_all(&self) -> Result<usize> {
+        let version = self.drift().await?.version;
+        let mut moved = 0;
+        for item in self.shared.store.items_before_version(version).await? {
+            if self.migrate(&item).await? == MigrateOutcome::Moved {
+                moved += 1;
+            }
+        }
+        Ok(moved)
     }
 
     /// Cancels an item: its running stages are stopped and nothing more runs.
@@ -324,17 +326,6 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
                 work.abort.abort();
             }
         }
-    }
-
-    fn dependents_of(&self, item_id: &str, stage: &str) -> Result<Arc<[String]>> {
-        self.shared
-            .dependents
-            .get(stage)
-            .cloned()
-            .ok_or_else(|| Error::UnknownStage {
-                item: item_id.to_owned(),
-                stage: stage.to_owned(),
-            })
     }
 
     /// A uniform random number in `[0, 1)` for backoff jitter (splitmix64).

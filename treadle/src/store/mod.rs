@@ -1,36 +1,34 @@
 //! The store: where items, stage states, outputs, reviews and events live.
 //!
 //! The [`Store`] trait is made of *transitions* (submit, claim, commit an
-//! outcome, decide a review, retry, cancel), each of which a store applies
-//! atomically together with the events that record it. The engine decides
-//! *what* a transition is (it knows the pipeline and the retry policy); the
-//! store checks that it is still allowed (fencing, current state) and applies
-//! it. That split lets SQLite, memory and a future PostgreSQL store
-//! (`FOR UPDATE SKIP LOCKED`) implement the same contract.
-
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
+//! outcome, decide a review, retry, cancel, migrate), each of which a store
+//! applies atomically together with the events that record it. The engine
+//! turns an attempt's end into a transition by the stage's policy; the rules
+//! in [`crate::rules`] decide whether it is allowed and what it changes; a
+//! store loads the rows, calls the rule and saves the result. That split lets
+//! SQLite, memory and PostgreSQL (`FOR UPDATE SKIP LOCKED`) implement the
+//! same contract without repeating a rule.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::definition::PipelineDef;
+pub use crate::definition::PipelineDrift;
 use crate::error::Result;
 use crate::event::Event;
-use crate::review::{Decision, ReviewRequest};
+pub use crate::rules::{
+    Claim, ClaimRequest, Commit, DecisionCommit, MigrateOutcome, NewItem, SubtaskTransition,
+    Transition, Verdict,
+};
 use crate::state::StageState;
-use crate::status::{AttemptRecord, AwaitingReview, ItemStatus};
+use crate::status::{AwaitingReview, ItemStatus};
 pub use crate::task::TaskKey;
 
-mod fan_in;
 mod memory;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
-pub use fan_in::{FanIn, fan_in};
 pub use memory::MemoryStore;
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
@@ -43,58 +41,6 @@ pub(crate) fn check_json(text: &str, what: &str) -> Result<()> {
         .map_err(|e| crate::Error::json(what, e))
 }
 
-/// A new item with the stages it must go through.
-#[derive(Debug, Clone)]
-pub struct NewItem {
-    /// The item's id.
-    pub id: String,
-    /// The item serialized as JSON text.
-    pub payload: String,
-    /// One entry per stage, in the pipeline's topological order.
-    pub stages: Vec<StageSeed>,
-    /// The submission time.
-    pub at: DateTime<Utc>,
-}
-
-/// A stage to create for a new item.
-#[derive(Debug, Clone)]
-pub struct StageSeed {
-    /// The stage's name.
-    pub name: String,
-    /// How many upstream stages must complete or skip before it is runnable.
-    pub upstream: u32,
-}
-
-/// A worker's request for runnable work.
-#[derive(Debug, Clone)]
-pub struct ClaimRequest {
-    /// The claiming worker's token, recorded as the lease owner.
-    pub owner: String,
-    /// The most units of work to claim.
-    pub limit: usize,
-    /// How long the lease lasts before another worker may take the work over.
-    pub lease: Duration,
-    /// The current time, against which retry times are compared.
-    pub now: DateTime<Utc>,
-}
-
-/// A unit of work claimed by a worker, with what the stage needs to run.
-#[derive(Debug, Clone)]
-pub struct Claim {
-    /// What was claimed.
-    pub task: TaskKey,
-    /// The attempt number this claim starts (1-based within the current run).
-    pub attempt: u32,
-    /// The fencing generation every write for this claim must carry.
-    pub generation: u64,
-    /// When the attempt started.
-    pub started_at: DateTime<Utc>,
-    /// The item as stored at submission, as JSON text.
-    pub payload: Arc<str>,
-    /// The stored outputs of the item's completed stages, by stage name.
-    pub outputs: BTreeMap<String, Value>,
-}
-
 /// The result of a claim: the work and the events the claim committed.
 #[derive(Debug, Clone, Default)]
 pub struct ClaimBatch {
@@ -102,126 +48,6 @@ pub struct ClaimBatch {
     pub claims: Vec<Claim>,
     /// One `Started` event per claim, already committed.
     pub events: Vec<Event>,
-}
-
-/// The end of one attempt, to be applied atomically.
-#[derive(Debug, Clone)]
-pub struct Commit {
-    /// The unit of work.
-    pub task: TaskKey,
-    /// The generation of the claim; a mismatch means the lease was lost.
-    pub generation: u64,
-    /// The attempt record to append to the history.
-    pub attempt: AttemptRecord,
-    /// The new state.
-    pub transition: Transition,
-    /// The stages that depend on this stage, unblocked when it (or, for a
-    /// subtask, its whole fan-out) completes or skips.
-    pub dependents: Arc<[String]>,
-}
-
-/// What an attempt does to its stage or subtask.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Transition {
-    /// Completed, with an optional stored output.
-    Complete {
-        /// The output.
-        output: Option<Value>,
-    },
-    /// Skipped (subtask: counts as done, with no output).
-    Skip {
-        /// Why.
-        reason: String,
-    },
-    /// Parked for review (never for a subtask).
-    AwaitReview(ReviewRequest),
-    /// Run again at `at`.
-    RetryAt {
-        /// When.
-        at: DateTime<Utc>,
-    },
-    /// Failed for good.
-    Fail {
-        /// Why.
-        reason: String,
-    },
-    /// Split into subtasks, created pending (never for a subtask).
-    FanOut {
-        /// The subtask names, distinct.
-        subtasks: Vec<String>,
-    },
-}
-
-impl Transition {
-    /// The transition as it applies to a subtask: a subtask cannot ask for
-    /// review or fan out again, so those become failures.
-    pub fn for_subtask(self) -> SubtaskTransition {
-        match self {
-            Transition::Complete { output } => SubtaskTransition::Complete { output },
-            Transition::Skip { reason } => SubtaskTransition::Skip { reason },
-            Transition::RetryAt { at } => SubtaskTransition::RetryAt { at },
-            Transition::Fail { reason } => SubtaskTransition::Fail { reason },
-            Transition::AwaitReview(_) | Transition::FanOut { .. } => SubtaskTransition::Fail {
-                reason: "a subtask cannot ask for review or fan out".to_owned(),
-            },
-        }
-    }
-}
-
-/// The transitions a fan-out subtask can make.
-#[derive(Debug, Clone, PartialEq)]
-pub enum SubtaskTransition {
-    /// Completed, with an optional output.
-    Complete {
-        /// The output.
-        output: Option<Value>,
-    },
-    /// Skipped; counts as done, with no output.
-    Skip {
-        /// Why.
-        reason: String,
-    },
-    /// Run again at `at`.
-    RetryAt {
-        /// When.
-        at: DateTime<Utc>,
-    },
-    /// Failed for good.
-    Fail {
-        /// Why.
-        reason: String,
-    },
-}
-
-/// What a reviewer decided.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Verdict {
-    /// Complete with the proposed output.
-    Approve,
-    /// Complete with this output instead.
-    ApproveWithEdits(Value),
-    /// Fail the stage with this reason.
-    Reject {
-        /// Why.
-        reason: String,
-    },
-}
-
-/// A review decision to apply atomically.
-#[derive(Debug, Clone)]
-pub struct DecisionCommit {
-    /// The item.
-    pub item_id: String,
-    /// The stage awaiting review.
-    pub stage: String,
-    /// The verdict.
-    pub verdict: Verdict,
-    /// Who decided, their note, and the round they answer.
-    pub decision: Decision,
-    /// When.
-    pub at: DateTime<Utc>,
-    /// The stage's dependents, unblocked by an approval.
-    pub dependents: Arc<[String]>,
 }
 
 /// The number of items whose `stage` is in `state`.
@@ -244,42 +70,6 @@ pub struct EventQuery {
     pub item_id: Option<String>,
     /// At most this many (all if `None`).
     pub limit: Option<usize>,
-}
-
-/// Differences between the pipeline a store last saw and the current one.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PipelineDrift {
-    /// Stages in the code that the store did not know.
-    pub added_stages: Vec<String>,
-    /// Stages the store knows that the code no longer has.
-    pub removed_stages: Vec<String>,
-    /// Edges in the code that the store did not know.
-    pub added_edges: Vec<(String, String)>,
-    /// Edges the store knows that the code no longer has.
-    pub removed_edges: Vec<(String, String)>,
-}
-
-impl PipelineDrift {
-    /// The differences from `stored` to `current`.
-    pub fn between(stored: &PipelineDef, current: &PipelineDef) -> Self {
-        fn missing<T: Clone + PartialEq>(from: &[T], in_: &[T]) -> Vec<T> {
-            from.iter().filter(|x| !in_.contains(x)).cloned().collect()
-        }
-        PipelineDrift {
-            added_stages: missing(&current.stages, &stored.stages),
-            removed_stages: missing(&stored.stages, &current.stages),
-            added_edges: missing(&current.edges, &stored.edges),
-            removed_edges: missing(&stored.edges, &current.edges),
-        }
-    }
-
-    /// Whether nothing changed.
-    pub fn is_empty(&self) -> bool {
-        self.added_stages.is_empty()
-            && self.removed_stages.is_empty()
-            && self.added_edges.is_empty()
-            && self.removed_edges.is_empty()
-    }
 }
 
 /// How many events a store's live feed buffers per subscriber.
@@ -307,13 +97,16 @@ pub trait Store: Send + Sync + 'static {
         256
     }
 
-    /// Records the pipeline's shape and reports how it differs from the one
-    /// recorded before (empty the first time).
+    /// Stores the pipeline definition as a numbered version (a definition
+    /// equal to a stored version reuses its number) and reports the version,
+    /// how it differs from the latest version stored before, and how many
+    /// unfinished items move on older versions.
     async fn register_pipeline(&self, definition: &PipelineDef) -> Result<PipelineDrift>;
 
-    /// Stores new items, each with its stages `pending` and an
-    /// `ItemSubmitted` event, in one transition. Idempotent by id: an
-    /// existing item is left unchanged and gets no event.
+    /// Stores new items, each with one `pending` stage row per stage of its
+    /// pipeline version (which must be registered) and an `ItemSubmitted`
+    /// event, in one transition. Idempotent by id: an existing item is left
+    /// unchanged and gets no event.
     async fn submit(&self, items: Vec<NewItem>) -> Result<Vec<Event>>;
 
     /// Claims up to `limit` runnable units of work, oldest first: pending
@@ -364,8 +157,31 @@ pub trait Store: Send + Sync + 'static {
     /// id recovers its own dead claims without waiting. Returns how many.
     async fn release_claims(&self, owner: &str, now: DateTime<Utc>) -> Result<u64>;
 
-    /// The pipeline definition last recorded by `register_pipeline`, if any.
+    /// Moves an unfinished, idle item to pipeline version `version` (see
+    /// [`crate::rules::migrate`]); reports what happened and the events.
+    async fn migrate(
+        &self,
+        item_id: &str,
+        version: u32,
+        at: DateTime<Utc>,
+    ) -> Result<(MigrateOutcome, Vec<Event>)>;
+
+    /// The ids of unfinished items (not completed, not cancelled) whose
+    /// pipeline version is older than `version`, oldest version first, then
+    /// in submission order.
+    async fn items_before_version(&self, version: u32) -> Result<Vec<String>>;
+
+    /// How the latest registered pipeline version stands, without
+    /// registering anything: its number, how it differs from the version
+    /// before it, and the unfinished items of older versions. `None` if no
+    /// pipeline was registered yet. This is what operators' tools show.
+    async fn pipeline_drift(&self) -> Result<Option<PipelineDrift>>;
+
+    /// The latest pipeline definition recorded by `register_pipeline`, if any.
     async fn pipeline_definition(&self) -> Result<Option<PipelineDef>>;
+
+    /// The definition stored as pipeline version `version`, if any.
+    async fn pipeline_version(&self, version: u32) -> Result<Option<PipelineDef>>;
 
     /// How many items are in each (stage, state), for every pair that has
     /// at least one, ordered by stage name then state.

@@ -5,9 +5,11 @@
 //!
 //! - One **writer thread** owns the write connection. Transitions queue on
 //!   it and are committed in groups: one `BEGIN IMMEDIATE` transaction per
-//!   batch, one `SAVEPOINT` per transition (a transition that fails, e.g.
-//!   with [`Error::LeaseLost`], rolls back alone), one `COMMIT`, and only
-//!   then are callers answered and events broadcast, in log order.
+//!   batch and one `COMMIT`, and only then are callers answered and events
+//!   broadcast, in log order. A transition that is refused (e.g.
+//!   [`Error::LeaseLost`]) is refused by its rule before it writes anything;
+//!   one that fails after writing makes the writer replay the batch with a
+//!   `SAVEPOINT` per transition, so it rolls back alone.
 //! - **Reads** run in `spawn_blocking` on separate read connections, each in
 //!   one read transaction (a consistent snapshot; WAL lets them run beside
 //!   the writer). An in-memory database has a single connection, so its
@@ -19,17 +21,13 @@
 //! - Stored values are decoded strictly: an unknown state, malformed JSON or
 //!   a missing row is [`Error::Corrupt`] naming the table, key and column.
 //!
-//! # Pipeline changes
+//! # Transitions
 //!
-//! [`Store::register_pipeline`] stores the new definition and reports the
-//! drift; it changes no item. Rows of stages that the pipeline no longer has
-//! are kept: they stay in whatever state they were, still appear in
-//! [`Store::status`] and [`Store::items_in`], and still count towards an
-//! item's state. One that becomes runnable is still claimed, and the engine
-//! fails it ("not in this pipeline"), so the item stops visibly instead of
-//! vanishing; restoring the stage and retrying it resumes the item. Stages
-//! added to the pipeline apply to items submitted afterwards: existing items
-//! have no rows for them.
+//! Each transition loads the rows of the item it touches (the stage rows of
+//! the item's pipeline version, and only the subtask rows it needs: fan-out
+//! counters on the stage row decide a fan-in without reading every sibling),
+//! runs the rule of [`crate::rules`], and writes back exactly the rows the
+//! rule changed, the attempts, the events and the queue entries.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -40,8 +38,8 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::broadcast;
 
 use super::{
-    ClaimBatch, ClaimRequest, Commit, DecisionCommit, EVENT_FEED_CAPACITY, EventQuery, NewItem,
-    PipelineDrift, StageCount, Store, TaskKey,
+    ClaimBatch, ClaimRequest, Commit, DecisionCommit, EVENT_FEED_CAPACITY, EventQuery,
+    MigrateOutcome, NewItem, PipelineDrift, StageCount, Store, TaskKey,
 };
 use crate::definition::PipelineDef;
 use crate::error::{Error, Result};
@@ -51,14 +49,17 @@ use crate::status::{AwaitingReview, ItemStatus};
 
 mod codec;
 mod read;
+mod rows;
 mod schema;
 mod tx;
+mod versions;
 mod writer;
 
 #[cfg(test)]
 mod tests;
 
 use tx::Tx;
+use versions::Versions;
 use writer::Writer;
 
 /// Read connections kept open for reuse.
@@ -75,6 +76,8 @@ pub struct SqliteStore {
 #[derive(Debug)]
 struct Inner {
     feed: broadcast::Sender<Event>,
+    /// The registered pipeline versions, as far as they were read.
+    versions: Arc<Versions>,
     /// `None` for an in-memory database, whose reads go through the writer.
     readers: Option<Readers>,
     writer: Writer,
@@ -115,7 +118,7 @@ impl Readers {
 
 impl SqliteStore {
     /// The schema version this build writes, kept in `PRAGMA user_version`.
-    pub const SCHEMA_VERSION: i64 = 1;
+    pub const SCHEMA_VERSION: i64 = 2;
 
     /// Opens (or creates) the database at `path`, applying any pending
     /// schema migrations.
@@ -143,6 +146,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             inner: Arc::new(Inner {
                 feed,
+                versions: Arc::default(),
                 readers: path.map(|path| Readers {
                     path,
                     idle: Mutex::new(Vec::new()),
@@ -159,10 +163,11 @@ impl SqliteStore {
         F: FnMut(&mut Tx<'_>) -> Result<T> + Send + 'static,
     {
         let mut transition = transition;
+        let versions = self.inner.versions.clone();
         self.inner
             .writer
             .write(move |conn| {
-                let mut tx = Tx::new(conn);
+                let mut tx = Tx::new(conn, &versions);
                 let value = transition(&mut tx)?;
                 Ok((value, tx.into_events()))
             })
@@ -299,8 +304,37 @@ impl Store for SqliteStore {
         self.write(move |tx| tx.release_claims(&owner, now)).await
     }
 
+    async fn migrate(
+        &self,
+        item_id: &str,
+        version: u32,
+        at: DateTime<Utc>,
+    ) -> Result<(MigrateOutcome, Vec<Event>)> {
+        let item_id = item_id.to_owned();
+        self.write(move |tx| {
+            let outcome = tx.migrate(&item_id, version, at)?;
+            Ok((outcome, tx.events().to_vec()))
+        })
+        .await
+    }
+
+    async fn items_before_version(&self, version: u32) -> Result<Vec<String>> {
+        self.read(move |conn| read::items_before_version(conn, version))
+            .await
+    }
+
+    async fn pipeline_drift(&self) -> Result<Option<PipelineDrift>> {
+        self.read(read::latest_drift).await
+    }
+
     async fn pipeline_definition(&self) -> Result<Option<PipelineDef>> {
-        self.read(read::pipeline_definition).await
+        self.read(|conn| Ok(versions::all(conn)?.pop().map(|(_, d)| d)))
+            .await
+    }
+
+    async fn pipeline_version(&self, version: u32) -> Result<Option<PipelineDef>> {
+        self.read(move |conn| versions::definition(conn, version))
+            .await
     }
 
     async fn stage_counts(&self) -> Result<Vec<StageCount>> {

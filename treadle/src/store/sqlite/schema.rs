@@ -6,6 +6,7 @@
 //! ours, is refused with a typed error before anything is written to it.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
@@ -28,10 +29,16 @@ pub(crate) struct Migration {
 }
 
 /// Every migration, oldest first; the last one's version is the current schema.
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sql: V1,
-}];
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: V1,
+    },
+    Migration {
+        version: 2,
+        sql: V2,
+    },
+];
 
 /// Version 1: items, stages, subtasks, attempts, reviews, the run queue,
 /// scheduled retries, the event log and the pipeline definition.
@@ -168,6 +175,41 @@ CREATE TABLE pipeline (
 ) STRICT;
 "#;
 
+/// Version 2: numbered pipeline versions (the single stored definition
+/// becomes version 1), the version each item moves on, and fan-out
+/// counters on stage rows so a subtask's end is decided without reading
+/// every sibling.
+const V2: &str = r#"
+CREATE TABLE pipeline_versions (
+    version       INTEGER PRIMARY KEY,
+    definition    TEXT NOT NULL,                -- JSON PipelineDef
+    registered_at TEXT NOT NULL
+) STRICT;
+
+INSERT INTO pipeline_versions (version, definition, registered_at)
+    SELECT 1, definition, strftime('%Y-%m-%dT%H:%M:%S.000000000Z', 'now') FROM pipeline;
+DROP TABLE pipeline;
+
+ALTER TABLE items ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+CREATE INDEX items_unfinished_by_version ON items (version, seq) WHERE cancelled = 0;
+
+ALTER TABLE stages ADD COLUMN fan_total INTEGER;   -- NULL: never fanned out
+ALTER TABLE stages ADD COLUMN fan_open INTEGER;    -- subtasks not yet ended
+ALTER TABLE stages ADD COLUMN fan_failed INTEGER;  -- subtasks that failed
+
+UPDATE stages SET
+    fan_total = (SELECT count(*) FROM subtasks t
+                 WHERE t.item_id = stages.item_id AND t.stage = stages.stage),
+    fan_open = (SELECT count(*) FROM subtasks t
+                WHERE t.item_id = stages.item_id AND t.stage = stages.stage
+                  AND t.state NOT IN ('completed', 'skipped', 'failed', 'cancelled')),
+    fan_failed = (SELECT count(*) FROM subtasks t
+                  WHERE t.item_id = stages.item_id AND t.stage = stages.stage
+                    AND t.state = 'failed')
+WHERE EXISTS (SELECT 1 FROM subtasks t
+              WHERE t.item_id = stages.item_id AND t.stage = stages.stage);
+"#;
+
 /// Sets up a freshly opened connection: waits for other writers instead of
 /// failing, enforces foreign keys, and makes commits durable.
 pub(crate) fn configure(conn: &Connection) -> Result<()> {
@@ -192,35 +234,59 @@ pub(crate) fn configure(conn: &Connection) -> Result<()> {
 /// written to a file that is not ours.
 pub(crate) fn open(path: Option<&Path>, migrations: &[Migration]) -> Result<Connection> {
     let name = path.unwrap_or(Path::new(":memory:"));
-    let not_ours = || Error::NotATreadleDatabase {
-        path: name.to_owned(),
-    };
+    let context = format!("cannot open `{}`", name.display());
+    if let Some(dir) = path
+        .and_then(Path::parent)
+        .filter(|dir| !dir.as_os_str().is_empty() && !dir.is_dir())
+    {
+        let missing = std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("the directory `{}` does not exist", dir.display()),
+        );
+        return Err(Error::sqlite(context, Arc::new(missing)));
+    }
     let opened = (|| {
         let mut conn = match path {
             Some(path) => Connection::open(path)?,
             None => Connection::open_in_memory()?,
         };
+        if conn.is_readonly(rusqlite::MAIN_DB)? {
+            let denied = std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "the file is readonly: the store needs to write to it",
+            );
+            return Err(Error::sqlite("cannot open for writing", Arc::new(denied)));
+        }
         configure(&conn)?;
-        migrate(&mut conn, migrations, &not_ours)?;
+        migrate(&mut conn, migrations, name)?;
         // Not inside the transaction: the journal mode cannot change there.
         let mode: String =
             conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
         tracing::debug!(path = %name.display(), journal_mode = %mode, "opened treadle database");
         Ok(conn)
     })();
-    match opened {
-        Err(Error::Sqlite(e)) if e.sqlite_error_code() == Some(ErrorCode::NotADatabase) => {
-            Err(not_ours())
+    opened.map_err(|error| match error {
+        Error::Store { cause, .. } => {
+            let code = cause
+                .downcast_ref::<rusqlite::Error>()
+                .and_then(rusqlite::Error::sqlite_error_code);
+            if code == Some(ErrorCode::NotADatabase) {
+                not_ours(name)
+            } else {
+                Error::sqlite(context, cause)
+            }
         }
         other => other,
+    })
+}
+
+fn not_ours(name: &Path) -> Error {
+    Error::NotATreadleDatabase {
+        location: name.display().to_string(),
     }
 }
 
-fn migrate(
-    conn: &mut Connection,
-    migrations: &[Migration],
-    not_ours: &dyn Fn() -> Error,
-) -> Result<()> {
+fn migrate(conn: &mut Connection, migrations: &[Migration], name: &Path) -> Result<()> {
     let supported = migrations.last().map_or(0, |m| m.version);
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let application_id: i32 = tx.pragma_query_value(None, "application_id", |row| row.get(0))?;
@@ -229,7 +295,7 @@ fn migrate(
         let objects: i64 =
             tx.query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get(0))?;
         if application_id != 0 || version != 0 || objects != 0 {
-            return Err(not_ours());
+            return Err(not_ours(name));
         }
         tx.pragma_update(None, "application_id", APPLICATION_ID)?;
     }

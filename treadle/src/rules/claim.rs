@@ -1,0 +1,101 @@
+//! Claiming a unit of work: when it is runnable, and what a claim sets.
+
+use chrono::{DateTime, TimeDelta, Utc};
+
+use super::{Claim, ClaimRequest, Effects, ItemRecord, Lease, UnitRef, set_state};
+use crate::event::EventKind;
+use crate::state::{AttemptResult, StageState};
+use crate::status::AttemptRecord;
+
+/// Claims `unit` for `request.owner` if it is runnable at `request.now`: a
+/// pending stage whose upstream stages are all done, a pending subtask, a
+/// scheduled retry that is due, or a running unit whose lease expired (its
+/// abandoned attempt is recorded and a `Recovered` event appended first).
+/// Never a unit of a cancelled item. The claim counts the attempt, bumps
+/// the fencing generation and takes a lease; `None` if not runnable.
+pub fn claim(
+    item: &mut ItemRecord,
+    unit: UnitRef,
+    request: &ClaimRequest,
+    fx: &mut Effects,
+) -> Option<Claim> {
+    if item.cancelled || (unit.subtask.is_none() && item.stages.get(unit.stage)?.waiting > 0) {
+        return None;
+    }
+    let item_id = item.id.as_str();
+    let stage = &mut item.stages[unit.stage];
+    let row = match unit.subtask {
+        None => &mut stage.unit,
+        Some(position) => stage.fan_out.as_mut()?.row_mut(position)?,
+    };
+    let abandoned = row.lease_expired(request.now);
+    let runnable = match row.state {
+        StageState::Pending => true,
+        StageState::RetryScheduled => row.next_run_at.is_none_or(|at| at <= request.now),
+        _ => abandoned,
+    };
+    if !runnable {
+        return None;
+    }
+    if let Some(lease) = row.lease.take().filter(|_| abandoned) {
+        tracing::warn!(
+            item_id = %item_id, unit = ?unit, attempt = row.attempt,
+            previous_owner = %lease.owner, "recovering work whose lease expired"
+        );
+        fx.attempts.push((
+            unit,
+            AttemptRecord {
+                attempt: row.attempt,
+                started_at: row.started_at.unwrap_or(lease.expiry),
+                finished_at: lease.expiry,
+                result: AttemptResult::Abandoned,
+                error: Some(format!("the lease of worker `{}` expired", lease.owner)),
+            },
+        ));
+        fx.event(
+            request.now,
+            Some(unit),
+            EventKind::Recovered {
+                previous_owner: lease.owner,
+                attempt: row.attempt,
+            },
+        );
+    }
+    row.attempt = row.attempt.saturating_add(1);
+    row.generation = row.generation.saturating_add(1);
+    row.started_at = Some(request.now);
+    row.next_run_at = None;
+    set_state(row, StageState::Running);
+    row.lease = Some(Lease {
+        owner: request.owner.clone(),
+        expiry: lease_expiry(request),
+    });
+    let (attempt, generation) = (row.attempt, row.generation);
+    fx.changed.push(unit);
+    fx.event(
+        request.now,
+        Some(unit),
+        EventKind::Started {
+            attempt,
+            owner: request.owner.clone(),
+        },
+    );
+    Some(Claim {
+        task: item.key(unit),
+        attempt,
+        generation,
+        started_at: request.now,
+        payload: item.payload.clone(),
+        outputs: item.outputs(),
+        version: item.version,
+    })
+}
+
+/// When a lease taken by `request` runs out.
+fn lease_expiry(request: &ClaimRequest) -> DateTime<Utc> {
+    let lease = TimeDelta::from_std(request.lease).unwrap_or(TimeDelta::MAX);
+    request
+        .now
+        .checked_add_signed(lease)
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
