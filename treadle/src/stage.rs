@@ -32,6 +32,13 @@ pub trait Stage<W: WorkItem>: Send + Sync + 'static {
     /// Runs one attempt of the stage for `item`.
     async fn run(&self, item: &W, ctx: &mut StageContext) -> Result<StageOutcome>;
 
+    /// The names of the stages whose outputs this stage reads; each must be
+    /// upstream of it (`Pipeline::builder()` checks). None by default: a
+    /// hand-written stage reads with [`StageContext::output_of`].
+    fn reads(&self) -> &[&str] {
+        &[]
+    }
+
     /// Checks that `value` is a valid output of this stage (review edits are
     /// checked before anything is stored). Any value by default; a
     /// `#[stage]` checks against its output type.
