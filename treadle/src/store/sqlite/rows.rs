@@ -439,7 +439,7 @@ fn old_unit(before: &[StageRecord], unit: UnitRef) -> Option<(&StageRecord, &Uni
 type Column = (&'static str, rusqlite::types::Value);
 
 /// Every column `write_unit` may write, in the order it writes them.
-const UNIT_COLUMNS: [&str; 18] = [
+const UNIT_COLUMNS: [&str; 20] = [
     "state",
     "attempt",
     "generation",
@@ -450,6 +450,7 @@ const UNIT_COLUMNS: [&str; 18] = [
     "output",
     "lease_owner",
     "lease_expiry",
+    "crashes",
     "waiting",
     "review_round",
     "review_request",
@@ -458,6 +459,7 @@ const UNIT_COLUMNS: [&str; 18] = [
     "fan_total",
     "fan_open",
     "fan_failed",
+    "edits_to_check",
 ];
 
 std::thread_local! {
