@@ -111,6 +111,7 @@ async fn main() -> treadle::Result<()> {
         lease: args.lease,
         worker_id: args.worker_id.clone(),
         idle_poll: Duration::from_millis(20),
+        retention: None,
     };
     let engine = Engine::with_config(pipeline, SqliteStore::open(&args.db).await?, config);
     let mut feed = engine.subscribe();

@@ -133,6 +133,7 @@ async fn a_long_stage_keeps_its_lease_by_renewal() {
         lease: Duration::from_millis(150),
         worker_id: id.into(),
         idle_poll: Duration::from_millis(10),
+        retention: None,
     };
     let a: Engine<Doc, _> = Engine::with_config(
         long_stage(runs.clone()),

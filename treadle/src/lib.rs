@@ -30,7 +30,7 @@ pub use context::StageContext;
 pub use definition::{
     PipelineChanges, PipelineDef, PipelineDrift, PipelineError, PipelineProblem, VersionInFlight,
 };
-pub use engine::{Engine, EngineConfig, RunReport};
+pub use engine::{Engine, EngineConfig, PRUNE_BATCH, RunReport};
 pub use error::{Error, Result};
 pub use event::{Event, EventKind};
 pub use item::WorkItem;

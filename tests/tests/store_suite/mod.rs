@@ -17,7 +17,9 @@ use treadle::{
 
 use crate::support::*;
 
+mod retention;
 mod versions;
+pub use retention::*;
 pub use versions::*;
 
 /// Generates one `#[tokio::test]` per suite case, each on a fresh store made
@@ -67,6 +69,10 @@ macro_rules! store_suite {
             reordered_stages_keep_the_old_order_for_old_items,
             a_removed_review_stage_can_still_be_decided,
             a_renamed_review_stage_is_decided_by_its_old_name_or_migrated,
+            prune_removes_finished_items_with_their_events_and_nothing_else,
+            prune_keeps_what_finished_after_the_cutoff_and_works_in_batches,
+            a_prune_beside_a_busy_worker_loses_nothing,
+            a_worker_with_retention_prunes_by_itself,
         );
     };
 }

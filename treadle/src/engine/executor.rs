@@ -12,6 +12,7 @@ use chrono::Utc;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use super::retention::Retention;
 use super::settle::{AttemptEnd, AttemptFacts, settle};
 use super::{Engine, RunningWork};
 use crate::context::{CancelSignal, StageContext};
@@ -134,7 +135,11 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
         let mut claim_wanted = true;
         // Claim in batches: wait for this many free slots while work runs.
         let refill = (capacity / 8).max(1);
+        let mut retention = Retention::schedule(forever, shared.config.retention);
         loop {
+            if let Some(retention) = &mut retention {
+                retention.tick(self).await?;
+            }
             while let Some(joined) = tasks.try_join_next() {
                 report.count(joined)?;
                 claim_wanted = true;

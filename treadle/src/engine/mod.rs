@@ -1,6 +1,7 @@
 //! The engine: submits items, runs their stages, and takes people's decisions.
 
 mod executor;
+mod retention;
 mod settle;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +26,7 @@ use crate::store::{
 };
 
 pub use executor::RunReport;
+pub use retention::PRUNE_BATCH;
 
 /// Tuning of an [`Engine`].
 #[derive(Debug, Clone)]
@@ -38,6 +40,10 @@ pub struct EngineConfig {
     pub worker_id: String,
     /// How often an idle `run` looks for work committed by other processes.
     pub idle_poll: Duration,
+    /// If set, a long-running [`Engine::run`] removes items that finished
+    /// for good longer ago than this, by itself, a bounded batch at a time
+    /// (see [`Engine::prune`]). `None` (the default) keeps every item.
+    pub retention: Option<Duration>,
 }
 
 impl Default for EngineConfig {
@@ -47,6 +53,7 @@ impl Default for EngineConfig {
             lease: Duration::from_secs(60),
             worker_id: default_worker_id(),
             idle_poll: Duration::from_millis(250),
+            retention: None,
         }
     }
 }
