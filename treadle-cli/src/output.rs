@@ -430,8 +430,12 @@ impl Graph {
         let graph = match (&counts, format) {
             (None, GraphFormat::Dot) => definition.to_dot(),
             (None, GraphFormat::Mermaid) => definition.to_mermaid(),
-            (Some(counts), GraphFormat::Dot) => dot_with_counts(&definition, counts),
-            (Some(counts), GraphFormat::Mermaid) => mermaid_with_counts(&definition, counts),
+            (Some(counts), GraphFormat::Dot) => {
+                definition.to_dot_noted(|stage| Some(count_label(counts.get(stage))))
+            }
+            (Some(counts), GraphFormat::Mermaid) => {
+                definition.to_mermaid_noted(|stage| Some(count_label(counts.get(stage))))
+            }
         };
         Graph {
             format: match format {
@@ -459,60 +463,6 @@ fn count_label(counts: Option<&Counts>) -> String {
     } else {
         parts.join(", ")
     }
-}
-
-/// Text inside a DOT string, with `\` and `"` escaped (as the runtime does).
-fn dot_escape(text: &str) -> String {
-    text.replace('\\', "\\\\").replace('"', "\\\"")
-}
-
-/// A DOT id: quoted and escaped.
-fn dot_quote(text: &str) -> String {
-    format!("\"{}\"", dot_escape(text))
-}
-
-fn dot_with_counts(def: &PipelineDef, counts: &BTreeMap<String, Counts>) -> String {
-    let mut out = String::from("digraph pipeline {\n    rankdir=LR;\n");
-    for stage in &def.stages {
-        // `\n` inside a DOT string is a centred line break.
-        let label = format!("{}\\n{}", dot_escape(stage), count_label(counts.get(stage)));
-        let _ = writeln!(out, "    {} [label=\"{label}\"];", dot_quote(stage));
-    }
-    for (from, to) in &def.edges {
-        let _ = writeln!(out, "    {} -> {};", dot_quote(from), dot_quote(to));
-    }
-    out.push_str("}\n");
-    out
-}
-
-/// A Mermaid node id, as the runtime's `to_mermaid` makes it.
-fn mermaid_id(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
-fn mermaid_with_counts(def: &PipelineDef, counts: &BTreeMap<String, Counts>) -> String {
-    let mut out = String::from("flowchart LR\n");
-    for stage in &def.stages {
-        let _ = writeln!(
-            out,
-            "    {}[\"{}<br/>{}\"]",
-            mermaid_id(stage),
-            stage.replace('"', "#quot;"),
-            count_label(counts.get(stage))
-        );
-    }
-    for (from, to) in &def.edges {
-        let _ = writeln!(out, "    {} --> {}", mermaid_id(from), mermaid_id(to));
-    }
-    out
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Loading an item's rows into the records the rules work on, and saving
 //! back what a rule changed.
 
+use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::codec::{self, Loc};
@@ -36,46 +37,34 @@ pub(crate) fn load_item(
     subtasks: Subtasks<'_>,
 ) -> Result<Option<Loaded>> {
     let loc = Loc::item(id);
-    let head = conn
-        .prepare_cached(
-            "SELECT seq, payload, submitted_at, cancelled, version FROM items WHERE id = ?1",
-        )?
-        .query_row([id], |row| {
-            Ok((|| -> Result<(i64, String, _, bool, u32)> {
-                let cancelled = match loc.get::<i64>(row, 3, "cancelled")? {
-                    0 => false,
-                    1 => true,
-                    n => return Err(loc.corrupt("cancelled", format!("{n} is not 0 or 1"))),
-                };
-                Ok((
-                    loc.get(row, 0, "seq")?,
-                    loc.get(row, 1, "payload")?,
-                    loc.time(row, 2, "submitted_at")?,
-                    cancelled,
-                    loc.count(row, 4, "version")?,
-                ))
-            })())
-        })
-        .optional()?
-        .transpose()?;
-    let Some((seq, payload, submitted_at, cancelled, version)) = head else {
-        return Ok(None);
-    };
     let mut statement = conn.prepare_cached(
-        "SELECT stage, position, state, attempt, generation, started_at, finished_at,
-                next_run_at, last_error, output, lease_owner, lease_expiry, waiting,
-                review_round, review_request, review_requested_at,
-                fan_total, fan_open, fan_failed
-         FROM stages WHERE item_id = ?1 ORDER BY position",
+        "SELECT s.stage, s.position, s.state, s.attempt, s.generation, s.started_at,
+                s.finished_at, s.next_run_at, s.last_error, s.output, s.lease_owner,
+                s.lease_expiry, s.waiting, s.review_round, s.review_request,
+                s.review_requested_at, s.fan_total, s.fan_open, s.fan_failed,
+                i.seq, i.payload, i.submitted_at, i.cancelled, i.version
+         FROM items i JOIN stages s ON s.item_id = i.id
+         WHERE i.id = ?1 ORDER BY s.position",
     )?;
-    let rows = statement.query_map([id], |row| Ok(stage_row(conn, id, row)))?;
+    let mut rows = statement.query([id])?;
+    let mut head = None;
     let mut stages = Vec::new();
-    for row in rows {
-        stages.push(row??);
+    while let Some(row) = rows.next()? {
+        if head.is_none() {
+            head = Some(item_columns(&loc, row, 19)?);
+        }
+        stages.push(stage_row(conn, id, row)?);
     }
-    if stages.is_empty() {
-        return Err(loc.corrupt("stages", "the item has no stage rows"));
-    }
+    let Some((seq, payload, submitted_at, cancelled, version)) = head else {
+        let exists = conn
+            .prepare_cached("SELECT 1 FROM items WHERE id = ?1")?
+            .query_row([id], |_| Ok(()))
+            .optional()?;
+        return match exists {
+            Some(()) => Err(loc.corrupt("stages", "the item has no stage rows")),
+            None => Ok(None),
+        };
+    };
     let mut record = ItemRecord {
         id: id.to_owned(),
         version,
@@ -104,6 +93,27 @@ pub(crate) fn load_item(
         }
     }
     Ok(Some(Loaded { seq, record }))
+}
+
+/// The item's own columns (`seq, payload, submitted_at, cancelled, version`)
+/// starting at `column`.
+fn item_columns(
+    loc: &Loc,
+    row: &Row<'_>,
+    column: usize,
+) -> Result<(i64, String, DateTime<Utc>, bool, u32)> {
+    let cancelled = match loc.get::<i64>(row, column + 3, "cancelled")? {
+        0 => false,
+        1 => true,
+        n => return Err(loc.corrupt("cancelled", format!("{n} is not 0 or 1"))),
+    };
+    Ok((
+        loc.get(row, column, "seq")?,
+        loc.get(row, column + 1, "payload")?,
+        loc.time(row, column + 2, "submitted_at")?,
+        cancelled,
+        loc.count(row, column + 4, "version")?,
+    ))
 }
 
 fn stage_row(conn: &Connection, item_id: &str, row: &Row<'_>) -> Result<StageRecord> {
