@@ -69,7 +69,7 @@ impl Retention {
                 "retention removed finished items"
             );
         }
-        let pause = if pruned.more && pruned.items > 0 {
+        let pause = if pruned.more {
             Duration::ZERO
         } else {
             RETENTION_PAUSE

@@ -17,8 +17,9 @@ pub struct Pruned {
     pub items: u64,
     /// Events removed with them.
     pub events: u64,
-    /// Whether the call stopped at its batch size, so another call with the
-    /// same cutoff may remove more.
+    /// Whether another call with the same cutoff may remove more: the call
+    /// stopped at its batch size (or, for a store that looks at a bounded
+    /// share of its items per call, before it looked at all of them).
     pub more: bool,
 }
 
@@ -43,8 +44,8 @@ pub fn cutoff(older_than: Duration) -> DateTime<Utc> {
 }
 
 /// Prunes everything that finished for good before `finished_before`, in
-/// calls of at most `batch` items (each its own short transaction), until
-/// a call comes back short; yields between calls so other tasks go on.
+/// calls of at most `batch` items (each its own short transaction), while
+/// [`Pruned::more`]; yields between calls so other tasks go on.
 pub async fn prune_all<S: Store + ?Sized>(
     store: &S,
     finished_before: DateTime<Utc>,
@@ -54,7 +55,7 @@ pub async fn prune_all<S: Store + ?Sized>(
     loop {
         let step = store.prune(finished_before, batch).await?;
         total = total.and(step);
-        if !step.more || step.items == 0 {
+        if !step.more {
             return Ok(total);
         }
         tokio::task::yield_now().await;

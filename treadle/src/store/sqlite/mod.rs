@@ -370,10 +370,10 @@ impl Store for SqliteStore {
         let ids = self
             .read(move |conn| prune::candidates(conn, finished_before, batch))
             .await?;
-        let more = ids.len() == batch;
         if ids.is_empty() {
             return Ok(Pruned::default());
         }
+        let full = ids.len() == batch;
         let pruned = self
             .inner
             .writer
@@ -385,6 +385,9 @@ impl Store for SqliteStore {
                 .write(|conn| Ok((prune::vacuum(conn)?, Vec::new())))
                 .await?;
         }
+        // A full batch may have more behind it, unless the rule kept every
+        // candidate (then the next call would find the same ones).
+        let more = full && pruned.items > 0;
         Ok(Pruned { more, ..pruned })
     }
 
