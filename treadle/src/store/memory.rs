@@ -51,6 +51,8 @@ impl Default for MemoryStore {
                 last_seq: 0,
                 pruned_through: 0,
                 prune_cursor: 0,
+                before: Before::default(),
+                effects: Effects::default(),
             })),
         }
     }
@@ -102,6 +104,10 @@ struct Data {
     pruned_through: u64,
     /// The item position the next prune call looks at first.
     prune_cursor: usize,
+    /// Scratch space of the transition under way.
+    before: Before,
+    /// Scratch space of the transition under way.
+    effects: Effects,
 }
 
 /// An item's rows and its attempt history.
@@ -124,6 +130,7 @@ struct LoggedEvent {
 }
 
 /// An item's version and stage states before a rule ran.
+#[derive(Debug, Default)]
 struct Before {
     version: u32,
     states: Vec<StageState>,
@@ -155,19 +162,28 @@ impl Data {
     ) -> Result<(R, Vec<Event>)> {
         let record = &self.items[item].record;
         let graph = self.graph(record.version)?;
-        let before = Before {
-            version: record.version,
-            states: record.stages.iter().map(|s| s.unit.state).collect(),
+        // Buffers kept between transitions, so a transition allocates none.
+        let mut before = std::mem::take(&mut self.before);
+        before.version = record.version;
+        before.states.clear();
+        before
+            .states
+            .extend(record.stages.iter().map(|s| s.unit.state));
+        let mut fx = std::mem::take(&mut self.effects);
+        fx.clear();
+        let answer = rule(&graph, &mut self.items[item].record, &mut fx);
+        let events = match &answer {
+            Ok(_) => self.apply(item, Some(&before), &mut fx),
+            Err(_) => Vec::new(),
         };
-        let mut fx = Effects::default();
-        let answer = rule(&graph, &mut self.items[item].record, &mut fx)?;
-        let events = self.apply(item, Some(&before), fx);
-        Ok((answer, events))
+        self.before = before;
+        self.effects = fx;
+        Ok((answer?, events))
     }
 
     /// Saves what a rule did to item `item`, whose stages were `before`
     /// (`None` for a new item).
-    fn apply(&mut self, item: usize, before: Option<&Before>, fx: Effects) -> Vec<Event> {
+    fn apply(&mut self, item: usize, before: Option<&Before>, fx: &mut Effects) -> Vec<Event> {
         let old_names = match before {
             Some(before) => self.versions[before.version as usize - 1].clone(),
             None => self
@@ -194,7 +210,7 @@ impl Data {
                 .attempts
                 .retain(|(unit, _)| unit.stage != stage || unit.subtask.is_none());
         }
-        stored.attempts.extend(fx.attempts);
+        stored.attempts.append(&mut fx.attempts);
         let record = &stored.record;
         let same_rows = !fx.restructured && before.is_some();
         if fx.restructured
@@ -228,7 +244,7 @@ impl Data {
             .extend(fx.scheduled.iter().map(|&(due, unit)| (due, (item, unit))));
         let record = &self.items[item].record;
         let mut events = Vec::with_capacity(fx.events.len());
-        for new in fx.events {
+        for new in fx.events.drain(..) {
             self.last_seq += 1;
             let event = new.resolve(record, self.last_seq);
             self.events.push(LoggedEvent {
@@ -276,14 +292,14 @@ impl Data {
             return Ok(false);
         }
         let graph = self.graph(item.version)?;
-        let (record, fx) = rules::new_item(&graph, item);
+        let (record, mut fx) = rules::new_item(&graph, item);
         let position = self.items.len();
         self.ids.insert(record.id.clone(), position);
         self.items.push(StoredItem {
             record,
             attempts: Vec::new(),
         });
-        events.extend(self.apply(position, None, fx));
+        events.extend(self.apply(position, None, &mut fx));
         Ok(true)
     }
 

@@ -73,7 +73,7 @@ impl<'c> Tx<'c> {
     ) -> Result<R> {
         let Loaded { seq, mut record } = loaded;
         let graph = self.graph(record.version)?;
-        let before: Vec<String> = record.stages.iter().map(|s| s.unit.name.clone()).collect();
+        let before = record.stages.clone();
         let mut fx = Effects::default();
         let answer = rule(&graph, &mut record, &mut fx)?;
         rows::save(self.conn, seq, &record, &before, &fx)?;
