@@ -19,7 +19,8 @@
 //! of items through treadle 0.2.0 from crates.io, in its in-memory store,
 //! and reports its items/s beside ours).
 //!
-//! Workloads: `linear` (scan -> enrich -> review, each completes at once),
+//! Workloads: `linear` (scan -> enrich -> review, each completes at once,
+//! with no output; `review` reads `scan`'s, typed),
 //! `fanout` (enrich fans out to subtasks), `review` (every item parks at
 //! review; the bench approves them all and measures how soon the next stage
 //! starts). Items are submitted first, in batches; the clock runs from the
@@ -112,40 +113,58 @@ fn attempts_per_item(workload: Workload, subtasks: u32) -> u64 {
     }
 }
 
+/// Completes at once with no output (`()`: nothing is stored).
 #[stage]
-async fn scan(_record: &Record) -> treadle::Result<StageOutcome> {
+async fn scan(_record: &Record) -> treadle::Result<()> {
     attempt_done();
-    Ok(StageOutcome::complete())
+    Ok(())
 }
 
+/// Completes at once (workloads `linear` and `review`).
 #[stage]
-async fn enrich(_record: &Record, ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
+async fn enrich(_record: &Record) -> treadle::Result<()> {
     attempt_done();
-    if workload() == Workload::Fanout && ctx.subtask().is_none() {
-        let subtasks = *PROBE.subtasks.get().unwrap_or(&8);
-        return Ok(StageOutcome::fan_out(
-            (0..subtasks).map(|i| format!("source-{i}")),
-        ));
-    }
     let sleep = PROBE.sleep_ms.load(Ordering::Relaxed);
     if sleep > 0 {
         tokio::time::sleep(Duration::from_millis(sleep)).await;
     }
-    Ok(StageOutcome::complete())
+    Ok(())
 }
 
+/// Fans out to `--subtasks` subtasks, each completing at once (workload
+/// `fanout`).
+#[stage(name = "enrich", fan_out)]
+async fn enrich_sources(
+    _record: &Record,
+    ctx: &mut StageContext,
+) -> treadle::Result<StageOutcome<()>> {
+    attempt_done();
+    Ok(match ctx.subtask() {
+        None => {
+            let subtasks = *PROBE.subtasks.get().unwrap_or(&8);
+            StageOutcome::fan_out((0..subtasks).map(|i| format!("source-{i}")))
+        }
+        Some(_) => StageOutcome::done(()),
+    })
+}
+
+/// Reads `scan`'s output, typed (`()`: decoding it costs nothing, so the
+/// bench measures the engine, not JSON).
 #[stage]
-async fn review(_record: &Record) -> treadle::Result<StageOutcome> {
+async fn review(
+    _record: &Record,
+    #[from(scan)] _scanned: &(),
+) -> treadle::Result<StageOutcome<()>> {
     attempt_done();
     if workload() == Workload::Review {
         return Ok(StageOutcome::needs_review(ReviewRequest::new("check")));
     }
     PROBE.finished.fetch_add(1, Ordering::Relaxed);
-    Ok(StageOutcome::complete())
+    Ok(StageOutcome::done(()))
 }
 
 #[stage]
-async fn export(record: &Record) -> treadle::Result<StageOutcome> {
+async fn export(record: &Record) -> treadle::Result<()> {
     attempt_done();
     let now = Instant::now();
     PROBE
@@ -154,7 +173,7 @@ async fn export(record: &Record) -> treadle::Result<StageOutcome> {
         .unwrap()
         .insert(record.id.clone(), now);
     PROBE.finished.fetch_add(1, Ordering::Relaxed);
-    Ok(StageOutcome::complete())
+    Ok(())
 }
 
 struct Args {
@@ -240,7 +259,8 @@ fn parse_args() -> Result<Args, String> {
 fn pipeline(workload: Workload) -> Pipeline<Record> {
     match workload {
         Workload::Review => pipeline! { scan -> enrich -> review -> export },
-        Workload::Linear | Workload::Fanout => pipeline! { scan -> enrich -> review },
+        Workload::Linear => pipeline! { scan -> enrich -> review },
+        Workload::Fanout => pipeline! { scan -> enrich_sources -> review },
     }
 }
 

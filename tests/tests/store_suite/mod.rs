@@ -21,6 +21,8 @@ mod retention;
 mod versions;
 pub use retention::*;
 pub use versions::*;
+mod typed;
+pub use typed::*;
 
 /// Generates one `#[tokio::test]` per suite case, each on a fresh store made
 /// by `$make` (an async expression returning `(store, guard)`; the guard
@@ -73,6 +75,13 @@ macro_rules! store_suite {
             prune_keeps_what_finished_after_the_cutoff_and_works_in_batches,
             a_prune_beside_a_busy_worker_loses_nothing,
             a_worker_with_retention_prunes_by_itself,
+            typed_outputs_flow_to_typed_reads,
+            a_skipped_upstream_is_read_as_none,
+            fan_out_outputs_are_read_by_subtask,
+            edits_of_the_wrong_shape_are_refused_and_change_nothing,
+            edits_of_the_right_shape_are_read_typed_downstream,
+            outcomes_the_stage_did_not_declare_fail_it,
+            a_stored_output_of_another_shape_fails_the_reader,
         );
     };
 }

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::broadcast;
 
 use super::{
-    Claim, ClaimBatch, ClaimRequest, Commit, DecisionCommit, EVENT_FEED_CAPACITY, EventQuery,
+    ClaimBatch, ClaimRequest, Commit, DecisionCommit, EVENT_FEED_CAPACITY, EventQuery,
     MigrateOutcome, NewItem, PipelineDrift, Pruned, StageCount, Store, TaskKey, check_json,
 };
 use crate::definition::{PipelineChanges, PipelineDef, VersionInFlight};
@@ -160,6 +160,18 @@ impl Data {
         item: usize,
         rule: impl FnOnce(&VersionGraph, &mut ItemRecord, &mut Effects) -> Result<R>,
     ) -> Result<(R, Vec<Event>)> {
+        let mut events = Vec::new();
+        let answer = self.transition_into(item, &mut events, rule)?;
+        Ok((answer, events))
+    }
+
+    /// [`Data::transition`], appending the events to `events`.
+    fn transition_into<R>(
+        &mut self,
+        item: usize,
+        events: &mut Vec<Event>,
+        rule: impl FnOnce(&VersionGraph, &mut ItemRecord, &mut Effects) -> Result<R>,
+    ) -> Result<R> {
         let record = &self.items[item].record;
         let graph = self.graph(record.version)?;
         // Buffers kept between transitions, so a transition allocates none.
@@ -172,18 +184,23 @@ impl Data {
         let mut fx = std::mem::take(&mut self.effects);
         fx.clear();
         let answer = rule(&graph, &mut self.items[item].record, &mut fx);
-        let events = match &answer {
-            Ok(_) => self.apply(item, Some(&before), &mut fx),
-            Err(_) => Vec::new(),
-        };
+        if answer.is_ok() {
+            self.apply(item, Some(&before), &mut fx, events);
+        }
         self.before = before;
         self.effects = fx;
-        Ok((answer?, events))
+        answer
     }
 
     /// Saves what a rule did to item `item`, whose stages were `before`
     /// (`None` for a new item).
-    fn apply(&mut self, item: usize, before: Option<&Before>, fx: &mut Effects) -> Vec<Event> {
+    fn apply(
+        &mut self,
+        item: usize,
+        before: Option<&Before>,
+        fx: &mut Effects,
+        events: &mut Vec<Event>,
+    ) {
         let old_names = match before {
             Some(before) => self.versions[before.version as usize - 1].clone(),
             None => self
@@ -243,7 +260,6 @@ impl Data {
         self.scheduled
             .extend(fx.scheduled.iter().map(|&(due, unit)| (due, (item, unit))));
         let record = &self.items[item].record;
-        let mut events = Vec::with_capacity(fx.events.len());
         for new in fx.events.drain(..) {
             self.last_seq += 1;
             let event = new.resolve(record, self.last_seq);
@@ -257,7 +273,6 @@ impl Data {
             });
             events.push(event);
         }
-        events
     }
 
     /// A logged event, with its names.
@@ -299,7 +314,7 @@ impl Data {
             record,
             attempts: Vec::new(),
         });
-        events.extend(self.apply(position, None, &mut fx));
+        self.apply(position, None, &mut fx, events);
         Ok(true)
     }
 
@@ -505,11 +520,10 @@ impl Store for MemoryStore {
             let Some((item, unit)) = data.ready.pop_front() else {
                 break;
             };
-            let (claim, events): (Option<Claim>, _) = data.transition(item, |_, record, fx| {
+            let claim = data.transition_into(item, &mut batch.events, |_, record, fx| {
                 Ok(rules::claim(record, unit, &request, fx))
             })?;
             batch.claims.extend(claim);
-            batch.events.extend(events);
         }
         data.publish(&batch.events);
         Ok(batch)
