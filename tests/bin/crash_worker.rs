@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! crash-worker --db PATH --items N [--worker-id ID] [--lease-ms MS] [--stage-ms MS] [--prefix P]
+//!              [--retries N] [--crash-limit N] [--crash-backoff-ms MS]
 //! ```
 
 use std::io::Write;
@@ -13,7 +14,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use treadle::store::SqliteStore;
 use treadle::{
-    Engine, EngineConfig, Pipeline, Stage, StageContext, StageOutcome, StagePolicy, WorkItem,
+    Backoff, CrashRetries, Engine, EngineConfig, Pipeline, Stage, StageContext, StageOutcome,
+    StagePolicy, WorkItem,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -32,6 +34,7 @@ struct Step {
     name: &'static str,
     delay: Duration,
     fan_out: bool,
+    retries: u32,
 }
 
 #[treadle::async_trait]
@@ -41,7 +44,7 @@ impl Stage<Job> for Step {
     }
 
     fn policy(&self) -> StagePolicy {
-        StagePolicy::new().retries(50)
+        StagePolicy::new().retries(self.retries)
     }
 
     async fn run(&self, _job: &Job, ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
@@ -60,6 +63,8 @@ struct Args {
     worker_id: String,
     lease: Duration,
     stage_delay: Duration,
+    retries: u32,
+    crash_retries: CrashRetries,
 }
 
 fn parse() -> Args {
@@ -70,6 +75,8 @@ fn parse() -> Args {
         worker_id: "crash-worker".into(),
         lease: Duration::from_secs(30),
         stage_delay: Duration::from_millis(2),
+        retries: 50,
+        crash_retries: CrashRetries::DEFAULT,
     };
     let mut it = std::env::args().skip(1);
     while let (Some(flag), Some(value)) = (it.next(), it.next()) {
@@ -83,6 +90,12 @@ fn parse() -> Args {
             }
             "--stage-ms" => {
                 args.stage_delay = Duration::from_millis(value.parse().expect("--stage-ms MS"))
+            }
+            "--retries" => args.retries = value.parse().expect("--retries N"),
+            "--crash-limit" => args.crash_retries.limit = value.parse().expect("--crash-limit N"),
+            "--crash-backoff-ms" => {
+                let ms = value.parse().expect("--crash-backoff-ms MS");
+                args.crash_retries.backoff = Backoff::Fixed(Duration::from_millis(ms));
             }
             other => panic!("unknown flag {other}"),
         }
@@ -98,6 +111,7 @@ async fn main() -> treadle::Result<()> {
         name,
         delay: args.stage_delay,
         fan_out,
+        retries: args.retries,
     };
     let pipeline = Pipeline::builder()
         .stage(step("fetch", false))
@@ -111,7 +125,8 @@ async fn main() -> treadle::Result<()> {
         lease: args.lease,
         worker_id: args.worker_id.clone(),
         idle_poll: Duration::from_millis(20),
-        retention: None,
+        crash_retries: args.crash_retries,
+        ..EngineConfig::default()
     };
     let engine = Engine::with_config(pipeline, SqliteStore::open(&args.db).await?, config);
     let mut feed = engine.subscribe();

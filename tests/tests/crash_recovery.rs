@@ -77,6 +77,8 @@ async fn killing_a_worker_at_random_points_loses_nothing() {
     for round in 0..rounds {
         // Each run adds its own items, so every run has work to be killed in.
         let prefix = format!("r{round:02}");
+        // Killed this often, a unit may be abandoned more times than the
+        // default crash-retry limit allows; this test is about losing nothing.
         let args = [
             "--worker-id",
             "w1",
@@ -86,6 +88,10 @@ async fn killing_a_worker_at_random_points_loses_nothing() {
             "10",
             "--prefix",
             &prefix,
+            "--crash-limit",
+            "1000",
+            "--crash-backoff-ms",
+            "0",
         ];
         let (mut child, reader) = start_worker(&db, items, &args, &printed);
         // Early kills land in start-up and migrations, later ones mid-run,
@@ -115,6 +121,10 @@ async fn killing_a_worker_at_random_points_loses_nothing() {
         "400",
         "--prefix",
         "final",
+        "--crash-limit",
+        "1000",
+        "--crash-backoff-ms",
+        "0",
     ];
     let (mut last, reader) = start_worker(&db, items, &args, &printed);
     let started = Instant::now();

@@ -42,7 +42,8 @@ pub(crate) fn load_item(
                 s.finished_at, s.next_run_at, s.last_error, s.output, s.lease_owner,
                 s.lease_expiry, s.waiting, s.review_round, s.review_request,
                 s.review_requested_at, s.fan_total, s.fan_open, s.fan_failed,
-                i.seq, i.payload, i.submitted_at, i.cancelled, i.version
+                i.seq, i.payload, i.submitted_at, i.cancelled, i.version,
+                s.crashes, s.edits_to_check
          FROM items i JOIN stages s ON s.item_id = i.id
          WHERE i.id = ?1",
     )?;
@@ -132,6 +133,7 @@ fn stage_row(conn: &Connection, item_id: &str, row: &Row<'_>) -> Result<StageRec
         last_error: loc.get(row, 8, "last_error")?,
         output: loc.json_opt(row, 9, "output")?,
         lease: lease(&loc, row, 10)?,
+        crashes: loc.count(row, 24, "crashes")?,
         name: name.clone(),
     };
     let review = review(conn, &loc, row, 13, (item_id, &name))?;
@@ -146,11 +148,17 @@ fn stage_row(conn: &Connection, item_id: &str, row: &Row<'_>) -> Result<StageRec
             complete: total == 0,
         }),
     };
+    let edits_to_check = match loc.get::<i64>(row, 25, "edits_to_check")? {
+        0 => false,
+        1 => true,
+        n => return Err(loc.corrupt("edits_to_check", format!("{n} is not 0 or 1"))),
+    };
     Ok(StageRecord {
         unit,
         waiting: loc.count(row, 12, "waiting")?,
         review,
         fan_out,
+        edits_to_check,
     })
 }
 
@@ -203,7 +211,7 @@ pub(crate) fn subtask_rows(
 ) -> Result<Vec<UnitRecord>> {
     let mut statement = conn.prepare_cached(
         "SELECT name, position, state, attempt, generation, started_at, finished_at,
-                next_run_at, last_error, output, lease_owner, lease_expiry
+                next_run_at, last_error, output, lease_owner, lease_expiry, crashes
          FROM subtasks WHERE item_id = ?1 AND stage = ?2 AND (?3 IS NULL OR name = ?3)
          ORDER BY position",
     )?;
@@ -222,6 +230,7 @@ pub(crate) fn subtask_rows(
                 last_error: loc.get(row, 8, "last_error")?,
                 output: loc.json_opt(row, 9, "output")?,
                 lease: lease(&loc, row, 10)?,
+                crashes: loc.count(row, 12, "crashes")?,
                 name,
             })
         })())
@@ -343,11 +352,8 @@ pub(crate) fn save(
         .execute(params![record.id, name])?;
         conn.prepare_cached("DELETE FROM subtasks WHERE item_id = ?1 AND stage = ?2")?
             .execute(params![record.id, name])?;
-        let fan = record.stages[stage]
-            .fan_out
-            .as_ref()
-            .expect("a fanned-out stage has its subtasks");
-        for sub in &fan.rows {
+        // No fan-out: a rerun dropped the subtasks; a new fan-out makes them.
+        for sub in record.stages[stage].fan_out.iter().flat_map(|f| &f.rows) {
             conn.prepare_cached(
                 "INSERT INTO subtasks (item_id, stage, name, position, state)
                  VALUES (?1, ?2, ?3, ?4, 'pending')",
@@ -432,6 +438,68 @@ fn old_unit(before: &[StageRecord], unit: UnitRef) -> Option<(&StageRecord, &Uni
 /// One column to write and its new value.
 type Column = (&'static str, rusqlite::types::Value);
 
+/// Every column `write_unit` may write, in the order it writes them.
+const UNIT_COLUMNS: [&str; 20] = [
+    "state",
+    "attempt",
+    "generation",
+    "started_at",
+    "finished_at",
+    "next_run_at",
+    "last_error",
+    "output",
+    "lease_owner",
+    "lease_expiry",
+    "crashes",
+    "waiting",
+    "review_round",
+    "review_request",
+    "review_requested_at",
+    "review_deadline",
+    "fan_total",
+    "fan_open",
+    "fan_failed",
+    "edits_to_check",
+];
+
+std::thread_local! {
+    /// The `UPDATE` text for each (table, set of columns) seen, so the
+    /// statement cache is looked up without building the text again.
+    static UPDATES: std::cell::RefCell<crate::fast_hash::FastMap<(&'static str, u32), std::rc::Rc<str>>> =
+        Default::default();
+}
+
+/// `UPDATE table SET c = ?n, ... WHERE <primary key>` for `names` (in
+/// [`UNIT_COLUMNS`] order) of `stages` or `subtasks`.
+fn update_sql(table: &'static str, names: &[&'static str]) -> std::rc::Rc<str> {
+    let mask = names.iter().fold(0u32, |mask, name| {
+        mask | UNIT_COLUMNS
+            .iter()
+            .position(|c| c == name)
+            .map_or(0, |i| 1 << i)
+    });
+    UPDATES.with(|cache| {
+        cache
+            .borrow_mut()
+            .entry((table, mask))
+            .or_insert_with(|| {
+                let keys = if table == "stages" { 2 } else { 3 };
+                let sets: Vec<String> = names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, name)| format!("{name} = ?{}", keys + i + 1))
+                    .collect();
+                let key = if table == "stages" {
+                    "item_id = ?1 AND stage = ?2"
+                } else {
+                    "item_id = ?1 AND stage = ?2 AND name = ?3"
+                };
+                format!("UPDATE {table} SET {} WHERE {key}", sets.join(", ")).into()
+            })
+            .clone()
+    })
+}
+
 /// Writes the columns of one stage or subtask row that differ from `old`
 /// (every column when there is no `old` row): an unchanged column is not in
 /// the statement, so the indexes over it are not touched.
@@ -500,6 +568,9 @@ fn write_unit(
     set(lease_changed, "lease_expiry", &|| {
         Ok(text(row.lease.as_ref().map(|l| codec::time(l.expiry))))
     })?;
+    set(differs(&|o| o.crashes != row.crashes), "crashes", &|| {
+        Ok(Sql::Integer(row.crashes.into()))
+    })?;
     let (sql_table, keys) = match unit.subtask {
         None => {
             let old_stage = old.map(|(s, _)| s);
@@ -539,6 +610,11 @@ fn write_unit(
             set(fan_changed, "fan_failed", &|| {
                 Ok(int(fan.map(|f| f.2.into())))
             })?;
+            set(
+                stage_differs(&|o| o.edits_to_check != stage.edits_to_check),
+                "edits_to_check",
+                &|| Ok(Sql::Integer(stage.edits_to_check.into())),
+            )?;
             ("stages", vec![record.id.clone(), row.name.clone()])
         }
         Some(_) => (
@@ -549,17 +625,8 @@ fn write_unit(
     if columns.is_empty() {
         return Ok(());
     }
-    let mut sql = format!("UPDATE {sql_table} SET ");
-    for (i, (name, _)) in columns.iter().enumerate() {
-        if i > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str(&format!("{name} = ?{}", keys.len() + i + 1));
-    }
-    sql.push_str(match unit.subtask {
-        None => " WHERE item_id = ?1 AND stage = ?2",
-        Some(_) => " WHERE item_id = ?1 AND stage = ?2 AND name = ?3",
-    });
+    let names: Vec<&'static str> = columns.iter().map(|(name, _)| *name).collect();
+    let sql = update_sql(sql_table, &names);
     let values = keys
         .into_iter()
         .map(Sql::Text)
