@@ -9,16 +9,34 @@
 //! SQLite, where more work in flight makes bigger group commits),
 //! `--runtime current|multi` (the tokio runtime, default current-thread:
 //! the engine's work is short and a single thread avoids cross-thread
-//! wake-ups; the SQLite store commits on its own thread either way).
+//! wake-ups; the SQLite store commits on its own thread either way),
+//! `--subtasks N` (subtasks per item in `fanout`, default 8),
+//! `--stage-sleep-ms N` (`linear` only: the middle stage sleeps N ms, as if
+//! waiting for I/O; the bench first runs the same items without the sleep,
+//! in the same process on a fresh store, and reports the ideal rate: the
+//! smaller of concurrency ÷ N ms and that no-sleep rate),
+//! `--peer treadle-0.2` (`linear` only: after our run, runs the same number
+//! of items through treadle 0.2.0 from crates.io, in its in-memory store,
+//! and reports its items/s beside ours).
 //!
 //! Workloads: `linear` (scan -> enrich -> review, each completes at once,
 //! with no output; `review` reads `scan`'s, typed),
-//! `fanout` (enrich fans out to 8 subtasks), `review` (every item parks at
+//! `fanout` (enrich fans out to subtasks), `review` (every item parks at
 //! review; the bench approves them all and measures how soon the next stage
 //! starts). Items are submitted first, in batches; the clock runs from the
 //! first claim until the engine is idle. A transition is one committed
 //! state change of a stage or subtask: claimed (running), then completed,
-//! fanned out, or parked; an approval; a fan-out completing.
+//! fanned out, or parked; an approval; a fan-out completing. `items_per_sec`
+//! counts items through every stage: the unit to compare engines in (a
+//! linear item is 6 transitions here, 3 stage writes in most engines).
+//!
+//! Besides the totals, the bench reports the rate over the first and the
+//! last 10% of the run's stage attempts (`first_10pct_items_per_sec`,
+//! `last_10pct_items_per_sec`, in items/s: attempts ÷ attempts per item),
+//! so a long run (`--items 1000000`) shows whether the rate holds up as the
+//! store grows, and the peak RSS. (Attempts, not finished items: the run
+//! queue is first in, first out, so every item's first stage runs before
+//! the first item finishes.)
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -28,6 +46,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use treadle::prelude::*;
+
+#[path = "peer.rs"]
+mod peer;
 use treadle::store::Store;
 use treadle::{Decision, EngineConfig};
 
@@ -49,12 +70,21 @@ enum Workload {
     Review,
 }
 
-/// What the bench's stages share: the workload, progress and, for
-/// `review`, when each item's next stage started.
+/// What the bench's stages share: the workload, its settings, progress
+/// and, for `review`, when each item's next stage started.
 #[derive(Default)]
 struct Probe {
     workload: OnceLock<Workload>,
+    subtasks: OnceLock<u32>,
+    /// How long the middle stage sleeps, in ms (0: not at all).
+    sleep_ms: AtomicU64,
     finished: AtomicU64,
+    /// Stage attempts expected in this pass.
+    attempts_total: AtomicU64,
+    /// Stage attempts finished so far.
+    attempts: AtomicU64,
+    /// When 10%, 90% and all of the pass's attempts had finished.
+    marks: Mutex<Vec<Instant>>,
     export_started: Mutex<HashMap<String, Instant>>,
 }
 
@@ -64,26 +94,56 @@ fn workload() -> Workload {
     *PROBE.workload.get().unwrap_or(&Workload::Linear)
 }
 
+/// Counts a stage attempt, noting when 10%, 90% and all of the pass's
+/// attempts had finished.
+fn attempt_done() {
+    let done = PROBE.attempts.fetch_add(1, Ordering::Relaxed) + 1;
+    let total = PROBE.attempts_total.load(Ordering::Relaxed);
+    if done == total / 10 || done == total - total / 10 || done == total {
+        PROBE.marks.lock().unwrap().push(Instant::now());
+    }
+}
+
+/// Stage attempts per item: one per stage, and one per subtask.
+fn attempts_per_item(workload: Workload, subtasks: u32) -> u64 {
+    match workload {
+        Workload::Linear => 3,
+        Workload::Fanout => 3 + u64::from(subtasks),
+        Workload::Review => 4,
+    }
+}
+
 /// Completes at once with no output (`()`: nothing is stored).
 #[stage]
 async fn scan(_record: &Record) -> treadle::Result<()> {
+    attempt_done();
     Ok(())
 }
 
 /// Completes at once (workloads `linear` and `review`).
 #[stage]
 async fn enrich(_record: &Record) -> treadle::Result<()> {
+    attempt_done();
+    let sleep = PROBE.sleep_ms.load(Ordering::Relaxed);
+    if sleep > 0 {
+        tokio::time::sleep(Duration::from_millis(sleep)).await;
+    }
     Ok(())
 }
 
-/// Fans out to 8 subtasks, each completing at once (workload `fanout`).
+/// Fans out to `--subtasks` subtasks, each completing at once (workload
+/// `fanout`).
 #[stage(name = "enrich", fan_out)]
 async fn enrich_sources(
     _record: &Record,
     ctx: &mut StageContext,
 ) -> treadle::Result<StageOutcome<()>> {
+    attempt_done();
     Ok(match ctx.subtask() {
-        None => StageOutcome::fan_out((0..8).map(|i| format!("source-{i}"))),
+        None => {
+            let subtasks = *PROBE.subtasks.get().unwrap_or(&8);
+            StageOutcome::fan_out((0..subtasks).map(|i| format!("source-{i}")))
+        }
         Some(_) => StageOutcome::done(()),
     })
 }
@@ -95,6 +155,7 @@ async fn review(
     _record: &Record,
     #[from(scan)] _scanned: &(),
 ) -> treadle::Result<StageOutcome<()>> {
+    attempt_done();
     if workload() == Workload::Review {
         return Ok(StageOutcome::needs_review(ReviewRequest::new("check")));
     }
@@ -104,6 +165,7 @@ async fn review(
 
 #[stage]
 async fn export(record: &Record) -> treadle::Result<()> {
+    attempt_done();
     let now = Instant::now();
     PROBE
         .export_started
@@ -122,6 +184,12 @@ struct Args {
     concurrency: Option<usize>,
     /// A multi-thread tokio runtime instead of a current-thread one.
     multi_thread: bool,
+    /// Subtasks per item in `fanout`.
+    subtasks: u32,
+    /// How long the middle stage sleeps, in ms.
+    stage_sleep_ms: u64,
+    /// Also run treadle 0.2.0 on the same items.
+    peer: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -131,6 +199,9 @@ fn parse_args() -> Result<Args, String> {
         items: 10_000,
         concurrency: None,
         multi_thread: false,
+        subtasks: 8,
+        stage_sleep_ms: 0,
+        peer: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -162,8 +233,25 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|e| format!("--concurrency {value}: {e}"))?;
                 args.concurrency = Some(n);
             }
+            "--subtasks" => {
+                args.subtasks = value
+                    .parse()
+                    .map_err(|e| format!("--subtasks {value}: {e}"))?;
+            }
+            "--stage-sleep-ms" => {
+                args.stage_sleep_ms = value
+                    .parse()
+                    .map_err(|e| format!("--stage-sleep-ms {value}: {e}"))?;
+            }
+            "--peer" => match value.as_str() {
+                "treadle-0.2" => args.peer = true,
+                other => return Err(format!("unknown peer `{other}` (treadle-0.2)")),
+            },
             other => return Err(format!("unknown flag `{other}`")),
         }
+    }
+    if args.workload != Workload::Linear && (args.stage_sleep_ms > 0 || args.peer) {
+        return Err("--stage-sleep-ms and --peer run the linear workload only".into());
     }
     Ok(args)
 }
@@ -216,11 +304,28 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-async fn bench<S: Store>(args: &Args, store: S) -> treadle::Result<serde_json::Value> {
+/// Items per second over `items` items in `secs`, rounded.
+fn rate(items: u64, secs: f64) -> serde_json::Value {
+    (items as f64 / secs).round().into()
+}
+
+/// One pass of the workload on `store`, with the middle stage sleeping
+/// `sleep_ms`.
+async fn bench<S: Store>(
+    args: &Args,
+    store: S,
+    sleep_ms: u64,
+) -> treadle::Result<serde_json::Value> {
+    PROBE.workload.get_or_init(|| args.workload);
+    PROBE.subtasks.get_or_init(|| args.subtasks);
+    PROBE.sleep_ms.store(sleep_ms, Ordering::Relaxed);
+    let per_item = attempts_per_item(args.workload, args.subtasks);
     PROBE
-        .workload
-        .set(args.workload)
-        .map_err(|_| treadle::Error::stage("the bench runs one workload per process"))?;
+        .attempts_total
+        .store(args.items * per_item, Ordering::Relaxed);
+    PROBE.attempts.store(0, Ordering::Relaxed);
+    PROBE.finished.store(0, Ordering::Relaxed);
+    PROBE.marks.lock().unwrap().clear();
     let config = EngineConfig {
         max_concurrency: args
             .concurrency
@@ -313,6 +418,22 @@ async fn bench<S: Store>(args: &Args, store: S) -> treadle::Result<serde_json::V
         Workload::Review => args.items,
     };
     let transitions = report.attempts * 2 + extra;
+    let marks = PROBE.marks.lock().unwrap().clone();
+    // A tenth of the attempts, in items.
+    let tenth = args.items * per_item / 10;
+    if let [first, ninety, all] = marks[..]
+        && tenth > 0
+    {
+        let items = |secs: f64| (tenth as f64 / per_item as f64 / secs).round();
+        result.insert(
+            "first_10pct_items_per_sec".into(),
+            items((first - started).as_secs_f64()).into(),
+        );
+        result.insert(
+            "last_10pct_items_per_sec".into(),
+            items((all - ninety).as_secs_f64()).into(),
+        );
+    }
     result.insert(
         "workload".into(),
         ["linear", "fanout", "review"][args.workload as usize].into(),
@@ -322,10 +443,8 @@ async fn bench<S: Store>(args: &Args, store: S) -> treadle::Result<serde_json::V
     result.insert("items".into(), args.items.into());
     result.insert("transitions".into(), transitions.into());
     result.insert("secs".into(), ((secs * 1000.0).round() / 1000.0).into());
-    result.insert(
-        "transitions_per_sec".into(),
-        (transitions as f64 / secs).round().into(),
-    );
+    result.insert("items_per_sec".into(), rate(args.items, secs));
+    result.insert("transitions_per_sec".into(), rate(transitions, secs));
     result.insert(
         "peak_rss_mb".into(),
         ((peak_rss_mb() * 10.0).round() / 10.0).into(),
@@ -337,7 +456,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args().map_err(|e| {
         format!(
             "{e}\nusage: bench --workload linear|fanout|review --store memory|sqlite --items N \
-             [--concurrency N] [--runtime current|multi]"
+             [--concurrency N] [--runtime current|multi] [--subtasks N] \
+             [--stage-sleep-ms N] [--peer treadle-0.2]"
         )
     })?;
     let mut runtime = if args.multi_thread {
@@ -350,16 +470,46 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
-    let mut line = match args.store.as_str() {
-        "memory" => bench(args, MemoryStore::new()).await?,
+/// One pass on a fresh store of the kind `args` names.
+async fn pass(args: &Args, sleep_ms: u64) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    Ok(match args.store.as_str() {
+        "memory" => bench(args, MemoryStore::new(), sleep_ms).await?,
         _ => {
             // A file in a temporary directory, with the store's durable defaults.
             let dir = tempfile::tempdir()?;
             let store = SqliteStore::open(dir.path().join("bench.db")).await?;
-            bench(args, store).await?
+            bench(args, store, sleep_ms).await?
         }
+    })
+}
+
+async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let mut line = if args.stage_sleep_ms > 0 {
+        // The no-sleep pass first: the ideal is bounded by it.
+        let fastest = pass(args, 0).await?["items_per_sec"]
+            .as_f64()
+            .unwrap_or(0.0);
+        let mut line = pass(args, args.stage_sleep_ms).await?;
+        let concurrency = line["concurrency"].as_f64().unwrap_or(0.0);
+        let ideal = (concurrency * 1000.0 / args.stage_sleep_ms as f64).min(fastest);
+        let got = line["items_per_sec"].as_f64().unwrap_or(0.0);
+        line["stage_sleep_ms"] = args.stage_sleep_ms.into();
+        line["no_sleep_items_per_sec"] = fastest.into();
+        line["ideal_items_per_sec"] = ideal.round().into();
+        line["of_ideal"] = ((got / ideal * 1000.0).round() / 1000.0).into();
+        line
+    } else {
+        pass(args, 0).await?
     };
+    if args.peer {
+        let peer = peer::run(args.items).await?;
+        let ours = line["items_per_sec"].as_f64().unwrap_or(0.0);
+        line["peer"] = "treadle 0.2.0 (crates.io), memory store, one item at a time".into();
+        line["peer_items_per_sec"] = peer.items_per_sec.round().into();
+        line["peer_secs"] = ((peer.secs * 1000.0).round() / 1000.0).into();
+        line["items_per_sec_vs_peer"] =
+            ((ours / peer.items_per_sec * 100.0).round() / 100.0).into();
+    }
     line["runtime"] = if args.multi_thread {
         "multi_thread"
     } else {

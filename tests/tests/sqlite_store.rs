@@ -764,6 +764,58 @@ async fn a_database_stamped_at_an_older_version_is_migrated_on_open() {
     assert_eq!(mode, "wal");
 }
 
+// ---- retention ----
+
+/// `(page_count, freelist_count)` of the database, read beside the store.
+fn pages(path: &Path) -> (i64, i64) {
+    let conn = Connection::open(path).unwrap();
+    let count = |pragma: &str| conn.pragma_query_value(None, pragma, |r| r.get(0)).unwrap();
+    (count("page_count"), count("freelist_count"))
+}
+
+#[tokio::test]
+async fn a_pruned_database_reuses_its_pages_and_stops_growing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    let mode: i64 = Connection::open(db(&dir))
+        .unwrap()
+        .pragma_query_value(None, "auto_vacuum", |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, 2, "a new database uses incremental vacuum");
+    let pipeline = Pipeline::builder()
+        .stage(done("a"))
+        .stage(done("b"))
+        .edge("a", "b")
+        .build()
+        .unwrap();
+    let engine = engine(pipeline, store);
+    let mut peaks = Vec::new();
+    for round in 0..4 {
+        let ids: Vec<String> = (0..300)
+            .map(|i| format!("round-{round}-item-{i:04}-{}", "x".repeat(200)))
+            .collect();
+        engine
+            .submit_all(ids.iter().map(|id| doc(id)))
+            .await
+            .unwrap();
+        engine.run_until_idle().await.unwrap();
+        peaks.push(pages(&db(&dir)).0);
+        let pruned = engine.prune(Duration::ZERO).await.unwrap();
+        assert_eq!(pruned.items, 300);
+        let (_, free) = pages(&db(&dir));
+        assert_eq!(
+            free, 0,
+            "round {round}: the freed pages went back to the file system"
+        );
+    }
+    // Each round writes as much as the one before; the pages of the pruned
+    // rounds are used again instead of new ones.
+    assert!(
+        peaks[3] <= peaks[0] + peaks[0] / 10,
+        "the database kept growing: {peaks:?}"
+    );
+}
+
 // ---- strict decoding ----
 
 #[tokio::test]

@@ -1,6 +1,7 @@
 //! The command line: every command, option and argument, parsed by clap.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -152,6 +153,17 @@ pub enum Command {
         follow_for_ms: Option<u64>,
     },
 
+    /// Remove items that finished for good before a cutoff (completed,
+    /// cancelled, or failed with nothing left that can run without an
+    /// operator), with their stages, attempts, decisions and events, in
+    /// small batches beside running workers. Items in flight are untouched.
+    Prune {
+        /// How long ago: a whole number and a unit, `s`, `m`, `h`, `d` or
+        /// `w` (e.g. `30d`, `12h`; `0s` means before now).
+        #[arg(long, value_name = "DURATION", value_parser = parse_age)]
+        finished_before: Duration,
+    },
+
     /// The pipeline graph, as recorded in the database.
     Graph {
         /// The output format.
@@ -177,9 +189,41 @@ impl Command {
             | Command::Retry { .. }
             | Command::Rerun { .. }
             | Command::Migrate { .. }
-            | Command::Cancel { .. } => false,
+            | Command::Cancel { .. }
+            | Command::Prune { .. } => false,
         }
     }
+}
+
+/// Parses an age such as `30d`: a whole number, then one unit (`s`, `m`,
+/// `h`, `d`, `w`), nothing else.
+pub fn parse_age(text: &str) -> Result<Duration, String> {
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = text.split_at(digits);
+    if number.is_empty() {
+        return Err(format!(
+            "`{text}` does not start with a whole number (e.g. 30d, 12h)"
+        ));
+    }
+    let seconds: u64 = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        "w" => 604_800,
+        "" => return Err(format!("`{text}` has no unit: add s, m, h, d or w")),
+        other => {
+            return Err(format!(
+                "`{text}`: unknown unit `{other}` (use s, m, h, d or w)"
+            ));
+        }
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(seconds))
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("`{text}` is too long a time"))
 }
 
 /// `treadle review ...`.
@@ -256,6 +300,49 @@ mod tests {
         let missing_by =
             Cli::try_parse_from(["treadle", "reject", "doc-1", "review", "--reason", "no"]);
         assert!(missing_by.is_err());
+    }
+
+    #[test]
+    fn an_age_is_a_whole_number_and_one_unit() {
+        assert_eq!(parse_age("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse_age("12h"), Ok(Duration::from_secs(12 * 3_600)));
+        assert_eq!(parse_age("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_age("2w"), Ok(Duration::from_secs(14 * 86_400)));
+        for bad in [
+            "",
+            "d",
+            "30",
+            "30x",
+            "30 d",
+            "-1d",
+            "1.5h",
+            "30dd",
+            "99999999999999999999w",
+        ] {
+            assert!(parse_age(bad).is_err(), "`{bad}` was accepted");
+        }
+        assert_eq!(
+            parse_age("30x"),
+            Err("`30x`: unknown unit `x` (use s, m, h, d or w)".to_owned())
+        );
+    }
+
+    #[test]
+    fn prune_takes_its_cutoff_as_an_age() {
+        let cli = Cli::try_parse_from(["treadle", "prune", "--finished-before", "30d"]).unwrap();
+        match cli.command {
+            Command::Prune { finished_before } => {
+                assert_eq!(finished_before, Duration::from_secs(30 * 86_400));
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        let error = Cli::try_parse_from(["treadle", "prune", "--finished-before", "soon"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("--finished-before") && error.contains("`soon` does not start"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -16,14 +16,14 @@ use std::time::Duration;
 
 use chrono::Utc;
 use serde_json::Value;
-use treadle::store::{DecisionCommit, EventQuery, MigrateOutcome, Verdict};
+use treadle::store::{DecisionCommit, EventQuery, MigrateOutcome, Verdict, cutoff, prune_all};
 use treadle::{Decision, Event, PipelineDef, StageState, Store};
 
 use crate::cli::{Command, DecisionArgs, GraphFormat, ReviewCommand};
 use crate::error::CliError;
 use crate::output::{
-    self, Change, Counts, EventLog, Graph, ItemList, ItemReport, Migration, Overview, ReviewList,
-    StageRow, emit,
+    self, Change, Counts, EventLog, Graph, ItemList, ItemReport, Migration, Overview, PruneReport,
+    ReviewList, StageRow, emit,
 };
 
 /// The result type of the commands.
@@ -117,6 +117,9 @@ pub async fn run<S: Store>(
                 }
             };
             follow(store, item, after, FOLLOW_INTERVAL, stop, json, out).await?;
+        }
+        Command::Prune { finished_before } => {
+            emit(&prune(store, finished_before).await?, json, out)?;
         }
         Command::Graph { format, counts } => emit(&graph(store, format, counts).await?, json, out)?,
     }
@@ -315,6 +318,19 @@ pub async fn cancel<S: Store>(store: &S, item: &str) -> Result<Change> {
     })
 }
 
+/// `prune`: removes the items that finished for good more than `age` ago,
+/// in batches of [`treadle::PRUNE_BATCH`], as [`treadle::Engine::prune`] does.
+pub async fn prune<S: Store>(store: &S, age: Duration) -> Result<PruneReport> {
+    let finished_before = cutoff(age);
+    let pruned = prune_all(store, finished_before, treadle::PRUNE_BATCH).await?;
+    Ok(PruneReport {
+        finished_before,
+        items: pruned.items,
+        events: pruned.events,
+        pruned_through: store.pruned_through().await?,
+    })
+}
+
 /// `events`: a page of the log.
 pub async fn events<S: Store>(
     store: &S,
@@ -336,8 +352,11 @@ pub async fn events<S: Store>(
 
 /// `events --follow`: prints the log from `after` on, then every new event
 /// as other processes commit it, polling every `interval`, until `stop`.
-/// With `json`, prints one JSON event per line. Returns the last sequence
-/// number printed.
+/// With `json`, prints one JSON event per line. When a prune removed events
+/// past the point the follower had reached ([`Store::pruned_through`]), it
+/// says so once per prune: a line (`{"pruned_through": N}` with `json`)
+/// telling that the events of pruned items up to N are gone. Returns the
+/// last sequence number printed.
 pub async fn follow<S: Store>(
     store: &S,
     item: Option<String>,
@@ -351,7 +370,9 @@ pub async fn follow<S: Store>(
         store.status(item).await?;
     }
     let mut stop = pin!(stop);
+    let mut told = 0;
     loop {
+        let reached = after;
         let page = store
             .events(EventQuery {
                 after,
@@ -368,6 +389,17 @@ pub async fn follow<S: Store>(
                 output::event_line(event, &mut text);
             }
             after = event.seq;
+        }
+        // Read after the page: a prune that ran meanwhile is never missed.
+        let through = store.pruned_through().await?;
+        if through > reached && through > told {
+            told = through;
+            if json {
+                text.push_str(&serde_json::json!({ "pruned_through": through }).to_string());
+                text.push('\n');
+            } else {
+                output::pruned_line(through, &mut text);
+            }
         }
         out.write_all(text.as_bytes())?;
         out.flush()?;

@@ -11,6 +11,7 @@
 //! treadle --db PATH rerun ITEM STAGE               run a finished stage and everything after it again
 //! treadle --db PATH cancel ITEM                    cancel an item
 //! treadle --db PATH events [ITEM] [--after SEQ] [--limit N] [--follow]
+//! treadle --db PATH prune --finished-before AGE    remove items finished before AGE ago (30d, 12h)
 //! treadle --db PATH graph [--format dot|mermaid] [--counts]
 //! ```
 //!

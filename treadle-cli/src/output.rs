@@ -308,6 +308,43 @@ impl Report for Migration {
     }
 }
 
+/// `treadle prune`: what was removed.
+#[derive(Debug, Serialize)]
+pub struct PruneReport {
+    /// Items that finished for good before this instant were removed.
+    pub finished_before: chrono::DateTime<chrono::Utc>,
+    /// Items removed.
+    pub items: u64,
+    /// Events removed with them.
+    pub events: u64,
+    /// The log has no gaps after this sequence number.
+    pub pruned_through: u64,
+}
+
+impl Report for PruneReport {
+    fn text(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "pruned {} items and {} events that finished before {}",
+            self.items,
+            self.events,
+            time(self.finished_before)
+        );
+        if self.pruned_through > 0 {
+            pruned_line(self.pruned_through, out);
+        }
+    }
+}
+
+/// The line `events --follow` prints when a prune removed events it had
+/// not reached.
+pub fn pruned_line(through: u64, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "-- events of pruned items up to seq {through} are gone; the log has no gaps after it"
+    );
+}
+
 /// `treadle events`: a page of the event log.
 #[derive(Debug, Serialize)]
 #[serde(transparent)]

@@ -601,6 +601,91 @@ fn help_documents_every_exit_code() {
 }
 
 #[tokio::test]
+async fn prune_removes_finished_items_and_followers_are_told() {
+    let f = fixture().await;
+    treadle(&f.db, &["approve", "a", "review", "--by", "alice"]).ok();
+    f.engine.run_until_idle().await.unwrap();
+    treadle(&f.db, &["cancel", "b"]).ok();
+    let before = treadle(&f.db, &["events", "--json"]).ok().json();
+    let events_of = |ids: &[&str]| {
+        before
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| ids.contains(&e["item_id"].as_str().unwrap()))
+            .count() as u64
+    };
+
+    let none = treadle(&f.db, &["prune", "--finished-before", "1h"]).ok();
+    assert!(
+        none.stdout
+            .starts_with("pruned 0 items and 0 events that finished before "),
+        "{}",
+        none.stdout
+    );
+
+    // a completed, b cancelled, d failed with nothing left to run; c waits
+    // for review.
+    let report = treadle(&f.db, &["prune", "--finished-before", "0s", "--json"])
+        .ok()
+        .json();
+    assert_eq!(report["items"], 3);
+    assert_eq!(report["events"], events_of(&["a", "b", "d"]));
+    let through = report["pruned_through"].as_u64().unwrap();
+    assert!(through > 0);
+    for id in ["a", "b", "d"] {
+        treadle(&f.db, &["status", id]).fails(3, &format!("`{id}`"));
+    }
+    let c = treadle(&f.db, &["status", "c", "--json"]).ok().json();
+    assert_eq!(c["state"], "awaiting_review");
+    let left = treadle(&f.db, &["events", "--json"]).ok().json();
+    assert_eq!(left.as_array().unwrap().len() as u64, events_of(&["c"]));
+
+    // A follower that starts behind the prune is told what is gone.
+    let follow = |json: bool| {
+        let mut args = vec!["events", "--follow", "--follow-for-ms", "300"];
+        if json {
+            args.push("--json");
+        }
+        treadle(&f.db, &args).ok().stdout
+    };
+    let lines = follow(true);
+    let told: Vec<Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l.get("pruned_through").is_some())
+        .collect();
+    assert_eq!(told, [serde_json::json!({ "pruned_through": through })]);
+    assert!(
+        follow(false).contains(&format!(
+            "-- events of pruned items up to seq {through} are gone"
+        )),
+        "the text form says so too"
+    );
+}
+
+#[tokio::test]
+async fn prune_refuses_a_malformed_age_and_changes_nothing() {
+    let f = fixture().await;
+    let before = snapshot(&f.db);
+    for (age, why) in [
+        ("30x", "unknown unit `x`"),
+        ("30", "has no unit"),
+        ("d", "does not start with a whole number"),
+        ("1.5h", "unknown unit `.5h`"),
+    ] {
+        let run = treadle(&f.db, &["prune", "--finished-before", age]);
+        assert_eq!(run.code, 2, "{age}: {}", run.stderr);
+        assert!(
+            run.stderr.contains("--finished-before") && run.stderr.contains(why),
+            "{age}: {}",
+            run.stderr
+        );
+    }
+    assert_eq!(snapshot(&f.db), before);
+}
+
+#[tokio::test]
 async fn read_commands_answer_while_a_worker_holds_the_write_lock() {
     let f = fixture().await;
     let writer = rusqlite::Connection::open(&f.db).unwrap();

@@ -8,7 +8,9 @@ use crate::state::DecisionKind;
 /// One committed transition, as appended to the store's event log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
-    /// Position in the event log; strictly increasing, without gaps, in commit order.
+    /// Position in the event log; strictly increasing in commit order and
+    /// never reused. Gapless except below the store's `pruned_through`,
+    /// where the events of pruned items are gone.
     pub seq: u64,
     /// When the transition was committed.
     pub at: DateTime<Utc>,

@@ -32,7 +32,7 @@ pub use context::StageContext;
 pub use definition::{
     PipelineChanges, PipelineDef, PipelineDrift, PipelineError, PipelineProblem, VersionInFlight,
 };
-pub use engine::{Engine, EngineConfig, LeaseOwner, ProcessMark, RunReport};
+pub use engine::{Engine, EngineConfig, LeaseOwner, PRUNE_BATCH, ProcessMark, RunReport};
 pub use error::{Error, Result};
 pub use event::{Event, EventKind};
 pub use item::{WorkItem, check_item_id};

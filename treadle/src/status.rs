@@ -108,19 +108,32 @@ impl ItemState {
     /// stage failed (what is still pending waits behind it); active while any
     /// stage is pending; otherwise completed.
     pub fn derive(cancelled: bool, stages: &[StageStatus]) -> Self {
-        let any = |wanted: fn(&StageStatus) -> bool| stages.iter().any(wanted);
+        Self::of_stages(cancelled, stages.iter().map(|s| (s.state, s.waiting_on)))
+    }
+
+    /// [`ItemState::derive`] from each stage's state and the number of
+    /// upstream stages it still waits on.
+    pub fn of_stages(
+        cancelled: bool,
+        stages: impl Iterator<Item = (StageState, u32)> + Clone,
+    ) -> Self {
+        let any = |wanted: fn(StageState, u32) -> bool| {
+            stages
+                .clone()
+                .any(|(state, waiting)| wanted(state, waiting))
+        };
         if cancelled {
             ItemState::Cancelled
-        } else if any(|s| s.state == StageState::AwaitingReview) {
+        } else if any(|state, _| state == StageState::AwaitingReview) {
             ItemState::AwaitingReview
-        } else if any(|s| {
-            matches!(s.state, StageState::Running | StageState::RetryScheduled)
-                || (s.state == StageState::Pending && s.waiting_on == 0)
+        } else if any(|state, waiting| {
+            matches!(state, StageState::Running | StageState::RetryScheduled)
+                || (state == StageState::Pending && waiting == 0)
         }) {
             ItemState::Active
-        } else if any(|s| s.state == StageState::Failed) {
+        } else if any(|state, _| state == StageState::Failed) {
             ItemState::Failed
-        } else if any(|s| s.state == StageState::Pending) {
+        } else if any(|state, _| state == StageState::Pending) {
             ItemState::Active
         } else {
             ItemState::Completed

@@ -18,8 +18,10 @@ use treadle::{
 use crate::support::*;
 
 mod faults;
+mod retention;
 pub use faults::*;
 mod versions;
+pub use retention::*;
 pub use versions::*;
 mod typed;
 pub use typed::*;
@@ -75,6 +77,10 @@ macro_rules! store_suite {
             reordered_stages_keep_the_old_order_for_old_items,
             a_removed_review_stage_can_still_be_decided,
             a_renamed_review_stage_is_decided_by_its_old_name_or_migrated,
+            prune_removes_finished_items_with_their_events_and_nothing_else,
+            prune_keeps_what_finished_after_the_cutoff_and_works_in_batches,
+            a_prune_beside_a_busy_worker_loses_nothing,
+            a_worker_with_retention_prunes_by_itself,
             typed_outputs_flow_to_typed_reads,
             a_skipped_upstream_is_read_as_none,
             fan_out_outputs_are_read_by_subtask,

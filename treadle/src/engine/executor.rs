@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 use super::attempt::{Attempt, AttemptSettings, Settled};
 use super::owner::LeaseOwner;
+use super::retention::Retention;
 use super::{Engine, RunningWork};
 use crate::context::CancelSignal;
 use crate::error::{Error, Result};
@@ -114,6 +115,8 @@ struct RunLoop<'e, W: WorkItem, S: Store, F> {
     refill: usize,
     /// Ticks every third of a lease: renew leases, fire review deadlines.
     renewal: Interval,
+    /// When a long-running worker with retention prunes next.
+    retention: Option<Retention>,
     report: RunReport,
 }
 
@@ -135,12 +138,16 @@ impl<'e, W: WorkItem, S: Store, F: Future<Output = ()>> RunLoop<'e, W, S, F> {
             capacity,
             refill: (capacity / 8).max(1),
             renewal,
+            retention: Retention::schedule(mode == Mode::UntilShutdown, config.retention),
             report: RunReport::default(),
         }
     }
 
     async fn run(mut self) -> Result<RunReport> {
         loop {
+            if let Some(retention) = &mut self.retention {
+                retention.tick(self.engine).await?;
+            }
             self.collect_finished()?;
             self.claim_if_wanted();
             if self.claiming.is_some() || !self.tasks.is_empty() {

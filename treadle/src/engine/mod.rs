@@ -3,6 +3,7 @@
 mod attempt;
 mod executor;
 mod owner;
+mod retention;
 mod settle;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +30,7 @@ use crate::store::{
 
 pub use executor::RunReport;
 pub use owner::{LeaseOwner, ProcessMark};
+pub use retention::PRUNE_BATCH;
 
 /// Tuning of an [`Engine`].
 #[derive(Debug, Clone)]
@@ -62,6 +64,10 @@ pub struct EngineConfig {
     /// 2 s, 4 s, without spending the stage's own attempts; then the stage
     /// (or subtask) fails with a reason saying so.
     pub crash_retries: CrashRetries,
+    /// If set, a long-running [`Engine::run`] removes items that finished
+    /// for good longer ago than this, by itself, a bounded batch at a time
+    /// (see [`Engine::prune`]). `None` (the default) keeps every item.
+    pub retention: Option<Duration>,
 }
 
 impl EngineConfig {
@@ -78,6 +84,7 @@ impl Default for EngineConfig {
             idle_poll: Duration::from_millis(250),
             default_attempt_timeout: Some(Self::DEFAULT_ATTEMPT_TIMEOUT),
             crash_retries: CrashRetries::DEFAULT,
+            retention: None,
         }
     }
 }

@@ -28,6 +28,7 @@ mod effects;
 mod graph;
 mod operator;
 mod record;
+pub mod retention;
 mod transition;
 
 #[cfg(test)]

@@ -11,13 +11,13 @@ use tokio::sync::broadcast;
 
 use super::{
     ClaimBatch, ClaimRequest, Commit, DecisionCommit, EVENT_FEED_CAPACITY, EventQuery,
-    MigrateOutcome, NewItem, PipelineDrift, StageCount, Store, TaskKey, check_json,
+    MigrateOutcome, NewItem, PipelineDrift, Pruned, StageCount, Store, TaskKey, check_json,
 };
 use crate::definition::{PipelineChanges, PipelineDef, VersionInFlight};
 use crate::error::{Error, Result};
 use crate::event::{Event, EventKind};
 use crate::fast_hash::{FastMap, FastSet};
-use crate::rules::{self, AllLoaded, Effects, ItemRecord, UnitRef, VersionGraph};
+use crate::rules::{self, AllLoaded, Effects, ItemRecord, UnitRef, VersionGraph, retention};
 use crate::state::StageState;
 use crate::status::{AttemptRecord, AwaitingReview, ItemStatus};
 
@@ -28,7 +28,9 @@ use crate::status::{AttemptRecord, AwaitingReview, ItemStatus};
 /// every transition are those of [`crate::rules`]. Leases are recorded but
 /// never expire here (a single process holds the data, and its engine renews
 /// what it runs); claims are still fenced by generation, so cancelled or
-/// superseded work cannot write.
+/// superseded work cannot write. A prune frees a pruned item's rows,
+/// history and events; its position in submission order stays behind as an
+/// empty slot of a few dozen bytes.
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
     data: Arc<Mutex<Data>>,
@@ -46,6 +48,9 @@ impl Default for MemoryStore {
                 scheduled: BTreeSet::new(),
                 by_state: FastMap::default(),
                 events: Vec::new(),
+                last_seq: 0,
+                pruned_through: 0,
+                prune_cursor: 0,
                 before: Before::default(),
                 effects: Effects::default(),
             })),
@@ -71,6 +76,9 @@ impl MemoryStore {
 /// A unit of work of one item, by position.
 type Unit = (usize, UnitRef);
 
+/// How many item positions one prune call looks at, per item it may remove.
+const PRUNE_WINDOW: usize = 8;
+
 #[derive(Debug)]
 struct Data {
     feed: broadcast::Sender<Event>,
@@ -87,8 +95,15 @@ struct Data {
     /// Item positions by stage name, then state (unordered: cheap to keep
     /// in step on every transition; sorted when listed).
     by_state: FastMap<String, FastMap<StageState, FastSet<usize>>>,
-    /// The event log; event `seq` at index `seq - 1`.
+    /// The event log, in sequence order (with holes where a prune removed
+    /// the events of pruned items).
     events: Vec<LoggedEvent>,
+    /// The sequence number of the latest event appended.
+    last_seq: u64,
+    /// The highest sequence number of an event a prune removed.
+    pruned_through: u64,
+    /// The item position the next prune call looks at first.
+    prune_cursor: usize,
     /// Scratch space of the transition under way.
     before: Before,
     /// Scratch space of the transition under way.
@@ -106,6 +121,7 @@ struct StoredItem {
 /// position in the pipeline version the item moved on at the time.
 #[derive(Debug)]
 struct LoggedEvent {
+    seq: u64,
     at: DateTime<Utc>,
     item: usize,
     unit: Option<(u32, UnitRef)>,
@@ -245,8 +261,10 @@ impl Data {
             .extend(fx.scheduled.iter().map(|&(due, unit)| (due, (item, unit))));
         let record = &self.items[item].record;
         for new in fx.events.drain(..) {
-            let event = new.resolve(record, self.events.len() as u64 + 1);
+            self.last_seq += 1;
+            let event = new.resolve(record, self.last_seq);
             self.events.push(LoggedEvent {
+                seq: self.last_seq,
                 at: event.at,
                 item,
                 unit: new.unit.map(|unit| (record.version, unit)),
@@ -257,13 +275,13 @@ impl Data {
         }
     }
 
-    /// The event at log index `index`, with its names.
-    fn resolve(&self, index: usize, logged: &LoggedEvent) -> Event {
+    /// A logged event, with its names.
+    fn resolve(&self, logged: &LoggedEvent) -> Event {
         let stage = logged.unit.map(|(version, unit)| {
             self.versions[version as usize - 1].stages()[unit.stage].clone()
         });
         Event {
-            seq: index as u64 + 1,
+            seq: logged.seq,
             at: logged.at,
             item_id: self.items[logged.item].record.id.clone(),
             stage,
@@ -350,6 +368,79 @@ impl Data {
                 .unwrap_or_default(),
             in_flight,
         })
+    }
+
+    /// Removes up to `batch` items that finished for good before `cutoff`
+    /// ([`retention::prunable`]), looking at no more than
+    /// `batch * PRUNE_WINDOW` positions, from where the previous call
+    /// stopped: a call's work is bounded whatever the number of items.
+    /// `more` until a call reaches the last position (the next one starts
+    /// over). The log loses the items' events in one pass over it.
+    fn prune(&mut self, cutoff: DateTime<Utc>, batch: usize) -> Pruned {
+        if batch == 0 {
+            return Pruned::default();
+        }
+        let end = self
+            .items
+            .len()
+            .min(self.prune_cursor + batch.saturating_mul(PRUNE_WINDOW));
+        let mut doomed = FastSet::default();
+        let mut position = self.prune_cursor;
+        while position < end && doomed.len() < batch {
+            let record = &self.items[position].record;
+            if !record.stages.is_empty() && retention::prunable(record, cutoff) {
+                doomed.insert(position);
+            }
+            position += 1;
+        }
+        self.prune_cursor = if position >= self.items.len() {
+            0
+        } else {
+            position
+        };
+        for &item in &doomed {
+            self.forget(item);
+        }
+        let logged = self.events.len();
+        if !doomed.is_empty() {
+            let mut through = self.pruned_through;
+            self.events.retain(|e| {
+                let keep = !doomed.contains(&e.item);
+                if !keep {
+                    through = through.max(e.seq);
+                }
+                keep
+            });
+            self.pruned_through = through;
+            self.scheduled
+                .retain(|(_, (item, _))| !doomed.contains(item));
+        }
+        Pruned {
+            items: doomed.len() as u64,
+            events: (logged - self.events.len()) as u64,
+            more: self.prune_cursor != 0,
+        }
+    }
+
+    /// Drops item `item`'s rows, attempt history and index entries. Its
+    /// position stays (positions are submission order) as an empty,
+    /// cancelled slot of a few dozen bytes that no claim or listing sees;
+    /// stale queue entries for it find nothing to claim.
+    fn forget(&mut self, item: usize) {
+        let stored = &mut self.items[item];
+        for row in &stored.record.stages {
+            let states = self.by_state.get_mut(&*row.unit.name);
+            if let Some(items) = states.and_then(|s| s.get_mut(&row.unit.state)) {
+                items.remove(&item);
+            }
+        }
+        self.ids.remove(&*stored.record.id);
+        let record = &mut stored.record;
+        record.id = String::new();
+        record.payload = Arc::from("");
+        record.cancelled = true;
+        record.stages = Vec::new();
+        stored.attempts = Vec::new();
     }
 
     /// Whether the item at `item` is unfinished: not cancelled, not completed.
@@ -650,6 +741,14 @@ impl Store for MemoryStore {
         Ok(waiting)
     }
 
+    async fn prune(&self, finished_before: DateTime<Utc>, batch: usize) -> Result<Pruned> {
+        Ok(self.lock().prune(finished_before, batch))
+    }
+
+    async fn pruned_through(&self) -> Result<u64> {
+        Ok(self.lock().pruned_through)
+    }
+
     async fn events(&self, query: EventQuery) -> Result<Vec<Event>> {
         let data = self.lock();
         let item = match &query.item_id {
@@ -659,14 +758,12 @@ impl Store for MemoryStore {
                 None => return Ok(Vec::new()),
             },
         };
-        let start =
-            usize::try_from(query.after).map_or(data.events.len(), |a| a.min(data.events.len()));
+        let start = data.events.partition_point(|e| e.seq <= query.after);
         Ok(data.events[start..]
             .iter()
-            .enumerate()
-            .filter(|(_, e)| item.is_none_or(|item| e.item == item))
+            .filter(|e| item.is_none_or(|item| e.item == item))
             .take(query.limit.unwrap_or(usize::MAX))
-            .map(|(offset, e)| data.resolve(start + offset, e))
+            .map(|e| data.resolve(e))
             .collect())
     }
 }

@@ -26,10 +26,12 @@ use crate::status::{AwaitingReview, ItemStatus};
 pub use crate::task::TaskKey;
 
 mod memory;
+mod retention;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
 pub use memory::MemoryStore;
+pub use retention::{Pruned, cutoff, prune_all};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 
@@ -219,4 +221,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Events from the log, in sequence order.
     async fn events(&self, query: EventQuery) -> Result<Vec<Event>>;
+
+    /// Removes up to `batch` items that finished for good strictly before
+    /// `finished_before` (as [`crate::rules::retention::prunable`] decides
+    /// on each item's rows), with their stage rows, subtasks, attempts,
+    /// review decisions, queue entries and events, in one short write
+    /// transaction; work in flight is never touched. Call again while
+    /// [`Pruned::more`] to remove the rest in bounded steps.
+    async fn prune(&self, finished_before: DateTime<Utc>, batch: usize) -> Result<Pruned>;
+
+    /// The highest sequence number of an event a prune removed (0 if none).
+    /// Sequence numbers are never reused, and the log has no gaps above this
+    /// watermark; below it, the events of pruned items are gone. A follower
+    /// that last saw sequence number `n < pruned_through()` may have missed
+    /// events between `n` and the watermark: they belonged to pruned items.
+    async fn pruned_through(&self) -> Result<u64>;
 }

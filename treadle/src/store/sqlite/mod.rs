@@ -39,7 +39,7 @@ use tokio::sync::broadcast;
 
 use super::{
     ClaimBatch, ClaimRequest, Commit, DecisionCommit, EVENT_FEED_CAPACITY, EventQuery,
-    MigrateOutcome, NewItem, PipelineDrift, StageCount, Store, TaskKey,
+    MigrateOutcome, NewItem, PipelineDrift, Pruned, StageCount, Store, TaskKey,
 };
 use crate::definition::PipelineDef;
 use crate::error::{Error, Result};
@@ -48,6 +48,7 @@ use crate::state::StageState;
 use crate::status::{AwaitingReview, ItemStatus};
 
 mod codec;
+mod prune;
 mod read;
 mod rows;
 mod schema;
@@ -122,7 +123,7 @@ impl Readers {
 
 impl SqliteStore {
     /// The schema version this build writes, kept in `PRAGMA user_version`.
-    pub const SCHEMA_VERSION: i64 = 3;
+    pub const SCHEMA_VERSION: i64 = 4;
 
     /// Opens (or creates) the database at `path`, applying any pending
     /// schema migrations.
@@ -400,5 +401,39 @@ impl Store for SqliteStore {
 
     async fn events(&self, query: EventQuery) -> Result<Vec<Event>> {
         self.read(move |conn| read::events(conn, &query)).await
+    }
+
+    /// Candidates are read off the writer thread; the removal is one job in
+    /// a group commit, followed by an incremental vacuum.
+    async fn prune(&self, finished_before: DateTime<Utc>, batch: usize) -> Result<Pruned> {
+        if batch == 0 {
+            return Ok(Pruned::default());
+        }
+        let ids = self
+            .read(move |conn| prune::candidates(conn, finished_before, batch))
+            .await?;
+        if ids.is_empty() {
+            return Ok(Pruned::default());
+        }
+        let full = ids.len() == batch;
+        let pruned = self
+            .inner
+            .writer
+            .write(move |conn| Ok((prune::remove(conn, &ids, finished_before)?, Vec::new())))
+            .await?;
+        if pruned.items > 0 {
+            self.inner
+                .writer
+                .write(|conn| Ok((prune::vacuum(conn)?, Vec::new())))
+                .await?;
+        }
+        // A full batch may have more behind it, unless the rule kept every
+        // candidate (then the next call would find the same ones).
+        let more = full && pruned.items > 0;
+        Ok(Pruned { more, ..pruned })
+    }
+
+    async fn pruned_through(&self) -> Result<u64> {
+        self.read(prune::pruned_through).await
     }
 }

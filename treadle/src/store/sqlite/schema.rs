@@ -42,6 +42,10 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         version: 3,
         sql: V3,
     },
+    Migration {
+        version: 4,
+        sql: V4,
+    },
 ];
 
 /// Version 3: per stage and subtask, the attempts of the current run that
@@ -224,6 +228,36 @@ WHERE EXISTS (SELECT 1 FROM subtasks t
               WHERE t.item_id = stages.item_id AND t.stage = stages.stage);
 "#;
 
+/// Version 4, for retention: event sequence numbers are never reused (the
+/// log becomes `AUTOINCREMENT`, so removing the newest events of a pruned
+/// item cannot hand their numbers out again), the prune watermark, and an
+/// index that finds old items by submission time. Freed pages are reused
+/// through incremental vacuum, switched on by [`open`].
+const V4: &str = r#"
+CREATE TABLE events_v4 (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT, -- never reused
+    at           TEXT NOT NULL,
+    item_id      TEXT NOT NULL REFERENCES items(id),
+    stage        TEXT,
+    subtask      TEXT,
+    kind         TEXT NOT NULL                  -- JSON EventKind
+) STRICT;
+INSERT INTO events_v4 (seq, at, item_id, stage, subtask, kind)
+    SELECT seq, at, item_id, stage, subtask, kind FROM events;
+DROP TABLE events;
+ALTER TABLE events_v4 RENAME TO events;
+CREATE INDEX events_by_item ON events (item_id, seq);
+
+-- The highest seq of an event a prune removed: no gaps above it.
+CREATE TABLE pruned_events (
+    id           INTEGER PRIMARY KEY CHECK (id = 1),
+    through      INTEGER NOT NULL
+) STRICT;
+INSERT INTO pruned_events (id, through) VALUES (1, 0);
+
+CREATE INDEX items_by_submission ON items (submitted_at, seq);
+"#;
+
 /// Sets up a freshly opened connection: waits for other writers instead of
 /// failing, enforces foreign keys, and makes commits durable.
 pub(crate) fn configure(conn: &Connection) -> Result<()> {
@@ -272,7 +306,11 @@ pub(crate) fn open(path: Option<&Path>, migrations: &[Migration]) -> Result<Conn
             return Err(Error::sqlite("cannot open for writing", Arc::new(denied)));
         }
         configure(&conn)?;
+        // Takes effect only on a database without tables yet; an older one
+        // is converted by `incremental_vacuum` below.
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
         migrate(&mut conn, migrations, name)?;
+        incremental_vacuum(&conn)?;
         // Not inside the transaction: the journal mode cannot change there.
         let mode: String =
             conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
@@ -292,6 +330,23 @@ pub(crate) fn open(path: Option<&Path>, migrations: &[Migration]) -> Result<Conn
         }
         other => other,
     })
+}
+
+/// `PRAGMA auto_vacuum` for incremental vacuum.
+const AUTO_VACUUM_INCREMENTAL: i64 = 2;
+
+/// Makes sure the database gives pages freed by a prune back through
+/// `PRAGMA incremental_vacuum`: a database created before schema version 4
+/// is rewritten once with `VACUUM` (not in a transaction, which it cannot
+/// run in; until it is done, the next open tries again).
+fn incremental_vacuum(conn: &Connection) -> Result<()> {
+    let mode: i64 = conn.pragma_query_value(None, "auto_vacuum", |row| row.get(0))?;
+    if mode != AUTO_VACUUM_INCREMENTAL {
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+        conn.execute_batch("VACUUM")?;
+        tracing::info!("switched the treadle database to incremental vacuum");
+    }
+    Ok(())
 }
 
 fn not_ours(name: &Path) -> Error {
@@ -456,6 +511,54 @@ mod tests {
             Err(Error::SchemaTooNew { found, supported }) => assert_eq!((found, supported), (2, 1)),
             other => panic!("expected SchemaTooNew, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn version_4_keeps_the_log_never_reuses_a_seq_and_switches_to_incremental_vacuum() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v3.db");
+        // A version 3 database as an older build left it: no auto_vacuum.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(&format!(
+            "PRAGMA application_id = {APPLICATION_ID}; {V1} {V2} {V3} PRAGMA user_version = 3;
+             INSERT INTO items (id, payload, submitted_at) VALUES ('i', '{{}}', 't');
+             INSERT INTO events (seq, at, item_id, kind) VALUES
+                 (1, 't', 'i', '{{}}'), (2, 't', 'i', '{{}}'), (7, 't', 'i', '{{}}');"
+        ))
+        .unwrap();
+        let mode = |conn: &Connection| -> i64 {
+            conn.pragma_query_value(None, "auto_vacuum", |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(mode(&conn), 0);
+        drop(conn);
+
+        let conn = open(Some(&path), MIGRATIONS).unwrap();
+        assert_eq!(version(&conn), 4);
+        assert_eq!(mode(&conn), AUTO_VACUUM_INCREMENTAL);
+        let seqs = |conn: &Connection| -> Vec<i64> {
+            let mut statement = conn.prepare("SELECT seq FROM events ORDER BY seq").unwrap();
+            statement
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap()
+        };
+        assert_eq!(seqs(&conn), [1, 2, 7], "the log came through unchanged");
+        conn.execute_batch(
+            "DELETE FROM events WHERE seq = 7;
+             INSERT INTO events (at, item_id, kind) VALUES ('t', 'i', '{}');",
+        )
+        .unwrap();
+        assert_eq!(
+            seqs(&conn),
+            [1, 2, 8],
+            "7 was handed out once and never again"
+        );
+        let through: i64 = conn
+            .query_row("SELECT through FROM pruned_events", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(through, 0);
     }
 
     #[test]
