@@ -9,7 +9,7 @@ mod support;
 use std::path::Path;
 
 use support::{Doc, doc, done, engine, events_of};
-use treadle::store::SqliteStore;
+use treadle::store::{SqliteStore, Store};
 use treadle::{EventKind, ItemState, Pipeline, StageState};
 
 fn pipeline() -> Pipeline<Doc> {
@@ -89,4 +89,84 @@ async fn a_corrupt_payload_fails_its_item_alone_and_a_retry_after_repair_complet
         let status = engine.status(id).await.unwrap();
         assert_eq!(status.state, ItemState::Completed, "{status}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_upstream_output_fails_only_the_stage_that_reads_it() {
+    use treadle::{Decision, ReviewRequest, StageOutcome};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("poison-output.db");
+    let pipeline = Pipeline::builder()
+        .stage(support::stage("scan", |doc, _| async move {
+            StageOutcome::complete_with(serde_json::json!({ "pages": doc.pages }))
+        }))
+        .stage(support::stage("review", |_, _| async {
+            Ok(StageOutcome::needs_review(ReviewRequest::new("ok?")))
+        }))
+        .stage(done("export"))
+        .edge("scan", "review")
+        .edge("review", "export")
+        .build()
+        .unwrap();
+    let engine = engine(pipeline, SqliteStore::open(&path).await.unwrap());
+    let ids: Vec<String> = (0..20).map(|i| format!("doc-{i:02}")).collect();
+    engine
+        .submit_all(ids.iter().map(|id| doc(id)))
+        .await
+        .unwrap();
+    engine.run_until_idle().await.unwrap();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let corrupt = |value: &str| {
+        conn.execute(
+            "UPDATE stages SET output = ?1 WHERE item_id = 'doc-07' AND stage = 'scan'",
+            [value],
+        )
+        .unwrap()
+    };
+    assert_eq!(corrupt(r#"{"pages": "#), 1);
+    for id in &ids {
+        engine
+            .approve(id, "review", Decision::by("ann"))
+            .await
+            .unwrap();
+    }
+    engine.run_until_idle().await.unwrap();
+    let store = engine.store();
+    for id in ids.iter().filter(|id| *id != "doc-07") {
+        let status = engine.status(id).await.unwrap();
+        assert_eq!(status.state, ItemState::Completed, "{status}");
+    }
+    // Inspection stays strict: it names the bad value instead of hiding it.
+    let error = engine.status("doc-07").await.unwrap_err().to_string();
+    assert!(
+        error.contains("stages(item=doc-07, stage=scan).output"),
+        "{error}"
+    );
+    let failed = events_of(&engine, "doc-07")
+        .await
+        .into_iter()
+        .find_map(|e| match (e.stage.as_deref(), e.kind) {
+            (Some("export"), EventKind::Failed { reason }) => Some(reason),
+            _ => None,
+        });
+    let reason = failed.expect("export failed, with a logged reason");
+    assert!(
+        reason.starts_with("corrupt stored value at stages(item=doc-07, stage=scan).output"),
+        "{reason}"
+    );
+    assert_eq!(
+        store.items_in("export", StageState::Failed).await.unwrap(),
+        ["doc-07"]
+    );
+
+    // Nothing was deleted: repair the value and retry the stage.
+    assert_eq!(corrupt(r#"{"pages": 3}"#), 1);
+    engine.retry("doc-07", "export").await.unwrap();
+    engine.run_until_idle().await.unwrap();
+    let status = engine.status("doc-07").await.unwrap();
+    assert_eq!(status.state, ItemState::Completed, "{status}");
+    assert_eq!(
+        status.stages[0].output,
+        Some(serde_json::json!({"pages": 3}))
+    );
 }

@@ -40,8 +40,8 @@ pub(super) struct Attempt {
     version: u32,
     /// Attempts of this run that workers abandoned mid-attempt.
     crashes: u32,
-    /// Why the unit fails without running: its crash retries are spent.
-    crash_retries_spent: Option<String>,
+    /// Why the unit fails without running (see [`Claim::cannot_run`]).
+    cannot_run: Option<String>,
     /// Approved edits to check instead of running the stage.
     edits_to_check: Option<Value>,
 }
@@ -57,7 +57,7 @@ impl From<Claim> for Attempt {
             outputs: claim.outputs,
             version: claim.version,
             crashes: claim.crashes,
-            crash_retries_spent: claim.crash_retries_spent,
+            cannot_run: claim.cannot_run,
             edits_to_check: claim.edits_to_check,
         }
     }
@@ -103,9 +103,9 @@ impl Attempt {
                 }
                 .to_string(),
             )),
-            Some(_) if self.crash_retries_spent.is_some() => AttemptEnd::Outcome(
-                StageOutcome::failed(self.crash_retries_spent.unwrap_or_default()),
-            ),
+            Some(_) if self.cannot_run.is_some() => {
+                AttemptEnd::Outcome(StageOutcome::failed(self.cannot_run.unwrap_or_default()))
+            }
             // Edits approved where the output type is unknown (the CLI):
             // checked here, by the stage that knows it.
             Some(stage) if self.edits_to_check.is_some() => {

@@ -13,7 +13,7 @@ use crate::status::AttemptRecord;
 /// abandoned attempt is recorded and a `Recovered` event appended first;
 /// then, by `request.crash_retries`, the unit is scheduled to run again
 /// after the crash backoff, or claimed at once, or, with its crash retries
-/// spent, claimed with [`Claim::crash_retries_spent`] so the engine fails it).
+/// spent, claimed with [`Claim::cannot_run`] so the engine fails it).
 /// Never a unit of a cancelled item. The claim counts the attempt, bumps
 /// the fencing generation and takes a lease; `None` if not runnable.
 pub fn claim(
@@ -41,7 +41,7 @@ pub fn claim(
     if !runnable {
         return None;
     }
-    let mut crash_retries_spent = None;
+    let mut cannot_run = None;
     if let Some(lease) = row.lease.take().filter(|_| abandoned) {
         tracing::warn!(
             item_id = %item_id, unit = ?unit, attempt = row.attempt,
@@ -69,7 +69,7 @@ pub fn claim(
         row.crashes = row.crashes.saturating_add(1);
         let policy = request.crash_retries;
         if row.crashes > policy.limit {
-            crash_retries_spent = Some(format!(
+            cannot_run = Some(format!(
                 "abandoned {} times by workers that stopped mid-attempt; the crash-retry limit is {}",
                 row.crashes, policy.limit
             ));
@@ -127,7 +127,7 @@ pub fn claim(
         outputs: item.outputs(),
         version: item.version,
         crashes,
-        crash_retries_spent,
+        cannot_run: cannot_run.or_else(|| item.unreadable_outputs.first().cloned()),
         edits_to_check,
     })
 }

@@ -77,6 +77,7 @@ pub fn new_item(graph: &VersionGraph, item: NewItem) -> (ItemRecord, Effects) {
         submitted_at: item.at,
         cancelled: false,
         stages,
+        unreadable_outputs: Vec::new(),
     };
     (record, fx)
 }

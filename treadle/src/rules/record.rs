@@ -29,6 +29,11 @@ pub struct ItemRecord {
     pub cancelled: bool,
     /// One row per stage of the version, by stage position.
     pub stages: Vec<StageRecord>,
+    /// Stored outputs of this item that could not be decoded, each as the
+    /// reason naming where (a store may load leniently for transitions, so
+    /// one bad value fails only the work that reads it; `output` is `None`
+    /// for those rows and the stored value is left as it is).
+    pub unreadable_outputs: Vec<String>,
 }
 
 /// The row of one stage of one item.

@@ -181,7 +181,7 @@ fn a_fan_in_with_partial_rows_loads_the_rest_only_for_the_last_subtask() {
         outputs: Default::default(),
         version: 1,
         crashes: 0,
-        crash_retries_spent: None,
+        cannot_run: None,
         edits_to_check: None,
     };
     let mut source = Stored(stored_rows, 0);
@@ -329,16 +329,13 @@ fn an_abandoned_attempt_is_retried_after_the_crash_backoff_until_the_limit() {
         let mut fx = Effects::default();
         let again = claim(&mut item, a, &request(now), &mut fx).unwrap();
         assert_eq!((again.attempt, again.crashes), (crash + 1, crash));
-        assert_eq!(again.crash_retries_spent, None);
+        assert_eq!(again.cannot_run, None);
     }
     // One crash more than the limit: claimed only to be failed, saying why.
     now += chrono::Duration::seconds(61);
     let mut fx = Effects::default();
     let last = claim(&mut item, a, &request(now), &mut fx).unwrap();
-    let reason = last
-        .crash_retries_spent
-        .clone()
-        .expect("the limit is spent");
+    let reason = last.cannot_run.clone().expect("the limit is spent");
     assert!(reason.contains("abandoned 4 times"), "{reason}");
     assert!(reason.contains("crash-retry limit is 3"), "{reason}");
 

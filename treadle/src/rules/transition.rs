@@ -94,9 +94,10 @@ pub struct Claim {
     /// Attempts of this run abandoned by workers that stopped mid-attempt;
     /// they do not count against the stage's own attempt budget.
     pub crashes: u32,
-    /// Set when the unit's crash retries are spent: the engine fails the
-    /// unit with this reason instead of running it.
-    pub crash_retries_spent: Option<String>,
+    /// Why the unit cannot run: its crash retries are spent, or a stored
+    /// output of the item cannot be decoded. The engine fails the unit with
+    /// this reason instead of running it.
+    pub cannot_run: Option<String>,
     /// Edits of an approval that the engine must check against the stage's
     /// output type instead of running the stage ([`Verdict::ApproveWithEditsToCheck`]).
     pub edits_to_check: Option<Value>,

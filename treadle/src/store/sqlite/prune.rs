@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, params};
 
 use super::codec;
-use super::rows::{self, Subtasks};
+use super::rows::{self, Outputs, Subtasks};
 use crate::error::Result;
 use crate::rules::retention;
 use crate::store::Pruned;
@@ -53,7 +53,7 @@ pub(crate) fn remove(conn: &Connection, ids: &[String], cutoff: DateTime<Utc>) -
     let mut removed = Vec::new();
     let mut through = 0u64;
     for id in ids {
-        let Some(loaded) = rows::load_item(conn, id, Subtasks::None)? else {
+        let Some(loaded) = rows::load_item(conn, id, Subtasks::None, Outputs::Lenient)? else {
             continue;
         };
         if !retention::prunable(&loaded.record, cutoff) {

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::codec::Loc;
-use super::rows::{self, Subtasks};
+use super::rows::{self, Outputs, Subtasks};
 use super::versions;
 use crate::definition::{PipelineChanges, PipelineDef, PipelineDrift, VersionInFlight};
 use crate::error::{Error, Result};
@@ -114,7 +114,7 @@ pub(crate) fn items_in(conn: &Connection, stage: &str, state: StageState) -> Res
 }
 
 pub(crate) fn status(conn: &Connection, item_id: &str) -> Result<ItemStatus> {
-    let loaded = rows::load_item(conn, item_id, Subtasks::All)?
+    let loaded = rows::load_item(conn, item_id, Subtasks::All, Outputs::Strict)?
         .ok_or_else(|| Error::UnknownItem(item_id.to_owned()))?;
     let attempts = rows::attempts(conn, &loaded.record)?;
     Ok(loaded.record.status(&attempts))

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::codec::{self, Loc};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::review::{DecisionRecord, ReviewRequest, ReviewStatus};
 use crate::rules::{Effects, FanOut, ItemRecord, Lease, StageRecord, UnitRecord, UnitRef};
 use crate::status::AttemptRecord;
@@ -29,12 +29,24 @@ pub(crate) struct Loaded {
     pub(crate) record: ItemRecord,
 }
 
+/// How strictly stored outputs are decoded when an item is loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outputs {
+    /// An output that does not decode is an error (inspection).
+    Strict,
+    /// An output that does not decode is noted in
+    /// [`ItemRecord::unreadable_outputs`] and left as it is stored
+    /// (transitions: the rules fail only the work that reads it).
+    Lenient,
+}
+
 /// Loads item `id` with every stage row and the subtask rows `subtasks`
 /// asks for; `None` if there is no such item.
 pub(crate) fn load_item(
     conn: &Connection,
     id: &str,
     subtasks: Subtasks<'_>,
+    outputs: Outputs,
 ) -> Result<Option<Loaded>> {
     let loc = Loc::item(id);
     let mut statement = conn.prepare_cached(
@@ -50,11 +62,14 @@ pub(crate) fn load_item(
     let mut rows = statement.query([id])?;
     let mut head = None;
     let mut stages = Vec::new();
+    let mut unreadable_outputs = Vec::new();
     while let Some(row) = rows.next()? {
         if head.is_none() {
             head = Some(item_columns(&loc, row, 19)?);
         }
-        stages.push(stage_row(conn, id, row)?);
+        let (stage, unreadable) = stage_row(conn, id, row, outputs)?;
+        stages.push(stage);
+        unreadable_outputs.extend(unreadable);
     }
     let Some((seq, payload, submitted_at, cancelled, version)) = head else {
         let exists = conn
@@ -75,6 +90,7 @@ pub(crate) fn load_item(
         submitted_at,
         cancelled,
         stages,
+        unreadable_outputs,
     };
     match subtasks {
         Subtasks::None => {}
@@ -119,9 +135,23 @@ fn item_columns(
     ))
 }
 
-fn stage_row(conn: &Connection, item_id: &str, row: &Row<'_>) -> Result<StageRecord> {
+/// One stage row, and the reason its output could not be decoded if it
+/// could not (only with [`Outputs::Lenient`]).
+fn stage_row(
+    conn: &Connection,
+    item_id: &str,
+    row: &Row<'_>,
+    outputs: Outputs,
+) -> Result<(StageRecord, Option<String>)> {
     let name: String = row.get(0)?;
     let loc = Loc::stage(item_id, &name);
+    let (output, unreadable) = match loc.json_opt(row, 9, "output") {
+        Ok(output) => (output, None),
+        Err(error @ Error::Corrupt { .. }) if outputs == Outputs::Lenient => {
+            (None, Some(error.to_string()))
+        }
+        Err(error) => return Err(error),
+    };
     let unit = UnitRecord {
         position: loc.count(row, 1, "position")?,
         state: loc.parse(row, 2, "state")?,
@@ -131,7 +161,7 @@ fn stage_row(conn: &Connection, item_id: &str, row: &Row<'_>) -> Result<StageRec
         finished_at: loc.time_opt(row, 6, "finished_at")?,
         next_run_at: loc.time_opt(row, 7, "next_run_at")?,
         last_error: loc.get(row, 8, "last_error")?,
-        output: loc.json_opt(row, 9, "output")?,
+        output,
         lease: lease(&loc, row, 10)?,
         crashes: loc.count(row, 24, "crashes")?,
         name: name.clone(),
@@ -153,13 +183,14 @@ fn stage_row(conn: &Connection, item_id: &str, row: &Row<'_>) -> Result<StageRec
         1 => true,
         n => return Err(loc.corrupt("edits_to_check", format!("{n} is not 0 or 1"))),
     };
-    Ok(StageRecord {
+    let stage = StageRecord {
         unit,
         waiting: loc.count(row, 12, "waiting")?,
         review,
         fan_out,
         edits_to_check,
-    })
+    };
+    Ok((stage, unreadable))
 }
 
 /// The review of a stage from its columns (`round`, request, requested at)

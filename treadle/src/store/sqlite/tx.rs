@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::codec;
-use super::rows::{self, Loaded, Subtasks};
+use super::rows::{self, Loaded, Outputs, Subtasks};
 use super::versions::{self, Versions};
 use crate::definition::{PipelineDef, PipelineDrift};
 use crate::error::{Error, Result};
@@ -61,7 +61,7 @@ impl<'c> Tx<'c> {
     }
 
     fn load(&self, item_id: &str, subtasks: Subtasks<'_>) -> Result<Loaded> {
-        rows::load_item(self.conn, item_id, subtasks)?
+        rows::load_item(self.conn, item_id, subtasks, Outputs::Lenient)?
             .ok_or_else(|| Error::UnknownItem(item_id.to_owned()))
     }
 
@@ -259,7 +259,8 @@ impl<'c> Tx<'c> {
             None => Subtasks::None,
             Some(name) => Subtasks::One(&key.stage, name),
         };
-        let Some(loaded) = rows::load_item(self.conn, &key.item_id, subtasks)? else {
+        let Some(loaded) = rows::load_item(self.conn, &key.item_id, subtasks, Outputs::Lenient)?
+        else {
             return Ok(None);
         };
         let Some(unit) = loaded.record.locate(key) else {
@@ -311,7 +312,12 @@ impl<'c> Tx<'c> {
     ) -> Result<Vec<TaskKey>> {
         let mut lost = Vec::new();
         for (key, generation) in claims {
-            let held = match rows::load_item(self.conn, &key.item_id, Self::subtasks_for(key))? {
+            let held = match rows::load_item(
+                self.conn,
+                &key.item_id,
+                Self::subtasks_for(key),
+                Outputs::Lenient,
+            )? {
                 None => false,
                 Some(loaded) => self.apply(loaded, |_, record, fx| {
                     Ok(rules::renew(record, key, *generation, until, fx))
