@@ -240,12 +240,21 @@ pub(crate) fn subtask_rows(
     stage: &str,
     name: Option<&str>,
 ) -> Result<Vec<UnitRecord>> {
-    let mut statement = conn.prepare_cached(
-        "SELECT name, position, state, attempt, generation, started_at, finished_at,
-                next_run_at, last_error, output, lease_owner, lease_expiry, crashes
-         FROM subtasks WHERE item_id = ?1 AND stage = ?2 AND (?3 IS NULL OR name = ?3)
-         ORDER BY position",
-    )?;
+    // Two statements, so looking up one subtask seeks its key instead of
+    // reading every sibling.
+    let mut statement = conn.prepare_cached(match name {
+        None => {
+            "SELECT name, position, state, attempt, generation, started_at, finished_at,
+                    next_run_at, last_error, output, lease_owner, lease_expiry, crashes
+             FROM subtasks WHERE item_id = ?1 AND stage = ?2 AND ?3 IS NULL
+             ORDER BY position"
+        }
+        Some(_) => {
+            "SELECT name, position, state, attempt, generation, started_at, finished_at,
+                    next_run_at, last_error, output, lease_owner, lease_expiry, crashes
+             FROM subtasks WHERE item_id = ?1 AND stage = ?2 AND name = ?3"
+        }
+    })?;
     let rows = statement.query_map(params![item_id, stage, name], |row| {
         Ok((|| -> Result<UnitRecord> {
             let name: String = row.get(0)?;
