@@ -132,7 +132,7 @@ pub enum Error {
     #[error("SQLite error")]
     Sqlite(#[source] std::sync::Arc<rusqlite::Error>),
 
-    #[cfg(feature = "sqlite")]
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
     /// The database was written by a newer version of treadle.
     #[error(
         "the database has schema version {found}; this version of treadle supports up to {supported}"
@@ -152,10 +152,42 @@ pub enum Error {
         path: std::path::PathBuf,
     },
 
-    #[cfg(feature = "sqlite")]
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
     /// The store was shut down; its background writer is gone.
     #[error("the store is closed")]
     StoreClosed,
+
+    /// The PostgreSQL server reported an error, or the connection to it
+    /// failed. Shared (`Arc`) because one failed group commit is reported to
+    /// every transition in it.
+    #[cfg(feature = "postgres")]
+    #[error("PostgreSQL error: {0}")]
+    Postgres(#[source] std::sync::Arc<tokio_postgres::Error>),
+
+    /// No connection to the PostgreSQL server could be had from the pool.
+    #[cfg(feature = "postgres")]
+    #[error("no PostgreSQL connection: {0}")]
+    PostgresPool(String),
+
+    /// The PostgreSQL store's settings are invalid: the URL or the schema name.
+    #[cfg(feature = "postgres")]
+    #[error("invalid PostgreSQL store setting {setting}: {detail}")]
+    PostgresConfig {
+        /// Which setting.
+        setting: &'static str,
+        /// What is wrong with it.
+        detail: String,
+    },
+
+    /// The PostgreSQL schema holds tables that are not treadle's.
+    #[cfg(feature = "postgres")]
+    #[error("PostgreSQL schema `{schema}` is not a treadle schema: {detail}")]
+    NotATreadleSchema {
+        /// The schema.
+        schema: String,
+        /// What was found there.
+        detail: String,
+    },
 }
 
 impl Error {
@@ -177,6 +209,13 @@ impl Error {
 impl From<rusqlite::Error> for Error {
     fn from(error: rusqlite::Error) -> Self {
         Error::Sqlite(std::sync::Arc::new(error))
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl From<tokio_postgres::Error> for Error {
+    fn from(error: tokio_postgres::Error) -> Self {
+        Error::Postgres(std::sync::Arc::new(error))
     }
 }
 

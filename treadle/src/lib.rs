@@ -43,6 +43,8 @@ pub use review::{
 pub use stage::{Backoff, Stage, StagePolicy};
 pub use state::{AttemptResult, DecisionKind, ItemState, StageState, UnknownVariant};
 pub use status::{AttemptRecord, AwaitingReview, ItemStatus, StageStatus, SubtaskStatus};
+#[cfg(feature = "postgres")]
+pub use store::{PostgresOptions, PostgresStore};
 #[cfg(feature = "sqlite")]
 pub use store::SqliteStore;
 pub use store::{MemoryStore, Store};
