@@ -79,7 +79,6 @@ async fn an_expired_lease_is_recovered_and_the_stale_worker_is_fenced_off() {
         transition: Transition::Complete {
             output: Some(serde_json::json!("from stale")),
         },
-        dependents: Vec::<String>::new().into(),
     };
     let err = stale.commit(write(&first)).await.unwrap_err();
     assert!(

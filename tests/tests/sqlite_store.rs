@@ -8,7 +8,6 @@ mod store_suite;
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -16,8 +15,7 @@ use rusqlite::Connection;
 use serde_json::json;
 use tempfile::TempDir;
 use treadle::store::{
-    ClaimRequest, Commit, DecisionCommit, EventQuery, NewItem, StageSeed, Store, TaskKey,
-    Transition, Verdict,
+    ClaimRequest, Commit, DecisionCommit, EventQuery, NewItem, Store, TaskKey, Transition, Verdict,
 };
 use treadle::{
     AttemptRecord, AttemptResult, Decision, Error, EventKind, MemoryStore, Pipeline, PipelineDef,
@@ -49,18 +47,10 @@ fn db(dir: &TempDir) -> PathBuf {
 
 /// An item with a linear pipeline `scan -> split -> review -> export`.
 fn item(id: &str, at: DateTime<Utc>) -> NewItem {
-    let stages = ["scan", "split", "review", "export"];
     NewItem {
         id: id.to_owned(),
         payload: json!({"id": id, "pages": 3}).to_string(),
-        stages: stages
-            .iter()
-            .enumerate()
-            .map(|(i, name)| StageSeed {
-                name: (*name).to_owned(),
-                upstream: u32::from(i > 0),
-            })
-            .collect(),
+        version: 1,
         at,
     }
 }
@@ -87,14 +77,11 @@ fn request(now: DateTime<Utc>) -> ClaimRequest {
     }
 }
 
-fn dependents(stage: &str) -> Arc<[String]> {
-    let next = match stage {
-        "scan" => vec!["split".to_owned()],
-        "split" => vec!["review".to_owned()],
-        "review" => vec!["export".to_owned()],
-        _ => vec![],
-    };
-    next.into()
+/// `store`, with [`definition`] registered as pipeline version 1.
+async fn registered(store: SqliteStore) -> SqliteStore {
+    let drift = store.register_pipeline(&definition()).await.unwrap();
+    assert_eq!(drift.version, 1);
+    store
 }
 
 fn key(item: &str, stage: &str, subtask: Option<&str>) -> TaskKey {
@@ -121,7 +108,6 @@ fn commit(
         Transition::Fail { reason } => (AttemptResult::Failed, Some(reason.clone())),
         Transition::FanOut { .. } => (AttemptResult::FannedOut, None),
     };
-    let dependents = dependents(&task.stage);
     Commit {
         task,
         generation,
@@ -133,7 +119,6 @@ fn commit(
             error,
         },
         transition,
-        dependents,
     }
 }
 
@@ -414,7 +399,6 @@ async fn script<S: Store>(store: &S) -> Vec<String> {
         verdict,
         decision,
         at: t(40),
-        dependents: dependents("review"),
     };
     note_result!(
         "stale decision",
@@ -504,7 +488,7 @@ async fn script<S: Store>(store: &S) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sqlite_store_behaves_exactly_like_the_memory_store() {
     let dir = tempfile::tempdir().unwrap();
-    let sqlite = SqliteStore::open(db(&dir)).await.unwrap();
+    let sqlite = registered(SqliteStore::open(db(&dir)).await.unwrap()).await;
     let expected = script(&MemoryStore::new()).await;
     let actual = script(&sqlite).await;
     assert!(expected.len() > 40, "the script ran to its end");
@@ -539,7 +523,7 @@ async fn data_survives_closing_and_reopening() {
             .unwrap()
     };
     let (status, events) = {
-        let store = SqliteStore::open(db(&dir)).await.unwrap();
+        let store = registered(SqliteStore::open(db(&dir)).await.unwrap()).await;
         let engine = engine(pipeline(), store);
         engine.submit_all([doc("d1"), doc("d2")]).await.unwrap();
         engine.run_until_idle().await.unwrap();
@@ -549,7 +533,7 @@ async fn data_survives_closing_and_reopening() {
         (status, events)
     };
     // Everything above was dropped: the writer thread has closed the file.
-    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    let store = registered(SqliteStore::open(db(&dir)).await.unwrap()).await;
     assert_eq!(store.status("d1").await.unwrap(), status);
     assert_eq!(all_events(&store).await, events);
     assert_eq!(store.awaiting_review().await.unwrap().len(), 2);
@@ -574,7 +558,7 @@ async fn data_survives_closing_and_reopening() {
 #[tokio::test]
 async fn register_pipeline_reports_drift_and_keeps_rows_of_removed_stages() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    let store = registered(SqliteStore::open(db(&dir)).await.unwrap()).await;
     assert!(
         store
             .register_pipeline(&definition())
@@ -591,17 +575,24 @@ async fn register_pipeline_reports_drift_and_keeps_rows_of_removed_stages() {
         ],
     };
     drop(store);
-    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    let store = registered(SqliteStore::open(db(&dir)).await.unwrap()).await;
     let drift = store.register_pipeline(&smaller).await.unwrap();
-    assert_eq!(drift.added_stages, ["archive"]);
-    assert_eq!(drift.removed_stages, ["review", "export"]);
+    assert_eq!(drift.version, 2);
+    assert_eq!(drift.changes.added_stages, ["archive"]);
+    assert_eq!(drift.changes.removed_stages, ["review", "export"]);
     assert_eq!(
-        drift.removed_edges,
+        drift.changes.removed_edges,
         [
             ("split".to_owned(), "review".to_owned()),
             ("review".to_owned(), "export".to_owned())
         ]
     );
+    assert_eq!(drift.in_flight.len(), 1, "item a still moves on version 1");
+    assert_eq!(
+        (drift.in_flight[0].version, drift.in_flight[0].items),
+        (1, 1)
+    );
+    assert_eq!(drift.in_flight[0].changes, drift.changes);
     let status = store.status("a").await.unwrap();
     let names: Vec<_> = status.stages.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(
@@ -617,7 +608,7 @@ async fn register_pipeline_reports_drift_and_keeps_rows_of_removed_stages() {
 #[tokio::test]
 async fn a_database_from_a_newer_schema_is_refused_naming_both_versions() {
     let dir = tempfile::tempdir().unwrap();
-    drop(SqliteStore::open(db(&dir)).await.unwrap());
+    drop(registered(SqliteStore::open(db(&dir)).await.unwrap()).await);
     let newer = SqliteStore::SCHEMA_VERSION + 1;
     exec(&db(&dir), &format!("PRAGMA user_version = {newer};"));
     let error = SqliteStore::open(db(&dir)).await.unwrap_err();
@@ -628,7 +619,8 @@ async fn a_database_from_a_newer_schema_is_refused_naming_both_versions() {
         }
         other => panic!("expected SchemaTooNew, got {other:?}"),
     }
-    assert!(message.contains(&newer.to_string()) && message.contains("supports up to 1"));
+    let supported = format!("supports up to {}", SqliteStore::SCHEMA_VERSION);
+    assert!(message.contains(&newer.to_string()) && message.contains(&supported));
 }
 
 #[tokio::test]
@@ -675,7 +667,7 @@ async fn a_database_stamped_at_an_older_version_is_migrated_on_open() {
         &db(&dir),
         "PRAGMA application_id = 1414677580; PRAGMA user_version = 0;",
     );
-    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    let store = registered(SqliteStore::open(db(&dir)).await.unwrap()).await;
     store.submit(vec![item("a", t(0))]).await.unwrap();
     drop(store);
     let conn = Connection::open(db(&dir)).unwrap();
@@ -694,7 +686,7 @@ async fn a_database_stamped_at_an_older_version_is_migrated_on_open() {
 #[tokio::test]
 async fn corrupt_rows_are_errors_naming_table_key_and_column() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    let store = registered(SqliteStore::open(db(&dir)).await.unwrap()).await;
     store
         .submit(vec![item("doc-1", t(0)), item("doc-2", t(0))])
         .await
@@ -723,7 +715,7 @@ async fn corrupt_rows_are_errors_naming_table_key_and_column() {
          UPDATE stages SET output = '{\"pages\": 3' WHERE item_id = 'doc-2' AND stage = 'scan';
          UPDATE events SET kind = '{\"type\":\"exploded\"}' WHERE seq = 2;",
     );
-    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    let store = registered(SqliteStore::open(db(&dir)).await.unwrap()).await;
     let error = store.status("doc-1").await.unwrap_err();
     assert!(error.to_string().contains("runing"), "{error}");
     assert_eq!(
@@ -751,7 +743,10 @@ async fn corrupt_rows_are_errors_naming_table_key_and_column() {
     );
     // A missing row: an item whose stage rows are gone.
     store.submit(vec![item("doc-3", t(0))]).await.unwrap();
-    exec(&db(&dir), "DELETE FROM stages WHERE item_id = 'doc-3';");
+    exec(
+        &db(&dir),
+        "DELETE FROM stages WHERE item_id = 'doc-3'; DELETE FROM run_queue WHERE item_id = 'doc-3';",
+    );
     assert_eq!(
         corrupt_location(store.status("doc-3").await.unwrap_err()),
         "items(id=doc-3).stages"
@@ -767,7 +762,7 @@ async fn corrupt_rows_are_errors_naming_table_key_and_column() {
          INSERT INTO run_queue (item_id, stage) VALUES ('doc-1', 'scan');
          UPDATE items SET payload = 'not json' WHERE id = 'doc-1';",
     );
-    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    let store = registered(SqliteStore::open(db(&dir)).await.unwrap()).await;
     assert_eq!(
         corrupt_location(store.claim(request(t(2))).await.unwrap_err()),
         "items(id=doc-1).payload"
@@ -790,7 +785,7 @@ async fn corrupt_rows_are_errors_naming_table_key_and_column() {
 #[tokio::test]
 async fn a_transition_that_fails_midway_leaves_no_partial_state() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    let store = registered(SqliteStore::open(db(&dir)).await.unwrap()).await;
     store.submit(vec![item("a", t(0))]).await.unwrap();
     let claim = store.claim(request(t(1))).await.unwrap().claims.remove(0);
     let before = store.status("a").await.unwrap();
@@ -832,15 +827,17 @@ async fn a_transition_that_fails_midway_leaves_no_partial_state() {
 async fn concurrent_transitions_all_land_with_a_gapless_log() {
     const ITEMS: usize = 120;
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    let store = registered(SqliteStore::open(db(&dir)).await.unwrap()).await;
     let mut feed = store.subscribe();
+    let only = PipelineDef {
+        stages: vec!["only".into()],
+        edges: vec![],
+    };
+    let version = store.register_pipeline(&only).await.unwrap().version;
     let single = |id: String| NewItem {
         id,
         payload: json!(null).to_string(),
-        stages: vec![StageSeed {
-            name: "only".into(),
-            upstream: 0,
-        }],
+        version,
         at: t(0),
     };
     let submits: Vec<_> = (0..ITEMS)
@@ -909,7 +906,7 @@ async fn concurrent_transitions_all_land_with_a_gapless_log() {
 #[tokio::test]
 async fn expired_leases_are_recovered_but_fanned_out_stages_are_not() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    let store = registered(SqliteStore::open(db(&dir)).await.unwrap()).await;
     store
         .submit(vec![item("a", t(0)), item("b", t(0))])
         .await
@@ -999,7 +996,7 @@ async fn expired_leases_are_recovered_but_fanned_out_stages_are_not() {
 #[tokio::test]
 async fn renewed_leases_are_not_recovered_and_released_claims_are_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    let store = registered(SqliteStore::open(db(&dir)).await.unwrap()).await;
     store
         .submit(vec![item("a", t(0)), item("b", t(0))])
         .await
@@ -1033,7 +1030,7 @@ async fn renewed_leases_are_not_recovered_and_released_claims_are_at_once() {
 
 #[tokio::test]
 async fn an_in_memory_database_works_without_a_file() {
-    let store = SqliteStore::open_in_memory().await.unwrap();
+    let store = registered(SqliteStore::open_in_memory().await.unwrap()).await;
     let expected = script(&MemoryStore::new()).await;
     assert_eq!(script(&store).await, expected);
 }
@@ -1046,8 +1043,8 @@ async fn two_stores_on_one_file_never_claim_the_same_work() {
     let dir = tempfile::tempdir().unwrap();
     // Two stores, each with its own connections and writer thread, as two
     // processes would have.
-    let first = SqliteStore::open(db(&dir)).await.unwrap();
-    let second = SqliteStore::open(db(&dir)).await.unwrap();
+    let first = registered(SqliteStore::open(db(&dir)).await.unwrap()).await;
+    let second = registered(SqliteStore::open(db(&dir)).await.unwrap()).await;
     let items: Vec<_> = (0..ITEMS)
         .map(|i| item(&format!("i{i:03}"), t(0)))
         .collect();
@@ -1131,8 +1128,14 @@ async fn two_engines_on_one_file_run_every_stage_once() {
             },
         )
     };
-    let one = worker("one", SqliteStore::open(db(&dir)).await.unwrap());
-    let two = worker("two", SqliteStore::open(db(&dir)).await.unwrap());
+    let one = worker(
+        "one",
+        registered(SqliteStore::open(db(&dir)).await.unwrap()).await,
+    );
+    let two = worker(
+        "two",
+        registered(SqliteStore::open(db(&dir)).await.unwrap()).await,
+    );
     one.submit_all((0..60).map(|i| doc(&format!("d{i:02}"))))
         .await
         .unwrap();

@@ -12,7 +12,6 @@ use std::future::Future;
 use std::io::Write;
 use std::path::Path;
 use std::pin::pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -192,26 +191,6 @@ pub async fn items<S: Store>(store: &S, stage: &str, state: &str) -> Result<Item
     })
 }
 
-/// Checks that `item` exists and that `stage` is one of the recorded
-/// pipeline's stages; returns the stage's direct dependents.
-async fn dependents<S: Store>(store: &S, item: &str, stage: &str) -> Result<Arc<[String]>> {
-    store.status(item).await?;
-    let definition = definition(store).await?;
-    if !definition.stages.iter().any(|s| s == stage) {
-        return Err(treadle::Error::UnknownStage {
-            item: item.to_owned(),
-            stage: stage.to_owned(),
-        }
-        .into());
-    }
-    Ok(definition
-        .edges
-        .iter()
-        .filter(|(from, _)| from == stage)
-        .map(|(_, to)| to.clone())
-        .collect())
-}
-
 /// `approve` / `reject`: applies a review decision.
 pub async fn decide<S: Store>(
     store: &S,
@@ -220,7 +199,6 @@ pub async fn decide<S: Store>(
     verdict: Verdict,
     args: DecisionArgs,
 ) -> Result<Change> {
-    let dependents = dependents(store, item, stage).await?;
     let action = match verdict {
         Verdict::Approve => "approved",
         Verdict::ApproveWithEdits(_) => "approved_with_edits",
@@ -238,7 +216,6 @@ pub async fn decide<S: Store>(
             verdict,
             decision,
             at: Utc::now(),
-            dependents,
         })
         .await?;
     Ok(Change {
@@ -261,7 +238,6 @@ pub fn read_edits(path: &Path) -> Result<Value> {
 
 /// `retry`: makes a failed stage runnable again.
 pub async fn retry<S: Store>(store: &S, item: &str, stage: &str) -> Result<Change> {
-    dependents(store, item, stage).await?;
     let events = store.retry(item, stage, Utc::now()).await?;
     Ok(Change {
         action: "retry_requested",

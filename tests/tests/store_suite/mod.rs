@@ -886,7 +886,7 @@ pub async fn status_displays_every_stage<S: Store>(store: S) {
     engine.run_until_idle().await.unwrap();
     let text = engine.status("doc-7").await.unwrap().to_string();
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines[0], "item doc-7 — failed");
+    assert_eq!(lines[0], "item doc-7 — failed (pipeline version 1)");
     assert!(
         lines[1].starts_with("  scan    completed        attempt 1"),
         "{text}"
@@ -1143,7 +1143,6 @@ pub async fn a_failure_leaves_the_item_active_while_a_branch_can_run<S: Store>(s
             transition: Transition::Fail {
                 reason: "broken".into(),
             },
-            dependents: vec!["join".to_owned()].into(),
         })
         .await
         .unwrap();

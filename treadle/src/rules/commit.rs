@@ -34,7 +34,10 @@ pub fn commit(
     }
     let unit = item
         .locate(&commit.task)
-        .filter(|&unit| item.unit(unit).is_some_and(|u| u.held_by(commit.generation)))
+        .filter(|&unit| {
+            item.unit(unit)
+                .is_some_and(|u| u.held_by(commit.generation))
+        })
         .ok_or_else(|| Error::LeaseLost {
             task: commit.task.clone(),
             generation: commit.generation,

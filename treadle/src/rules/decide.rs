@@ -1,8 +1,7 @@
 //! Review decisions: which are allowed, and what they do to the stage.
 
 use super::{
-    DecisionCommit, Effects, ItemRecord, UnitRef, Verdict, VersionGraph, complete_stage,
-    fail_stage,
+    DecisionCommit, Effects, ItemRecord, UnitRef, Verdict, VersionGraph, complete_stage, fail_stage,
 };
 use crate::error::{Error, Result};
 use crate::event::EventKind;
@@ -64,7 +63,14 @@ pub fn decide(
     fx.decided = Some(stage);
     fx.changed.push(UnitRef::stage(stage));
     let here = Some(UnitRef::stage(stage));
-    fx.event(d.at, here, EventKind::ReviewDecided { decision: kind, by: by.clone() });
+    fx.event(
+        d.at,
+        here,
+        EventKind::ReviewDecided {
+            decision: kind,
+            by: by.clone(),
+        },
+    );
     match reason {
         Some(reason) => fail_stage(item, stage, format!("rejected by {by}: {reason}"), d.at, fx),
         None => complete_stage(graph, item, stage, edits.or(proposed), d.at, fx),

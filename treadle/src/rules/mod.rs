@@ -132,11 +132,21 @@ fn finish_stage(
 }
 
 /// Fails a stage for good with `reason`.
-fn fail_stage(item: &mut ItemRecord, stage: usize, reason: String, at: DateTime<Utc>, fx: &mut Effects) {
+fn fail_stage(
+    item: &mut ItemRecord,
+    stage: usize,
+    reason: String,
+    at: DateTime<Utc>,
+    fx: &mut Effects,
+) {
     let unit = &mut item.stages[stage].unit;
     set_state(unit, StageState::Failed);
     unit.finished_at = Some(at);
     unit.last_error = Some(reason.clone());
     fx.changed.push(UnitRef::stage(stage));
-    fx.event(at, Some(UnitRef::stage(stage)), EventKind::Failed { reason });
+    fx.event(
+        at,
+        Some(UnitRef::stage(stage)),
+        EventKind::Failed { reason },
+    );
 }

@@ -5,9 +5,7 @@
 use chrono::{DateTime, Utc};
 
 use super::effects::load_all_subtasks;
-use super::{
-    Effects, ItemRecord, StageRecord, SubtaskSource, UnitRef, VersionGraph, set_state,
-};
+use super::{Effects, ItemRecord, StageRecord, SubtaskSource, UnitRef, VersionGraph, set_state};
 use crate::error::{Error, Result};
 use crate::event::EventKind;
 use crate::state::StageState;
@@ -50,7 +48,11 @@ pub fn retry(
     row.unit.last_error = None;
     let mut requeued = 0;
     if let Some(fan) = &mut row.fan_out {
-        for sub in fan.rows.iter_mut().filter(|s| s.state == StageState::Failed) {
+        for sub in fan
+            .rows
+            .iter_mut()
+            .filter(|s| s.state == StageState::Failed)
+        {
             set_state(sub, StageState::Pending);
             sub.attempt = 0;
             sub.finished_at = None;
@@ -73,7 +75,11 @@ pub fn retry(
         set_state(&mut row.unit, StageState::Running);
     }
     fx.changed.push(UnitRef::stage(position));
-    fx.event(at, Some(UnitRef::stage(position)), EventKind::RetryRequested);
+    fx.event(
+        at,
+        Some(UnitRef::stage(position)),
+        EventKind::RetryRequested,
+    );
     Ok(())
 }
 
@@ -189,7 +195,11 @@ pub fn migrate(
     if item.cancelled || item.all_done() {
         return MigrateOutcome::Finished;
     }
-    if item.stages.iter().any(|s| s.unit.state == StageState::Running) {
+    if item
+        .stages
+        .iter()
+        .any(|s| s.unit.state == StageState::Running)
+    {
         return MigrateOutcome::Busy;
     }
     debug_assert_eq!(item.version, from.version());

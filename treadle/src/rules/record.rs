@@ -241,7 +241,9 @@ impl ItemRecord {
 
     /// Whether every stage completed or skipped.
     pub fn all_done(&self) -> bool {
-        self.stages.iter().all(|s| s.unit.state.satisfies_dependents())
+        self.stages
+            .iter()
+            .all(|s| s.unit.state.satisfies_dependents())
     }
 }
 

@@ -186,7 +186,8 @@ impl Data {
                     .insert(item);
             }
         }
-        self.ready.extend(fx.runnable.iter().map(|&unit| (item, unit)));
+        self.ready
+            .extend(fx.runnable.iter().map(|&unit| (item, unit)));
         self.scheduled
             .extend(fx.scheduled.iter().map(|&(due, unit)| (due, (item, unit))));
         let record = &self.items[item].record;
@@ -444,8 +445,12 @@ impl Store for MemoryStore {
 
     async fn items_before_version(&self, version: u32) -> Result<Vec<String>> {
         let data = self.lock();
-        Ok((0..data.items.len())
+        let mut older: Vec<usize> = (0..data.items.len())
             .filter(|&i| data.items[i].record.version < version && data.unfinished(i))
+            .collect();
+        older.sort_by_key(|&i| (data.items[i].record.version, i));
+        Ok(older
+            .into_iter()
             .map(|i| data.items[i].record.id.clone())
             .collect())
     }
@@ -486,7 +491,11 @@ impl Store for MemoryStore {
     }
 
     async fn pipeline_version(&self, version: u32) -> Result<Option<PipelineDef>> {
-        Ok(self.lock().graph(version).ok().map(|v| v.definition().clone()))
+        Ok(self
+            .lock()
+            .graph(version)
+            .ok()
+            .map(|v| v.definition().clone()))
     }
 
     async fn stage_counts(&self) -> Result<Vec<StageCount>> {

@@ -8,21 +8,20 @@
 //! it. That split lets SQLite, memory and a future PostgreSQL store
 //! (`FOR UPDATE SKIP LOCKED`) implement the same contract.
 
-
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::definition::PipelineDef;
+pub use crate::definition::PipelineDrift;
 use crate::error::Result;
 use crate::event::Event;
-use crate::state::StageState;
-use crate::status::{AwaitingReview, ItemStatus};
-pub use crate::definition::PipelineDrift;
 pub use crate::rules::{
     Claim, ClaimRequest, Commit, DecisionCommit, MigrateOutcome, NewItem, SubtaskTransition,
     Transition, Verdict,
 };
+use crate::state::StageState;
+use crate::status::{AwaitingReview, ItemStatus};
 pub use crate::task::TaskKey;
 
 mod memory;
@@ -171,7 +170,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(MigrateOutcome, Vec<Event>)>;
 
     /// The ids of unfinished items (not completed, not cancelled) whose
-    /// pipeline version is older than `version`, in submission order.
+    /// pipeline version is older than `version`, oldest version first, then
+    /// in submission order.
     async fn items_before_version(&self, version: u32) -> Result<Vec<String>>;
 
     /// The latest pipeline definition recorded by `register_pipeline`, if any.

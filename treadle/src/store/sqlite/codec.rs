@@ -133,6 +133,19 @@ impl Loc {
             .transpose()
     }
 
+    /// A nullable non-negative counter that fits `T`.
+    pub(crate) fn count_opt<T: TryFrom<i64>>(
+        &self,
+        row: &Row<'_>,
+        column: usize,
+        name: &str,
+    ) -> Result<Option<T>> {
+        let value: Option<i64> = self.get(row, column, name)?;
+        value
+            .map(|v| T::try_from(v).map_err(|_| self.corrupt(name, format!("{v} is out of range"))))
+            .transpose()
+    }
+
     /// A non-negative counter that fits `T`.
     pub(crate) fn count<T: TryFrom<i64>>(
         &self,

@@ -40,8 +40,8 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::broadcast;
 
 use super::{
-    ClaimBatch, ClaimRequest, Commit, DecisionCommit, EVENT_FEED_CAPACITY, EventQuery, NewItem,
-    PipelineDrift, StageCount, Store, TaskKey,
+    ClaimBatch, ClaimRequest, Commit, DecisionCommit, EVENT_FEED_CAPACITY, EventQuery,
+    MigrateOutcome, NewItem, PipelineDrift, StageCount, Store, TaskKey,
 };
 use crate::definition::PipelineDef;
 use crate::error::{Error, Result};
@@ -51,14 +51,17 @@ use crate::status::{AwaitingReview, ItemStatus};
 
 mod codec;
 mod read;
+mod rows;
 mod schema;
 mod tx;
+mod versions;
 mod writer;
 
 #[cfg(test)]
 mod tests;
 
 use tx::Tx;
+use versions::Versions;
 use writer::Writer;
 
 /// Read connections kept open for reuse.
@@ -75,6 +78,8 @@ pub struct SqliteStore {
 #[derive(Debug)]
 struct Inner {
     feed: broadcast::Sender<Event>,
+    /// The registered pipeline versions, as far as they were read.
+    versions: Arc<Versions>,
     /// `None` for an in-memory database, whose reads go through the writer.
     readers: Option<Readers>,
     writer: Writer,
@@ -115,7 +120,7 @@ impl Readers {
 
 impl SqliteStore {
     /// The schema version this build writes, kept in `PRAGMA user_version`.
-    pub const SCHEMA_VERSION: i64 = 1;
+    pub const SCHEMA_VERSION: i64 = 2;
 
     /// Opens (or creates) the database at `path`, applying any pending
     /// schema migrations.
@@ -143,6 +148,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             inner: Arc::new(Inner {
                 feed,
+                versions: Arc::default(),
                 readers: path.map(|path| Readers {
                     path,
                     idle: Mutex::new(Vec::new()),
@@ -159,10 +165,11 @@ impl SqliteStore {
         F: FnMut(&mut Tx<'_>) -> Result<T> + Send + 'static,
     {
         let mut transition = transition;
+        let versions = self.inner.versions.clone();
         self.inner
             .writer
             .write(move |conn| {
-                let mut tx = Tx::new(conn);
+                let mut tx = Tx::new(conn, &versions);
                 let value = transition(&mut tx)?;
                 Ok((value, tx.into_events()))
             })
@@ -299,8 +306,33 @@ impl Store for SqliteStore {
         self.write(move |tx| tx.release_claims(&owner, now)).await
     }
 
+    async fn migrate(
+        &self,
+        item_id: &str,
+        version: u32,
+        at: DateTime<Utc>,
+    ) -> Result<(MigrateOutcome, Vec<Event>)> {
+        let item_id = item_id.to_owned();
+        self.write(move |tx| {
+            let outcome = tx.migrate(&item_id, version, at)?;
+            Ok((outcome, tx.events().to_vec()))
+        })
+        .await
+    }
+
+    async fn items_before_version(&self, version: u32) -> Result<Vec<String>> {
+        self.read(move |conn| read::items_before_version(conn, version))
+            .await
+    }
+
     async fn pipeline_definition(&self) -> Result<Option<PipelineDef>> {
-        self.read(read::pipeline_definition).await
+        self.read(|conn| Ok(versions::all(conn)?.pop().map(|(_, d)| d)))
+            .await
+    }
+
+    async fn pipeline_version(&self, version: u32) -> Result<Option<PipelineDef>> {
+        self.read(move |conn| versions::definition(conn, version))
+            .await
     }
 
     async fn stage_counts(&self) -> Result<Vec<StageCount>> {

@@ -1,19 +1,15 @@
 //! Inspection queries. Each runs inside one read transaction, so it sees
 //! one committed snapshot, and decodes every value strictly.
 
-use std::collections::HashMap;
-
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::codec::Loc;
-use crate::definition::PipelineDef;
+use super::rows::{self, Subtasks};
 use crate::error::{Error, Result};
 use crate::event::Event;
-use crate::review::ReviewRequest;
-use crate::review::{DecisionRecord, ReviewStatus};
-use crate::state::{ItemState, StageState};
-use crate::status::{AttemptRecord, AwaitingReview, ItemStatus, StageStatus, SubtaskStatus};
+use crate::state::StageState;
+use crate::status::{AwaitingReview, ItemStatus};
 use crate::store::{EventQuery, StageCount};
 
 /// Collects the rows of a query whose row decoder returns a `Result`.
@@ -30,14 +26,6 @@ fn collect<T>(
         out.push(decode(row)?);
     }
     Ok(out)
-}
-
-pub(crate) fn pipeline_definition(conn: &Connection) -> Result<Option<PipelineDef>> {
-    let loc = Loc::row("pipeline", "id=1".into());
-    conn.prepare_cached("SELECT definition FROM pipeline WHERE id = 1")?
-        .query_row([], |row| Ok(loc.json(row, 0, "definition")))
-        .optional()?
-        .transpose()
 }
 
 pub(crate) fn next_due(conn: &Connection) -> Result<Option<DateTime<Utc>>> {
@@ -78,170 +66,11 @@ pub(crate) fn items_in(conn: &Connection, stage: &str, state: StageState) -> Res
     )
 }
 
-fn decision(
-    conn: &Connection,
-    item_id: &str,
-    stage: &str,
-    round: u64,
-) -> Result<Option<DecisionRecord>> {
-    let loc = Loc::row(
-        "review_decisions",
-        format!("item={item_id}, stage={stage}, round={round}"),
-    );
-    conn.prepare_cached(
-        "SELECT kind, decided_by, decided_at, note, reason, edits FROM review_decisions
-         WHERE item_id = ?1 AND stage = ?2 AND round = ?3",
-    )?
-    .query_row(params![item_id, stage, round], |row| {
-        Ok((|| {
-            Ok(DecisionRecord {
-                kind: loc.parse(row, 0, "kind")?,
-                by: loc.get(row, 1, "decided_by")?,
-                at: loc.time(row, 2, "decided_at")?,
-                note: loc.get(row, 3, "note")?,
-                reason: loc.get(row, 4, "reason")?,
-                edits: loc.json_opt(row, 5, "edits")?,
-            })
-        })())
-    })
-    .optional()?
-    .transpose()
-}
-
-/// The review of a stage from its columns (`round`, request, requested at)
-/// starting at `column`; `None` if it never asked.
-fn review(
-    conn: &Connection,
-    loc: &Loc,
-    row: &Row<'_>,
-    column: usize,
-    (item_id, stage): (&str, &str),
-) -> Result<Option<ReviewStatus>> {
-    let round: u64 = loc.count(row, column, "review_round")?;
-    if round == 0 {
-        return Ok(None);
-    }
-    let request: Option<ReviewRequest> = loc.json_opt(row, column + 1, "review_request")?;
-    let requested_at = loc.time_opt(row, column + 2, "review_requested_at")?;
-    let (Some(request), Some(requested_at)) = (request, requested_at) else {
-        return Err(loc.corrupt(
-            "review_request",
-            format!("review round {round} has no request or request time"),
-        ));
-    };
-    Ok(Some(ReviewStatus {
-        round,
-        request,
-        requested_at,
-        decision: decision(conn, item_id, stage, round)?,
-    }))
-}
-
 pub(crate) fn status(conn: &Connection, item_id: &str) -> Result<ItemStatus> {
-    let loc = Loc::item(item_id);
-    let (submitted_at, cancelled) = conn
-        .prepare_cached("SELECT submitted_at, cancelled FROM items WHERE id = ?1")?
-        .query_row([item_id], |row| {
-            Ok((|| -> Result<(DateTime<Utc>, bool)> {
-                let submitted_at = loc.time(row, 0, "submitted_at")?;
-                let cancelled = match loc.get::<i64>(row, 1, "cancelled")? {
-                    0 => false,
-                    1 => true,
-                    n => return Err(loc.corrupt("cancelled", format!("{n} is not 0 or 1"))),
-                };
-                Ok((submitted_at, cancelled))
-            })())
-        })
-        .optional()?
-        .ok_or_else(|| Error::UnknownItem(item_id.to_owned()))??;
-
-    let mut attempts: HashMap<(String, Option<String>), Vec<AttemptRecord>> = HashMap::new();
-    for (stage, subtask, record) in collect(
-        conn,
-        "SELECT id, stage, subtask, attempt, started_at, finished_at, result, error
-         FROM attempts WHERE item_id = ?1 ORDER BY id",
-        [item_id],
-        |row| {
-            let id: i64 = row.get(0)?;
-            let loc = Loc::row("attempts", format!("id={id}"));
-            Ok((
-                loc.get::<String>(row, 1, "stage")?,
-                loc.get::<Option<String>>(row, 2, "subtask")?,
-                AttemptRecord {
-                    attempt: loc.count(row, 3, "attempt")?,
-                    started_at: loc.time(row, 4, "started_at")?,
-                    finished_at: loc.time(row, 5, "finished_at")?,
-                    result: loc.parse(row, 6, "result")?,
-                    error: loc.get(row, 7, "error")?,
-                },
-            ))
-        },
-    )? {
-        attempts.entry((stage, subtask)).or_default().push(record);
-    }
-
-    let mut subtasks: HashMap<String, Vec<SubtaskStatus>> = HashMap::new();
-    for (stage, sub) in collect(
-        conn,
-        "SELECT stage, name, state, attempt, next_run_at, last_error, output
-         FROM subtasks WHERE item_id = ?1 ORDER BY stage, position",
-        [item_id],
-        |row| {
-            let stage: String = row.get(0)?;
-            let name: String = row.get(1)?;
-            let loc = Loc::subtask(item_id, &stage, &name);
-            let key = (stage.clone(), Some(name.clone()));
-            Ok((
-                stage,
-                SubtaskStatus {
-                    state: loc.parse(row, 2, "state")?,
-                    attempt: loc.count(row, 3, "attempt")?,
-                    next_run_at: loc.time_opt(row, 4, "next_run_at")?,
-                    last_error: loc.get(row, 5, "last_error")?,
-                    output: loc.json_opt(row, 6, "output")?,
-                    attempts: attempts.remove(&key).unwrap_or_default(),
-                    name,
-                },
-            ))
-        },
-    )? {
-        subtasks.entry(stage).or_default().push(sub);
-    }
-
-    let stages = collect(
-        conn,
-        "SELECT stage, state, attempt, started_at, finished_at, next_run_at, last_error, output,
-                review_round, review_request, review_requested_at, waiting
-         FROM stages WHERE item_id = ?1 ORDER BY position",
-        [item_id],
-        |row| {
-            let name: String = row.get(0)?;
-            let loc = Loc::stage(item_id, &name);
-            Ok(StageStatus {
-                state: loc.parse(row, 1, "state")?,
-                waiting_on: loc.count(row, 11, "waiting")?,
-                attempt: loc.count(row, 2, "attempt")?,
-                started_at: loc.time_opt(row, 3, "started_at")?,
-                finished_at: loc.time_opt(row, 4, "finished_at")?,
-                next_run_at: loc.time_opt(row, 5, "next_run_at")?,
-                last_error: loc.get(row, 6, "last_error")?,
-                output: loc.json_opt(row, 7, "output")?,
-                review: review(conn, &loc, row, 8, (item_id, &name))?,
-                attempts: attempts.remove(&(name.clone(), None)).unwrap_or_default(),
-                subtasks: subtasks.remove(&name).unwrap_or_default(),
-                name,
-            })
-        },
-    )?;
-    if stages.is_empty() {
-        return Err(Loc::item(item_id).corrupt("stages", "the item has no stage rows"));
-    }
-    Ok(ItemStatus {
-        item_id: item_id.to_owned(),
-        state: ItemState::derive(cancelled, &stages),
-        submitted_at,
-        stages,
-    })
+    let loaded = rows::load_item(conn, item_id, Subtasks::All)?
+        .ok_or_else(|| Error::UnknownItem(item_id.to_owned()))?;
+    let attempts = rows::attempts(conn, &loaded.record)?;
+    Ok(loaded.record.status(&attempts))
 }
 
 pub(crate) fn next_review_deadline(conn: &Connection) -> Result<Option<DateTime<Utc>>> {
@@ -262,11 +91,12 @@ pub(crate) fn next_review_deadline(conn: &Connection) -> Result<Option<DateTime<
 pub(crate) fn due_reviews(conn: &Connection, now: DateTime<Utc>) -> Result<Vec<AwaitingReview>> {
     reviews(
         conn,
-        "SELECT item_id, stage, review_round, review_request, review_requested_at
-         FROM stages
-         WHERE state = 'awaiting_review' AND review_deadline IS NOT NULL
-           AND review_deadline <= ?1
-         ORDER BY item_id, stage",
+        "SELECT s.item_id, s.stage, s.review_round, s.review_request, s.review_requested_at,
+                i.version
+         FROM stages s JOIN items i ON i.id = s.item_id
+         WHERE s.state = 'awaiting_review' AND s.review_deadline IS NOT NULL
+           AND s.review_deadline <= ?1
+         ORDER BY s.item_id, s.stage",
         [super::codec::time(now)],
     )
 }
@@ -274,9 +104,11 @@ pub(crate) fn due_reviews(conn: &Connection, now: DateTime<Utc>) -> Result<Vec<A
 pub(crate) fn awaiting_review(conn: &Connection) -> Result<Vec<AwaitingReview>> {
     reviews(
         conn,
-        "SELECT item_id, stage, review_round, review_request, review_requested_at
-         FROM stages WHERE state = 'awaiting_review'
-         ORDER BY review_requested_at, item_id, stage",
+        "SELECT s.item_id, s.stage, s.review_round, s.review_request, s.review_requested_at,
+                i.version
+         FROM stages s JOIN items i ON i.id = s.item_id
+         WHERE s.state = 'awaiting_review'
+         ORDER BY s.review_requested_at, s.item_id, s.stage",
         [],
     )
 }
@@ -290,9 +122,10 @@ fn reviews(
         let item_id: String = row.get(0)?;
         let stage: String = row.get(1)?;
         let loc = Loc::stage(&item_id, &stage);
-        let review = review(conn, &loc, row, 2, (&item_id, &stage))?
+        let review = rows::review(conn, &loc, row, 2, (&item_id, &stage))?
             .ok_or_else(|| loc.corrupt("review_round", "awaiting review without a review"))?;
         Ok(AwaitingReview {
+            version: Loc::item(&item_id).count(row, 5, "version")?,
             item_id,
             stage,
             review,
@@ -332,4 +165,19 @@ pub(crate) fn events(conn: &Connection, query: &EventQuery) -> Result<Vec<Event>
             decode,
         ),
     }
+}
+
+/// The ids of unfinished items of versions older than `version`.
+pub(crate) fn items_before_version(conn: &Connection, version: u32) -> Result<Vec<String>> {
+    let mut statement = conn.prepare_cached(
+        "SELECT id FROM items i
+         WHERE version < ?1 AND cancelled = 0
+           AND EXISTS (SELECT 1 FROM stages s WHERE s.item_id = i.id
+                       AND s.state NOT IN ('completed', 'skipped'))
+         ORDER BY version, seq",
+    )?;
+    let ids = statement
+        .query_map([version], |row| row.get(0))?
+        .collect::<rusqlite::Result<Vec<String>>>()?;
+    Ok(ids)
 }

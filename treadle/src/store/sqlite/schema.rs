@@ -28,10 +28,16 @@ pub(crate) struct Migration {
 }
 
 /// Every migration, oldest first; the last one's version is the current schema.
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sql: V1,
-}];
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: V1,
+    },
+    Migration {
+        version: 2,
+        sql: V2,
+    },
+];
 
 /// Version 1: items, stages, subtasks, attempts, reviews, the run queue,
 /// scheduled retries, the event log and the pipeline definition.
@@ -166,6 +172,41 @@ CREATE TABLE pipeline (
     id           INTEGER PRIMARY KEY CHECK (id = 1),
     definition   TEXT NOT NULL                  -- JSON PipelineDef
 ) STRICT;
+"#;
+
+/// Version 2: numbered pipeline versions (the single stored definition
+/// becomes version 1), the version each item moves on, and fan-out
+/// counters on stage rows so a subtask's end is decided without reading
+/// every sibling.
+const V2: &str = r#"
+CREATE TABLE pipeline_versions (
+    version       INTEGER PRIMARY KEY,
+    definition    TEXT NOT NULL,                -- JSON PipelineDef
+    registered_at TEXT NOT NULL
+) STRICT;
+
+INSERT INTO pipeline_versions (version, definition, registered_at)
+    SELECT 1, definition, strftime('%Y-%m-%dT%H:%M:%S.000000000Z', 'now') FROM pipeline;
+DROP TABLE pipeline;
+
+ALTER TABLE items ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+CREATE INDEX items_unfinished_by_version ON items (version, seq) WHERE cancelled = 0;
+
+ALTER TABLE stages ADD COLUMN fan_total INTEGER;   -- NULL: never fanned out
+ALTER TABLE stages ADD COLUMN fan_open INTEGER;    -- subtasks not yet ended
+ALTER TABLE stages ADD COLUMN fan_failed INTEGER;  -- subtasks that failed
+
+UPDATE stages SET
+    fan_total = (SELECT count(*) FROM subtasks t
+                 WHERE t.item_id = stages.item_id AND t.stage = stages.stage),
+    fan_open = (SELECT count(*) FROM subtasks t
+                WHERE t.item_id = stages.item_id AND t.stage = stages.stage
+                  AND t.state NOT IN ('completed', 'skipped', 'failed', 'cancelled')),
+    fan_failed = (SELECT count(*) FROM subtasks t
+                  WHERE t.item_id = stages.item_id AND t.stage = stages.stage
+                    AND t.state = 'failed')
+WHERE EXISTS (SELECT 1 FROM subtasks t
+              WHERE t.item_id = stages.item_id AND t.stage = stages.stage);
 "#;
 
 /// Sets up a freshly opened connection: waits for other writers instead of
