@@ -43,11 +43,11 @@ pub use review::{
 pub use stage::{Backoff, Stage, StagePolicy};
 pub use state::{AttemptResult, DecisionKind, ItemState, StageState, UnknownVariant};
 pub use status::{AttemptRecord, AwaitingReview, ItemStatus, StageStatus, SubtaskStatus};
-#[cfg(feature = "postgres")]
-pub use store::{PostgresOptions, PostgresStore};
 #[cfg(feature = "sqlite")]
 pub use store::SqliteStore;
 pub use store::{MemoryStore, Store};
+#[cfg(feature = "postgres")]
+pub use store::{PostgresOptions, PostgresStore};
 #[cfg(feature = "macros")]
 pub use treadle_macros::{pipeline, stage};
 

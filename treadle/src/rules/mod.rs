@@ -38,9 +38,9 @@ use serde_json::Value;
 pub use claim::claim;
 pub use commit::commit;
 pub use decide::decide;
-pub use effects::{AllLoaded, Effects, NewEvent, SubtaskSource};
 #[cfg(feature = "postgres")]
 pub(crate) use effects::load_all_subtasks;
+pub use effects::{AllLoaded, Effects, NewEvent, SubtaskSource};
 pub use graph::VersionGraph;
 pub use operator::{MigrateOutcome, cancel, migrate, renew, retry};
 pub use record::{FanOut, ItemRecord, Lease, StageRecord, UnitRecord, UnitRef};

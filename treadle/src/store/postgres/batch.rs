@@ -18,12 +18,10 @@ use super::load::{self, Lock, Subtasks};
 use super::save::Changes;
 use crate::error::{Error, Result};
 use crate::event::Event;
-use crate::rules::{
-    self, Effects, ItemRecord, SubtaskSource, UnitRecord, UnitRef, VersionGraph,
-};
+use crate::rules::{self, Effects, ItemRecord, SubtaskSource, UnitRecord, UnitRef, VersionGraph};
 use crate::store::{
-    ClaimBatch, ClaimRequest, Commit, DecisionCommit, MigrateOutcome, NewItem, TaskKey,
-    Transition, check_json,
+    ClaimBatch, ClaimRequest, Commit, DecisionCommit, MigrateOutcome, NewItem, TaskKey, Transition,
+    check_json,
 };
 
 /// A transition for the writer to apply.
@@ -150,7 +148,9 @@ impl Op {
             Op::Submit(_) | Op::Claim(_) => Vec::new(),
             Op::Commit(c) => vec![&c.task.item_id],
             Op::Decide(d) => vec![&d.item_id],
-            Op::Retry { item_id, .. } | Op::Cancel { item_id, .. } | Op::Migrate { item_id, .. } => {
+            Op::Retry { item_id, .. }
+            | Op::Cancel { item_id, .. }
+            | Op::Migrate { item_id, .. } => {
                 vec![item_id]
             }
             Op::Renew { claims, .. } => claims.iter().map(|(k, _)| k.item_id.as_str()).collect(),
@@ -221,11 +221,7 @@ impl<'a> Batch<'a> {
     /// first, all together. Each answer's events carry sequence number 0
     /// until [`super::save`] numbers them.
     pub(super) async fn apply(&mut self, ops: &[Op]) -> Result<Vec<Result<Answer>>> {
-        let mut ids: Vec<String> = ops
-            .iter()
-            .flat_map(Op::items)
-            .map(str::to_owned)
-            .collect();
+        let mut ids: Vec<String> = ops.iter().flat_map(Op::items).map(str::to_owned).collect();
         ids.sort_unstable();
         ids.dedup();
         self.lock(&ids, Lock::Wait).await?;
@@ -266,8 +262,13 @@ impl<'a> Batch<'a> {
     /// id; existing ids are left alone) and returns, per inserted id, the
     /// index of the op that inserted it and its `seq`.
     async fn insert_items(&mut self, ops: &[Op]) -> Result<HashMap<String, (usize, i64)>> {
-        let (mut ids, mut versions, mut payloads, mut times, mut owners) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), HashMap::new());
+        let (mut ids, mut versions, mut payloads, mut times, mut owners) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            HashMap::new(),
+        );
         for (index, op) in ops.iter().enumerate() {
             let Op::Submit(items) = op else { continue };
             if self.check_submission(items).await.is_err() {

@@ -39,7 +39,12 @@ impl Loc {
     }
 
     /// Column `idx` (named `name`) of `row`, of the type the schema gives it.
-    pub(super) fn get<'a, T: FromSql<'a>>(&self, row: &'a Row, idx: usize, name: &str) -> Result<T> {
+    pub(super) fn get<'a, T: FromSql<'a>>(
+        &self,
+        row: &'a Row,
+        idx: usize,
+        name: &str,
+    ) -> Result<T> {
         row.try_get(idx).map_err(|e| self.corrupt(name, e))
     }
 
@@ -70,7 +75,8 @@ impl Loc {
         name: &str,
     ) -> Result<T> {
         let text: &str = self.get(row, idx, name)?;
-        text.parse().map_err(|e: UnknownVariant| self.corrupt(name, e))
+        text.parse()
+            .map_err(|e: UnknownVariant| self.corrupt(name, e))
     }
 
     /// A JSON column.

@@ -45,18 +45,20 @@ pub(super) enum Subtasks<'a> {
 /// Loads (and, per `lock`, locks, in id order) the items `ids` with every
 /// stage row; fanned-out stages come with their counters and no subtask
 /// rows (`complete` only for an empty fan-out). Unknown ids are left out.
-pub(super) async fn items(
-    db: Db<'_>,
-    ids: &[String],
-    lock: Lock,
-) -> Result<Vec<Loaded>> {
+pub(super) async fn items(db: Db<'_>, ids: &[String], lock: Lock) -> Result<Vec<Loaded>> {
     let sql = match lock {
-        Lock::None => "SELECT id, seq, version, payload, submitted_at, cancelled FROM items
-             WHERE id = ANY($1)",
-        Lock::Wait => "SELECT id, seq, version, payload, submitted_at, cancelled FROM items
-             WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
-        Lock::Skip => "SELECT id, seq, version, payload, submitted_at, cancelled FROM items
-             WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE SKIP LOCKED",
+        Lock::None => {
+            "SELECT id, seq, version, payload, submitted_at, cancelled FROM items
+             WHERE id = ANY($1)"
+        }
+        Lock::Wait => {
+            "SELECT id, seq, version, payload, submitted_at, cancelled FROM items
+             WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE"
+        }
+        Lock::Skip => {
+            "SELECT id, seq, version, payload, submitted_at, cancelled FROM items
+             WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE SKIP LOCKED"
+        }
     };
     let rows = db.query(sql, &[&ids]).await?;
     let mut loaded = Vec::with_capacity(rows.len());
@@ -138,9 +140,7 @@ pub(super) async fn subtasks(
     stage: &str,
     which: Subtasks<'_>,
 ) -> Result<Vec<UnitRecord>> {
-    let base = format!(
-        "SELECT {UNIT_COLUMNS} FROM subtasks WHERE item_id = $1 AND stage = $2"
-    );
+    let base = format!("SELECT {UNIT_COLUMNS} FROM subtasks WHERE item_id = $1 AND stage = $2");
     let rows = match which {
         Subtasks::All => {
             db.query(&format!("{base} ORDER BY position"), &[&item, &stage])
@@ -182,9 +182,15 @@ pub(super) async fn all_subtasks(db: Db<'_>, record: &mut ItemRecord) -> Result<
         }
         let stage = record.stages[position].unit.name.clone();
         let rows = subtasks(db, &record.id, &stage, Subtasks::All).await?;
-        let fan = record.stages[position].fan_out.as_mut().expect("checked above");
+        let fan = record.stages[position]
+            .fan_out
+            .as_mut()
+            .expect("checked above");
         if rows.len() != fan.total as usize
-            || rows.iter().enumerate().any(|(i, r)| r.position as usize != i)
+            || rows
+                .iter()
+                .enumerate()
+                .any(|(i, r)| r.position as usize != i)
         {
             let loc = Loc::new("stages", format!("item={}, stage={stage}", record.id));
             return Err(loc.corrupt(

@@ -99,7 +99,11 @@ pub(super) async fn items_in(db: Db<'_>, stage: &str, state: StageState) -> Resu
 }
 
 /// Stages awaiting review, decoded, in the order `order` (SQL) gives.
-async fn reviews(db: Db<'_>, filter: &str, now: Option<DateTime<Utc>>) -> Result<Vec<AwaitingReview>> {
+async fn reviews(
+    db: Db<'_>,
+    filter: &str,
+    now: Option<DateTime<Utc>>,
+) -> Result<Vec<AwaitingReview>> {
     let sql = format!(
         "SELECT s.item_id, s.name, i.version, s.review FROM stages s
          JOIN items i ON i.id = s.item_id
@@ -169,7 +173,9 @@ const UNFINISHED: &str = "NOT i.cancelled AND EXISTS (SELECT 1 FROM stages s
 pub(super) async fn items_before_version(db: Db<'_>, version: u32) -> Result<Vec<String>> {
     let rows = db
         .query(
-            &format!("SELECT i.id FROM items i WHERE i.version < $1 AND {UNFINISHED} ORDER BY i.seq"),
+            &format!(
+                "SELECT i.id FROM items i WHERE i.version < $1 AND {UNFINISHED} ORDER BY i.seq"
+            ),
             &[&int(version)],
         )
         .await?;
@@ -205,8 +211,14 @@ pub(super) async fn versions(db: Db<'_>) -> Result<Vec<(u32, PipelineDef)>> {
         .await?;
     rows.iter()
         .map(|row| {
-            let loc = Loc::new("pipeline_versions", format!("version={}", row.get::<_, i64>(0)));
-            Ok((loc.count(row, 0, "version")?, loc.json(row, 1, "definition")?))
+            let loc = Loc::new(
+                "pipeline_versions",
+                format!("version={}", row.get::<_, i64>(0)),
+            );
+            Ok((
+                loc.count(row, 0, "version")?,
+                loc.json(row, 1, "definition")?,
+            ))
         })
         .collect()
 }

@@ -242,8 +242,14 @@ impl Changes {
 
     async fn write_stages(&self, db: Db<'_>, slots: &HashMap<String, Slot>) -> Result<()> {
         let mut units = UnitColumns::default();
-        let (mut items, mut seqs, mut waiting, mut reviews, mut requested, mut deadlines) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut items, mut seqs, mut waiting, mut reviews, mut requested, mut deadlines) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
         let (mut totals, mut open, mut failed) = (Vec::new(), Vec::new(), Vec::new());
         for (id, stage) in &self.stages {
             let slot = &slots[id];
@@ -297,10 +303,27 @@ impl Changes {
                 review_deadline = excluded.review_deadline, fan_total = excluded.fan_total,
                 fan_open = excluded.fan_open, fan_failed = excluded.fan_failed",
             &[
-                &u.name, &u.position, &u.state, &u.attempt, &u.generation, &u.started_at,
-                &u.finished_at, &u.next_run_at, &u.last_error, &u.output, &u.lease_owner,
-                &u.lease_expiry, &items, &seqs, &waiting, &reviews, &requested, &deadlines,
-                &totals, &open, &failed,
+                &u.name,
+                &u.position,
+                &u.state,
+                &u.attempt,
+                &u.generation,
+                &u.started_at,
+                &u.finished_at,
+                &u.next_run_at,
+                &u.last_error,
+                &u.output,
+                &u.lease_owner,
+                &u.lease_expiry,
+                &items,
+                &seqs,
+                &waiting,
+                &reviews,
+                &requested,
+                &deadlines,
+                &totals,
+                &open,
+                &failed,
             ],
         )
         .await?;
@@ -340,9 +363,20 @@ impl Changes {
                 last_error = excluded.last_error, output = excluded.output,
                 lease_owner = excluded.lease_owner, lease_expiry = excluded.lease_expiry",
             &[
-                &u.name, &u.position, &u.state, &u.attempt, &u.generation, &u.started_at,
-                &u.finished_at, &u.next_run_at, &u.last_error, &u.output, &u.lease_owner,
-                &u.lease_expiry, &items, &stages,
+                &u.name,
+                &u.position,
+                &u.state,
+                &u.attempt,
+                &u.generation,
+                &u.started_at,
+                &u.finished_at,
+                &u.next_run_at,
+                &u.last_error,
+                &u.output,
+                &u.lease_owner,
+                &u.lease_expiry,
+                &items,
+                &stages,
             ],
         )
         .await?;
@@ -486,7 +520,12 @@ impl UnitColumns {
         self.finished_at.push(unit.finished_at);
         self.next_run_at.push(unit.next_run_at);
         self.last_error.push(unit.last_error.clone());
-        let what = || format!("the output of {} of item `{item}` (stage {stage})", unit.name);
+        let what = || {
+            format!(
+                "the output of {} of item `{item}` (stage {stage})",
+                unit.name
+            )
+        };
         self.output.push(
             unit.output
                 .as_ref()
@@ -495,7 +534,8 @@ impl UnitColumns {
         );
         self.lease_owner
             .push(unit.lease.as_ref().map(|l| l.owner.clone()));
-        self.lease_expiry.push(unit.lease.as_ref().map(|l| l.expiry));
+        self.lease_expiry
+            .push(unit.lease.as_ref().map(|l| l.expiry));
         Ok(())
     }
 }

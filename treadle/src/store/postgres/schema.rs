@@ -164,11 +164,11 @@ INSERT INTO event_counter VALUES (1, 0);
 "#;
 
 /// Whether `name` may be used as a schema name: lowercase ASCII letters,
-/// digits and `_`, starting with a letter or `_`, at most 63 bytes. Such a
-/// name needs no quoting anywhere.
+/// digits and `_`, starting with a letter or `_`, at most 48 bytes (so
+/// its NOTIFY channel name fits too). Such a name needs no quoting anywhere.
 pub(super) fn check_schema_name(name: &str) -> Result<()> {
     let mut chars = name.chars();
-    let valid = (1..=63).contains(&name.len())
+    let valid = (1..=48).contains(&name.len())
         && chars
             .next()
             .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
@@ -181,7 +181,7 @@ pub(super) fn check_schema_name(name: &str) -> Result<()> {
             setting: "schema",
             detail: format!(
                 "`{name}` is not a plain schema name (lowercase letters, digits and `_`, \
-                 not starting with a digit or `pg_`, at most 63 bytes)"
+                 not starting with a digit or `pg_`, at most 48 bytes)"
             ),
         })
     }
@@ -208,9 +208,7 @@ pub(super) async fn migrate(client: &mut Client, schema: &str) -> Result<()> {
         .map(|row| row.get(0))
         .collect();
     let current = if tables.iter().any(|t| t == "treadle_meta") {
-        let rows = tx
-            .query("SELECT key, value FROM treadle_meta", &[])
-            .await?;
+        let rows = tx.query("SELECT key, value FROM treadle_meta", &[]).await?;
         let value = |key: &str| {
             rows.iter()
                 .find(|r| r.get::<_, &str>(0) == key)
@@ -268,7 +266,16 @@ mod tests {
         for good in ["treadle", "t_1", "_x", "pipeline_a2"] {
             assert!(check_schema_name(good).is_ok(), "{good}");
         }
-        for bad in ["", "1abc", "Upper", "a-b", "a b", "x\"y", "pg_x", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "1abc",
+            "Upper",
+            "a-b",
+            "a b",
+            "x\"y",
+            "pg_x",
+            &"a".repeat(49),
+        ] {
             let error = check_schema_name(bad).unwrap_err();
             assert!(error.to_string().contains("schema"), "{bad}: {error}");
         }

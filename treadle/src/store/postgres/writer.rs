@@ -97,10 +97,12 @@ async fn commit_batch(shared: &Shared, ops: &[Op]) -> Vec<Result<Answer>> {
             tracing::warn!(%error, jobs = ops.len(), "batch failed; replaying each job alone");
             let mut answers = Vec::with_capacity(ops.len());
             for op in ops {
-                answers.push(match commit_with_replays(shared, std::slice::from_ref(op)).await {
-                    Ok(mut one) => one.pop().expect("one answer per job"),
-                    Err(error) => Err(error),
-                });
+                answers.push(
+                    match commit_with_replays(shared, std::slice::from_ref(op)).await {
+                        Ok(mut one) => one.pop().expect("one answer per job"),
+                        Err(error) => Err(error),
+                    },
+                );
             }
             answers
         }
@@ -134,11 +136,12 @@ async fn commit_once(shared: &Shared, ops: &[Op]) -> Result<Vec<Result<Answer>>>
             (answers, Vec::new(), None)
         } else {
             let slots = std::mem::take(&mut batch.slots);
-            let xid = batch
-                .changes
-                .write(db, &slots, &shared.channel)
-                .await?;
-            (answers, std::mem::take(&mut batch.changes.events), Some(xid))
+            let xid = batch.changes.write(db, &slots, &shared.channel).await?;
+            (
+                answers,
+                std::mem::take(&mut batch.changes.events),
+                Some(xid),
+            )
         }
     };
     if let Err(error) = tx.commit().await {
