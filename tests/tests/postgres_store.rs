@@ -21,9 +21,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::json;
 use tokio::sync::OnceCell;
 use treadle::store::{ClaimRequest, EventQuery, NewItem, Store, Transition};
-use treadle::{Error, EventKind, MemoryStore, PostgresOptions, PostgresStore, StageState};
+use treadle::{
+    Engine, EngineConfig, Error, EventKind, MemoryStore, Pipeline, PostgresOptions, PostgresStore,
+    StageState,
+};
 
 use crate::differential::*;
+use crate::support::{Doc, done};
 
 /// The default server: the one the development machine and CI run.
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -463,4 +467,60 @@ async fn a_transition_for_an_unknown_item_fails_alone_in_its_batch() {
     assert_eq!(good.unwrap()[0].kind, EventKind::Completed);
     assert!(matches!(bad, Err(Error::UnknownItem(ref id)) if id == "nope"));
     assert_gapless(&all_events(&store).await);
+}
+
+// ---- waking on other processes' commits ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_engine_wakes_on_a_commit_made_through_another_store() {
+    let schema = Schema::new().await;
+    let (local, remote) = (schema.store().await, schema.store().await);
+    let pipeline: Pipeline<Doc> = Pipeline::builder()
+        .stage(done("scan"))
+        .stage(done("split"))
+        .stage(done("review"))
+        .stage(done("export"))
+        .edge("scan", "split")
+        .edge("split", "review")
+        .edge("review", "export")
+        .build()
+        .unwrap();
+    let config = EngineConfig {
+        max_concurrency: 4,
+        lease: Duration::from_secs(30),
+        worker_id: "sleeper".into(),
+        // Far longer than the test waits: only the feed can wake it.
+        idle_poll: Duration::from_secs(600),
+    };
+    let engine = Engine::with_config(pipeline, local, config);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let runner = tokio::spawn(async move {
+        engine
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    while remote.pipeline_definition().await.unwrap().is_none() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await; // the engine is idle now
+    let mut feed = remote.subscribe();
+    remote.submit(vec![item("remote", t(0))]).await.unwrap();
+    let completed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let event = feed.recv().await.unwrap();
+            if event.item_id == "remote" && event.kind == EventKind::ItemCompleted {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        completed.is_ok(),
+        "the idle engine ran the remote item without polling"
+    );
+    stop.send(()).unwrap();
+    let report = runner.await.unwrap().unwrap();
+    assert_eq!(report.attempts, 4);
 }

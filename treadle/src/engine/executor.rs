@@ -9,6 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use chrono::Utc;
+use tokio::sync::broadcast;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
@@ -16,6 +17,7 @@ use super::settle::{AttemptEnd, AttemptFacts, settle};
 use super::{Engine, RunningWork};
 use crate::context::{CancelSignal, StageContext};
 use crate::error::{Error, Result};
+use crate::event::Event;
 use crate::item::WorkItem;
 use crate::outcome::StageOutcome;
 use crate::review::Decision;
@@ -24,6 +26,18 @@ use crate::stage::{Stage, StagePolicy};
 use crate::state::AttemptResult;
 use crate::store::{Claim, ClaimBatch, ClaimRequest, Commit, Store, Verdict};
 use crate::task::TaskKey;
+
+/// Waits until `feed` carries another committed event (or reports that
+/// it fell behind); never, once there is no feed.
+async fn next_commit(feed: &mut Option<broadcast::Receiver<Event>>) {
+    if let Some(receiver) = feed {
+        match receiver.recv().await {
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => return,
+            Err(broadcast::error::RecvError::Closed) => *feed = None,
+        }
+    }
+    std::future::pending().await
+}
 
 /// What a run of the engine did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -121,6 +135,9 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
                 None => std::future::pending().await,
             }
         });
+        // A long-lived engine naps when idle; any commit, by this process or
+        // another sharing the store, may have made work runnable and wakes it.
+        let mut commits = forever.then(|| shared.store.subscribe());
         let mut renewal = tokio::time::interval(shared.config.lease / 3);
         renewal.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         renewal.reset();
@@ -183,6 +200,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
                 tokio::select! {
                     () = &mut shutdown, if !stopping => stopping = true,
                     () = shared.wake.notified() => {}
+                    () = next_commit(&mut commits) => {}
                     () = tokio::time::sleep(nap) => {}
                 }
                 claim_wanted = true;

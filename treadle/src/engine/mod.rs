@@ -36,7 +36,9 @@ pub struct EngineConfig {
     pub lease: Duration,
     /// This worker's identity, recorded as the owner of its claims.
     pub worker_id: String,
-    /// How often an idle `run` looks for work committed by other processes.
+    /// How often an idle `run` looks for work committed by other processes;
+    /// a store whose feed carries other processes' commits (PostgreSQL)
+    /// wakes it at once.
     pub idle_poll: Duration,
 }
 
