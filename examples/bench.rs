@@ -2,7 +2,12 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- --workload linear --store sqlite --items 20000
+//! cargo run --release --example bench -- --workload linear --store postgres --items 20000
 //! ```
+//!
+//! `--store postgres` runs on the server at `--pg-url URL` (default:
+//! `TREADLE_PG_URL`, else `postgres://postgres@127.0.0.1:5432/test`), in a
+//! schema of its own that is dropped at the end.
 //!
 //! Flags: `--concurrency N` (`EngineConfig::max_concurrency`; by default
 //! what the store suggests, as `Engine::new` uses: 256 in memory, 512 on
@@ -28,7 +33,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use treadle::prelude::*;
 use treadle::store::Store;
-use treadle::{Decision, EngineConfig};
+use treadle::{Decision, EngineConfig, PostgresOptions, PostgresStore};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Record {
@@ -105,6 +110,8 @@ struct Args {
     concurrency: Option<usize>,
     /// A multi-thread tokio runtime instead of a current-thread one.
     multi_thread: bool,
+    /// The PostgreSQL server, for `--store postgres`.
+    pg_url: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -114,6 +121,7 @@ fn parse_args() -> Result<Args, String> {
         items: 10_000,
         concurrency: None,
         multi_thread: false,
+        pg_url: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -130,9 +138,10 @@ fn parse_args() -> Result<Args, String> {
                 }
             }
             "--store" => match value.as_str() {
-                "memory" | "sqlite" => args.store = value,
-                other => return Err(format!("unknown store `{other}` (memory|sqlite)")),
+                "memory" | "sqlite" | "postgres" => args.store = value,
+                other => return Err(format!("unknown store `{other}` (memory|sqlite|postgres)")),
             },
+            "--pg-url" => args.pg_url = Some(value),
             "--items" => args.items = value.parse().map_err(|e| format!("--items {value}: {e}"))?,
             "--runtime" => match value.as_str() {
                 "current" => args.multi_thread = false,
@@ -318,8 +327,8 @@ async fn bench<S: Store>(args: &Args, store: S) -> treadle::Result<serde_json::V
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args().map_err(|e| {
         format!(
-            "{e}\nusage: bench --workload linear|fanout|review --store memory|sqlite --items N \
-             [--concurrency N] [--runtime current|multi]"
+            "{e}\nusage: bench --workload linear|fanout|review --store memory|sqlite|postgres \
+             --items N [--concurrency N] [--runtime current|multi] [--pg-url URL]"
         )
     })?;
     let mut runtime = if args.multi_thread {
@@ -335,6 +344,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
     let mut line = match args.store.as_str() {
         "memory" => bench(args, MemoryStore::new()).await?,
+        "postgres" => {
+            let url = args.pg_url.clone().unwrap_or_else(|| {
+                std::env::var("TREADLE_PG_URL")
+                    .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+            });
+            let schema = format!("treadle_bench_{}", std::process::id());
+            let options = PostgresOptions::new(url)
+                .schema(schema)
+                .application_name("bench");
+            let store = PostgresStore::open(options).await?;
+            let line = bench(args, store.clone()).await;
+            store.drop_schema().await?;
+            line?
+        }
         _ => {
             // A file in a temporary directory, with the store's durable defaults.
             let dir = tempfile::tempdir()?;

@@ -210,8 +210,9 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
                 batch = async { claiming.as_mut().expect("guarded").await }, if claiming.is_some() => {
                     claiming = None;
                     let batch = batch?;
-                    // A full batch means more may be runnable right away.
-                    claim_wanted = batch.claims.len() == free;
+                    // A full batch means more may be runnable right away; so
+                    // may work committed while the claim was in flight.
+                    claim_wanted |= batch.claims.len() == free;
                     self.start(&mut tasks, batch.claims);
                 }
                 Some(joined) = tasks.join_next() => {

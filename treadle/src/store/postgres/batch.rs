@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
+use tokio_postgres::types::ToSql;
 
 use super::codec::{int, micros};
 use super::conn::Db;
@@ -508,9 +509,11 @@ impl<'a> Batch<'a> {
         let start = self.changes.events.len();
         let mut claims = Vec::new();
         let limit = int(request.limit as u64);
-        let expired = self
-            .db
-            .query(
+        // Expired leases and due retries are independent: pipelined.
+        let (expiring, now): ([&(dyn ToSql + Sync); 2], [&(dyn ToSql + Sync); 1]) =
+            ([&request.now, &limit], [&request.now]);
+        let (expired, _) = tokio::try_join!(
+            self.db.query(
                 "(SELECT lease_expiry, item_id, name, NULL::int8 FROM stages
                   WHERE state = 'running' AND lease_expiry IS NOT NULL AND lease_expiry <= $1
                   ORDER BY lease_expiry LIMIT $2)
@@ -519,9 +522,22 @@ impl<'a> Batch<'a> {
                   WHERE state = 'running' AND lease_expiry IS NOT NULL AND lease_expiry <= $1
                   ORDER BY lease_expiry LIMIT $2)
                  ORDER BY 1 LIMIT $2",
-                &[&request.now, &limit],
-            )
-            .await?;
+                &expiring,
+            ),
+            // Retries that fell due join the back of the run queue.
+            self.db.execute(
+                "WITH due AS (
+                    DELETE FROM scheduled WHERE id IN (
+                        SELECT id FROM scheduled WHERE due <= $1
+                        ORDER BY due, item_seq, stage_position, subtask NULLS FIRST
+                        FOR UPDATE SKIP LOCKED)
+                    RETURNING *)
+                 INSERT INTO run_queue (item_id, stage, subtask)
+                 SELECT item_id, stage, subtask FROM due
+                 ORDER BY due, item_seq, stage_position, subtask NULLS FIRST",
+                &now,
+            ),
+        )?;
         let hints: Vec<Hint> = expired
             .iter()
             .map(|row| Hint {
@@ -532,20 +548,6 @@ impl<'a> Batch<'a> {
             })
             .collect();
         self.claim_hints(&hints, request, &mut claims).await?;
-        self.db
-            .execute(
-                "WITH due AS (
-                    DELETE FROM scheduled WHERE id IN (
-                        SELECT id FROM scheduled WHERE due <= $1
-                        ORDER BY due, item_seq, stage_position, subtask NULLS FIRST
-                        FOR UPDATE SKIP LOCKED)
-                    RETURNING *)
-                 INSERT INTO run_queue (item_id, stage, subtask)
-                 SELECT item_id, stage, subtask FROM due
-                 ORDER BY due, item_seq, stage_position, subtask NULLS FIRST",
-                &[&request.now],
-            )
-            .await?;
         let mut after = 0i64;
         while claims.len() < request.limit {
             let wanted = int((request.limit - claims.len()) as u64);
@@ -559,6 +561,7 @@ impl<'a> Batch<'a> {
                 .await?;
             let Some(last) = head.last() else { break };
             after = last.get(0);
+            let exhausted = (head.len() as i64) < wanted;
             let hints: Vec<Hint> = head
                 .iter()
                 .map(|row| Hint {
@@ -569,6 +572,9 @@ impl<'a> Batch<'a> {
                 })
                 .collect();
             self.claim_hints(&hints, request, &mut claims).await?;
+            if exhausted {
+                break;
+            }
         }
         Ok(ClaimBatch {
             claims,

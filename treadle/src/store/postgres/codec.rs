@@ -108,26 +108,26 @@ pub(super) const UNIT_COLUMNS: &str = "name, position, state, attempt, generatio
 /// How many columns [`UNIT_COLUMNS`] names.
 pub(super) const UNIT_WIDTH: usize = 12;
 
-/// Decodes the unit in the first [`UNIT_WIDTH`] columns of `row`.
-pub(super) fn unit(loc: &Loc, row: &Row) -> Result<UnitRecord> {
-    let owner: Option<String> = loc.get(row, 10, "lease_owner")?;
-    let expiry: Option<DateTime<Utc>> = loc.get(row, 11, "lease_expiry")?;
+/// Decodes the unit in the [`UNIT_WIDTH`] columns of `row` from column `at`.
+pub(super) fn unit(loc: &Loc, row: &Row, at: usize) -> Result<UnitRecord> {
+    let owner: Option<String> = loc.get(row, at + 10, "lease_owner")?;
+    let expiry: Option<DateTime<Utc>> = loc.get(row, at + 11, "lease_expiry")?;
     let lease = match (owner, expiry) {
         (Some(owner), Some(expiry)) => Some(Lease { owner, expiry }),
         (None, None) => None,
         _ => return Err(loc.corrupt("lease_owner", "a lease needs both an owner and an expiry")),
     };
     Ok(UnitRecord {
-        name: loc.get(row, 0, "name")?,
-        position: loc.count(row, 1, "position")?,
-        state: loc.parse(row, 2, "state")?,
-        attempt: loc.count(row, 3, "attempt")?,
-        generation: loc.count(row, 4, "generation")?,
-        started_at: loc.get(row, 5, "started_at")?,
-        finished_at: loc.get(row, 6, "finished_at")?,
-        next_run_at: loc.get(row, 7, "next_run_at")?,
-        last_error: loc.get(row, 8, "last_error")?,
-        output: loc.json_opt(row, 9, "output")?,
+        name: loc.get(row, at, "name")?,
+        position: loc.count(row, at + 1, "position")?,
+        state: loc.parse(row, at + 2, "state")?,
+        attempt: loc.count(row, at + 3, "attempt")?,
+        generation: loc.count(row, at + 4, "generation")?,
+        started_at: loc.get(row, at + 5, "started_at")?,
+        finished_at: loc.get(row, at + 6, "finished_at")?,
+        next_run_at: loc.get(row, at + 7, "next_run_at")?,
+        last_error: loc.get(row, at + 8, "last_error")?,
+        output: loc.json_opt(row, at + 9, "output")?,
         lease,
     })
 }

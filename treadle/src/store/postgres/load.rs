@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use tokio_postgres::Row;
+
 use super::conn::Db;
 
 use super::codec::{self, Loc, UNIT_COLUMNS, UNIT_WIDTH};
@@ -42,25 +44,44 @@ pub(super) enum Subtasks<'a> {
     At(Vec<i64>),
 }
 
+/// Decodes the stage row whose columns ([`UNIT_COLUMNS`], `waiting,
+/// review, fan_total, fan_open, fan_failed`) start at column `at`.
+fn stage(loc: &Loc, row: &Row, at: usize) -> Result<StageRecord> {
+    let unit = codec::unit(loc, row, at)?;
+    let extra = at + UNIT_WIDTH;
+    let total: Option<u32> = loc.count_opt(row, extra + 2, "fan_total")?;
+    let fan_out = match total {
+        None => None,
+        Some(total) => Some(FanOut {
+            total,
+            open: loc.count(row, extra + 3, "fan_open")?,
+            failed: loc.count(row, extra + 4, "fan_failed")?,
+            rows: Vec::new(),
+            complete: total == 0,
+        }),
+    };
+    Ok(StageRecord {
+        waiting: loc.count(row, extra, "waiting")?,
+        review: loc.json_opt(row, extra + 1, "review")?,
+        fan_out,
+        unit,
+    })
+}
+
 /// Loads (and, per `lock`, locks, in id order) the items `ids` with every
 /// stage row; fanned-out stages come with their counters and no subtask
 /// rows (`complete` only for an empty fan-out). Unknown ids are left out.
 pub(super) async fn items(db: Db<'_>, ids: &[String], lock: Lock) -> Result<Vec<Loaded>> {
-    let sql = match lock {
-        Lock::None => {
-            "SELECT id, seq, version, payload, submitted_at, cancelled FROM items
-             WHERE id = ANY($1)"
-        }
-        Lock::Wait => {
-            "SELECT id, seq, version, payload, submitted_at, cancelled FROM items
-             WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE"
-        }
-        Lock::Skip => {
-            "SELECT id, seq, version, payload, submitted_at, cancelled FROM items
-             WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE SKIP LOCKED"
-        }
+    let locking = match lock {
+        Lock::None => "",
+        Lock::Wait => "ORDER BY id FOR NO KEY UPDATE",
+        Lock::Skip => "ORDER BY id FOR NO KEY UPDATE SKIP LOCKED",
     };
-    let rows = db.query(sql, &[&ids]).await?;
+    let sql = format!(
+        "SELECT id, seq, version, payload, submitted_at, cancelled FROM items
+         WHERE id = ANY($1) {locking}"
+    );
+    let rows = db.query(&sql, &[&ids]).await?;
     let mut loaded = Vec::with_capacity(rows.len());
     let mut index = HashMap::with_capacity(rows.len());
     for row in &rows {
@@ -85,6 +106,9 @@ pub(super) async fn items(db: Db<'_>, ids: &[String], lock: Lock) -> Result<Vec<
     if loaded.is_empty() {
         return Ok(loaded);
     }
+    // A statement of its own, after the locks are held: under READ
+    // COMMITTED it reads the rows as the previous holder committed them
+    // (a join in the locking statement would read them as of before the wait).
     let locked: Vec<&str> = loaded.iter().map(|l| l.record.id.as_str()).collect();
     let sql = format!(
         "SELECT {UNIT_COLUMNS}, waiting, review, fan_total, fan_open, fan_failed, item_id
@@ -94,26 +118,8 @@ pub(super) async fn items(db: Db<'_>, ids: &[String], lock: Lock) -> Result<Vec<
         let item: &str = row.get(UNIT_WIDTH + 5);
         let name: &str = row.get(0);
         let loc = Loc::new("stages", format!("item={item}, stage={name}"));
-        let unit = codec::unit(&loc, &row)?;
-        let total: Option<u32> = loc.count_opt(&row, UNIT_WIDTH + 2, "fan_total")?;
-        let fan_out = match total {
-            None => None,
-            Some(total) => Some(FanOut {
-                total,
-                open: loc.count(&row, UNIT_WIDTH + 3, "fan_open")?,
-                failed: loc.count(&row, UNIT_WIDTH + 4, "fan_failed")?,
-                rows: Vec::new(),
-                complete: total == 0,
-            }),
-        };
-        let stage = StageRecord {
-            waiting: loc.count(&row, UNIT_WIDTH, "waiting")?,
-            review: loc.json_opt(&row, UNIT_WIDTH + 1, "review")?,
-            fan_out,
-            unit,
-        };
-        let at = index[item];
-        loaded[at].record.stages.push(stage);
+        let stage = stage(&loc, &row, 0)?;
+        loaded[index[item]].record.stages.push(stage);
     }
     for item in &mut loaded {
         let stages = &mut item.record.stages;
@@ -165,7 +171,7 @@ pub(super) async fn subtasks(
                 "subtasks",
                 format!("item={item}, stage={stage}, subtask={name}"),
             );
-            codec::unit(&loc, row)
+            codec::unit(&loc, row, 0)
         })
         .collect()
 }

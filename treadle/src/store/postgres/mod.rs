@@ -101,6 +101,8 @@ pub struct PostgresStore {
 struct Shared {
     pool: deadpool_postgres::Pool,
     graphs: Graphs,
+    /// The schema holding the store's tables.
+    schema: String,
     /// The NOTIFY channel of this schema's event log.
     channel: String,
     feed: Feed,
@@ -125,11 +127,21 @@ impl PostgresStore {
         let shared = Arc::new(Shared {
             pool,
             graphs: Graphs::default(),
+            schema: options.schema,
             channel,
             feed,
         });
         let writer = Writer::spawn(shared.clone(), options.writers);
         Ok(PostgresStore { shared, writer })
+    }
+
+    /// Deletes the store's schema with every table and row in it: for
+    /// throwaway schemas (benchmarks). Every handle on it fails afterwards.
+    pub async fn drop_schema(&self) -> Result<()> {
+        let client = conn::get(&self.shared.pool).await?;
+        let sql = format!("DROP SCHEMA {} CASCADE", self.shared.schema);
+        client.batch_execute(&sql).await?;
+        Ok(())
     }
 
     /// Runs `read` on a pooled connection.
@@ -158,6 +170,12 @@ fn unexpected(answer: Answer) -> Error {
 impl Store for PostgresStore {
     fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.shared.feed.subscribe()
+    }
+
+    /// More work in flight makes bigger group commits: each round trip and
+    /// each fsync then carries more transitions.
+    fn suggested_concurrency(&self) -> usize {
+        512
     }
 
     async fn register_pipeline(&self, definition: &PipelineDef) -> Result<PipelineDrift> {

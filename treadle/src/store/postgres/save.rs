@@ -141,9 +141,9 @@ impl Changes {
             && self.scheduled.is_empty()
     }
 
-    /// Writes every change with the final rows of `slots`, numbers the
-    /// events (updating the counter last but for the events themselves)
-    /// and sends one NOTIFY on `channel`. Returns the transaction id, for
+    /// Writes every change with the final rows of `slots`, then numbers
+    /// and writes the events, updating the counter last, and sends one
+    /// NOTIFY on `channel`. Returns the transaction id, for
     /// resolving a commit whose answer was lost.
     pub(super) async fn write(
         &mut self,
@@ -152,29 +152,19 @@ impl Changes {
         channel: &str,
     ) -> Result<String> {
         self.delete(db).await?;
-        self.write_items(db, slots).await?;
-        self.write_stages(db, slots).await?;
-        self.write_subtasks(db, slots).await?;
-        self.write_history(db).await?;
-        self.write_queues(db).await?;
+        // Independent tables: pipelined on the connection.
+        tokio::try_join!(
+            self.write_items(db, slots),
+            self.write_stages(db, slots),
+            self.write_subtasks(db, slots),
+            self.write_history(db),
+            self.write_queues(db),
+        )?;
         let n = self.events.len() as i64;
-        let row = db
-            .one(
-                "UPDATE event_counter SET last = last + $1 WHERE id = 1
-                 RETURNING last, pg_current_xact_id()::text",
-                &[&n],
-            )
-            .await?;
-        let last: i64 = row.get(0);
-        let xid: String = row.get(1);
-        if n > 0 {
-            let first = last - n + 1;
-            for (i, event) in self.events.iter_mut().enumerate() {
-                event.seq = (first + i as i64) as u64;
-            }
-            self.write_events(db).await?;
-            db.execute("SELECT pg_notify($1, $2)", &[&channel, &last.to_string()])
-                .await?;
+        let (last, xid) = self.write_events(db, n, channel).await?;
+        let first = last - n + 1;
+        for (i, event) in self.events.iter_mut().enumerate() {
+            event.seq = (first + i as i64) as u64;
         }
         Ok(xid)
     }
@@ -208,13 +198,6 @@ impl Changes {
             ] {
                 db.execute(sql, &[&items, &stages]).await?;
             }
-        }
-        if !self.consumed.is_empty() {
-            db.execute(
-                "DELETE FROM run_queue WHERE seq = ANY($1)",
-                &[&self.consumed],
-            )
-            .await?;
         }
         Ok(())
     }
@@ -432,6 +415,13 @@ impl Changes {
     }
 
     async fn write_queues(&self, db: Db<'_>) -> Result<()> {
+        if !self.consumed.is_empty() {
+            db.execute(
+                "DELETE FROM run_queue WHERE seq = ANY($1)",
+                &[&self.consumed],
+            )
+            .await?;
+        }
         if !self.queue.is_empty() {
             let items: Vec<&str> = self.queue.iter().map(|q| q.0.as_str()).collect();
             let stages: Vec<&str> = self.queue.iter().map(|q| q.1.as_str()).collect();
@@ -463,32 +453,38 @@ impl Changes {
         Ok(())
     }
 
-    async fn write_events(&self, db: Db<'_>) -> Result<()> {
-        let mut columns = (
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-        );
+    /// Takes `n` sequence numbers from the counter (locking its row until
+    /// commit, so transactions number their events in commit order), writes
+    /// the events with them and notifies `channel`, in one statement.
+    /// Returns the last number taken and the transaction id.
+    async fn write_events(&self, db: Db<'_>, n: i64, channel: &str) -> Result<(i64, String)> {
+        let mut columns = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for event in &self.events {
-            columns.0.push(event.seq as i64);
-            columns.1.push(event.at);
-            columns.2.push(event.item_id.as_str());
-            columns.3.push(event.stage.as_deref());
-            columns.4.push(event.subtask.as_deref());
-            columns.5.push(codec::json(&event.kind, "an event")?);
+            columns.0.push(event.at);
+            columns.1.push(event.item_id.as_str());
+            columns.2.push(event.stage.as_deref());
+            columns.3.push(event.subtask.as_deref());
+            columns.4.push(codec::json(&event.kind, "an event")?);
         }
         let c = &columns;
-        db.execute(
-            "INSERT INTO events (seq, at, item_id, stage, subtask, kind)
-             SELECT * FROM unnest($1::int8[], $2::timestamptz[], $3::text[], $4::text[],
-                $5::text[], $6::text[])",
-            &[&c.0, &c.1, &c.2, &c.3, &c.4, &c.5],
-        )
-        .await?;
-        Ok(())
+        let row = db
+            .one(
+                "WITH counter AS (
+                    UPDATE event_counter SET last = last + $1 WHERE id = 1
+                    RETURNING last, pg_current_xact_id()::text AS xid),
+                 logged AS (
+                    INSERT INTO events (seq, at, item_id, stage, subtask, kind)
+                    SELECT counter.last - $1 + u.n, u.at, u.item, u.stage, u.subtask, u.kind
+                    FROM counter, unnest($2::timestamptz[], $3::text[], $4::text[], $5::text[],
+                        $6::text[]) WITH ORDINALITY AS u(at, item, stage, subtask, kind, n)
+                    RETURNING 1)
+                 SELECT last, xid, CASE WHEN $1 > 0 THEN pg_notify($7, last::text) END,
+                    (SELECT count(*) FROM logged)
+                 FROM counter",
+                &[&n, &c.0, &c.1, &c.2, &c.3, &c.4, &channel],
+            )
+            .await?;
+        Ok((row.get(0), row.get(1)))
     }
 }
 
