@@ -218,6 +218,30 @@ async fn a_foreign_schema_is_refused_and_left_untouched() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_opening_only_existing_schemas_never_creates_one() {
+    let schema = Schema::new().await;
+    match PostgresStore::open(schema.options().existing_only()).await {
+        Err(Error::NotATreadleSchema { schema: name, .. }) => assert_eq!(name, schema.name),
+        other => panic!("expected NotATreadleSchema, got {other:?}"),
+    }
+    let exists: bool = client()
+        .await
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            &[&schema.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!exists, "the schema was not created");
+    drop(schema.store().await);
+    let store = PostgresStore::open(schema.options().existing_only())
+        .await
+        .unwrap();
+    assert_eq!(store.pipeline_definition().await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_settings_are_typed_errors_naming_the_setting() {
     let error = PostgresStore::open(PostgresOptions::new(url()).schema("Robert'); DROP"))
         .await

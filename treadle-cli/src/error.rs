@@ -75,7 +75,9 @@ impl CliError {
                 | E::NotRetryable { .. }
                 | E::ItemCancelled(_)
                 | E::LeaseLost { .. } => Exit::Conflict,
-                E::NotATreadleDatabase { .. } | E::SchemaTooNew { .. } => Exit::BadDatabase,
+                E::NotATreadleDatabase { .. }
+                | E::NotATreadleSchema { .. }
+                | E::SchemaTooNew { .. } => Exit::BadDatabase,
                 _ => Exit::Failure,
             },
             CliError::NoDatabaseGiven | CliError::UnknownState(_) | CliError::BadEdits { .. } => {

@@ -48,6 +48,7 @@ pub struct PostgresOptions {
     application_name: String,
     pool_size: usize,
     writers: usize,
+    create: bool,
 }
 
 impl PostgresOptions {
@@ -60,6 +61,7 @@ impl PostgresOptions {
             application_name: "treadle".to_owned(),
             pool_size: 8,
             writers: 2,
+            create: true,
         }
     }
 
@@ -74,6 +76,14 @@ impl PostgresOptions {
     /// to tell the workers' sessions apart on the server.
     pub fn application_name(mut self, name: impl Into<String>) -> Self {
         self.application_name = name.into();
+        self
+    }
+
+    /// Refuses a schema that does not exist yet instead of creating it
+    /// ([`Error::NotATreadleSchema`]): for tools that only look at and act
+    /// on what workers store.
+    pub fn existing_only(mut self) -> Self {
+        self.create = false;
         self
     }
 
@@ -120,7 +130,7 @@ impl PostgresStore {
         let config = conn::config(&options.url, &options.schema, &options.application_name)?;
         let pool = conn::pool(config.clone(), options.pool_size)?;
         let mut client = conn::get(&pool).await?;
-        schema::migrate(&mut client, &options.schema).await?;
+        schema::migrate(&mut client, &options.schema, options.create).await?;
         drop(client);
         let channel = format!("treadle_{}", options.schema);
         let feed = Feed::start(pool.clone(), config, channel.clone()).await?;

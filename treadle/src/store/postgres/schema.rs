@@ -190,8 +190,9 @@ pub(super) fn check_schema_name(name: &str) -> Result<()> {
 /// Creates schema `schema` if needed and brings it to [`SCHEMA_VERSION`],
 /// under an advisory lock held for the transaction. A schema of a newer
 /// version is [`Error::SchemaTooNew`]; one with tables that are not ours is
-/// [`Error::NotATreadleSchema`]. Nothing is written to a schema not ours.
-pub(super) async fn migrate(client: &mut Client, schema: &str) -> Result<()> {
+/// [`Error::NotATreadleSchema`], and so is a missing schema unless `create`.
+/// Nothing is written to a schema not ours.
+pub(super) async fn migrate(client: &mut Client, schema: &str, create: bool) -> Result<()> {
     let tx = client.transaction().await?;
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtextextended('treadle schema ' || $1, 0))",
@@ -229,6 +230,11 @@ pub(super) async fn migrate(client: &mut Client, schema: &str) -> Result<()> {
         return Err(Error::NotATreadleSchema {
             schema: schema.to_owned(),
             detail: format!("it holds table `{foreign}` but no treadle_meta table"),
+        });
+    } else if !create {
+        return Err(Error::NotATreadleSchema {
+            schema: schema.to_owned(),
+            detail: "it has no treadle tables (no worker has used it yet)".to_owned(),
         });
     } else {
         tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
