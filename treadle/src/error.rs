@@ -161,7 +161,7 @@ pub enum Error {
     /// failed. Shared (`Arc`) because one failed group commit is reported to
     /// every transition in it.
     #[cfg(feature = "postgres")]
-    #[error("PostgreSQL error: {0}")]
+    #[error("PostgreSQL error")]
     Postgres(#[source] std::sync::Arc<tokio_postgres::Error>),
 
     /// No connection to the PostgreSQL server could be had from the pool.
