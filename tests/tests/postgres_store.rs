@@ -548,3 +548,114 @@ async fn an_idle_engine_wakes_on_a_commit_made_through_another_store() {
     let report = runner.await.unwrap().unwrap();
     assert_eq!(report.attempts, 4);
 }
+
+// ---- several worker processes ----
+
+/// The worker process (see `tests/bin/crash_worker.rs`).
+const WORKER: &str = env!("CARGO_BIN_EXE_crash-worker");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_worker_processes_run_every_unit_exactly_once() {
+    const ITEMS: usize = 2000;
+    let schema = Schema::new().await;
+    let store = schema.store().await;
+    let definition = treadle::PipelineDef {
+        stages: ["fetch", "enrich", "store"].map(String::from).to_vec(),
+        edges: vec![
+            ("fetch".into(), "enrich".into()),
+            ("enrich".into(), "store".into()),
+        ],
+    };
+    store.register_pipeline(&definition).await.unwrap();
+    let items = (0..ITEMS)
+        .map(|i| {
+            let id = format!("job-{i:04}");
+            NewItem {
+                payload: json!({ "id": id }).to_string(),
+                id,
+                version: 1,
+                at: t(0),
+            }
+        })
+        .collect();
+    store.submit(items).await.unwrap();
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let args = [
+                "--db".to_owned(),
+                url(),
+                "--schema".into(),
+                schema.name.clone(),
+                "--items".into(),
+                "0".into(),
+                "--worker-id".into(),
+                format!("w{w}"),
+                "--stage-ms".into(),
+                "1".into(),
+                "--concurrency".into(),
+                "64".into(),
+            ];
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new(WORKER)
+                    .args(args)
+                    .stdout(std::process::Stdio::piped())
+                    .output()
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut feeds = Vec::new();
+    for worker in workers {
+        let output = worker.await.unwrap();
+        assert!(output.status.success(), "a worker failed: {output:?}");
+        let feed: Vec<treadle::Event> = String::from_utf8(output.stdout)
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        feeds.push(feed);
+    }
+    let log = all_events(&store).await;
+    assert_gapless(&log);
+    let mut completions = std::collections::HashMap::new();
+    let mut starts = std::collections::HashMap::new();
+    let mut owners = std::collections::BTreeSet::new();
+    for event in &log {
+        let unit = (
+            event.item_id.clone(),
+            event.stage.clone(),
+            event.subtask.clone(),
+        );
+        match &event.kind {
+            EventKind::Completed => *completions.entry(unit).or_insert(0) += 1,
+            EventKind::Started { owner, .. } => {
+                owners.insert(owner.clone());
+                *starts.entry(unit).or_insert(0) += 1;
+            }
+            _ => {}
+        }
+    }
+    // Per item: fetch, four subtasks, enrich itself (fan-in), store.
+    assert_eq!(completions.len(), ITEMS * 7);
+    assert!(
+        completions.values().all(|&n| n == 1),
+        "a unit completed twice"
+    );
+    assert_eq!(starts.len(), ITEMS * 7, "every unit started");
+    assert!(starts.values().all(|&n| n == 1), "a unit was claimed twice");
+    assert_eq!(owners.len(), 4, "every worker took work: {owners:?}");
+    for feed in &feeds {
+        let first = feed.first().expect("each worker's feed carried events").seq;
+        let slice = &log[first as usize - 1..][..feed.len()];
+        assert_eq!(
+            feed.as_slice(),
+            slice,
+            "a worker's live feed is a gapless run of the log"
+        );
+    }
+    let longest = feeds.iter().map(Vec::len).max().unwrap();
+    assert!(
+        longest >= log.len() - ITEMS - 8,
+        "the last worker saw the log to its end"
+    );
+}
