@@ -129,7 +129,7 @@ async fn run<S: Store>(store: S, approve_all: bool) -> treadle::Result<()> {
     let engine = Engine::new(pipeline! { scan -> enrich -> review -> export }, store);
     let drift = engine.drift().await?;
     if !drift.is_empty() {
-        println!("note: the stored pipeline differs from this one: {drift:?}");
+        println!("note: {drift}");
     }
     let new = engine.submit_all(documents()).await?;
     println!("submitted {new} new documents\n");

@@ -207,7 +207,7 @@ async fn another_applications_database_is_refused_and_left_untouched() {
     );
     let before = std::fs::read(&path).unwrap();
     match SqliteStore::open(&path).await.unwrap_err() {
-        Error::NotATreadleDatabase { path: named } => assert_eq!(named, path),
+        Error::NotATreadleDatabase { location } => assert_eq!(location, path.display().to_string()),
         other => panic!("expected NotATreadleDatabase, got {other:?}"),
     }
     assert_eq!(
@@ -228,7 +228,81 @@ async fn a_file_that_is_not_sqlite_is_refused_naming_the_path() {
     std::fs::write(&path, "these are notes, not a database\n".repeat(200)).unwrap();
     let error = SqliteStore::open(&path).await.unwrap_err();
     assert!(error.to_string().contains("notes.txt"), "{error}");
-    assert!(matches!(error, Error::NotATreadleDatabase { path: p } if p == path));
+    assert!(
+        matches!(&error, Error::NotATreadleDatabase { location } if *location == path.display().to_string())
+    );
+}
+
+#[tokio::test]
+async fn a_missing_directory_is_named_with_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("no-such-dir").join("pipeline.db");
+    let error = SqliteStore::open(&path).await.unwrap_err();
+    let message = error.to_string();
+    assert!(
+        matches!(
+            error,
+            Error::Store {
+                backend: "SQLite",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(message.contains(&path.display().to_string()), "{message}");
+    assert!(
+        message.contains("no-such-dir` does not exist"),
+        "the cause, not just `SQLite error`: {message}"
+    );
+}
+
+#[tokio::test]
+async fn a_read_only_file_is_refused_with_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(registered(SqliteStore::open(db(&dir)).await.unwrap()).await);
+    // Root writes through file modes, so make the file immutable there.
+    let as_root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    let lock = |on: bool| {
+        let ok = if as_root {
+            std::process::Command::new("chattr")
+                .arg(if on { "+i" } else { "-i" })
+                .arg(db(&dir))
+                .status()
+                .unwrap()
+                .success()
+        } else {
+            let mut mode = std::fs::metadata(db(&dir)).unwrap().permissions();
+            mode.set_readonly(on);
+            std::fs::set_permissions(db(&dir), mode).is_ok()
+        };
+        assert!(ok, "could not change the file's write protection");
+    };
+    // Leave no WAL beside it, so opening must write the file itself.
+    for extra in ["treadle.db-wal", "treadle.db-shm"] {
+        let _ = std::fs::remove_file(dir.path().join(extra));
+    }
+    lock(true);
+    let opened = SqliteStore::open(db(&dir)).await;
+    lock(false);
+    let error = opened.unwrap_err();
+    let message = error.to_string();
+    assert!(
+        matches!(
+            error,
+            Error::Store {
+                backend: "SQLite",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(
+        message.contains("readonly"),
+        "the cause is shown: {message}"
+    );
 }
 
 #[tokio::test]
@@ -382,7 +456,16 @@ async fn a_transition_that_fails_midway_leaves_no_partial_state() {
         )
     };
     let error = store.commit(finish()).await.unwrap_err();
-    assert!(matches!(error, Error::Sqlite(_)), "{error:?}");
+    assert!(
+        matches!(
+            &error,
+            Error::Store {
+                backend: "SQLite",
+                ..
+            }
+        ) && error.to_string().contains("injected failure"),
+        "the message shows the database's own cause: {error}"
+    );
     assert_eq!(store.status("a").await.unwrap(), before);
     assert_eq!(all_events(&store).await, events_before);
 

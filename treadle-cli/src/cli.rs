@@ -108,6 +108,19 @@ pub enum Command {
         stage: String,
     },
 
+    /// Move unfinished items to the latest pipeline version, matching stages
+    /// by name: completed stages stay completed, new stages start pending,
+    /// stages the version lacks are dropped. Finished items and items with
+    /// running work are left as they are.
+    Migrate {
+        /// The item to move.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        item: Option<String>,
+        /// Move every unfinished item of an older version.
+        #[arg(long)]
+        all: bool,
+    },
+
     /// Cancel an item: nothing more runs for it, and running stages stop.
     Cancel {
         /// The item.

@@ -16,14 +16,14 @@ use std::time::Duration;
 
 use chrono::Utc;
 use serde_json::Value;
-use treadle::store::{DecisionCommit, EventQuery, Verdict};
+use treadle::store::{DecisionCommit, EventQuery, MigrateOutcome, Verdict};
 use treadle::{Decision, Event, PipelineDef, StageState, Store};
 
 use crate::cli::{Command, DecisionArgs, GraphFormat, ReviewCommand};
 use crate::error::CliError;
 use crate::output::{
-    self, Change, Counts, EventLog, Graph, ItemList, ItemReport, Overview, ReviewList, StageRow,
-    emit,
+    self, Change, Counts, EventLog, Graph, ItemList, ItemReport, Migration, Overview, ReviewList,
+    StageRow, emit,
 };
 
 /// The result type of the commands.
@@ -84,6 +84,7 @@ pub async fn run<S: Store>(
         }
         Command::Retry { item, stage } => emit(&retry(store, &item, &stage).await?, json, out)?,
         Command::Cancel { item } => emit(&cancel(store, &item).await?, json, out)?,
+        Command::Migrate { item, .. } => emit(&migrate(store, item).await?, json, out)?,
         Command::Events {
             item,
             after,
@@ -163,7 +164,43 @@ pub async fn overview<S: Store>(store: &S) -> Result<Overview> {
             .into_iter()
             .map(|(stage, counts)| StageRow { stage, counts }),
     );
-    Ok(Overview { stages })
+    Ok(Overview {
+        pipeline: store.pipeline_drift().await?,
+        stages,
+    })
+}
+
+/// `migrate`: moves one item (or, with `None`, every unfinished item of an
+/// older version) to the latest registered pipeline version.
+pub async fn migrate<S: Store>(store: &S, item: Option<String>) -> Result<Migration> {
+    let version = store
+        .pipeline_drift()
+        .await?
+        .ok_or(CliError::NoPipeline)?
+        .version;
+    let items = match item {
+        Some(item) => vec![item],
+        None => store.items_before_version(version).await?,
+    };
+    let mut report = Migration {
+        version,
+        items: Vec::new(),
+    };
+    for item in items {
+        let (outcome, _) = store.migrate(&item, version, Utc::now()).await?;
+        report.items.push((item, outcome_name(outcome)));
+    }
+    Ok(report)
+}
+
+/// How a migration outcome is printed.
+fn outcome_name(outcome: MigrateOutcome) -> &'static str {
+    match outcome {
+        MigrateOutcome::Moved => "moved",
+        MigrateOutcome::AlreadyCurrent => "already on it",
+        MigrateOutcome::Finished => "finished: keeps its version",
+        MigrateOutcome::Busy => "work running: try again when it is idle",
+    }
 }
 
 /// Checks that `stage` is a stage of the recorded pipeline, or one that
@@ -422,6 +459,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn migrate_moves_unfinished_items_to_the_latest_version() {
+        let engine = engine().await;
+        let store = engine.store();
+        let none = migrate(store, None).await.unwrap();
+        assert!(none.items.is_empty(), "everything is on the latest version");
+        let mut v2 = store.pipeline_definition().await.unwrap().unwrap();
+        v2.stages.push("archive".into());
+        v2.edges.push(("export".into(), "archive".into()));
+        assert_eq!(store.register_pipeline(&v2).await.unwrap().version, 2);
+        let one = migrate(store, Some("a".into())).await.unwrap();
+        assert_eq!(one.items, [("a".to_owned(), "moved")]);
+        assert_eq!(store.status("a").await.unwrap().version, 2);
+        let rest = migrate(store, None).await.unwrap();
+        let moved: Vec<&str> = rest.items.iter().map(|(i, _)| i.as_str()).collect();
+        assert_eq!(moved, ["b", "c"], "the unfinished items of version 1");
+        let mut out = String::new();
+        crate::output::Report::text(&rest, &mut out);
+        assert!(out.contains("item `b` to version 2: moved"), "{out}");
+        let overview = text(store, Command::Status { item: None }).await.unwrap();
+        assert!(overview.starts_with("pipeline version 2 ("), "{overview}");
+        assert!(
+            !overview.contains("unfinished items on version 1"),
+            "{overview}"
+        );
+    }
+
+    #[tokio::test]
     async fn approving_unblocks_the_dependents_from_the_stored_edges() {
         let engine = engine().await;
         let store = engine.store();
@@ -507,7 +571,7 @@ mod tests {
         let engine = engine().await;
         let store = engine.store();
         let status = text(store, Command::Status { item: None }).await.unwrap();
-        assert!(status.starts_with("stage "), "{status}");
+        assert!(status.starts_with("pipeline version 1\nstage "), "{status}");
         assert!(status.contains("awaiting_review"), "{status}");
         let item = text(
             store,
@@ -522,7 +586,10 @@ mod tests {
         let reviews = text(store, Command::Review(ReviewCommand::List))
             .await
             .unwrap();
-        assert!(reviews.contains("a review (round 1"), "{reviews}");
+        assert!(
+            reviews.contains("a review (pipeline version 1, round 1"),
+            "{reviews}"
+        );
         assert!(reviews.contains(": check b"), "{reviews}");
         let log = text(
             store,

@@ -59,6 +59,8 @@ pub enum CliError {
         /// Why it could not be used.
         why: String,
     },
+    /// No engine has registered a pipeline in the database yet.
+    NoPipeline,
     /// Writing the output failed.
     Output(std::io::Error),
 }
@@ -75,15 +77,13 @@ impl CliError {
                 | E::NotRetryable { .. }
                 | E::ItemCancelled(_)
                 | E::LeaseLost { .. } => Exit::Conflict,
-                E::NotATreadleDatabase { .. }
-                | E::NotATreadleSchema { .. }
-                | E::SchemaTooNew { .. } => Exit::BadDatabase,
+                E::NotATreadleDatabase { .. } | E::SchemaTooNew { .. } => Exit::BadDatabase,
                 _ => Exit::Failure,
             },
             CliError::NoDatabaseGiven | CliError::UnknownState(_) | CliError::BadEdits { .. } => {
                 Exit::Usage
             }
-            CliError::UnknownStage(_) => Exit::NotFound,
+            CliError::UnknownStage(_) | CliError::NoPipeline => Exit::NotFound,
             CliError::MissingDatabase(_) | CliError::NotADatabase { .. } => Exit::BadDatabase,
             CliError::Output(_) => Exit::Failure,
         }
@@ -94,14 +94,18 @@ impl fmt::Display for CliError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             CliError::Treadle(error) => {
-                // One line, with the causes: "SQLite error: database is locked".
-                write!(f, "{error}")?;
+                // One line, with the causes the message does not already
+                // show: "cannot convert the edits to or from JSON: EOF ...".
+                let mut line = error.to_string();
                 let mut source = std::error::Error::source(error);
                 while let Some(cause) = source {
-                    write!(f, ": {cause}")?;
+                    let cause_text = cause.to_string();
+                    if !line.contains(&cause_text) {
+                        line = format!("{line}: {cause_text}");
+                    }
                     source = cause.source();
                 }
-                Ok(())
+                f.write_str(&line)
             }
             CliError::NoDatabaseGiven => f.write_str("no database given: pass --db PATH"),
             CliError::MissingDatabase(path) => {
@@ -124,6 +128,9 @@ impl fmt::Display for CliError {
             CliError::BadEdits { path, why } => {
                 write!(f, "cannot use edits file `{}`: {why}", path.display())
             }
+            CliError::NoPipeline => f.write_str(
+                "no pipeline is registered in this database yet: start a worker of the pipeline first",
+            ),
             CliError::Output(error) => write!(f, "cannot write the output: {error}"),
         }
     }

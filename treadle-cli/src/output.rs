@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::io::{self, Write};
 
 use serde::Serialize;
-use treadle::{AwaitingReview, Event, ItemStatus, PipelineDef, StageState};
+use treadle::{AwaitingReview, Event, ItemStatus, PipelineDef, PipelineDrift, StageState};
 
 use crate::cli::GraphFormat;
 
@@ -40,6 +40,8 @@ pub fn zero_counts() -> Counts {
 /// `treadle status`: item counts per stage and state.
 #[derive(Debug, Serialize)]
 pub struct Overview {
+    /// The latest pipeline version and the unfinished items of older ones.
+    pub pipeline: Option<PipelineDrift>,
     /// One row per stage, in the pipeline's topological order (stages the
     /// pipeline no longer has, but items still do, come last).
     pub stages: Vec<StageRow>,
@@ -62,6 +64,9 @@ impl Report for Overview {
             .map(|s| s.as_str())
             .filter(|s| self.stages.iter().any(|row| row.counts[s] > 0))
             .collect();
+        if let Some(pipeline) = &self.pipeline {
+            let _ = writeln!(out, "{pipeline}");
+        }
         if states.is_empty() {
             let _ = writeln!(out, "no items");
             return;
@@ -242,9 +247,10 @@ impl Report for ReviewList {
             let review = &waiting.review;
             let _ = writeln!(
                 out,
-                "{} {} (round {}, requested {}): {}",
+                "{} {} (pipeline version {}, round {}, requested {}): {}",
                 waiting.item_id,
                 waiting.stage,
+                waiting.version,
                 review.round,
                 time(review.requested_at),
                 review.request.summary
@@ -279,6 +285,26 @@ impl Report for Change {
             let _ = write!(out, " (nothing changed)");
         }
         let _ = writeln!(out);
+    }
+}
+
+/// `treadle migrate`: what happened to each item.
+#[derive(Debug, Serialize)]
+pub struct Migration {
+    /// The version items were moved to.
+    pub version: u32,
+    /// Each item and what happened to it.
+    pub items: Vec<(String, &'static str)>,
+}
+
+impl Report for Migration {
+    fn text(&self, out: &mut String) {
+        if self.items.is_empty() {
+            let _ = writeln!(out, "no items of older versions in flight");
+        }
+        for (item, outcome) in &self.items {
+            let _ = writeln!(out, "item `{item}` to version {}: {outcome}", self.version);
+        }
     }
 }
 
@@ -367,8 +393,12 @@ impl Graph {
         let graph = match (&counts, format) {
             (None, GraphFormat::Dot) => definition.to_dot(),
             (None, GraphFormat::Mermaid) => definition.to_mermaid(),
-            (Some(counts), GraphFormat::Dot) => dot_with_counts(&definition, counts),
-            (Some(counts), GraphFormat::Mermaid) => mermaid_with_counts(&definition, counts),
+            (Some(counts), GraphFormat::Dot) => {
+                definition.to_dot_noted(|stage| Some(count_label(counts.get(stage))))
+            }
+            (Some(counts), GraphFormat::Mermaid) => {
+                definition.to_mermaid_noted(|stage| Some(count_label(counts.get(stage))))
+            }
         };
         Graph {
             format: match format {
@@ -396,60 +426,6 @@ fn count_label(counts: Option<&Counts>) -> String {
     } else {
         parts.join(", ")
     }
-}
-
-/// Text inside a DOT string, with `\` and `"` escaped (as the runtime does).
-fn dot_escape(text: &str) -> String {
-    text.replace('\\', "\\\\").replace('"', "\\\"")
-}
-
-/// A DOT id: quoted and escaped.
-fn dot_quote(text: &str) -> String {
-    format!("\"{}\"", dot_escape(text))
-}
-
-fn dot_with_counts(def: &PipelineDef, counts: &BTreeMap<String, Counts>) -> String {
-    let mut out = String::from("digraph pipeline {\n    rankdir=LR;\n");
-    for stage in &def.stages {
-        // `\n` inside a DOT string is a centred line break.
-        let label = format!("{}\\n{}", dot_escape(stage), count_label(counts.get(stage)));
-        let _ = writeln!(out, "    {} [label=\"{label}\"];", dot_quote(stage));
-    }
-    for (from, to) in &def.edges {
-        let _ = writeln!(out, "    {} -> {};", dot_quote(from), dot_quote(to));
-    }
-    out.push_str("}\n");
-    out
-}
-
-/// A Mermaid node id, as the runtime's `to_mermaid` makes it.
-fn mermaid_id(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
-fn mermaid_with_counts(def: &PipelineDef, counts: &BTreeMap<String, Counts>) -> String {
-    let mut out = String::from("flowchart LR\n");
-    for stage in &def.stages {
-        let _ = writeln!(
-            out,
-            "    {}[\"{}<br/>{}\"]",
-            mermaid_id(stage),
-            stage.replace('"', "#quot;"),
-            count_label(counts.get(stage))
-        );
-    }
-    for (from, to) in &def.edges {
-        let _ = writeln!(out, "    {} --> {}", mermaid_id(from), mermaid_id(to));
-    }
-    out
 }
 
 #[cfg(test)]
@@ -505,6 +481,7 @@ mod tests {
         let mut counts = zero_counts();
         counts.insert("completed", 12);
         let overview = Overview {
+            pipeline: None,
             stages: vec![
                 StageRow {
                     stage: "tag".into(),
@@ -521,6 +498,32 @@ mod tests {
         assert_eq!(
             text,
             "stage   completed\ntag            12\nexport          0\n"
+        );
+    }
+
+    #[test]
+    fn the_overview_names_older_versions_in_flight() {
+        let drift = PipelineDrift {
+            version: 3,
+            changes: Default::default(),
+            in_flight: vec![treadle::VersionInFlight {
+                version: 1,
+                items: 4,
+                changes: treadle::PipelineChanges {
+                    added_stages: vec!["archive".into()],
+                    ..Default::default()
+                },
+            }],
+        };
+        let overview = Overview {
+            pipeline: Some(drift),
+            stages: Vec::new(),
+        };
+        let mut text = String::new();
+        overview.text(&mut text);
+        assert_eq!(
+            text,
+            "pipeline version 3; 4 unfinished items on version 1 (stages added: archive)\nno items\n"
         );
     }
 }

@@ -162,8 +162,9 @@ async fn review_list_then_approve_lets_a_worker_complete_the_item() {
     let list = treadle(&f.db, &["review", "list"]).ok();
     for id in ["a", "b", "c"] {
         assert!(
-            list.stdout
-                .contains(&format!("{id} review (round 1, requested ")),
+            list.stdout.contains(&format!(
+                "{id} review (pipeline version 1, round 1, requested "
+            )),
             "{}",
             list.stdout
         );
@@ -394,8 +395,10 @@ async fn every_read_command_prints_parseable_json() {
     assert_eq!(overview["stages"][1]["counts"]["awaiting_review"], 3);
     assert_eq!(overview["stages"][0]["counts"]["failed"], 1);
 
+    assert_eq!(overview["pipeline"]["version"], 1);
     let table = treadle(&f.db, &["status"]).ok().stdout;
-    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(table.lines().next(), Some("pipeline version 1"));
+    let header: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
     assert_eq!(
         header,
         ["stage", "pending", "completed", "failed", "awaiting_review"]

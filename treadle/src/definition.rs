@@ -79,9 +79,24 @@ pub struct PipelineDef {
 impl PipelineDef {
     /// The graph in Graphviz DOT.
     pub fn to_dot(&self) -> String {
+        self.to_dot_noted(|_| None)
+    }
+
+    /// The graph in Graphviz DOT, each stage with the second label line
+    /// `note` gives it, if any (e.g. item counts).
+    pub fn to_dot_noted(&self, note: impl Fn(&str) -> Option<String>) -> String {
         let mut out = String::from("digraph pipeline {\n    rankdir=LR;\n");
         for stage in &self.stages {
-            out.push_str(&format!("    {};\n", dot_id(stage)));
+            match note(stage) {
+                None => out.push_str(&format!("    {};\n", dot_id(stage))),
+                // `\n` inside a DOT string is a centred line break.
+                Some(note) => out.push_str(&format!(
+                    "    {} [label=\"{}\\n{}\"];\n",
+                    dot_id(stage),
+                    dot_escape(stage),
+                    dot_escape(&note)
+                )),
+            }
         }
         for (from, to) in &self.edges {
             out.push_str(&format!("    {} -> {};\n", dot_id(from), dot_id(to)));
@@ -92,13 +107,19 @@ impl PipelineDef {
 
     /// The graph as a Mermaid flowchart.
     pub fn to_mermaid(&self) -> String {
+        self.to_mermaid_noted(|_| None)
+    }
+
+    /// The graph as a Mermaid flowchart, each stage with the second label
+    /// line `note` gives it, if any.
+    pub fn to_mermaid_noted(&self, note: impl Fn(&str) -> Option<String>) -> String {
         let mut out = String::from("flowchart LR\n");
         for stage in &self.stages {
-            out.push_str(&format!(
-                "    {}[\"{}\"]\n",
-                mermaid_id(stage),
-                stage.replace('"', "#quot;")
-            ));
+            let mut label = stage.replace('"', "#quot;");
+            if let Some(note) = note(stage) {
+                label = format!("{label}<br/>{}", note.replace('"', "#quot;"));
+            }
+            out.push_str(&format!("    {}[\"{label}\"]\n", mermaid_id(stage)));
         }
         for (from, to) in &self.edges {
             out.push_str(&format!(
@@ -111,8 +132,13 @@ impl PipelineDef {
     }
 }
 
+/// Text inside a DOT string, with `\` and `"` escaped.
+fn dot_escape(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
 fn dot_id(name: &str) -> String {
-    format!("\"{}\"", name.replace('\\', "\\\\").replace('"', "\\\""))
+    format!("\"{}\"", dot_escape(name))
 }
 
 fn mermaid_id(name: &str) -> String {

@@ -123,16 +123,35 @@ pub enum Error {
     Stage(String),
 
     /// An I/O error inside a stage or the store.
-    #[error("I/O error")]
+    #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 
-    /// The SQLite database reported an error. Shared (`Arc`) because one
-    /// failed group commit is reported to every transition in it.
-    #[cfg(feature = "sqlite")]
-    #[error("SQLite error")]
-    Sqlite(#[source] std::sync::Arc<rusqlite::Error>),
+    /// The database behind a store failed. `context` says what the store
+    /// was doing; `cause` is what the database reported (a missing
+    /// directory, a read-only file, a full disk, a lock timeout, ...).
+    /// Shared (`Arc`) because one failed group commit is reported to every
+    /// transition in it.
+    #[error("{backend} store: {context}: {cause}")]
+    Store {
+        /// Which store: `SQLite`, `PostgreSQL`.
+        backend: &'static str,
+        /// What the store was doing.
+        context: String,
+        /// What went wrong underneath.
+        #[source]
+        cause: std::sync::Arc<dyn std::error::Error + Send + Sync>,
+    },
 
-    #[cfg(any(feature = "sqlite", feature = "postgres"))]
+    /// A transition panicked inside the store; it was rolled back and
+    /// changed nothing, and the store goes on serving other transitions.
+    #[error("a {backend} store transition panicked and was rolled back: {message}")]
+    TransitionPanicked {
+        /// Which store.
+        backend: &'static str,
+        /// The panic's message.
+        message: String,
+    },
+
     /// The database was written by a newer version of treadle.
     #[error(
         "the database has schema version {found}; this version of treadle supports up to {supported}"
@@ -144,30 +163,17 @@ pub enum Error {
         supported: i64,
     },
 
-    #[cfg(feature = "sqlite")]
-    /// The file is not a treadle database (not SQLite, or SQLite with other tables).
-    #[error("`{}` is not a treadle database", path.display())]
+    /// The database (a file, or a PostgreSQL schema) is not a treadle
+    /// database: another application's, or not a database at all.
+    #[error("`{location}` is not a treadle database")]
     NotATreadleDatabase {
-        /// The file that was opened.
-        path: std::path::PathBuf,
+        /// The file or schema that was opened.
+        location: String,
     },
 
-    #[cfg(any(feature = "sqlite", feature = "postgres"))]
     /// The store was shut down; its background writer is gone.
     #[error("the store is closed")]
     StoreClosed,
-
-    /// The PostgreSQL server reported an error, or the connection to it
-    /// failed. Shared (`Arc`) because one failed group commit is reported to
-    /// every transition in it.
-    #[cfg(feature = "postgres")]
-    #[error("PostgreSQL error")]
-    Postgres(#[source] std::sync::Arc<tokio_postgres::Error>),
-
-    /// No connection to the PostgreSQL server could be had from the pool.
-    #[cfg(feature = "postgres")]
-    #[error("no PostgreSQL connection: {0}")]
-    PostgresPool(String),
 
     /// The PostgreSQL store's settings are invalid: the URL or the schema name.
     #[cfg(feature = "postgres")]
@@ -178,22 +184,39 @@ pub enum Error {
         /// What is wrong with it.
         detail: String,
     },
-
-    /// The PostgreSQL schema holds tables that are not treadle's.
-    #[cfg(feature = "postgres")]
-    #[error("PostgreSQL schema `{schema}` is not a treadle schema: {detail}")]
-    NotATreadleSchema {
-        /// The schema.
-        schema: String,
-        /// What was found there.
-        detail: String,
-    },
 }
 
 impl Error {
     /// An error raised by stage code, carrying its message.
     pub fn stage(message: impl std::fmt::Display) -> Self {
         Error::Stage(message.to_string())
+    }
+
+    /// A failure of the SQLite database while the store was doing `context`.
+    #[cfg(feature = "sqlite")]
+    pub(crate) fn sqlite(
+        context: impl Into<String>,
+        cause: std::sync::Arc<dyn std::error::Error + Send + Sync>,
+    ) -> Self {
+        Error::Store {
+            backend: "SQLite",
+            context: context.into(),
+            cause,
+        }
+    }
+
+    /// A failure of the PostgreSQL server, or of the connection to it,
+    /// while the store was doing `context`.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn postgres(
+        context: impl Into<String>,
+        cause: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::Store {
+            backend: "PostgreSQL",
+            context: context.into(),
+            cause: std::sync::Arc::new(cause),
+        }
     }
 
     /// Wraps a serde_json error with a description of what was converted.
@@ -208,14 +231,14 @@ impl Error {
 #[cfg(feature = "sqlite")]
 impl From<rusqlite::Error> for Error {
     fn from(error: rusqlite::Error) -> Self {
-        Error::Sqlite(std::sync::Arc::new(error))
+        Error::sqlite("a database operation failed", std::sync::Arc::new(error))
     }
 }
 
 #[cfg(feature = "postgres")]
 impl From<tokio_postgres::Error> for Error {
     fn from(error: tokio_postgres::Error) -> Self {
-        Error::Postgres(std::sync::Arc::new(error))
+        Error::postgres("a database operation failed", error)
     }
 }
 

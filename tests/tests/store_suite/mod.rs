@@ -17,6 +17,9 @@ use treadle::{
 
 use crate::support::*;
 
+mod versions;
+pub use versions::*;
+
 /// Generates one `#[tokio::test]` per suite case, each on a fresh store made
 /// by `$make` (an async expression returning `(store, guard)`; the guard
 /// lives as long as the test, e.g. a temporary directory).
@@ -58,6 +61,12 @@ macro_rules! store_suite {
             long_lived_worker_picks_up_new_items_and_decisions,
             review_deadlines_decide_when_they_pass,
             a_failure_leaves_the_item_active_while_a_branch_can_run,
+            a_stage_added_at_the_end_applies_to_old_items_only_when_migrated,
+            a_stage_inserted_in_the_middle_does_not_strand_old_items,
+            a_removed_last_stage_fails_visibly_and_resumes_when_it_is_back,
+            reordered_stages_keep_the_old_order_for_old_items,
+            a_removed_review_stage_can_still_be_decided,
+            a_renamed_review_stage_is_decided_by_its_old_name_or_migrated,
         );
     };
 }

@@ -144,13 +144,21 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
     /// and reports its version number, how it differs from the version
     /// registered before it, and the unfinished items that still move on
     /// older versions (see [`Engine::migrate_all`]).
+    /// The first call also logs a warning naming the older versions in
+    /// flight, if any.
     pub async fn drift(&self) -> Result<&PipelineDrift> {
         self.shared
             .drift
-            .get_or_try_init(|| {
-                self.shared
+            .get_or_try_init(|| async {
+                let drift = self
+                    .shared
                     .store
                     .register_pipeline(self.shared.pipeline.definition())
+                    .await?;
+                if !drift.in_flight.is_empty() {
+                    tracing::warn!(%drift, "items of older pipeline versions are in flight");
+                }
+                Ok(drift)
             })
             .await
     }

@@ -23,13 +23,22 @@ pub struct NewEvent {
 impl NewEvent {
     /// The event with its names resolved against `item` and sequence number `seq`.
     pub fn resolve(&self, item: &ItemRecord, seq: u64) -> Event {
-        let key = self.unit.map(|unit| item.key(unit));
+        let (stage, subtask) = match self.unit {
+            None => (None, None),
+            Some(unit) => {
+                let row = &item.stages[unit.stage];
+                let subtask = unit
+                    .subtask
+                    .and_then(|p| Some(row.fan_out.as_ref()?.row(p)?.name.clone()));
+                (Some(row.unit.name.clone()), subtask)
+            }
+        };
         Event {
             seq,
             at: self.at,
             item_id: item.id.clone(),
-            stage: key.as_ref().map(|k| k.stage.clone()),
-            subtask: key.and_then(|k| k.subtask),
+            stage,
+            subtask,
             kind: self.kind.clone(),
         }
     }

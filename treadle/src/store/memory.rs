@@ -96,14 +96,21 @@ struct StoredItem {
     attempts: Vec<(UnitRef, AttemptRecord)>,
 }
 
-/// An event as the log keeps it: the item by position.
+/// An event as the log keeps it: the item by position, the stage by its
+/// position in the pipeline version the item moved on at the time.
 #[derive(Debug)]
 struct LoggedEvent {
     at: DateTime<Utc>,
     item: usize,
-    stage: Option<String>,
+    unit: Option<(u32, UnitRef)>,
     subtask: Option<String>,
     kind: EventKind,
+}
+
+/// An item's version and stage states before a rule ran.
+struct Before {
+    version: u32,
+    states: Vec<StageState>,
 }
 
 impl Data {
@@ -130,29 +137,34 @@ impl Data {
         item: usize,
         rule: impl FnOnce(&VersionGraph, &mut ItemRecord, &mut Effects) -> Result<R>,
     ) -> Result<(R, Vec<Event>)> {
-        let graph = self.graph(self.items[item].record.version)?;
-        let before: Vec<(String, StageState)> = self.items[item]
-            .record
-            .stages
-            .iter()
-            .map(|s| (s.unit.name.clone(), s.unit.state))
-            .collect();
+        let record = &self.items[item].record;
+        let graph = self.graph(record.version)?;
+        let before = Before {
+            version: record.version,
+            states: record.stages.iter().map(|s| s.unit.state).collect(),
+        };
         let mut fx = Effects::default();
         let answer = rule(&graph, &mut self.items[item].record, &mut fx)?;
-        let events = self.apply(item, &before, fx);
+        let events = self.apply(item, Some(&before), fx);
         Ok((answer, events))
     }
 
-    /// Saves what a rule did to item `item`, whose stages were `before`.
-    fn apply(&mut self, item: usize, before: &[(String, StageState)], fx: Effects) -> Vec<Event> {
+    /// Saves what a rule did to item `item`, whose stages were `before`
+    /// (`None` for a new item).
+    fn apply(&mut self, item: usize, before: Option<&Before>, fx: Effects) -> Vec<Event> {
+        let old_names = match before {
+            Some(before) => self.versions[before.version as usize - 1].clone(),
+            None => self
+                .graph(self.items[item].record.version)
+                .expect("checked at submit"),
+        };
         let stored = &mut self.items[item];
         if fx.restructured {
             // Positions changed: file the history under the new positions,
             // dropping the history of stages the item no longer has.
             let record = &stored.record;
             stored.attempts.retain_mut(|(unit, _)| {
-                let name = &before[unit.stage].0;
-                match record.stage_position(name) {
+                match record.stage_position(&old_names.stages()[unit.stage]) {
                     Some(position) => {
                         unit.stage = position;
                         true
@@ -167,24 +179,32 @@ impl Data {
                 .retain(|(unit, _)| unit.stage != stage || unit.subtask.is_none());
         }
         stored.attempts.extend(fx.attempts);
-        let after: Vec<(String, StageState)> = stored
-            .record
-            .stages
-            .iter()
-            .map(|s| (s.unit.name.clone(), s.unit.state))
-            .collect();
-        if before != after.as_slice() {
-            for (name, state) in before {
-                if let Some(items) = state_index(&mut self.by_state, name).get_mut(state) {
+        let record = &stored.record;
+        let same_rows = !fx.restructured && before.is_some();
+        if fx.restructured
+            && let Some(before) = before
+        {
+            for (name, state) in old_names.stages().iter().zip(&before.states) {
+                if let Some(items) = self.by_state.get_mut(name).and_then(|s| s.get_mut(state)) {
                     items.remove(&item);
                 }
             }
-            for (name, state) in &after {
-                state_index(&mut self.by_state, name)
-                    .entry(*state)
-                    .or_default()
-                    .insert(item);
+        }
+        for (position, row) in record.stages.iter().enumerate() {
+            let old = before.and_then(|b| b.states.get(position).copied());
+            if same_rows && old == Some(row.unit.state) {
+                continue;
             }
+            if same_rows && let Some(old) = old {
+                let states = self.by_state.get_mut(&*row.unit.name);
+                if let Some(items) = states.and_then(|s| s.get_mut(&old)) {
+                    items.remove(&item);
+                }
+            }
+            state_index(&mut self.by_state, &row.unit.name)
+                .entry(row.unit.state)
+                .or_default()
+                .insert(item);
         }
         self.ready
             .extend(fx.runnable.iter().map(|&unit| (item, unit)));
@@ -197,7 +217,7 @@ impl Data {
             self.events.push(LoggedEvent {
                 at: event.at,
                 item,
-                stage: event.stage.clone(),
+                unit: new.unit.map(|unit| (record.version, unit)),
                 subtask: event.subtask.clone(),
                 kind: new.kind,
             });
@@ -208,11 +228,14 @@ impl Data {
 
     /// The event at log index `index`, with its names.
     fn resolve(&self, index: usize, logged: &LoggedEvent) -> Event {
+        let stage = logged.unit.map(|(version, unit)| {
+            self.versions[version as usize - 1].stages()[unit.stage].clone()
+        });
         Event {
             seq: index as u64 + 1,
             at: logged.at,
             item_id: self.items[logged.item].record.id.clone(),
-            stage: logged.stage.clone(),
+            stage,
             subtask: logged.subtask.clone(),
             kind: logged.kind.clone(),
         }
@@ -242,7 +265,7 @@ impl Data {
             record,
             attempts: Vec::new(),
         });
-        events.extend(self.apply(position, &[], fx));
+        events.extend(self.apply(position, None, fx));
         Ok(true)
     }
 
@@ -263,6 +286,38 @@ impl Data {
                         review: row.review.clone()?,
                     })
                 })
+        })
+    }
+
+    /// How version `version` stands: its changes from `previous`, and the
+    /// unfinished items of other versions.
+    fn drift(&self, version: u32, previous: Option<&PipelineDef>) -> Result<PipelineDrift> {
+        let current = self.graph(version)?;
+        let mut in_flight: Vec<VersionInFlight> = Vec::new();
+        for item in (0..self.items.len()).filter(|&i| self.unfinished(i)) {
+            let old = self.items[item].record.version;
+            if old == version {
+                continue;
+            }
+            match in_flight.iter_mut().find(|v| v.version == old) {
+                Some(entry) => entry.items += 1,
+                None => in_flight.push(VersionInFlight {
+                    version: old,
+                    items: 1,
+                    changes: PipelineChanges::between(
+                        self.graph(old)?.definition(),
+                        current.definition(),
+                    ),
+                }),
+            }
+        }
+        in_flight.sort_by_key(|v| v.version);
+        Ok(PipelineDrift {
+            version,
+            changes: previous
+                .map(|p| PipelineChanges::between(p, current.definition()))
+                .unwrap_or_default(),
+            in_flight,
         })
     }
 
@@ -302,30 +357,16 @@ impl Store for MemoryStore {
                 version
             }
         };
-        let changes = latest
-            .map(|l| PipelineChanges::between(l.definition(), definition))
-            .unwrap_or_default();
-        let mut in_flight: Vec<VersionInFlight> = Vec::new();
-        for item in (0..data.items.len()).filter(|&i| data.unfinished(i)) {
-            let old = data.items[item].record.version;
-            if old == version {
-                continue;
-            }
-            match in_flight.iter_mut().find(|v| v.version == old) {
-                Some(entry) => entry.items += 1,
-                None => in_flight.push(VersionInFlight {
-                    version: old,
-                    items: 1,
-                    changes: PipelineChanges::between(data.graph(old)?.definition(), definition),
-                }),
-            }
-        }
-        in_flight.sort_by_key(|v| v.version);
-        Ok(PipelineDrift {
-            version,
-            changes,
-            in_flight,
-        })
+        data.drift(version, latest.as_ref().map(|l| l.definition()))
+    }
+
+    async fn pipeline_drift(&self) -> Result<Option<PipelineDrift>> {
+        let data = self.lock();
+        let Some(latest) = data.versions.last() else {
+            return Ok(None);
+        };
+        let previous = data.versions.iter().rev().nth(1).map(|v| v.definition());
+        data.drift(latest.version(), previous).map(Some)
     }
 
     async fn submit(&self, items: Vec<NewItem>) -> Result<Vec<Event>> {

@@ -1,12 +1,13 @@
 //! The store: where items, stage states, outputs, reviews and events live.
 //!
 //! The [`Store`] trait is made of *transitions* (submit, claim, commit an
-//! outcome, decide a review, retry, cancel), each of which a store applies
-//! atomically together with the events that record it. The engine decides
-//! *what* a transition is (it knows the pipeline and the retry policy); the
-//! store checks that it is still allowed (fencing, current state) and applies
-//! it. That split lets SQLite, memory and a future PostgreSQL store
-//! (`FOR UPDATE SKIP LOCKED`) implement the same contract.
+//! outcome, decide a review, retry, cancel, migrate), each of which a store
+//! applies atomically together with the events that record it. The engine
+//! turns an attempt's end into a transition by the stage's policy; the rules
+//! in [`crate::rules`] decide whether it is allowed and what it changes; a
+//! store loads the rows, calls the rule and saves the result. That split lets
+//! SQLite, memory and PostgreSQL (`FOR UPDATE SKIP LOCKED`) implement the
+//! same contract without repeating a rule.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -173,6 +174,12 @@ pub trait Store: Send + Sync + 'static {
     /// pipeline version is older than `version`, oldest version first, then
     /// in submission order.
     async fn items_before_version(&self, version: u32) -> Result<Vec<String>>;
+
+    /// How the latest registered pipeline version stands, without
+    /// registering anything: its number, how it differs from the version
+    /// before it, and the unfinished items of older versions. `None` if no
+    /// pipeline was registered yet. This is what operators' tools show.
+    async fn pipeline_drift(&self) -> Result<Option<PipelineDrift>>;
 
     /// The latest pipeline definition recorded by `register_pipeline`, if any.
     async fn pipeline_definition(&self) -> Result<Option<PipelineDef>>;

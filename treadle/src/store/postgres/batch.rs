@@ -654,5 +654,11 @@ struct Hint {
 /// Whether `error` came from the database (the batch is then replayed or
 /// failed as a whole) rather than from a rule.
 pub(super) fn is_database_error(error: &Error) -> bool {
-    matches!(error, Error::Postgres(_) | Error::PostgresPool(_))
+    matches!(
+        error,
+        Error::Store {
+            backend: "PostgreSQL",
+            ..
+        }
+    )
 }

@@ -58,14 +58,14 @@ pub(super) fn pool(config: tokio_postgres::Config, size: usize) -> Result<Pool> 
         .max_size(size)
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .build()
-        .map_err(|e| Error::PostgresPool(e.to_string()))
+        .map_err(|e| Error::postgres("setting up the connection pool", e))
 }
 
 /// A connection from `pool`.
 pub(super) async fn get(pool: &Pool) -> Result<deadpool_postgres::Client> {
     pool.get().await.map_err(|e| match e {
-        deadpool_postgres::PoolError::Backend(e) => Error::from(e),
-        other => Error::PostgresPool(other.to_string()),
+        deadpool_postgres::PoolError::Backend(e) => Error::postgres("connecting", e),
+        other => Error::postgres("getting a connection from the pool", other),
     })
 }
 

@@ -80,7 +80,7 @@ impl PostgresOptions {
     }
 
     /// Refuses a schema that does not exist yet instead of creating it
-    /// ([`Error::NotATreadleSchema`]): for tools that only look at and act
+    /// ([`Error::NotATreadleDatabase`]): for tools that only look at and act
     /// on what workers store.
     pub fn existing_only(mut self) -> Self {
         self.create = false;
@@ -168,6 +168,39 @@ impl PostgresStore {
     }
 }
 
+/// How version `version` of `versions` stands: how it differs from
+/// `previous` and the unfinished items of other versions.
+async fn drift(
+    db: Db<'_>,
+    versions: &[(u32, PipelineDef)],
+    version: u32,
+    previous: Option<&PipelineDef>,
+) -> Result<PipelineDrift> {
+    let definition_of = |wanted: u32| {
+        versions
+            .iter()
+            .find(|(v, _)| *v == wanted)
+            .map(|(_, d)| d)
+            .ok_or(Error::UnknownVersion(wanted))
+    };
+    let current = definition_of(version)?;
+    let mut in_flight = Vec::new();
+    for (old, items) in read::in_flight(db, version).await? {
+        in_flight.push(VersionInFlight {
+            version: old,
+            items,
+            changes: PipelineChanges::between(definition_of(old)?, current),
+        });
+    }
+    Ok(PipelineDrift {
+        version,
+        changes: previous
+            .map(|p| PipelineChanges::between(p, current))
+            .unwrap_or_default(),
+        in_flight,
+    })
+}
+
 /// An answer of the wrong kind: a bug, reported rather than panicked on.
 fn unexpected(answer: Answer) -> Error {
     Error::Corrupt {
@@ -197,8 +230,8 @@ impl Store for PostgresStore {
             &[],
         )
         .await?;
-        let versions = read::versions(db).await?;
-        let latest = versions.last().map(|(_, d)| d);
+        let mut versions = read::versions(db).await?;
+        let latest = versions.last().map(|(_, d)| d.clone());
         let version = match versions.iter().find(|(_, d)| d == definition) {
             Some((known, _)) => *known,
             None => {
@@ -209,30 +242,25 @@ impl Store for PostgresStore {
                     &[&codec::int(next), &text],
                 )
                 .await?;
+                versions.push((next, definition.clone()));
                 next
             }
         };
-        let changes = latest
-            .map(|l| PipelineChanges::between(l, definition))
-            .unwrap_or_default();
-        let mut in_flight = Vec::new();
-        for (old, items) in read::in_flight(db, version).await? {
-            let older = versions
-                .iter()
-                .find(|(v, _)| *v == old)
-                .ok_or(Error::UnknownVersion(old))?;
-            in_flight.push(VersionInFlight {
-                version: old,
-                items,
-                changes: PipelineChanges::between(&older.1, definition),
-            });
-        }
+        let drift = drift(db, &versions, version, latest.as_ref()).await?;
         tx.commit().await?;
-        Ok(PipelineDrift {
-            version,
-            changes,
-            in_flight,
+        Ok(drift)
+    }
+
+    async fn pipeline_drift(&self) -> Result<Option<PipelineDrift>> {
+        self.read(async |db| {
+            let versions = read::versions(db).await?;
+            let Some((latest, _)) = versions.last() else {
+                return Ok(None);
+            };
+            let previous = versions.iter().rev().nth(1).map(|(_, d)| d);
+            drift(db, &versions, *latest, previous).await.map(Some)
         })
+        .await
     }
 
     async fn submit(&self, items: Vec<NewItem>) -> Result<Vec<Event>> {

@@ -169,12 +169,14 @@ pub(super) async fn next_due(db: Db<'_>) -> Result<Option<DateTime<Utc>>> {
 const UNFINISHED: &str = "NOT i.cancelled AND EXISTS (SELECT 1 FROM stages s
     WHERE s.item_id = i.id AND s.state NOT IN ('completed', 'skipped'))";
 
-/// Unfinished items on versions before `version`, in submission order.
+/// Unfinished items on versions before `version`, oldest version first,
+/// then in submission order.
 pub(super) async fn items_before_version(db: Db<'_>, version: u32) -> Result<Vec<String>> {
     let rows = db
         .query(
             &format!(
-                "SELECT i.id FROM items i WHERE i.version < $1 AND {UNFINISHED} ORDER BY i.seq"
+                "SELECT i.id FROM items i WHERE i.version < $1 AND {UNFINISHED}
+                 ORDER BY i.version, i.seq"
             ),
             &[&int(version)],
         )

@@ -190,7 +190,7 @@ pub(super) fn check_schema_name(name: &str) -> Result<()> {
 /// Creates schema `schema` if needed and brings it to [`SCHEMA_VERSION`],
 /// under an advisory lock held for the transaction. A schema of a newer
 /// version is [`Error::SchemaTooNew`]; one with tables that are not ours is
-/// [`Error::NotATreadleSchema`], and so is a missing schema unless `create`.
+/// [`Error::NotATreadleDatabase`], and so is a missing schema unless `create`.
 /// Nothing is written to a schema not ours.
 pub(super) async fn migrate(client: &mut Client, schema: &str, create: bool) -> Result<()> {
     let tx = client.transaction().await?;
@@ -216,10 +216,10 @@ pub(super) async fn migrate(client: &mut Client, schema: &str, create: bool) -> 
                 .map(|r| r.get::<_, String>(1))
         };
         if value("application").as_deref() != Some(APPLICATION) {
-            return Err(Error::NotATreadleSchema {
-                schema: schema.to_owned(),
-                detail: "its treadle_meta table does not name treadle".to_owned(),
-            });
+            return Err(not_ours(
+                schema,
+                "its treadle_meta table names another application",
+            ));
         }
         let version = value("schema_version").unwrap_or_default();
         version.parse::<i64>().map_err(|_| Error::Corrupt {
@@ -227,15 +227,15 @@ pub(super) async fn migrate(client: &mut Client, schema: &str, create: bool) -> 
             detail: format!("`{version}` is not a schema version"),
         })?
     } else if let Some(foreign) = tables.first() {
-        return Err(Error::NotATreadleSchema {
-            schema: schema.to_owned(),
-            detail: format!("it holds table `{foreign}` but no treadle_meta table"),
-        });
+        return Err(not_ours(
+            schema,
+            &format!("it holds table {foreign}, not treadle's"),
+        ));
     } else if !create {
-        return Err(Error::NotATreadleSchema {
-            schema: schema.to_owned(),
-            detail: "it has no treadle tables (no worker has used it yet)".to_owned(),
-        });
+        return Err(not_ours(
+            schema,
+            "it has no treadle tables: no worker has used it yet",
+        ));
     } else {
         tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
             .await?;
@@ -261,6 +261,13 @@ pub(super) async fn migrate(client: &mut Client, schema: &str, create: bool) -> 
     .await?;
     tx.commit().await?;
     Ok(())
+}
+
+/// [`Error::NotATreadleDatabase`] for `schema`, saying why.
+fn not_ours(schema: &str, why: &str) -> Error {
+    Error::NotATreadleDatabase {
+        location: format!("PostgreSQL schema {schema} ({why})"),
+    }
 }
 
 #[cfg(test)]

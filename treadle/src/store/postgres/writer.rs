@@ -196,14 +196,21 @@ async fn resolve(shared: &Shared, xid: &str) -> Result<bool> {
 /// Whether `error` may pass if the batch is tried again: a serialization
 /// failure, a deadlock, a lock timeout, or a lost connection.
 fn transient(error: &Error) -> bool {
-    let Error::Postgres(e) = error else {
-        return matches!(error, Error::PostgresPool(_));
+    let Error::Store {
+        backend: "PostgreSQL",
+        cause,
+        ..
+    } = error
+    else {
+        return false;
+    };
+    let Some(e) = cause.downcast_ref::<tokio_postgres::Error>() else {
+        return true; // the pool could not hand out a connection
     };
     match e.code() {
         Some(code) => ["40001", "40P01", "55P03", "57P01"].contains(&code.code()),
         None => {
-            e.is_closed()
-                || std::error::Error::source(&**e).is_some_and(|s| s.is::<std::io::Error>())
+            e.is_closed() || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
         }
     }
 }

@@ -15,46 +15,67 @@ use serde::de::DeserializeOwned;
 use crate::error::{Error, Result};
 use crate::state::UnknownVariant;
 
-/// Where a stored value lives: a table, its key and a column.
+/// Where a stored value lives: a table, its key and a column. Built for
+/// every row read, so it only borrows the key; the text is made when an
+/// error needs it.
 #[derive(Debug, Clone)]
-pub(crate) struct Loc {
+pub(crate) struct Loc<'a> {
     table: &'static str,
-    key: String,
+    key: Key<'a>,
 }
 
-impl Loc {
+#[derive(Debug, Clone)]
+enum Key<'a> {
+    Item(&'a str),
+    Stage(&'a str, &'a str),
+    Subtask(&'a str, &'a str, &'a str),
+    Other(String),
+}
+
+impl<'a> Loc<'a> {
     /// A row of `stages`.
-    pub(crate) fn stage(item: &str, stage: &str) -> Self {
+    pub(crate) fn stage(item: &'a str, stage: &'a str) -> Self {
         Loc {
             table: "stages",
-            key: format!("item={item}, stage={stage}"),
+            key: Key::Stage(item, stage),
         }
     }
 
     /// A row of `subtasks`.
-    pub(crate) fn subtask(item: &str, stage: &str, subtask: &str) -> Self {
+    pub(crate) fn subtask(item: &'a str, stage: &'a str, subtask: &'a str) -> Self {
         Loc {
             table: "subtasks",
-            key: format!("item={item}, stage={stage}, subtask={subtask}"),
+            key: Key::Subtask(item, stage, subtask),
         }
     }
 
     /// A row of `items`.
-    pub(crate) fn item(item: &str) -> Self {
+    pub(crate) fn item(item: &'a str) -> Self {
         Loc {
             table: "items",
-            key: format!("id={item}"),
+            key: Key::Item(item),
         }
     }
 
     /// Any other row, keyed as given.
     pub(crate) fn row(table: &'static str, key: String) -> Self {
-        Loc { table, key }
+        Loc {
+            table,
+            key: Key::Other(key),
+        }
     }
 
     /// The location of one column of the row.
     pub(crate) fn at(&self, column: &str) -> String {
-        format!("{}({}).{column}", self.table, self.key)
+        let key = match &self.key {
+            Key::Item(item) => format!("id={item}"),
+            Key::Stage(item, stage) => format!("item={item}, stage={stage}"),
+            Key::Subtask(item, stage, subtask) => {
+                format!("item={item}, stage={stage}, subtask={subtask}")
+            }
+            Key::Other(key) => key.clone(),
+        };
+        format!("{}({key}).{column}", self.table)
     }
 
     /// A corruption error at `column` of this row.

@@ -5,9 +5,11 @@
 //!
 //! - One **writer thread** owns the write connection. Transitions queue on
 //!   it and are committed in groups: one `BEGIN IMMEDIATE` transaction per
-//!   batch, one `SAVEPOINT` per transition (a transition that fails, e.g.
-//!   with [`Error::LeaseLost`], rolls back alone), one `COMMIT`, and only
-//!   then are callers answered and events broadcast, in log order.
+//!   batch and one `COMMIT`, and only then are callers answered and events
+//!   broadcast, in log order. A transition that is refused (e.g.
+//!   [`Error::LeaseLost`]) is refused by its rule before it writes anything;
+//!   one that fails after writing makes the writer replay the batch with a
+//!   `SAVEPOINT` per transition, so it rolls back alone.
 //! - **Reads** run in `spawn_blocking` on separate read connections, each in
 //!   one read transaction (a consistent snapshot; WAL lets them run beside
 //!   the writer). An in-memory database has a single connection, so its
@@ -19,17 +21,13 @@
 //! - Stored values are decoded strictly: an unknown state, malformed JSON or
 //!   a missing row is [`Error::Corrupt`] naming the table, key and column.
 //!
-//! # Pipeline changes
+//! # Transitions
 //!
-//! [`Store::register_pipeline`] stores the new definition and reports the
-//! drift; it changes no item. Rows of stages that the pipeline no longer has
-//! are kept: they stay in whatever state they were, still appear in
-//! [`Store::status`] and [`Store::items_in`], and still count towards an
-//! item's state. One that becomes runnable is still claimed, and the engine
-//! fails it ("not in this pipeline"), so the item stops visibly instead of
-//! vanishing; restoring the stage and retrying it resumes the item. Stages
-//! added to the pipeline apply to items submitted afterwards: existing items
-//! have no rows for them.
+//! Each transition loads the rows of the item it touches (the stage rows of
+//! the item's pipeline version, and only the subtask rows it needs: fan-out
+//! counters on the stage row decide a fan-in without reading every sibling),
+//! runs the rule of [`crate::rules`], and writes back exactly the rows the
+//! rule changed, the attempts, the events and the queue entries.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -323,6 +321,10 @@ impl Store for SqliteStore {
     async fn items_before_version(&self, version: u32) -> Result<Vec<String>> {
         self.read(move |conn| read::items_before_version(conn, version))
             .await
+    }
+
+    async fn pipeline_drift(&self) -> Result<Option<PipelineDrift>> {
+        self.read(read::latest_drift).await
     }
 
     async fn pipeline_definition(&self) -> Result<Option<PipelineDef>> {

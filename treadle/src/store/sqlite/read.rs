@@ -6,6 +6,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::codec::Loc;
 use super::rows::{self, Subtasks};
+use super::versions;
+use crate::definition::{PipelineChanges, PipelineDef, PipelineDrift, VersionInFlight};
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::state::StageState;
@@ -180,4 +182,50 @@ pub(crate) fn items_before_version(conn: &Connection, version: u32) -> Result<Ve
         .query_map([version], |row| row.get(0))?
         .collect::<rusqlite::Result<Vec<String>>>()?;
     Ok(ids)
+}
+
+/// How `version` (defined as `definition`) stands: its changes from
+/// `previous`, and the unfinished items of the other `stored` versions.
+pub(crate) fn drift(
+    conn: &Connection,
+    version: u32,
+    definition: &PipelineDef,
+    previous: Option<&PipelineDef>,
+    stored: &[(u32, PipelineDef)],
+) -> Result<PipelineDrift> {
+    let mut in_flight = Vec::new();
+    for (old, older) in stored.iter().filter(|(v, _)| *v != version) {
+        let items: u64 = conn
+            .prepare_cached(
+                "SELECT count(*) FROM items i
+                 WHERE version = ?1 AND cancelled = 0
+                   AND EXISTS (SELECT 1 FROM stages s WHERE s.item_id = i.id
+                               AND s.state NOT IN ('completed', 'skipped'))",
+            )?
+            .query_row([old], |row| row.get(0))?;
+        if items > 0 {
+            in_flight.push(VersionInFlight {
+                version: *old,
+                items,
+                changes: PipelineChanges::between(older, definition),
+            });
+        }
+    }
+    Ok(PipelineDrift {
+        version,
+        changes: previous
+            .map(|p| PipelineChanges::between(p, definition))
+            .unwrap_or_default(),
+        in_flight,
+    })
+}
+
+/// How the latest registered version stands (see [`drift`]).
+pub(crate) fn latest_drift(conn: &Connection) -> Result<Option<PipelineDrift>> {
+    let stored = versions::all(conn)?;
+    let Some((version, latest)) = stored.last() else {
+        return Ok(None);
+    };
+    let previous = stored.iter().rev().nth(1).map(|(_, d)| d);
+    drift(conn, *version, latest, previous, &stored).map(Some)
 }

@@ -1,6 +1,7 @@
 //! Loading an item's rows into the records the rules work on, and saving
 //! back what a rule changed.
 
+use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::codec::{self, Loc};
@@ -36,46 +37,34 @@ pub(crate) fn load_item(
     subtasks: Subtasks<'_>,
 ) -> Result<Option<Loaded>> {
     let loc = Loc::item(id);
-    let head = conn
-        .prepare_cached(
-            "SELECT seq, payload, submitted_at, cancelled, version FROM items WHERE id = ?1",
-        )?
-        .query_row([id], |row| {
-            Ok((|| -> Result<(i64, String, _, bool, u32)> {
-                let cancelled = match loc.get::<i64>(row, 3, "cancelled")? {
-                    0 => false,
-                    1 => true,
-                    n => return Err(loc.corrupt("cancelled", format!("{n} is not 0 or 1"))),
-                };
-                Ok((
-                    loc.get(row, 0, "seq")?,
-                    loc.get(row, 1, "payload")?,
-                    loc.time(row, 2, "submitted_at")?,
-                    cancelled,
-                    loc.count(row, 4, "version")?,
-                ))
-            })())
-        })
-        .optional()?
-        .transpose()?;
-    let Some((seq, payload, submitted_at, cancelled, version)) = head else {
-        return Ok(None);
-    };
     let mut statement = conn.prepare_cached(
-        "SELECT stage, position, state, attempt, generation, started_at, finished_at,
-                next_run_at, last_error, output, lease_owner, lease_expiry, waiting,
-                review_round, review_request, review_requested_at,
-                fan_total, fan_open, fan_failed
-         FROM stages WHERE item_id = ?1 ORDER BY position",
+        "SELECT s.stage, s.position, s.state, s.attempt, s.generation, s.started_at,
+                s.finished_at, s.next_run_at, s.last_error, s.output, s.lease_owner,
+                s.lease_expiry, s.waiting, s.review_round, s.review_request,
+                s.review_requested_at, s.fan_total, s.fan_open, s.fan_failed,
+                i.seq, i.payload, i.submitted_at, i.cancelled, i.version
+         FROM items i JOIN stages s ON s.item_id = i.id
+         WHERE i.id = ?1 ORDER BY s.position",
     )?;
-    let rows = statement.query_map([id], |row| Ok(stage_row(conn, id, row)))?;
+    let mut rows = statement.query([id])?;
+    let mut head = None;
     let mut stages = Vec::new();
-    for row in rows {
-        stages.push(row??);
+    while let Some(row) = rows.next()? {
+        if head.is_none() {
+            head = Some(item_columns(&loc, row, 19)?);
+        }
+        stages.push(stage_row(conn, id, row)?);
     }
-    if stages.is_empty() {
-        return Err(loc.corrupt("stages", "the item has no stage rows"));
-    }
+    let Some((seq, payload, submitted_at, cancelled, version)) = head else {
+        let exists = conn
+            .prepare_cached("SELECT 1 FROM items WHERE id = ?1")?
+            .query_row([id], |_| Ok(()))
+            .optional()?;
+        return match exists {
+            Some(()) => Err(loc.corrupt("stages", "the item has no stage rows")),
+            None => Ok(None),
+        };
+    };
     let mut record = ItemRecord {
         id: id.to_owned(),
         version,
@@ -104,6 +93,27 @@ pub(crate) fn load_item(
         }
     }
     Ok(Some(Loaded { seq, record }))
+}
+
+/// The item's own columns (`seq, payload, submitted_at, cancelled, version`)
+/// starting at `column`.
+fn item_columns(
+    loc: &Loc,
+    row: &Row<'_>,
+    column: usize,
+) -> Result<(i64, String, DateTime<Utc>, bool, u32)> {
+    let cancelled = match loc.get::<i64>(row, column + 3, "cancelled")? {
+        0 => false,
+        1 => true,
+        n => return Err(loc.corrupt("cancelled", format!("{n} is not 0 or 1"))),
+    };
+    Ok((
+        loc.get(row, column, "seq")?,
+        loc.get(row, column + 1, "payload")?,
+        loc.time(row, column + 2, "submitted_at")?,
+        cancelled,
+        loc.count(row, column + 4, "version")?,
+    ))
 }
 
 fn stage_row(conn: &Connection, item_id: &str, row: &Row<'_>) -> Result<StageRecord> {
@@ -306,14 +316,14 @@ pub(crate) fn insert_stages(conn: &Connection, seq: i64, record: &ItemRecord) ->
     Ok(())
 }
 
-/// Saves what a rule did to `record` (loaded with `seq`; its stage names
+/// Saves what a rule did to `record` (loaded with `seq`; its stage rows
 /// before the rule ran were `before`), except the events: queue hints,
-/// attempts, decisions and every changed row.
+/// attempts, decisions and the changed columns of every changed row.
 pub(crate) fn save(
     conn: &Connection,
     seq: i64,
     record: &ItemRecord,
-    before: &[String],
+    before: &[StageRecord],
     fx: &Effects,
 ) -> Result<()> {
     if fx.item_changed {
@@ -354,7 +364,13 @@ pub(crate) fn save(
             continue;
         }
         written.push(unit);
-        write_unit(conn, record, unit)?;
+        // After a migration positions moved: compare nothing, write all.
+        let old = if fx.restructured {
+            None
+        } else {
+            old_unit(before, unit)
+        };
+        write_unit(conn, record, unit, old)?;
     }
     for (unit, attempt) in &fx.attempts {
         let key = record.key(*unit);
@@ -402,77 +418,152 @@ pub(crate) fn save(
     Ok(())
 }
 
-/// Writes every mutable column of one stage or subtask row.
-fn write_unit(conn: &Connection, record: &ItemRecord, unit: UnitRef) -> Result<()> {
+/// The row of `unit` as it was loaded, if it was.
+fn old_unit(before: &[StageRecord], unit: UnitRef) -> Option<(&StageRecord, &UnitRecord)> {
+    let stage = before.get(unit.stage)?;
+    match unit.subtask {
+        None => Some((stage, &stage.unit)),
+        Some(position) => Some((stage, stage.fan_out.as_ref()?.row(position)?)),
+    }
+}
+
+/// One column to write and its new value.
+type Column = (&'static str, rusqlite::types::Value);
+
+/// Writes the columns of one stage or subtask row that differ from `old`
+/// (every column when there is no `old` row): an unchanged column is not in
+/// the statement, so the indexes over it are not touched.
+fn write_unit(
+    conn: &Connection,
+    record: &ItemRecord,
+    unit: UnitRef,
+    old: Option<(&StageRecord, &UnitRecord)>,
+) -> Result<()> {
+    use rusqlite::types::Value as Sql;
     let stage = &record.stages[unit.stage];
     let row = record.unit(unit).ok_or_else(|| {
         Loc::stage(&record.id, &stage.unit.name)
             .corrupt("subtasks", "a changed subtask row was not loaded")
     })?;
-    let output = codec::json_opt(row.output.as_ref(), "an output")?;
-    let (owner, expiry) = match &row.lease {
-        Some(lease) => (Some(lease.owner.as_str()), Some(codec::time(lease.expiry))),
-        None => (None, None),
-    };
-    match unit.subtask {
+    let text = |v: Option<String>| v.map_or(Sql::Null, Sql::Text);
+    let int = |v: Option<i64>| v.map_or(Sql::Null, Sql::Integer);
+    let mut columns: Vec<Column> = Vec::new();
+    let mut set =
+        |changed: bool, name: &'static str, value: &dyn Fn() -> Result<Sql>| -> Result<()> {
+            if changed {
+                columns.push((name, value()?));
+            }
+            Ok(())
+        };
+    let was = old.map(|(_, u)| u);
+    let differs = |f: &dyn Fn(&UnitRecord) -> bool| was.is_none_or(f);
+    set(differs(&|o| o.state != row.state), "state", &|| {
+        Ok(Sql::Text(row.state.as_str().to_owned()))
+    })?;
+    set(differs(&|o| o.attempt != row.attempt), "attempt", &|| {
+        Ok(Sql::Integer(row.attempt.into()))
+    })?;
+    set(
+        differs(&|o| o.generation != row.generation),
+        "generation",
+        &|| Ok(Sql::Integer(row.generation as i64)),
+    )?;
+    set(
+        differs(&|o| o.started_at != row.started_at),
+        "started_at",
+        &|| Ok(text(codec::time_opt(row.started_at))),
+    )?;
+    set(
+        differs(&|o| o.finished_at != row.finished_at),
+        "finished_at",
+        &|| Ok(text(codec::time_opt(row.finished_at))),
+    )?;
+    set(
+        differs(&|o| o.next_run_at != row.next_run_at),
+        "next_run_at",
+        &|| Ok(text(codec::time_opt(row.next_run_at))),
+    )?;
+    set(
+        differs(&|o| o.last_error != row.last_error),
+        "last_error",
+        &|| Ok(text(row.last_error.clone())),
+    )?;
+    set(differs(&|o| o.output != row.output), "output", &|| {
+        Ok(text(codec::json_opt(row.output.as_ref(), "an output")?))
+    })?;
+    let lease_changed = differs(&|o| o.lease != row.lease);
+    set(lease_changed, "lease_owner", &|| {
+        Ok(text(row.lease.as_ref().map(|l| l.owner.clone())))
+    })?;
+    set(lease_changed, "lease_expiry", &|| {
+        Ok(text(row.lease.as_ref().map(|l| codec::time(l.expiry))))
+    })?;
+    let (sql_table, keys) = match unit.subtask {
         None => {
+            let old_stage = old.map(|(s, _)| s);
+            let stage_differs = |f: &dyn Fn(&StageRecord) -> bool| old_stage.is_none_or(f);
+            set(
+                stage_differs(&|o| o.waiting != stage.waiting),
+                "waiting",
+                &|| Ok(Sql::Integer(stage.waiting.into())),
+            )?;
             let review = stage.review.as_ref();
-            let fan = stage.fan_out.as_ref();
-            conn.prepare_cached(
-                "UPDATE stages SET state = ?3, attempt = ?4, generation = ?5, started_at = ?6,
-                    finished_at = ?7, next_run_at = ?8, last_error = ?9, output = ?10,
-                    lease_owner = ?11, lease_expiry = ?12, waiting = ?13, review_round = ?14,
-                    review_request = ?15, review_requested_at = ?16, review_deadline = ?17,
-                    fan_total = ?18, fan_open = ?19, fan_failed = ?20
-                 WHERE item_id = ?1 AND stage = ?2",
-            )?
-            .execute(params![
-                record.id,
-                row.name,
-                row.state.as_str(),
-                row.attempt,
-                row.generation,
-                codec::time_opt(row.started_at),
-                codec::time_opt(row.finished_at),
-                codec::time_opt(row.next_run_at),
-                row.last_error,
-                output,
-                owner,
-                expiry,
-                stage.waiting,
-                review.map_or(0, |r| r.round),
-                codec::json_opt(review.map(|r| &r.request), "the review request")?,
-                codec::time_opt(review.map(|r| r.requested_at)),
-                codec::time_opt(review.and_then(|r| Some(r.request.deadline.as_ref()?.at))),
-                fan.map(|f| f.total),
-                fan.map(|f| f.open),
-                fan.map(|f| f.failed),
-            ])?;
+            let review_changed = stage_differs(&|o| o.review != stage.review);
+            set(review_changed, "review_round", &|| {
+                Ok(Sql::Integer(review.map_or(0, |r| r.round as i64)))
+            })?;
+            set(review_changed, "review_request", &|| {
+                Ok(text(codec::json_opt(
+                    review.map(|r| &r.request),
+                    "the review request",
+                )?))
+            })?;
+            set(review_changed, "review_requested_at", &|| {
+                Ok(text(codec::time_opt(review.map(|r| r.requested_at))))
+            })?;
+            set(review_changed, "review_deadline", &|| {
+                let deadline = review.and_then(|r| Some(r.request.deadline.as_ref()?.at));
+                Ok(text(codec::time_opt(deadline)))
+            })?;
+            let fan = stage.fan_out.as_ref().map(|f| (f.total, f.open, f.failed));
+            let fan_changed =
+                stage_differs(&|o| o.fan_out.as_ref().map(|f| (f.total, f.open, f.failed)) != fan);
+            set(fan_changed, "fan_total", &|| {
+                Ok(int(fan.map(|f| f.0.into())))
+            })?;
+            set(fan_changed, "fan_open", &|| {
+                Ok(int(fan.map(|f| f.1.into())))
+            })?;
+            set(fan_changed, "fan_failed", &|| {
+                Ok(int(fan.map(|f| f.2.into())))
+            })?;
+            ("stages", vec![record.id.clone(), row.name.clone()])
         }
-        Some(_) => {
-            conn.prepare_cached(
-                "UPDATE subtasks SET state = ?4, attempt = ?5, generation = ?6, started_at = ?7,
-                    finished_at = ?8, next_run_at = ?9, last_error = ?10, output = ?11,
-                    lease_owner = ?12, lease_expiry = ?13
-                 WHERE item_id = ?1 AND stage = ?2 AND name = ?3",
-            )?
-            .execute(params![
-                record.id,
-                stage.unit.name,
-                row.name,
-                row.state.as_str(),
-                row.attempt,
-                row.generation,
-                codec::time_opt(row.started_at),
-                codec::time_opt(row.finished_at),
-                codec::time_opt(row.next_run_at),
-                row.last_error,
-                output,
-                owner,
-                expiry,
-            ])?;
-        }
+        Some(_) => (
+            "subtasks",
+            vec![record.id.clone(), stage.unit.name.clone(), row.name.clone()],
+        ),
+    };
+    if columns.is_empty() {
+        return Ok(());
     }
+    let mut sql = format!("UPDATE {sql_table} SET ");
+    for (i, (name, _)) in columns.iter().enumerate() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!("{name} = ?{}", keys.len() + i + 1));
+    }
+    sql.push_str(match unit.subtask {
+        None => " WHERE item_id = ?1 AND stage = ?2",
+        Some(_) => " WHERE item_id = ?1 AND stage = ?2 AND name = ?3",
+    });
+    let values = keys
+        .into_iter()
+        .map(Sql::Text)
+        .chain(columns.into_iter().map(|(_, v)| v));
+    conn.prepare_cached(&sql)?
+        .execute(rusqlite::params_from_iter(values))?;
     Ok(())
 }
 
@@ -511,9 +602,15 @@ fn insert_decision(conn: &Connection, record: &ItemRecord, stage: usize) -> Resu
 /// (with their subtasks, attempts and decisions), creates the rows of
 /// stages new to it, and renumbers positions; `save` then writes every
 /// stage row.
-fn restructure(conn: &Connection, seq: i64, record: &ItemRecord, before: &[String]) -> Result<()> {
+fn restructure(
+    conn: &Connection,
+    seq: i64,
+    record: &ItemRecord,
+    before: &[StageRecord],
+) -> Result<()> {
     for name in before
         .iter()
+        .map(|s| &s.unit.name)
         .filter(|name| record.stage_position(name).is_none())
     {
         for sql in [

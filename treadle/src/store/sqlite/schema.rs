@@ -6,6 +6,7 @@
 //! ours, is refused with a typed error before anything is written to it.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
@@ -233,35 +234,59 @@ pub(crate) fn configure(conn: &Connection) -> Result<()> {
 /// written to a file that is not ours.
 pub(crate) fn open(path: Option<&Path>, migrations: &[Migration]) -> Result<Connection> {
     let name = path.unwrap_or(Path::new(":memory:"));
-    let not_ours = || Error::NotATreadleDatabase {
-        path: name.to_owned(),
-    };
+    let context = format!("cannot open `{}`", name.display());
+    if let Some(dir) = path
+        .and_then(Path::parent)
+        .filter(|dir| !dir.as_os_str().is_empty() && !dir.is_dir())
+    {
+        let missing = std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("the directory `{}` does not exist", dir.display()),
+        );
+        return Err(Error::sqlite(context, Arc::new(missing)));
+    }
     let opened = (|| {
         let mut conn = match path {
             Some(path) => Connection::open(path)?,
             None => Connection::open_in_memory()?,
         };
+        if conn.is_readonly(rusqlite::MAIN_DB)? {
+            let denied = std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "the file is readonly: the store needs to write to it",
+            );
+            return Err(Error::sqlite("cannot open for writing", Arc::new(denied)));
+        }
         configure(&conn)?;
-        migrate(&mut conn, migrations, &not_ours)?;
+        migrate(&mut conn, migrations, name)?;
         // Not inside the transaction: the journal mode cannot change there.
         let mode: String =
             conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
         tracing::debug!(path = %name.display(), journal_mode = %mode, "opened treadle database");
         Ok(conn)
     })();
-    match opened {
-        Err(Error::Sqlite(e)) if e.sqlite_error_code() == Some(ErrorCode::NotADatabase) => {
-            Err(not_ours())
+    opened.map_err(|error| match error {
+        Error::Store { cause, .. } => {
+            let code = cause
+                .downcast_ref::<rusqlite::Error>()
+                .and_then(rusqlite::Error::sqlite_error_code);
+            if code == Some(ErrorCode::NotADatabase) {
+                not_ours(name)
+            } else {
+                Error::sqlite(context, cause)
+            }
         }
         other => other,
+    })
+}
+
+fn not_ours(name: &Path) -> Error {
+    Error::NotATreadleDatabase {
+        location: name.display().to_string(),
     }
 }
 
-fn migrate(
-    conn: &mut Connection,
-    migrations: &[Migration],
-    not_ours: &dyn Fn() -> Error,
-) -> Result<()> {
+fn migrate(conn: &mut Connection, migrations: &[Migration], name: &Path) -> Result<()> {
     let supported = migrations.last().map_or(0, |m| m.version);
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let application_id: i32 = tx.pragma_query_value(None, "application_id", |row| row.get(0))?;
@@ -270,7 +295,7 @@ fn migrate(
         let objects: i64 =
             tx.query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get(0))?;
         if application_id != 0 || version != 0 || objects != 0 {
-            return Err(not_ours());
+            return Err(not_ours(name));
         }
         tx.pragma_update(None, "application_id", APPLICATION_ID)?;
     }

@@ -18,15 +18,26 @@ fn statements() -> Vec<String> {
             let Some(end) = after.find('"') else { break };
             let literal = &after[..end];
             let head = literal.trim_start();
-            if ["SELECT", "UPDATE", "INSERT", "DELETE"]
-                .iter()
-                .any(|k| head.starts_with(k))
+            // A `{...}` template is completed at run time (the column
+            // updates of `rows::write_unit`); its complete forms are below.
+            let template = literal.contains('{');
+            if !template
+                && ["SELECT", "UPDATE", "INSERT", "DELETE"]
+                    .iter()
+                    .any(|k| head.starts_with(k))
             {
                 found.push(literal.to_owned());
             }
             rest = &after[end + 1..];
         }
     }
+    // The shapes `rows::write_unit` builds: changed columns, by primary key.
+    found.push(
+        "UPDATE stages SET state = ?3, waiting = ?4 WHERE item_id = ?1 AND stage = ?2".into(),
+    );
+    found.push(
+        "UPDATE subtasks SET state = ?4 WHERE item_id = ?1 AND stage = ?2 AND name = ?3".into(),
+    );
     found
 }
 

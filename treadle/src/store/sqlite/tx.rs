@@ -10,7 +10,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::codec::{self, Loc};
 use super::rows::{self, Loaded, Subtasks};
 use super::versions::{self, Versions};
-use crate::definition::{PipelineChanges, PipelineDef, PipelineDrift, VersionInFlight};
+use crate::definition::{PipelineDef, PipelineDrift};
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::rules::{
@@ -73,7 +73,7 @@ impl<'c> Tx<'c> {
     ) -> Result<R> {
         let Loaded { seq, mut record } = loaded;
         let graph = self.graph(record.version)?;
-        let before: Vec<String> = record.stages.iter().map(|s| s.unit.name.clone()).collect();
+        let before = record.stages.clone();
         let mut fx = Effects::default();
         let answer = rule(&graph, &mut record, &mut fx)?;
         rows::save(self.conn, seq, &record, &before, &fx)?;
@@ -111,10 +111,6 @@ impl<'c> Tx<'c> {
 
     pub(crate) fn register_pipeline(&mut self, definition: &PipelineDef) -> Result<PipelineDrift> {
         let stored = versions::all(self.conn)?;
-        let changes = stored
-            .last()
-            .map(|(_, latest)| PipelineChanges::between(latest, definition))
-            .unwrap_or_default();
         let version = match stored.iter().find(|(_, d)| d == definition) {
             Some((version, _)) => *version,
             None => {
@@ -132,30 +128,8 @@ impl<'c> Tx<'c> {
                 version
             }
         };
-        let mut in_flight = Vec::new();
-        for (old, older) in stored.iter().filter(|(v, _)| *v != version) {
-            let items: u64 = self
-                .conn
-                .prepare_cached(
-                    "SELECT count(*) FROM items i
-                     WHERE version = ?1 AND cancelled = 0
-                       AND EXISTS (SELECT 1 FROM stages s WHERE s.item_id = i.id
-                                   AND s.state NOT IN ('completed', 'skipped'))",
-                )?
-                .query_row([old], |row| row.get(0))?;
-            if items > 0 {
-                in_flight.push(VersionInFlight {
-                    version: *old,
-                    items,
-                    changes: PipelineChanges::between(older, definition),
-                });
-            }
-        }
-        Ok(PipelineDrift {
-            version,
-            changes,
-            in_flight,
-        })
+        let previous = stored.last().map(|(_, d)| d);
+        super::read::drift(self.conn, version, definition, previous, &stored)
     }
 
     pub(crate) fn submit(&mut self, items: &[NewItem]) -> Result<()> {

@@ -175,11 +175,11 @@ fn run_batch(
     savepoints: bool,
 ) -> Option<Vec<Result<Vec<Event>>>> {
     if let Err(error) = exec(conn, "BEGIN IMMEDIATE") {
-        let error = Arc::new(error);
+        let error: Arc<dyn std::error::Error + Send + Sync> = Arc::new(error);
         return Some(
             batch
                 .iter()
-                .map(|_| Err(Error::Sqlite(error.clone())))
+                .map(|_| Err(Error::sqlite("beginning a transaction", error.clone())))
                 .collect(),
         );
     }
@@ -203,9 +203,9 @@ fn run_batch(
         tracing::error!(%error, "treadle SQLite group commit failed");
         // Leave no transaction open for the next batch.
         let _ = exec(conn, "ROLLBACK");
-        let error = Arc::new(error);
+        let error: Arc<dyn std::error::Error + Send + Sync> = Arc::new(error);
         for outcome in outcomes.iter_mut().filter(|o| o.is_ok()) {
-            *outcome = Err(Error::Sqlite(error.clone()));
+            *outcome = Err(Error::sqlite("committing a transaction", error.clone()));
         }
     }
     Some(outcomes)
@@ -230,9 +230,17 @@ fn run_in_savepoint(conn: &Connection, job: &mut dyn Job) -> Result<Vec<Event>> 
 /// Runs a job; a panic in it is an error of that job, not of the writer
 /// (and every later transition).
 fn catch(conn: &Connection, job: &mut dyn Job) -> Result<Vec<Event>> {
-    std::panic::catch_unwind(AssertUnwindSafe(|| job.run(conn))).unwrap_or_else(|_| {
-        tracing::error!("a treadle SQLite transition panicked; it was rolled back");
-        Err(Error::StoreClosed)
+    std::panic::catch_unwind(AssertUnwindSafe(|| job.run(conn))).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_owned());
+        tracing::error!(%message, "a treadle SQLite transition panicked; it was rolled back");
+        Err(Error::TransitionPanicked {
+            backend: "SQLite",
+            message,
+        })
     })
 }
 
