@@ -667,3 +667,124 @@ async fn four_worker_processes_run_every_unit_exactly_once() {
         "the last worker saw the log to its end"
     );
 }
+
+/// Sends `signal` (`STOP`, `CONT`) to process `pid`.
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_past_its_lease_is_fenced_out_and_nothing_completes_twice() {
+    use std::io::BufRead;
+    let schema = Schema::new().await;
+    let worker = |id: &str, items: &str, stage_ms: &str| {
+        std::process::Command::new(WORKER)
+            .args(["--db", &url(), "--schema", &schema.name, "--worker-id", id])
+            .args([
+                "--items",
+                items,
+                "--stage-ms",
+                stage_ms,
+                "--lease-ms",
+                "400",
+            ])
+            .args(["--prefix", "slow"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // A claims the items' first stages, which take 1.5 s each.
+    let mut stalled = worker("stalled", "3", "1500");
+    let mut lines = std::io::BufReader::new(stalled.stdout.take().unwrap()).lines();
+    let mut started = 0;
+    while started < 3 {
+        let line = tokio::task::block_in_place(|| lines.next())
+            .unwrap()
+            .unwrap();
+        if line.contains("\"started\"") {
+            started += 1;
+        }
+    }
+    // Stop it between transactions (stopped inside one, it would hold its
+    // row locks until the server's idle-in-transaction timeout).
+    let admin = client().await;
+    loop {
+        signal(stalled.id(), "STOP");
+        let open: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE application_name = 'stalled' AND state <> 'idle'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if open == 0 {
+            break;
+        }
+        signal(stalled.id(), "CONT");
+        tokio::time::sleep(Duration::from_millis(7)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await; // past the 400 ms lease
+    // B takes the work over once the leases expired, and finishes it all.
+    let rescuer = worker("rescuer", "0", "5");
+    let rescued = tokio::task::spawn_blocking(move || rescuer.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(rescued.status.success(), "{rescued:?}");
+    signal(stalled.id(), "CONT");
+    let stalled = tokio::task::spawn_blocking(move || {
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut stalled.stderr.take().unwrap(), &mut stderr).unwrap();
+        (stalled.wait().unwrap(), stderr)
+    })
+    .await
+    .unwrap();
+    assert!(stalled.0.success(), "{}", stalled.1);
+    let discarded: u64 = stalled
+        .1
+        .split("discarded: ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the stalled worker reports its run: {}", stalled.1));
+    assert!(
+        discarded >= 3,
+        "the stalled worker's results were refused ({discarded})"
+    );
+    let store = schema.store().await;
+    let log = all_events(&store).await;
+    assert_gapless(&log);
+    let mut completions = std::collections::HashMap::new();
+    for event in log.iter().filter(|e| e.kind == EventKind::Completed) {
+        let unit = (
+            event.item_id.clone(),
+            event.stage.clone(),
+            event.subtask.clone(),
+        );
+        *completions.entry(unit).or_insert(0) += 1;
+    }
+    assert_eq!(completions.len(), 3 * 7, "every unit completed");
+    assert!(
+        completions.values().all(|&n| n == 1),
+        "a unit completed twice"
+    );
+    for i in 0..3 {
+        let status = store.status(&format!("slow-{i:04}")).await.unwrap();
+        let fetch = &status.stages[0];
+        let results: Vec<_> = fetch.attempts.iter().map(|a| a.result).collect();
+        assert_eq!(
+            results,
+            [
+                treadle::AttemptResult::Abandoned,
+                treadle::AttemptResult::Completed
+            ],
+            "the stalled attempt is recorded abandoned and its late result nowhere"
+        );
+    }
+}
