@@ -788,3 +788,76 @@ async fn a_worker_stopped_past_its_lease_is_fenced_out_and_nothing_completes_twi
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn eight_stores_deciding_one_review_round_record_exactly_one_decision() {
+    let schema = Schema::new().await;
+    let store = schema.store().await;
+    store.register_pipeline(&definition()).await.unwrap();
+    store.submit(vec![item("x", t(0))]).await.unwrap();
+    let claim = store.claim(request(t(1))).await.unwrap().claims.remove(0);
+    let review = treadle::ReviewRequest::new("check")
+        .proposed_output(json!("proposed"))
+        .unwrap();
+    store
+        .commit(commit(
+            claim.task.clone(),
+            claim.generation,
+            1,
+            t(2),
+            Transition::AwaitReview(review),
+        ))
+        .await
+        .unwrap();
+    let mut deciders = Vec::new();
+    for i in 0..8 {
+        // A store of its own each: its own connections, as a separate process has.
+        let decider = schema.store().await;
+        deciders.push(tokio::spawn(async move {
+            let verdict = if i % 2 == 0 {
+                treadle::store::Verdict::Approve
+            } else {
+                treadle::store::Verdict::Reject {
+                    reason: format!("no, says {i}"),
+                }
+            };
+            decider
+                .decide(treadle::store::DecisionCommit {
+                    item_id: "x".into(),
+                    stage: "scan".into(),
+                    verdict,
+                    decision: treadle::Decision::by(format!("reviewer-{i}")).for_round(1),
+                    at: t(3),
+                })
+                .await
+        }));
+    }
+    let mut decided = 0;
+    for decider in deciders {
+        match decider.await.unwrap() {
+            Ok(events) => {
+                decided += 1;
+                assert!(matches!(events[0].kind, EventKind::ReviewDecided { .. }));
+            }
+            Err(Error::NotAwaitingReview { .. }) => {}
+            Err(other) => panic!("a losing decision gets NotAwaitingReview, not {other:?}"),
+        }
+    }
+    assert_eq!(decided, 1, "exactly one decision won the round");
+    let log = all_events(&store).await;
+    let decisions = log
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::ReviewDecided { .. }))
+        .count();
+    assert_eq!(decisions, 1);
+    let rows: i64 = client()
+        .await
+        .query_one(
+            &format!("SELECT count(*) FROM {}.review_decisions", schema.name),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1, "one decision row for the round");
+}
