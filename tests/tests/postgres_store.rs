@@ -11,6 +11,7 @@
 
 #![cfg(feature = "postgres")]
 
+mod chaos;
 mod differential;
 mod store_suite;
 mod support;
@@ -26,6 +27,7 @@ use treadle::{
     StageState,
 };
 
+use crate::chaos::WORKER;
 use crate::differential::*;
 use crate::support::{Doc, done};
 
@@ -559,9 +561,6 @@ async fn an_idle_engine_wakes_on_a_commit_made_through_another_store() {
 
 // ---- several worker processes ----
 
-/// The worker process (see `tests/bin/crash_worker.rs`).
-const WORKER: &str = env!("CARGO_BIN_EXE_crash-worker");
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_worker_processes_run_every_unit_exactly_once() {
     const ITEMS: usize = 2000;
@@ -860,4 +859,13 @@ async fn eight_stores_deciding_one_review_round_record_exactly_one_decision() {
         .unwrap()
         .get(0);
     assert_eq!(rows, 1, "one decision row for the round");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_worker_at_random_points_loses_nothing() {
+    let schema = Schema::new().await;
+    let url = url();
+    let db = ["--db", url.as_str(), "--schema", schema.name.as_str()];
+    chaos::killing_a_worker_at_random_points_loses_nothing(&db, async || schema.store().await)
+        .await;
 }
