@@ -16,7 +16,8 @@
 //! the engine's work is short and a single thread avoids cross-thread
 //! wake-ups; the SQLite store commits on its own thread either way).
 //!
-//! Workloads: `linear` (scan -> enrich -> review, each completes at once),
+//! Workloads: `linear` (scan -> enrich -> review, each completes at once,
+//! with no output; `review` reads `scan`'s, typed),
 //! `fanout` (enrich fans out to 8 subtasks), `review` (every item parks at
 //! review; the bench approves them all and measures how soon the next stage
 //! starts). Items are submitted first, in batches; the clock runs from the
@@ -68,30 +69,46 @@ fn workload() -> Workload {
     *PROBE.workload.get().unwrap_or(&Workload::Linear)
 }
 
+/// Completes at once with no output (`()`: nothing is stored).
 #[stage]
-async fn scan(_record: &Record) -> treadle::Result<StageOutcome> {
-    Ok(StageOutcome::complete())
+async fn scan(_record: &Record) -> treadle::Result<()> {
+    Ok(())
 }
 
+/// Completes at once (workloads `linear` and `review`).
 #[stage]
-async fn enrich(_record: &Record, ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
-    if workload() == Workload::Fanout && ctx.subtask().is_none() {
-        return Ok(StageOutcome::fan_out((0..8).map(|i| format!("source-{i}"))));
-    }
-    Ok(StageOutcome::complete())
+async fn enrich(_record: &Record) -> treadle::Result<()> {
+    Ok(())
 }
 
+/// Fans out to 8 subtasks, each completing at once (workload `fanout`).
+#[stage(name = "enrich", fan_out)]
+async fn enrich_sources(
+    _record: &Record,
+    ctx: &mut StageContext,
+) -> treadle::Result<StageOutcome<()>> {
+    Ok(match ctx.subtask() {
+        None => StageOutcome::fan_out((0..8).map(|i| format!("source-{i}"))),
+        Some(_) => StageOutcome::done(()),
+    })
+}
+
+/// Reads `scan`'s output, typed (`()`: decoding it costs nothing, so the
+/// bench measures the engine, not JSON).
 #[stage]
-async fn review(_record: &Record) -> treadle::Result<StageOutcome> {
+async fn review(
+    _record: &Record,
+    #[from(scan)] _scanned: &(),
+) -> treadle::Result<StageOutcome<()>> {
     if workload() == Workload::Review {
         return Ok(StageOutcome::needs_review(ReviewRequest::new("check")));
     }
     PROBE.finished.fetch_add(1, Ordering::Relaxed);
-    Ok(StageOutcome::complete())
+    Ok(StageOutcome::done(()))
 }
 
 #[stage]
-async fn export(record: &Record) -> treadle::Result<StageOutcome> {
+async fn export(record: &Record) -> treadle::Result<()> {
     let now = Instant::now();
     PROBE
         .export_started
@@ -99,7 +116,7 @@ async fn export(record: &Record) -> treadle::Result<StageOutcome> {
         .unwrap()
         .insert(record.id.clone(), now);
     PROBE.finished.fetch_add(1, Ordering::Relaxed);
-    Ok(StageOutcome::complete())
+    Ok(())
 }
 
 struct Args {
@@ -163,7 +180,8 @@ fn parse_args() -> Result<Args, String> {
 fn pipeline(workload: Workload) -> Pipeline<Record> {
     match workload {
         Workload::Review => pipeline! { scan -> enrich -> review -> export },
-        Workload::Linear | Workload::Fanout => pipeline! { scan -> enrich -> review },
+        Workload::Linear => pipeline! { scan -> enrich -> review },
+        Workload::Fanout => pipeline! { scan -> enrich_sources -> review },
     }
 }
 

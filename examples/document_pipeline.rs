@@ -43,19 +43,31 @@ struct Tags {
 
 /// Reads the document and reports its size.
 #[stage(timeout = "5s")]
-async fn scan(doc: &Document) -> treadle::Result<StageOutcome> {
-    StageOutcome::complete_with(ScanReport {
+async fn scan(doc: &Document) -> treadle::Result<ScanReport> {
+    Ok(ScanReport {
         pages: doc.pages,
         words: doc.title.split_whitespace().count() * 250 * doc.pages as usize,
     })
 }
 
-/// Looks the document up in three metadata sources at once. `discogs` is
-/// flaky: its first attempt fails, and the retry policy runs it again.
-#[stage(retries = 2, backoff = "fixed", backoff_base = "50ms", timeout = "10s")]
-async fn enrich(doc: &Document, ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
+/// Looks the document up in three metadata sources at once, one subtask
+/// each (so its readers get the subtasks' outputs, keyed by source), or
+/// skips an empty document. `discogs` is flaky: its first attempt fails,
+/// and the retry policy runs it again.
+#[stage(
+    fan_out,
+    may_skip,
+    retries = 2,
+    backoff = "fixed",
+    backoff_base = "50ms",
+    timeout = "10s"
+)]
+async fn enrich(
+    doc: &Document,
+    #[from(scan)] report: &ScanReport,
+    ctx: &mut StageContext,
+) -> treadle::Result<StageOutcome<String>> {
     let Some(source) = ctx.subtask() else {
-        let report: ScanReport = ctx.output_of("scan")?;
         if report.words == 0 {
             return Ok(StageOutcome::skip("nothing to look up"));
         }
@@ -75,21 +87,16 @@ async fn enrich(doc: &Document, ctx: &mut StageContext) -> treadle::Result<Stage
         .next()
         .unwrap_or("untitled")
         .to_lowercase();
-    StageOutcome::complete_with(format!("{source}:{word}"))
+    Ok(StageOutcome::done(format!("{source}:{word}")))
 }
 
 /// Asks a person to check the tags when the sources disagree.
 #[stage]
-async fn review(doc: &Document, ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
-    let tags: Vec<String> = match ctx.raw_output_of("enrich") {
-        Some(found) => {
-            serde_json::from_value::<std::collections::BTreeMap<String, String>>(found.clone())
-                .map_err(|e| treadle::Error::json("the enrich output", e))?
-                .into_values()
-                .collect()
-        }
-        None => Vec::new(),
-    };
+async fn review(
+    doc: &Document,
+    #[from(enrich)] found: Option<&Subtasks<String>>,
+) -> treadle::Result<StageOutcome<Tags>> {
+    let tags = found.map_or_else(Vec::new, |found| found.values().cloned().collect());
     let confidence = if doc.pages > 10 { 0.4 } else { 0.9 };
     let proposed = Tags { tags, confidence };
     if confidence < 0.5 {
@@ -98,14 +105,13 @@ async fn review(doc: &Document, ctx: &mut StageContext) -> treadle::Result<Stage
             .proposed_output(&proposed)?;
         return Ok(StageOutcome::needs_review(request));
     }
-    StageOutcome::complete_with(proposed)
+    Ok(StageOutcome::done(proposed))
 }
 
 /// Writes the reviewed result.
 #[stage]
-async fn export(doc: &Document, ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
-    let tags: Tags = ctx.output_of("review")?;
-    StageOutcome::complete_with(format!("exported {} with {} tags", doc.id, tags.tags.len()))
+async fn export(doc: &Document, #[from(review)] tags: &Tags) -> treadle::Result<String> {
+    Ok(format!("exported {} with {} tags", doc.id, tags.tags.len()))
 }
 
 fn documents() -> Vec<Document> {

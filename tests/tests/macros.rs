@@ -231,3 +231,180 @@ async fn stages_run_through_the_pipeline() {
         }
     );
 }
+
+// ---- typed outputs and reads ----
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct Report {
+    pages: u32,
+}
+
+#[stage]
+async fn measure(item: &Doc) -> treadle::Result<Report> {
+    Ok(Report { pages: item.pages })
+}
+
+#[stage]
+async fn nothing(_item: &Doc) -> treadle::Result<()> {
+    Ok(())
+}
+
+#[stage(may_skip)]
+async fn maybe(item: &Doc) -> treadle::Result<StageOutcome<u32>> {
+    Ok(match item.pages {
+        0 => StageOutcome::skip("empty"),
+        pages => StageOutcome::done(pages),
+    })
+}
+
+#[stage]
+async fn combine(
+    _item: &Doc,
+    #[from(maybe)] maybe_pages: Option<&u32>,
+    ctx: &mut StageContext,
+    #[from(measure)] report: &Report,
+) -> treadle::Result<String> {
+    Ok(format!(
+        "{} / {:?} / attempt {}",
+        report.pages,
+        maybe_pages,
+        ctx.attempt()
+    ))
+}
+
+#[stage(fan_out)]
+async fn split(_item: &Doc, ctx: &mut StageContext) -> treadle::Result<StageOutcome<u32>> {
+    Ok(match ctx.subtask() {
+        Some(_) => StageOutcome::done(1),
+        // Completing without fanning out breaks the declaration.
+        None => StageOutcome::done(0),
+    })
+}
+
+#[stage]
+async fn propose(item: &Doc) -> treadle::Result<StageOutcome<Report>> {
+    let request = match item.pages {
+        0 => ReviewRequest::new("check").proposed_output("not a report")?,
+        pages => ReviewRequest::new("check").proposed_output(Report { pages })?,
+    };
+    Ok(StageOutcome::needs_review(request))
+}
+
+async fn run<S: Stage<Doc>>(
+    stage: S,
+    item: &Doc,
+    ctx: StageContext,
+) -> treadle::Result<StageOutcome> {
+    let mut ctx = ctx;
+    stage.run(item, &mut ctx).await
+}
+
+#[tokio::test]
+async fn typed_outputs_are_stored_as_json() {
+    let ctx = || StageContext::new("doc-1", "x");
+    assert_eq!(
+        run(measure {}, &doc(4), ctx()).await.unwrap(),
+        StageOutcome::complete_with(serde_json::json!({"pages": 4})).unwrap()
+    );
+    // `()` stores no output.
+    assert_eq!(
+        run(nothing {}, &doc(4), ctx()).await.unwrap(),
+        StageOutcome::complete()
+    );
+    assert_eq!(
+        run(maybe {}, &doc(0), ctx()).await.unwrap(),
+        StageOutcome::skip("empty")
+    );
+    let split_up = StageOutcome::failed(
+        "`split` is declared `#[stage(fan_out)]`: it completes through its subtasks, so \
+         without a subtask it must fan out",
+    );
+    assert_eq!(run(split {}, &doc(1), ctx()).await.unwrap(), split_up);
+    assert_eq!(
+        run(split {}, &doc(1), ctx().with_subtask("a"))
+            .await
+            .unwrap(),
+        StageOutcome::complete_with(1).unwrap()
+    );
+}
+
+#[tokio::test]
+async fn reads_are_decoded_before_the_function_runs() {
+    let ctx = StageContext::new("doc-1", "combine")
+        .with_attempt(2)
+        .with_output("measure", serde_json::json!({"pages": 7}))
+        .with_output("maybe", serde_json::json!(5));
+    assert_eq!(
+        run(combine {}, &doc(1), ctx).await.unwrap(),
+        StageOutcome::complete_with("7 / Some(5) / attempt 2").unwrap()
+    );
+    // A skipped stage stored nothing: read as `None`.
+    let ctx = StageContext::new("doc-1", "combine")
+        .with_output("measure", serde_json::json!({"pages": 7}));
+    assert_eq!(
+        run(combine {}, &doc(1), ctx).await.unwrap(),
+        StageOutcome::complete_with("7 / None / attempt 1").unwrap()
+    );
+    // A missing or malformed output is an error naming the stage and type.
+    let ctx = StageContext::new("doc-1", "combine");
+    let error = run(combine {}, &doc(1), ctx).await.unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "the stored output is not a valid output of stage `measure`, a `Report`"
+    );
+}
+
+#[tokio::test]
+async fn a_review_must_propose_an_output_of_the_stage_type() {
+    let ctx = || StageContext::new("doc-1", "propose");
+    assert!(matches!(
+        run(propose {}, &doc(3), ctx()).await.unwrap(),
+        StageOutcome::NeedsReview(_)
+    ));
+    let StageOutcome::Failed { reason } = run(propose {}, &doc(0), ctx()).await.unwrap() else {
+        panic!("a wrong proposal fails the stage");
+    };
+    assert_eq!(
+        reason,
+        "asked for review, but approving it would store a wrong output: the proposed output \
+         is not a valid output of stage `propose`, a `Report`: invalid type: string \
+         \"not a report\", expected struct Report"
+    );
+}
+
+#[test]
+fn stage_types_expose_output_type_reads_and_checks() {
+    let report: <measure as StageOutput>::Output = Report { pages: 1 };
+    let maybe_pages: <maybe as StageOutput>::Output = Some(3);
+    let split_outputs: <split as StageOutput>::Output = Subtasks::from([("a".into(), 1)]);
+    let (_, _, _) = (report, maybe_pages, split_outputs);
+    let flags = |may_skip, fan_out| (may_skip, fan_out);
+    assert_eq!(
+        flags(
+            <maybe as StageOutput>::MAY_SKIP,
+            <maybe as StageOutput>::FAN_OUT
+        ),
+        (true, false)
+    );
+    assert_eq!(
+        flags(
+            <split as StageOutput>::MAY_SKIP,
+            <split as StageOutput>::FAN_OUT
+        ),
+        (false, true)
+    );
+    assert_eq!(Stage::<Doc>::reads(&combine {}), ["maybe", "measure"]);
+    assert!(Stage::<Doc>::reads(&measure {}).is_empty());
+    let check = |value| Stage::<Doc>::check_output(&measure {}, &value);
+    assert!(check(serde_json::json!({"pages": 2})).is_ok());
+    assert_eq!(
+        check(serde_json::json!({"pages": "two"}))
+            .unwrap_err()
+            .to_string(),
+        "the value is not a valid output of stage `measure`, a `Report`"
+    );
+    assert!(
+        Stage::<Doc>::check_output(&maybe {}, &serde_json::Value::Null).is_ok(),
+        "a stage that may skip accepts `null`"
+    );
+}

@@ -98,6 +98,11 @@ impl StageContext {
     }
 
     /// The stored output of an earlier stage of this item, decoded into `T`.
+    ///
+    /// The escape hatch for hand-written [`Stage`](crate::Stage) impls,
+    /// which declare the names in [`Stage::reads`](crate::Stage::reads). A
+    /// `#[stage]` function reads typed parameters instead
+    /// (`#[from(scan)] report: &ScanReport`), checked at compile time.
     pub fn output_of<T: DeserializeOwned>(&self, stage: &str) -> Result<T> {
         let value = self
             .outputs

@@ -5,6 +5,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::reads::ReadProblem;
+
 /// One thing wrong with a pipeline definition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PipelineProblem {
@@ -23,6 +25,8 @@ pub enum PipelineProblem {
     DuplicateEdge(String, String),
     /// The edges form a cycle; the path starts and ends at the same stage.
     Cycle(Vec<String>),
+    /// A stage reads the output of a stage that is not upstream of it.
+    Read(ReadProblem),
 }
 
 impl fmt::Display for PipelineProblem {
@@ -41,6 +45,7 @@ impl fmt::Display for PipelineProblem {
                 write!(f, "duplicate edge `{from} -> {to}`")
             }
             PipelineProblem::Cycle(path) => write!(f, "cycle detected: {}", path.join(" -> ")),
+            PipelineProblem::Read(problem) => problem.fmt(f),
         }
     }
 }

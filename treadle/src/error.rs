@@ -108,6 +108,22 @@ pub enum Error {
         source: serde_json::Error,
     },
 
+    /// A JSON value does not have the shape of a stage's output type: review
+    /// edits of the wrong shape, or a stored output that no longer decodes
+    /// as its producer's output type.
+    #[error("{what} is not a valid output of stage `{stage}`, a `{expected}`")]
+    OutputShape {
+        /// Which value: `the review edits`, `the stored output`, ...
+        what: &'static str,
+        /// The stage whose output type it was checked against.
+        stage: String,
+        /// The output type's name, without module paths.
+        expected: String,
+        /// Why it does not decode.
+        #[source]
+        source: serde_json::Error,
+    },
+
     /// A stored value could not be decoded strictly: the location names the
     /// table (or map) and key.
     #[error("corrupt stored value at {location}: {detail}")]

@@ -12,7 +12,9 @@ mod event;
 mod fast_hash;
 mod item;
 mod outcome;
+mod output;
 mod pipeline;
+mod reads;
 mod review;
 pub mod rules;
 mod stage;
@@ -35,7 +37,9 @@ pub use error::{Error, Result};
 pub use event::{Event, EventKind};
 pub use item::WorkItem;
 pub use outcome::StageOutcome;
+pub use output::{StageOutput, Subtasks};
 pub use pipeline::{Pipeline, PipelineBuilder};
+pub use reads::{ReadFault, ReadProblem};
 pub use review::{
     DEADLINE_REVIEWER, DeadlineAction, Decision, DecisionRecord, ReviewDeadline, ReviewRequest,
     ReviewStatus,
@@ -55,7 +59,7 @@ pub use treadle_macros::{pipeline, stage};
 pub mod prelude {
     pub use crate::{
         Decision, Engine, EngineConfig, ItemState, Pipeline, ReviewRequest, Stage, StageContext,
-        StageOutcome, StageState, WorkItem,
+        StageOutcome, StageOutput, StageState, Subtasks, WorkItem,
     };
     #[cfg(feature = "macros")]
     pub use treadle_macros::{pipeline, stage};

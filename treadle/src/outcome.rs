@@ -8,16 +8,24 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::review::ReviewRequest;
 
-/// The result of one successful run of a stage.
+/// The result of one successful run of a stage, completing with an output
+/// of type `T`.
+///
+/// A `#[stage]` function that may do more than complete returns
+/// `treadle::Result<StageOutcome<T>>`: its output type is `T`, and
+/// [`StageOutcome::done`] completes with a `T`. The engine stores outputs as
+/// JSON, so it works with the untyped form `StageOutcome` (that is,
+/// `StageOutcome<serde_json::Value>`), which hand-written [`Stage`](crate::Stage)
+/// impls return.
 ///
 /// Returning `Err` from a stage is a failed attempt that the retry policy
 /// may repeat; [`StageOutcome::Failed`] is a deliberate, permanent failure.
 #[derive(Debug, Clone, PartialEq)]
-pub enum StageOutcome {
+pub enum StageOutcome<T = Value> {
     /// The stage finished; the output, if any, is stored for later stages.
     Complete {
-        /// The stage's output as JSON.
-        output: Option<Value>,
+        /// The stage's output.
+        output: Option<T>,
     },
     /// The item parks here until a person approves or rejects it.
     NeedsReview(ReviewRequest),
@@ -58,6 +66,15 @@ impl StageOutcome {
         Ok(StageOutcome::Complete {
             output: Some(output),
         })
+    }
+}
+
+impl<T> StageOutcome<T> {
+    /// Completed with `output`, the stage's typed output.
+    pub fn done(output: T) -> Self {
+        StageOutcome::Complete {
+            output: Some(output),
+        }
     }
 
     /// Park the item for a person's review.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::definition::{PipelineDef, PipelineError, PipelineProblem};
 use crate::item::WorkItem;
+use crate::reads::{ReadProblem, check_read};
 use crate::stage::Stage;
 use petgraph::graph::{DiGraph, NodeIndex};
 
@@ -107,7 +108,8 @@ impl<W: WorkItem> PipelineBuilder<W> {
     }
 
     /// Validates the definition: no duplicate stages or edges, no unknown
-    /// stages, no cycles. Every problem found is reported.
+    /// stages, no cycles, and every stage reads (see [`Stage::reads`]) only
+    /// stages upstream of it. Every problem found is reported.
     pub fn build(self) -> Result<Pipeline<W>, PipelineError> {
         let mut problems = Vec::new();
         if self.stages.is_empty() {
@@ -147,6 +149,7 @@ impl<W: WorkItem> PipelineBuilder<W> {
                 graph.add_edge(a, b, ());
             }
         }
+        self.check_reads(&index, &mut problems);
         if let Some(cycle) = find_cycle(&graph) {
             problems.push(PipelineProblem::Cycle(
                 cycle
@@ -159,6 +162,30 @@ impl<W: WorkItem> PipelineBuilder<W> {
             return Err(PipelineError { problems });
         }
         Ok(self.assemble(&graph, index))
+    }
+
+    /// Records every read of a stage that is not upstream of its reader.
+    fn check_reads(&self, index: &HashMap<String, usize>, problems: &mut Vec<PipelineProblem>) {
+        let names: Vec<&str> = self.stages.iter().map(|stage| stage.name()).collect();
+        let edges: Vec<(usize, usize)> = self
+            .edges
+            .iter()
+            .filter_map(|(from, to)| Some((*index.get(from)?, *index.get(to)?)))
+            .collect();
+        let (mut seen, mut stack) = (vec![false; names.len()], vec![0; names.len()]);
+        for (reader, stage) in self.stages.iter().enumerate() {
+            for &producer in stage.reads() {
+                if let Some(fault) =
+                    check_read(&names, &edges, reader, producer, &mut seen, &mut stack)
+                {
+                    problems.push(PipelineProblem::Read(ReadProblem {
+                        reader: names[reader].to_owned(),
+                        producer: producer.to_owned(),
+                        fault,
+                    }));
+                }
+            }
+        }
     }
 
     fn assemble(self, graph: &DiGraph<usize, ()>, index: HashMap<String, usize>) -> Pipeline<W> {
@@ -272,4 +299,115 @@ fn find_cycle(graph: &DiGraph<usize, ()>) -> Option<Vec<NodeIndex>> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::{Deserialize, Serialize};
+
+    use super::*;
+    use crate::reads::ReadFault;
+    use crate::stage;
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    struct Doc {
+        id: String,
+    }
+
+    impl WorkItem for Doc {
+        fn id(&self) -> &str {
+            &self.id
+        }
+    }
+
+    #[stage]
+    async fn scan(_doc: &Doc) -> crate::Result<u32> {
+        Ok(1)
+    }
+
+    #[stage]
+    async fn ocr(_doc: &Doc, #[from(scan)] pages: &u32) -> crate::Result<u32> {
+        Ok(*pages)
+    }
+
+    #[stage]
+    async fn index(
+        _doc: &Doc,
+        #[from(ocr)] a: &u32,
+        #[from(scan)] b: &u32,
+        #[from(index)] c: &u32,
+    ) -> crate::Result<u32> {
+        Ok(a + b + c)
+    }
+
+    fn read_problems(result: Result<Pipeline<Doc>, PipelineError>) -> Vec<String> {
+        let problems = match result {
+            Ok(_) => return Vec::new(),
+            Err(error) => error.problems,
+        };
+        problems
+            .into_iter()
+            .filter_map(|problem| match problem {
+                PipelineProblem::Read(read) => Some(read.to_string()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_builder_checks_reads_like_the_macro() {
+        let built = Pipeline::builder()
+            .stage(scan {})
+            .stage(ocr {})
+            .edge("scan", "ocr")
+            .build()
+            .unwrap();
+        assert_eq!(built.stage("ocr").unwrap().reads(), ["scan"]);
+
+        // `ocr` upstream of `scan` instead of downstream; `index` reads itself.
+        let problems = read_problems(
+            Pipeline::builder()
+                .stage(scan {})
+                .stage(ocr {})
+                .stage(index {})
+                .edge("ocr", "scan")
+                .edge("scan", "index")
+                .build(),
+        );
+        assert_eq!(
+            problems,
+            [
+                "`ocr` reads the output of `scan`, which is not upstream of `ocr` in this pipeline",
+                "`index` reads its own output; a stage reads only the outputs of stages upstream of it",
+            ]
+        );
+        // Without `ocr` in the pipeline.
+        let problems = read_problems(
+            Pipeline::builder()
+                .stage(scan {})
+                .stage(index {})
+                .edge("scan", "index")
+                .build(),
+        );
+        assert_eq!(
+            problems,
+            [
+                "`index` reads the output of `ocr`, which is not a stage of this pipeline",
+                "`index` reads its own output; a stage reads only the outputs of stages upstream of it",
+            ]
+        );
+        let error = Pipeline::builder()
+            .stage(scan {})
+            .stage(ocr {})
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            error.problems,
+            [PipelineProblem::Read(ReadProblem {
+                reader: "ocr".into(),
+                producer: "scan".into(),
+                fault: ReadFault::NotUpstream,
+            })]
+        );
+    }
 }

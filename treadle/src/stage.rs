@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use serde_json::Value;
 
 use crate::context::StageContext;
 use crate::error::Result;
@@ -30,6 +31,21 @@ pub trait Stage<W: WorkItem>: Send + Sync + 'static {
 
     /// Runs one attempt of the stage for `item`.
     async fn run(&self, item: &W, ctx: &mut StageContext) -> Result<StageOutcome>;
+
+    /// The names of the stages whose outputs this stage reads; each must be
+    /// upstream of it (`Pipeline::builder()` checks). None by default: a
+    /// hand-written stage reads with [`StageContext::output_of`].
+    fn reads(&self) -> &[&str] {
+        &[]
+    }
+
+    /// Checks that `value` is a valid output of this stage (review edits are
+    /// checked before anything is stored). Any value by default; a
+    /// `#[stage]` checks against its output type.
+    fn check_output(&self, value: &Value) -> Result<()> {
+        let _ = value;
+        Ok(())
+    }
 }
 
 /// Retry and timeout settings of one stage.

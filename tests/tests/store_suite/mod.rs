@@ -19,6 +19,8 @@ use crate::support::*;
 
 mod versions;
 pub use versions::*;
+mod typed;
+pub use typed::*;
 
 /// Generates one `#[tokio::test]` per suite case, each on a fresh store made
 /// by `$make` (an async expression returning `(store, guard)`; the guard
@@ -67,6 +69,13 @@ macro_rules! store_suite {
             reordered_stages_keep_the_old_order_for_old_items,
             a_removed_review_stage_can_still_be_decided,
             a_renamed_review_stage_is_decided_by_its_old_name_or_migrated,
+            typed_outputs_flow_to_typed_reads,
+            a_skipped_upstream_is_read_as_none,
+            fan_out_outputs_are_read_by_subtask,
+            edits_of_the_wrong_shape_are_refused_and_change_nothing,
+            edits_of_the_right_shape_are_read_typed_downstream,
+            outcomes_the_stage_did_not_declare_fail_it,
+            a_stored_output_of_another_shape_fails_the_reader,
         );
     };
 }

@@ -13,8 +13,8 @@ use crate::errors::Errors;
 ///
 /// Each stage path is checked with `quote_spanned!` at the user's tokens:
 /// that it is a `#[stage]` type (`StageDef`), that its item type is the
-/// first stage's, and, in a constant, that no earlier stage has the same
-/// runtime name. After an error the checks are still emitted (so every
+/// first stage's, and, in constants, that no earlier stage has the same
+/// runtime name and that every stage it reads is upstream of it. After an error the checks are still emitted (so every
 /// problem shows at once) and a placeholder of the right type replaces the
 /// pipeline.
 pub fn expand(input: TokenStream) -> TokenStream {
@@ -81,11 +81,37 @@ fn generate(graph: &Graph, errors: Errors) -> TokenStream {
         }
     }
     let count = names.len();
+    let edges_const = format_ident!("__TREADLE_EDGES", span = Span::mixed_site());
+    let edge_pairs = graph.edges.iter().map(|edge| {
+        let (from, to) = (edge.from, edge.to);
+        quote!((#from, #to))
+    });
+    let edge_count = graph.edges.len();
+    // One constant per stage, so that every stage with a bad read is
+    // reported, each at its name in the pipeline.
+    let read_checks = graph.nodes.iter().enumerate().map(|(i, node)| {
+        let path = &node.path;
+        quote_spanned! {path.span()=>
+            const _: () = {
+                let problems = ::treadle::__private::read_problems(
+                    &#names_const,
+                    &#edges_const,
+                    #i,
+                    <#path as ::treadle::__private::StageDef>::READS,
+                );
+                if !problems.is_empty() {
+                    ::treadle::__private::panic!("{}", problems.as_str());
+                }
+            };
+        }
+    });
     let prelude = quote! {
         let #item = ::treadle::__private::PhantomData;
         #checks
         const _: () = {
             const #names_const: [&str; #count] = [#(#names),*];
+            const #edges_const: [(usize, usize); #edge_count] = [#(#edge_pairs),*];
+            #(#read_checks)*
             #unique
         };
     };

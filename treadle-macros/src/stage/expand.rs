@@ -1,12 +1,15 @@
 //! Code generation for `#[stage]`.
 
 use proc_macro2::{Span, TokenStream};
-use quote::{quote, quote_spanned};
+use quote::{format_ident, quote, quote_spanned};
 use syn::ext::IdentExt;
 use syn::spanned::Spanned;
-use syn::{Ident, ItemFn, LitStr};
+use syn::{FnArg, Ident, ItemFn, LitStr};
 
-use super::parse::{BackoffKind, StageOptions, StageSignature, check_signature, parse_options};
+use super::parse::{
+    BackoffKind, Output, Param, StageOptions, StageSignature, check_signature, is_from,
+    parse_options,
+};
 use crate::errors::Errors;
 
 /// Expands `#[stage(args)] item`.
@@ -32,8 +35,8 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     };
     let mut errors = Errors::default();
     let options = parse_options(args, &mut errors);
-    let signature = check_signature(&function, &mut errors);
-    let ident = &function.sig.ident;
+    let signature = check_signature(&function, &options, &mut errors);
+    let ident = &function.sig.ident.clone();
     let name = options
         .name
         .clone()
@@ -41,8 +44,9 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
 
     let stage_impl = match (&signature, errors.is_empty()) {
         (Some(signature), true) => stage_impl(ident, &name, signature, &options),
-        _ => stub_impl(ident, &name),
+        _ => stub_impl(ident, &name, signature.as_ref(), &options),
     };
+    let function = without_from_attributes(function);
     let compile_errors = errors.finish().map(|e| e.to_compile_error());
     let vis = &function.vis;
     let doc = format!(
@@ -69,7 +73,7 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     }
 }
 
-/// The `StageDef` and `Stage` impls of a valid stage.
+/// The `StageDef`, `StageOutput` and `Stage` impls of a valid stage.
 fn stage_impl(
     ident: &Ident,
     name: &LitStr,
@@ -78,27 +82,56 @@ fn stage_impl(
 ) -> TokenStream {
     let item_ty = &signature.item;
     let policy = policy(options);
+    let definition = definition(ident, name, Some(signature), options);
     // Hygienic names, located at the user's parameter types so that a type
-    // error in passing them (a context that is not `StageContext`) is
-    // reported there.
+    // error in passing them (a context that is not `StageContext`, a read of
+    // the wrong type) is reported there.
     let item = Ident::new("item", Span::mixed_site().located_at(item_ty.span()));
     let ctx_span = signature
-        .context
-        .as_ref()
-        .map_or_else(Span::call_site, Spanned::span);
+        .params
+        .iter()
+        .find_map(|param| match param {
+            Param::Context(ty) => Some(ty.span()),
+            Param::Read { .. } => None,
+        })
+        .unwrap_or_else(Span::call_site);
     let ctx = Ident::new("ctx", Span::mixed_site().located_at(ctx_span));
+    let mut reads = TokenStream::new();
+    let mut args = vec![quote!(#item)];
+    for (i, param) in signature.params.iter().enumerate() {
+        match param {
+            Param::Context(_) => args.push(quote!(#ctx)),
+            Param::Read { from, ty } => {
+                let output = format_ident!("__treadle_output{}", i, span = Span::mixed_site());
+                let arg = format_ident!("__treadle_read{}", i, span = Span::mixed_site());
+                reads.extend(quote_spanned! {from.span()=>
+                    let #output = ::treadle::__private::read_output::<#from>(#ctx)?;
+                });
+                // The parameter's type must take the producer's output:
+                // checked at the user's type, where a mismatch is reported.
+                reads.extend(quote_spanned! {ty.span()=>
+                    let #arg = <#ty as ::treadle::__private::ReadParam<
+                        '_,
+                        <#from as ::treadle::StageOutput>::Output,
+                    >>::from_output(&#output);
+                });
+                args.push(quote!(#arg));
+            }
+        }
+    }
     // Spanned on the user's return type, so a `Result` alias other than
     // `treadle::Result` is reported there.
-    let call = match &signature.context {
-        Some(_) => quote_spanned!(signature.output.span()=> #ident(#item, #ctx).await),
-        None => quote_spanned!(signature.output.span()=> #ident(#item).await),
+    let returns = signature.returns.span();
+    let call = quote_spanned!(returns=> #ident(#(#args),*).await);
+    let body = match &signature.output {
+        Output::Untyped => call,
+        Output::Plain(_) => quote_spanned!(returns=> ::treadle::__private::completed_with(#call?)),
+        Output::Outcome(ty) => quote_spanned! {returns=>
+            ::treadle::__private::typed_outcome::<Self, #ty>(#call?, #ctx)
+        },
     };
     quote! {
-        impl ::treadle::__private::StageDef for #ident {
-            type Stage = Self;
-            const NAME: &'static str = #name;
-            const NEW: Self = #ident {};
-        }
+        #definition
 
         impl ::treadle::__private::StageFor<#item_ty> for #ident {
             type Stage = Self;
@@ -118,26 +151,87 @@ fn stage_impl(
                 POLICY
             }
 
+            fn reads(&self) -> &[&str] {
+                <Self as ::treadle::__private::StageDef>::READS
+            }
+
+            fn check_output(&self, value: &::treadle::__private::Value) -> ::treadle::Result<()> {
+                ::treadle::__private::check_output::<Self>(value)
+            }
+
             async fn run(
                 &self,
                 #item: &#item_ty,
                 #ctx: &mut ::treadle::StageContext,
             ) -> ::treadle::Result<::treadle::StageOutcome> {
-                #call
+                #reads
+                #body
             }
         }
     }
 }
 
-/// Impls for a stage whose function or options are wrong: enough for
-/// `pipeline!` to accept the name (for any item type) without further errors.
-fn stub_impl(ident: &Ident, name: &LitStr) -> TokenStream {
+/// The `StageDef` and `StageOutput` impls: the stage's name, reads and
+/// output type. The reads are named through `StageDef` at the user's
+/// `#[from(..)]` tokens, so a read of something that is not a stage is
+/// reported there.
+fn definition(
+    ident: &Ident,
+    name: &LitStr,
+    signature: Option<&StageSignature>,
+    options: &StageOptions,
+) -> TokenStream {
+    let reads = signature.into_iter().flat_map(|signature| {
+        signature.params.iter().filter_map(|param| match param {
+            Param::Read { from, .. } => Some(quote_spanned! {from.span()=>
+                <#from as ::treadle::__private::StageDef>::NAME
+            }),
+            Param::Context(_) => None,
+        })
+    });
+    let (may_skip, fan_out) = (options.may_skip.is_some(), options.fan_out.is_some());
+    let output = match signature.map(|signature| &signature.output) {
+        None | Some(Output::Untyped) => quote!(::treadle::__private::Value),
+        Some(Output::Plain(ty)) => quote!(#ty),
+        Some(Output::Outcome(ty)) => {
+            let mut output = quote!(#ty);
+            if fan_out {
+                output = quote!(::treadle::Subtasks<#output>);
+            }
+            if may_skip {
+                output = quote!(::treadle::__private::Option<#output>);
+            }
+            output
+        }
+    };
     quote! {
         impl ::treadle::__private::StageDef for #ident {
             type Stage = Self;
             const NAME: &'static str = #name;
             const NEW: Self = #ident {};
+            const READS: &'static [&'static str] = &[#(#reads),*];
         }
+
+        impl ::treadle::StageOutput for #ident {
+            type Output = #output;
+            const MAY_SKIP: bool = #may_skip;
+            const FAN_OUT: bool = #fan_out;
+        }
+    }
+}
+
+/// Impls for a stage whose function or options are wrong: enough for
+/// `pipeline!` and readers to accept the name (for any item type) without
+/// further errors.
+fn stub_impl(
+    ident: &Ident,
+    name: &LitStr,
+    signature: Option<&StageSignature>,
+    options: &StageOptions,
+) -> TokenStream {
+    let definition = definition(ident, name, signature, options);
+    quote! {
+        #definition
 
         impl<W: ::treadle::WorkItem> ::treadle::__private::StageFor<W> for #ident {
             type Stage = Self;
@@ -161,6 +255,17 @@ fn stub_impl(ident: &Ident, name: &LitStr) -> TokenStream {
             }
         }
     }
+}
+
+/// The function with the `#[from(..)]` attributes of its parameters
+/// removed (they are `#[stage]`'s syntax, not attributes rustc knows).
+fn without_from_attributes(mut function: ItemFn) -> ItemFn {
+    for input in &mut function.sig.inputs {
+        if let FnArg::Typed(arg) = input {
+            arg.attrs.retain(|attr| !is_from(attr));
+        }
+    }
+    function
 }
 
 /// The constant `StagePolicy` expression for `options`.

@@ -6,7 +6,7 @@ use quote::ToTokens;
 use syn::parse::Parser;
 use syn::punctuated::Punctuated;
 use syn::{
-    Expr, ExprLit, FnArg, GenericArgument, Ident, ItemFn, Lit, LitStr, MetaNameValue,
+    Attribute, Expr, ExprLit, FnArg, GenericArgument, Ident, ItemFn, Lit, LitStr, Meta, Path,
     PathArguments, ReturnType, Token, Type,
 };
 
@@ -14,7 +14,8 @@ use crate::duration::parse_millis;
 use crate::errors::Errors;
 
 /// The option names `#[stage]` accepts, for the "unknown option" message.
-const OPTIONS: &str = "`name`, `retries`, `backoff`, `backoff_base`, `backoff_max`, `timeout`";
+const OPTIONS: &str =
+    "`name`, `retries`, `backoff`, `backoff_base`, `backoff_max`, `timeout`, `may_skip`, `fan_out`";
 
 /// The kind of retry backoff.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +41,10 @@ pub(crate) struct StageOptions {
     pub(crate) backoff_max: Option<u64>,
     /// `timeout = "30s"`, in milliseconds.
     pub(crate) timeout: Option<u64>,
+    /// `may_skip`: the stage may skip; readers get an `Option`.
+    pub(crate) may_skip: Option<Span>,
+    /// `fan_out`: the stage fans out; readers get its subtasks' outputs.
+    pub(crate) fan_out: Option<Span>,
 }
 
 /// Which options were written, with the span of their name, to report
@@ -52,12 +57,14 @@ struct Seen {
     backoff_base: Option<Span>,
     backoff_max: Option<Span>,
     timeout: Option<Span>,
+    may_skip: Option<Span>,
+    fan_out: Option<Span>,
 }
 
 /// Parses and validates the attribute's arguments.
 pub(crate) fn parse_options(args: TokenStream, errors: &mut Errors) -> StageOptions {
     let mut options = StageOptions::default();
-    let parser = Punctuated::<MetaNameValue, Token![,]>::parse_terminated;
+    let parser = Punctuated::<Meta, Token![,]>::parse_terminated;
     let metas = match parser.parse2(args) {
         Ok(metas) => metas,
         Err(error) => {
@@ -67,9 +74,9 @@ pub(crate) fn parse_options(args: TokenStream, errors: &mut Errors) -> StageOpti
     };
     let mut seen = Seen::default();
     for meta in &metas {
-        let Some(key) = meta.path.get_ident() else {
+        let Some(key) = meta.path().get_ident() else {
             errors.spanned(
-                &meta.path,
+                meta.path(),
                 format_args!("unknown `#[stage]` option; expected one of {OPTIONS}"),
             );
             continue;
@@ -81,6 +88,8 @@ pub(crate) fn parse_options(args: TokenStream, errors: &mut Errors) -> StageOpti
             "backoff_base" => &mut seen.backoff_base,
             "backoff_max" => &mut seen.backoff_max,
             "timeout" => &mut seen.timeout,
+            "may_skip" => &mut seen.may_skip,
+            "fan_out" => &mut seen.fan_out,
             other => {
                 errors.at(
                     key.span(),
@@ -97,7 +106,21 @@ pub(crate) fn parse_options(args: TokenStream, errors: &mut Errors) -> StageOpti
             continue;
         }
         *slot = Some(key.span());
-        parse_option(key, &meta.value, &mut options, errors);
+        match (meta, key.to_string().as_str()) {
+            (Meta::Path(_), "may_skip") => options.may_skip = Some(key.span()),
+            (Meta::Path(_), "fan_out") => options.fan_out = Some(key.span()),
+            (_, flag @ ("may_skip" | "fan_out")) => {
+                errors.spanned(
+                    meta,
+                    format_args!("`{flag}` takes no value: write `{flag}`"),
+                );
+            }
+            (Meta::NameValue(pair), _) => parse_option(key, &pair.value, &mut options, errors),
+            _ => errors.spanned(
+                meta,
+                format_args!("expected `{key} = ...`, e.g. `retries = 3` or `timeout = \"30s\"`"),
+            ),
+        }
     }
     check_backoff(&options, &seen, errors);
     options
@@ -198,20 +221,60 @@ fn check_backoff(options: &StageOptions, seen: &Seen, errors: &mut Errors) {
     }
 }
 
-/// What the stage function's signature tells: the work item type and whether
-/// the function takes the context.
+/// What the stage function's signature tells: the work item type, the
+/// parameters after it, and what it returns.
 pub(crate) struct StageSignature {
     /// `W` of the `item: &W` parameter.
     pub(crate) item: Type,
-    /// The type of the context parameter, if the function takes one.
-    pub(crate) context: Option<Type>,
-    /// The declared return type.
-    pub(crate) output: Type,
+    /// The parameters after the item, in order.
+    pub(crate) params: Vec<Param>,
+    /// What the function returns.
+    pub(crate) output: Output,
+    /// The declared return type, for spans.
+    pub(crate) returns: Type,
 }
 
-/// Validates the function's signature. Returns `None` if the item type could
-/// not be found; every problem is recorded in `errors`.
-pub(crate) fn check_signature(function: &ItemFn, errors: &mut Errors) -> Option<StageSignature> {
+/// A parameter after the work item.
+pub(crate) enum Param {
+    /// `ctx: &mut StageContext`, with its type.
+    Context(Type),
+    /// `#[from(scan)] report: &ScanReport`: a read of an upstream output.
+    Read {
+        /// The producing stage's path.
+        from: Path,
+        /// The parameter's type.
+        ty: Type,
+    },
+}
+
+/// What a stage function returns, inside `treadle::Result<..>`.
+pub(crate) enum Output {
+    /// `StageOutcome`: an untyped outcome, output `serde_json::Value`.
+    Untyped,
+    /// `StageOutcome<T>`: a typed outcome with output `T`.
+    Outcome(Type),
+    /// `T`: the stage always completes, with output `T` (`()` for none).
+    Plain(Type),
+}
+
+/// The message for a missing or wrong return type.
+const RETURNS: &str = "a `#[stage]` function returns `treadle::Result<T>` (it completes with a `T`; \
+     `()` for no output) or `treadle::Result<StageOutcome<T>>` (it may also review, retry, \
+     skip, fail or fan out)";
+
+/// The message for a parameter that is neither a read nor the context.
+const PARAMETERS: &str = "after the work item, a `#[stage]` function takes reads of upstream \
+     outputs (`#[from(scan)] report: &ScanReport`) and optionally the context \
+     (`ctx: &mut StageContext`)";
+
+/// Validates the function's signature and options that depend on it.
+/// Returns `None` if the item type or the output could not be found; every
+/// problem is recorded in `errors`.
+pub(crate) fn check_signature(
+    function: &ItemFn,
+    options: &StageOptions,
+    errors: &mut Errors,
+) -> Option<StageSignature> {
     let sig = &function.sig;
     if sig.asyncness.is_none() {
         errors.at(
@@ -252,113 +315,157 @@ pub(crate) fn check_signature(function: &ItemFn, errors: &mut Errors) -> Option<
             errors.spanned(receiver, "a `#[stage]` function cannot take `self`");
             None
         }
-        Some(FnArg::Typed(arg)) => match &*arg.ty {
-            Type::Reference(reference) if reference.mutability.is_none() => {
-                Some((*reference.elem).clone())
-            }
-            Type::Reference(reference) => {
+        Some(FnArg::Typed(arg)) => {
+            if let Some(attr) = arg.attrs.iter().find(|a| is_from(a)) {
                 errors.spanned(
-                    reference,
-                    format_args!(
-                        "the work item is passed by shared reference: write `&{}`",
-                        type_text(&reference.elem)
-                    ),
+                    attr,
+                    "the first parameter of a `#[stage]` function is the work item, not a read",
                 );
-                None
             }
-            other => {
-                errors.spanned(
-                    other,
-                    format_args!(
-                        "the work item parameter must be a reference: write `&{}`",
-                        type_text(other)
-                    ),
-                );
-                None
+            match &*arg.ty {
+                Type::Reference(reference) if reference.mutability.is_none() => {
+                    Some((*reference.elem).clone())
+                }
+                Type::Reference(reference) => {
+                    errors.spanned(
+                        reference,
+                        format_args!(
+                            "the work item is passed by shared reference: write `&{}`",
+                            type_text(&reference.elem)
+                        ),
+                    );
+                    None
+                }
+                other => {
+                    errors.spanned(
+                        other,
+                        format_args!(
+                            "the work item parameter must be a reference: write `&{}`",
+                            type_text(other)
+                        ),
+                    );
+                    None
+                }
             }
-        },
+        }
     };
 
-    let context = match inputs.next() {
-        None => None,
-        Some(FnArg::Receiver(receiver)) => {
-            errors.spanned(receiver, "a `#[stage]` function cannot take `self`");
-            None
-        }
-        Some(FnArg::Typed(arg)) => match &*arg.ty {
-            Type::Reference(reference) if reference.mutability.is_some() => Some((*arg.ty).clone()),
-            other => {
-                errors.spanned(
-                    other,
-                    "the second parameter of a `#[stage]` function is the context: \
-                     `ctx: &mut StageContext`",
-                );
-                None
+    let mut params = Vec::new();
+    let mut has_context = false;
+    for input in inputs {
+        let arg = match input {
+            FnArg::Receiver(receiver) => {
+                errors.spanned(receiver, "a `#[stage]` function cannot take `self`");
+                continue;
             }
-        },
-    };
-    for extra in inputs {
-        errors.spanned(
-            extra,
-            "unexpected parameter: a `#[stage]` function takes `item: &W` and optionally \
-             `ctx: &mut StageContext`",
-        );
+            FnArg::Typed(arg) => arg,
+        };
+        let mut froms = arg.attrs.iter().filter(|a| is_from(a));
+        if let Some(attr) = froms.next() {
+            for again in froms {
+                errors.spanned(again, "a parameter reads one stage: one `#[from(..)]`");
+            }
+            match attr.parse_args_with(Path::parse_mod_style) {
+                Ok(from) => params.push(Param::Read {
+                    from,
+                    ty: (*arg.ty).clone(),
+                }),
+                Err(_) => errors.spanned(
+                    attr,
+                    "expected the name of the stage to read, e.g. `#[from(scan)]`",
+                ),
+            }
+            continue;
+        }
+        match &*arg.ty {
+            Type::Reference(reference) if reference.mutability.is_some() && !has_context => {
+                has_context = true;
+                params.push(Param::Context((*arg.ty).clone()));
+            }
+            Type::Reference(reference) if reference.mutability.is_some() => {
+                errors.spanned(arg, "a `#[stage]` function takes the context only once");
+            }
+            _ => errors.spanned(arg, format_args!("unexpected parameter: {PARAMETERS}")),
+        }
     }
 
-    let output = match &sig.output {
+    let (output, returns) = match &sig.output {
         ReturnType::Default => {
-            errors.at(
-                sig.paren_token.span.close(),
-                "a `#[stage]` function must return `treadle::Result<StageOutcome>`",
-            );
-            None
+            errors.at(sig.paren_token.span.close(), RETURNS);
+            (None, None)
         }
         ReturnType::Type(_, ty) => {
-            if !returns_stage_result(ty) {
-                errors.spanned(
-                    ty,
+            let output = classify_output(ty);
+            if output.is_none() {
+                errors.spanned(ty, format_args!("{RETURNS}, not `{}`", type_text(ty)));
+            }
+            (output, Some((**ty).clone()))
+        }
+    };
+    if let Some(output @ (Output::Untyped | Output::Plain(_))) = &output {
+        for (flag, span) in [("may_skip", options.may_skip), ("fan_out", options.fan_out)] {
+            if let Some(span) = span {
+                let why = match output {
+                    Output::Plain(_) => "a stage returning a plain value always completes",
+                    _ => "an untyped `StageOutcome` may do anything",
+                };
+                errors.at(
+                    span,
                     format_args!(
-                        "a `#[stage]` function must return `treadle::Result<StageOutcome>`, \
-                         not `{}`",
-                        type_text(ty)
+                        "`{flag}` declares what a typed outcome may do; {why}: return \
+                         `treadle::Result<StageOutcome<T>>`"
                     ),
                 );
             }
-            Some((**ty).clone())
         }
-    };
+    }
 
     Some(StageSignature {
         item: item?,
-        context,
+        params,
         output: output?,
+        returns: returns?,
     })
 }
 
-/// Whether `ty` reads `...::Result<...::StageOutcome>`.
-fn returns_stage_result(ty: &Type) -> bool {
-    let Type::Path(path) = ty else { return false };
-    let Some(last) = path.path.segments.last() else {
-        return false;
-    };
-    if last.ident != "Result" {
-        return false;
+/// Whether `attr` is `#[from(..)]`.
+pub(crate) fn is_from(attr: &Attribute) -> bool {
+    attr.path().is_ident("from")
+}
+
+/// What `ty`, expected to read `...::Result<X>`, returns inside the result.
+fn classify_output(ty: &Type) -> Option<Output> {
+    let inner = single_argument(ty, "Result")?;
+    if let Type::Path(path) = inner
+        && path.qself.is_none()
+        && let Some(last) = path.path.segments.last()
+        && last.ident == "StageOutcome"
+    {
+        return match &last.arguments {
+            PathArguments::None => Some(Output::Untyped),
+            _ => single_argument(inner, "StageOutcome").map(|t| Output::Outcome(t.clone())),
+        };
+    }
+    Some(Output::Plain(inner.clone()))
+}
+
+/// `X` if `ty` is a path ending in `name<X>`.
+fn single_argument<'a>(ty: &'a Type, name: &str) -> Option<&'a Type> {
+    let Type::Path(path) = ty else { return None };
+    let last = path.path.segments.last()?;
+    if last.ident != name {
+        return None;
     }
     let PathArguments::AngleBracketed(args) = &last.arguments else {
-        return false;
+        return None;
     };
     if args.args.len() != 1 {
-        return false;
+        return None;
     }
-    let Some(GenericArgument::Type(Type::Path(inner))) = args.args.first() else {
-        return false;
-    };
-    inner.qself.is_none()
-        && inner
-            .path
-            .segments
-            .last()
-            .is_some_and(|segment| segment.ident == "StageOutcome" && segment.arguments.is_empty())
+    match args.args.first() {
+        Some(GenericArgument::Type(inner)) => Some(inner),
+        _ => None,
+    }
 }
 
 /// A type as a person writes it: `Result<String, treadle::Error>`, not the

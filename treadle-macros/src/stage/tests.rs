@@ -4,7 +4,7 @@ use proc_macro2::TokenStream;
 use quote::quote;
 
 use super::expand;
-use super::parse::{BackoffKind, check_signature, parse_options};
+use super::parse::{BackoffKind, Output, Param, StageOptions, check_signature, parse_options};
 use crate::errors::Errors;
 
 fn messages(errors: Errors) -> Vec<String> {
@@ -22,7 +22,11 @@ fn option_errors(args: TokenStream) -> Vec<String> {
 
 fn signature_errors(function: TokenStream) -> Vec<String> {
     let mut errors = Errors::default();
-    check_signature(&syn::parse2(function).unwrap(), &mut errors);
+    check_signature(
+        &syn::parse2(function).unwrap(),
+        &StageOptions::default(),
+        &mut errors,
+    );
     messages(errors)
 }
 
@@ -74,7 +78,7 @@ fn option_errors_are_all_reported() {
         )),
         [
             "unknown `#[stage]` option `retry`; expected one of `name`, `retries`, `backoff`, \
-             `backoff_base`, `backoff_max`, `timeout`",
+             `backoff_base`, `backoff_max`, `timeout`, `may_skip`, `fan_out`",
             "option `retries` is given more than once",
             "invalid duration `soon`: expected an integer followed by `ms`, `s`, `m` or `h`, \
              such as \"500ms\", \"30s\", \"2m\" or \"1h\"",
@@ -133,12 +137,19 @@ fn backoff_rules() {
 
 #[test]
 fn option_syntax_errors() {
-    assert_eq!(option_errors(quote!(retries)), ["expected `=`"]);
+    assert_eq!(
+        option_errors(quote!(retries)),
+        ["expected `retries = ...`, e.g. `retries = 3` or `timeout = \"30s\"`"]
+    );
+    assert_eq!(
+        option_errors(quote!(may_skip = true)),
+        ["`may_skip` takes no value: write `may_skip`"]
+    );
     assert_eq!(
         option_errors(quote!(a::b = 1)),
         [
             "unknown `#[stage]` option; expected one of `name`, `retries`, `backoff`, \
-          `backoff_base`, `backoff_max`, `timeout`"
+          `backoff_base`, `backoff_max`, `timeout`, `may_skip`, `fan_out`"
         ]
     );
 }
@@ -164,6 +175,14 @@ fn valid_signatures() {
     }
 }
 
+const RETURNS: &str = "a `#[stage]` function returns `treadle::Result<T>` (it completes with a \
+     `T`; `()` for no output) or `treadle::Result<StageOutcome<T>>` (it may also review, retry, \
+     skip, fail or fan out)";
+
+const PARAMETERS: &str = "unexpected parameter: after the work item, a `#[stage]` function \
+     takes reads of upstream outputs (`#[from(scan)] report: &ScanReport`) and optionally the \
+     context (`ctx: &mut StageContext`)";
+
 #[test]
 fn signature_errors_are_all_reported() {
     assert_eq!(
@@ -174,7 +193,7 @@ fn signature_errors_are_all_reported() {
             "a `#[stage]` function must be `async`: write `async fn`",
             "a `#[stage]` function takes the work item by reference as its first parameter, \
              e.g. `item: &Document`",
-            "a `#[stage]` function must return `treadle::Result<StageOutcome>`",
+            RETURNS,
         ]
     );
     assert_eq!(
@@ -182,12 +201,10 @@ fn signature_errors_are_all_reported() {
             async fn scan(doc: Doc, ctx: StageContext, extra: u8) -> String {}
         )),
         [
-            "the work item parameter must be a reference: write `&Doc`",
-            "the second parameter of a `#[stage]` function is the context: \
-             `ctx: &mut StageContext`",
-            "unexpected parameter: a `#[stage]` function takes `item: &W` and optionally \
-             `ctx: &mut StageContext`",
-            "a `#[stage]` function must return `treadle::Result<StageOutcome>`, not `String`",
+            "the work item parameter must be a reference: write `&Doc`".to_owned(),
+            PARAMETERS.to_owned(),
+            PARAMETERS.to_owned(),
+            format!("{RETURNS}, not `String`"),
         ]
     );
     assert_eq!(
@@ -195,22 +212,143 @@ fn signature_errors_are_all_reported() {
             async fn scan<T>(doc: &mut Doc) -> Result<StageOutcome, E> {}
         )),
         [
-            "a `#[stage]` function cannot be generic: it is the stage for one work item type",
-            "the work item is passed by shared reference: write `&Doc`",
-            "a `#[stage]` function must return `treadle::Result<StageOutcome>`, not \
-             `Result<StageOutcome, E>`",
+            "a `#[stage]` function cannot be generic: it is the stage for one work item type"
+                .to_owned(),
+            "the work item is passed by shared reference: write `&Doc`".to_owned(),
+            format!("{RETURNS}, not `Result<StageOutcome, E>`"),
         ]
     );
     assert_eq!(
         signature_errors(quote!(
             async fn scan(&self) -> Result<Outcome> {}
         )),
+        ["a `#[stage]` function cannot take `self`"]
+    );
+}
+
+#[test]
+fn reads_and_the_context_in_any_order() {
+    let function: syn::ItemFn = syn::parse2(quote!(
+        async fn enrich(
+            doc: &Doc,
+            #[from(scan)] report: &Report,
+            ctx: &mut StageContext,
+            #[from(stages::ocr)] text: Option<&String>,
+        ) -> Result<StageOutcome<Tags>> {
+        }
+    ))
+    .unwrap();
+    let mut errors = Errors::default();
+    let signature = check_signature(&function, &StageOptions::default(), &mut errors).unwrap();
+    assert!(errors.is_empty());
+    let kinds: Vec<String> = signature
+        .params
+        .iter()
+        .map(|param| match param {
+            Param::Context(_) => "ctx".to_owned(),
+            Param::Read { from, .. } => quote!(#from).to_string().replace(' ', ""),
+        })
+        .collect();
+    assert_eq!(kinds, ["scan", "ctx", "stages::ocr"]);
+    assert!(matches!(signature.output, Output::Outcome(_)));
+}
+
+#[test]
+fn read_and_context_errors() {
+    assert_eq!(
+        signature_errors(quote!(
+            async fn enrich(
+                #[from(scan)] doc: &Doc,
+                #[from] a: &u8,
+                #[from(scan)]
+                #[from(ocr)]
+                b: &u8,
+                x: &mut StageContext,
+                y: &mut StageContext,
+            ) -> Result<()> {
+            }
+        )),
         [
-            "a `#[stage]` function cannot take `self`",
-            "a `#[stage]` function must return `treadle::Result<StageOutcome>`, not \
-             `Result<Outcome>`",
+            "the first parameter of a `#[stage]` function is the work item, not a read",
+            "expected the name of the stage to read, e.g. `#[from(scan)]`",
+            "a parameter reads one stage: one `#[from(..)]`",
+            "a `#[stage]` function takes the context only once",
         ]
     );
+}
+
+#[test]
+fn return_types() {
+    let output = |ty: TokenStream| {
+        let function = syn::parse2(quote!(async fn s(d: &Doc) -> #ty {})).unwrap();
+        let mut errors = Errors::default();
+        check_signature(&function, &StageOptions::default(), &mut errors).map(|s| s.output)
+    };
+    assert!(matches!(
+        output(quote!(treadle::Result<StageOutcome>)),
+        Some(Output::Untyped)
+    ));
+    assert!(matches!(
+        output(quote!(Result<StageOutcome<Tags>>)),
+        Some(Output::Outcome(_))
+    ));
+    assert!(matches!(
+        output(quote!(Result<ScanReport>)),
+        Some(Output::Plain(_))
+    ));
+    assert!(matches!(output(quote!(Result<()>)), Some(Output::Plain(_))));
+    assert!(output(quote!(Option<()>)).is_none());
+}
+
+#[test]
+fn skip_and_fan_out_need_a_typed_outcome() {
+    let check = |ty: TokenStream| {
+        let mut errors = Errors::default();
+        let options = parse_options(quote!(may_skip, fan_out), &mut errors);
+        let function = syn::parse2(quote!(async fn s(d: &Doc) -> #ty {})).unwrap();
+        check_signature(&function, &options, &mut errors);
+        messages(errors)
+    };
+    assert!(check(quote!(Result<StageOutcome<Tags>>)).is_empty());
+    assert_eq!(
+        check(quote!(Result<Tags>)),
+        [
+            "`may_skip` declares what a typed outcome may do; a stage returning a plain value \
+             always completes: return `treadle::Result<StageOutcome<T>>`",
+            "`fan_out` declares what a typed outcome may do; a stage returning a plain value \
+             always completes: return `treadle::Result<StageOutcome<T>>`",
+        ]
+    );
+    assert_eq!(check(quote!(Result<StageOutcome>)).len(), 2);
+}
+
+#[test]
+fn typed_expansion_declares_the_output_and_reads() {
+    let out = expand(
+        quote!(may_skip, fan_out),
+        quote!(
+            async fn enrich(
+                doc: &Doc,
+                #[from(scan)] report: &Report,
+            ) -> Result<StageOutcome<Tags>> {
+                todo!()
+            }
+        ),
+    )
+    .to_string();
+    assert!(!out.contains("compile_error"));
+    assert!(out.contains(
+        "type Output = :: treadle :: __private :: Option < :: treadle :: Subtasks < Tags > >"
+    ));
+    assert!(out.contains("const MAY_SKIP : bool = true"));
+    assert!(out.contains(
+        "const READS : & 'static [& 'static str] = & [< scan as :: treadle :: __private :: StageDef > :: NAME]"
+    ));
+    assert!(out.contains("read_output :: < scan >"));
+    assert!(out.contains("typed_outcome :: < Self , Tags >"));
+    // The re-emitted function has no `#[from]` left.
+    assert!(out.contains("async fn enrich (doc : & Doc , report : & Report"));
+    assert!(!out.contains("# [from"));
 }
 
 #[test]

@@ -198,6 +198,11 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
     }
 
     /// Approves a stage awaiting review, replacing its output with `edits`.
+    ///
+    /// The edits must be a valid output of the stage ([`Stage::check_output`]):
+    /// otherwise this returns [`Error::OutputShape`] and nothing changes.
+    ///
+    /// [`Stage::check_output`]: crate::Stage::check_output
     pub async fn approve_with_edits(
         &self,
         item_id: &str,
@@ -206,6 +211,9 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
         edits: impl Serialize,
     ) -> Result<()> {
         let edits = serde_json::to_value(edits).map_err(|e| Error::json("the review edits", e))?;
+        if let Some(runner) = self.shared.pipeline.stage(stage) {
+            runner.check_output(&edits)?;
+        }
         self.decide(item_id, stage, decision, Verdict::ApproveWithEdits(edits))
             .await
     }

@@ -75,6 +75,19 @@ impl Effects {
         self.events.push(NewEvent { at, unit, kind });
     }
 
+    /// Empties every list, keeping their room for the next transition.
+    pub fn clear(&mut self) {
+        self.events.clear();
+        self.attempts.clear();
+        self.changed.clear();
+        self.item_changed = false;
+        self.fanned_out.clear();
+        self.restructured = false;
+        self.runnable.clear();
+        self.scheduled.clear();
+        self.decided = None;
+    }
+
     /// Whether the rule changed nothing at all.
     pub fn is_empty(&self) -> bool {
         *self == Effects::default()

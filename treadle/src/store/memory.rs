@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::broadcast;
 
 use super::{
-    Claim, ClaimBatch, ClaimRequest, Commit, DecisionCommit, EVENT_FEED_CAPACITY, EventQuery,
+    ClaimBatch, ClaimRequest, Commit, DecisionCommit, EVENT_FEED_CAPACITY, EventQuery,
     MigrateOutcome, NewItem, PipelineDrift, StageCount, Store, TaskKey, check_json,
 };
 use crate::definition::{PipelineChanges, PipelineDef, VersionInFlight};
@@ -46,6 +46,8 @@ impl Default for MemoryStore {
                 scheduled: BTreeSet::new(),
                 by_state: FastMap::default(),
                 events: Vec::new(),
+                before: Before::default(),
+                effects: Effects::default(),
             })),
         }
     }
@@ -87,6 +89,10 @@ struct Data {
     by_state: FastMap<String, FastMap<StageState, FastSet<usize>>>,
     /// The event log; event `seq` at index `seq - 1`.
     events: Vec<LoggedEvent>,
+    /// Scratch space of the transition under way.
+    before: Before,
+    /// Scratch space of the transition under way.
+    effects: Effects,
 }
 
 /// An item's rows and its attempt history.
@@ -108,6 +114,7 @@ struct LoggedEvent {
 }
 
 /// An item's version and stage states before a rule ran.
+#[derive(Debug, Default)]
 struct Before {
     version: u32,
     states: Vec<StageState>,
@@ -137,21 +144,47 @@ impl Data {
         item: usize,
         rule: impl FnOnce(&VersionGraph, &mut ItemRecord, &mut Effects) -> Result<R>,
     ) -> Result<(R, Vec<Event>)> {
+        let mut events = Vec::new();
+        let answer = self.transition_into(item, &mut events, rule)?;
+        Ok((answer, events))
+    }
+
+    /// [`Data::transition`], appending the events to `events`.
+    fn transition_into<R>(
+        &mut self,
+        item: usize,
+        events: &mut Vec<Event>,
+        rule: impl FnOnce(&VersionGraph, &mut ItemRecord, &mut Effects) -> Result<R>,
+    ) -> Result<R> {
         let record = &self.items[item].record;
         let graph = self.graph(record.version)?;
-        let before = Before {
-            version: record.version,
-            states: record.stages.iter().map(|s| s.unit.state).collect(),
-        };
-        let mut fx = Effects::default();
-        let answer = rule(&graph, &mut self.items[item].record, &mut fx)?;
-        let events = self.apply(item, Some(&before), fx);
-        Ok((answer, events))
+        // Buffers kept between transitions, so a transition allocates none.
+        let mut before = std::mem::take(&mut self.before);
+        before.version = record.version;
+        before.states.clear();
+        before
+            .states
+            .extend(record.stages.iter().map(|s| s.unit.state));
+        let mut fx = std::mem::take(&mut self.effects);
+        fx.clear();
+        let answer = rule(&graph, &mut self.items[item].record, &mut fx);
+        if answer.is_ok() {
+            self.apply(item, Some(&before), &mut fx, events);
+        }
+        self.before = before;
+        self.effects = fx;
+        answer
     }
 
     /// Saves what a rule did to item `item`, whose stages were `before`
     /// (`None` for a new item).
-    fn apply(&mut self, item: usize, before: Option<&Before>, fx: Effects) -> Vec<Event> {
+    fn apply(
+        &mut self,
+        item: usize,
+        before: Option<&Before>,
+        fx: &mut Effects,
+        events: &mut Vec<Event>,
+    ) {
         let old_names = match before {
             Some(before) => self.versions[before.version as usize - 1].clone(),
             None => self
@@ -178,7 +211,7 @@ impl Data {
                 .attempts
                 .retain(|(unit, _)| unit.stage != stage || unit.subtask.is_none());
         }
-        stored.attempts.extend(fx.attempts);
+        stored.attempts.append(&mut fx.attempts);
         let record = &stored.record;
         let same_rows = !fx.restructured && before.is_some();
         if fx.restructured
@@ -211,8 +244,7 @@ impl Data {
         self.scheduled
             .extend(fx.scheduled.iter().map(|&(due, unit)| (due, (item, unit))));
         let record = &self.items[item].record;
-        let mut events = Vec::with_capacity(fx.events.len());
-        for new in fx.events {
+        for new in fx.events.drain(..) {
             let event = new.resolve(record, self.events.len() as u64 + 1);
             self.events.push(LoggedEvent {
                 at: event.at,
@@ -223,7 +255,6 @@ impl Data {
             });
             events.push(event);
         }
-        events
     }
 
     /// The event at log index `index`, with its names.
@@ -258,14 +289,14 @@ impl Data {
             return Ok(false);
         }
         let graph = self.graph(item.version)?;
-        let (record, fx) = rules::new_item(&graph, item);
+        let (record, mut fx) = rules::new_item(&graph, item);
         let position = self.items.len();
         self.ids.insert(record.id.clone(), position);
         self.items.push(StoredItem {
             record,
             attempts: Vec::new(),
         });
-        events.extend(self.apply(position, None, fx));
+        self.apply(position, None, &mut fx, events);
         Ok(true)
     }
 
@@ -398,11 +429,10 @@ impl Store for MemoryStore {
             let Some((item, unit)) = data.ready.pop_front() else {
                 break;
             };
-            let (claim, events): (Option<Claim>, _) = data.transition(item, |_, record, fx| {
+            let claim = data.transition_into(item, &mut batch.events, |_, record, fx| {
                 Ok(rules::claim(record, unit, &request, fx))
             })?;
             batch.claims.extend(claim);
-            batch.events.extend(events);
         }
         data.publish(&batch.events);
         Ok(batch)

@@ -6,7 +6,7 @@
 
 use std::str::FromStr;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, SecondsFormat, Timelike, Utc};
 use rusqlite::Row;
 use rusqlite::types::FromSql;
 use serde::Serialize;
@@ -181,8 +181,68 @@ impl<'a> Loc<'a> {
 
 /// Timestamps are stored as RFC 3339 text in UTC with nine fractional
 /// digits: exact, readable, and ordered as text for years 0 to 9999.
+/// Written by hand for the years 0 to 9999 (chrono's general formatter
+/// is a hot spot of every transition); the text is exactly chrono's.
 pub(crate) fn time(at: DateTime<Utc>) -> String {
-    at.to_rfc3339_opts(SecondsFormat::Nanos, true)
+    let (date, clock) = (at.date_naive(), at.time());
+    if !(0..=9999).contains(&date.year()) || clock.nanosecond() >= 1_000_000_000 {
+        return at.to_rfc3339_opts(SecondsFormat::Nanos, true);
+    }
+    let mut out = [0u8; CANONICAL_LEN];
+    let mut put = |at: usize, width: usize, mut value: u32| {
+        for i in (at..at + width).rev() {
+            out[i] = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    };
+    put(0, 4, date.year() as u32);
+    put(5, 2, date.month());
+    put(8, 2, date.day());
+    put(11, 2, clock.hour());
+    put(14, 2, clock.minute());
+    put(17, 2, clock.second());
+    put(20, 9, clock.nanosecond());
+    for (i, c) in [
+        (4, b'-'),
+        (7, b'-'),
+        (10, b'T'),
+        (13, b':'),
+        (16, b':'),
+        (19, b'.'),
+        (29, b'Z'),
+    ] {
+        out[i] = c;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The length of a timestamp as [`time`] writes it.
+const CANONICAL_LEN: usize = 30;
+
+/// Reads what [`time`] writes without chrono's general parser; `None` for
+/// any other shape.
+fn decode_canonical(text: &str) -> Option<DateTime<Utc>> {
+    let b = text.as_bytes();
+    let shape = [
+        (4, b'-'),
+        (7, b'-'),
+        (10, b'T'),
+        (13, b':'),
+        (16, b':'),
+        (19, b'.'),
+        (29, b'Z'),
+    ];
+    if b.len() != CANONICAL_LEN || shape.iter().any(|&(i, c)| b[i] != c) {
+        return None;
+    }
+    let num = |from: usize, width: usize| -> Option<u32> {
+        b[from..from + width].iter().try_fold(0u32, |n, &d| {
+            d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+        })
+    };
+    let date = NaiveDate::from_ymd_opt(num(0, 4)? as i32, num(5, 2)?, num(8, 2)?)?;
+    let clock = NaiveTime::from_hms_nano_opt(num(11, 2)?, num(14, 2)?, num(17, 2)?, num(20, 9)?)?;
+    Some(date.and_time(clock).and_utc())
 }
 
 /// An optional timestamp.
@@ -191,6 +251,9 @@ pub(crate) fn time_opt(at: Option<DateTime<Utc>>) -> Option<String> {
 }
 
 fn decode_time(text: &str) -> std::result::Result<DateTime<Utc>, String> {
+    if let Some(at) = decode_canonical(text) {
+        return Ok(at);
+    }
     DateTime::parse_from_rfc3339(text)
         .map(|t| t.with_timezone(&Utc))
         .map_err(|e| format!("invalid timestamp `{text}`: {e}"))
@@ -219,5 +282,18 @@ mod tests {
         assert_eq!(decode_time(&time(early)).unwrap(), early);
         assert!(time(early) < time(late));
         assert!(decode_time("yesterday").is_err());
+        for text in [
+            "1999-12-31T23:59:59.999999999Z",
+            "0001-01-01T00:00:00.000000000Z",
+            "2026-02-28T12:00:00.500000000Z",
+        ] {
+            let at = DateTime::parse_from_rfc3339(text).unwrap().to_utc();
+            assert_eq!(time(at), at.to_rfc3339_opts(SecondsFormat::Nanos, true));
+            assert_eq!(decode_time(text).unwrap(), at);
+        }
+        // Other RFC 3339 shapes still decode, through chrono.
+        let offset = decode_time("2026-01-02T04:04:05+01:00").unwrap();
+        assert_eq!(time(offset), "2026-01-02T03:04:05.000000000Z");
+        assert!(decode_time("2026-02-30T00:00:00.000000000Z").is_err());
     }
 }

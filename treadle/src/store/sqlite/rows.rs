@@ -44,7 +44,7 @@ pub(crate) fn load_item(
                 s.review_requested_at, s.fan_total, s.fan_open, s.fan_failed,
                 i.seq, i.payload, i.submitted_at, i.cancelled, i.version
          FROM items i JOIN stages s ON s.item_id = i.id
-         WHERE i.id = ?1 ORDER BY s.position",
+         WHERE i.id = ?1",
     )?;
     let mut rows = statement.query([id])?;
     let mut head = None;
@@ -65,6 +65,8 @@ pub(crate) fn load_item(
             None => Ok(None),
         };
     };
+    // Sorted here rather than by the query, which would need a temporary B-tree.
+    stages.sort_by_key(|s| s.unit.position);
     let mut record = ItemRecord {
         id: id.to_owned(),
         version,

@@ -1,0 +1,38 @@
+use treadle::prelude::*;
+
+#[derive(Serialize, Deserialize)]
+struct Doc {
+    id: String,
+}
+
+impl WorkItem for Doc {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Report {
+    pages: u32,
+}
+
+#[stage]
+async fn scan(_item: &Doc) -> treadle::Result<Report> {
+    Ok(Report { pages: 1 })
+}
+
+#[stage]
+async fn enrich(_item: &Doc, #[from(scan)] pages: &u32) -> treadle::Result<Report> {
+    Ok(Report { pages: *pages })
+}
+
+#[stage]
+async fn index(_item: &Doc, #[from(scan)] report: Option<&Report>) -> treadle::Result<Report> {
+    Ok(Report {
+        pages: report.map_or(0, |r| r.pages),
+    })
+}
+
+fn main() {
+    let _pipeline = pipeline! { scan -> enrich -> index };
+}
