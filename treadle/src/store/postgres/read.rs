@@ -98,7 +98,8 @@ pub(super) async fn items_in(db: Db<'_>, stage: &str, state: StageState) -> Resu
     Ok(rows.iter().map(|row| row.get(0)).collect())
 }
 
-/// Stages awaiting review, decoded, in the order `order` (SQL) gives.
+/// Stages awaiting review that match `filter` (SQL after the WHERE clause:
+/// more conditions, then the ORDER BY), decoded.
 async fn reviews(
     db: Db<'_>,
     filter: &str,
