@@ -432,6 +432,66 @@ fn old_unit(before: &[StageRecord], unit: UnitRef) -> Option<(&StageRecord, &Uni
 /// One column to write and its new value.
 type Column = (&'static str, rusqlite::types::Value);
 
+/// Every column `write_unit` may write, in the order it writes them.
+const UNIT_COLUMNS: [&str; 18] = [
+    "state",
+    "attempt",
+    "generation",
+    "started_at",
+    "finished_at",
+    "next_run_at",
+    "last_error",
+    "output",
+    "lease_owner",
+    "lease_expiry",
+    "waiting",
+    "review_round",
+    "review_request",
+    "review_requested_at",
+    "review_deadline",
+    "fan_total",
+    "fan_open",
+    "fan_failed",
+];
+
+std::thread_local! {
+    /// The `UPDATE` text for each (table, set of columns) seen, so the
+    /// statement cache is looked up without building the text again.
+    static UPDATES: std::cell::RefCell<crate::fast_hash::FastMap<(&'static str, u32), std::rc::Rc<str>>> =
+        Default::default();
+}
+
+/// `UPDATE table SET c = ?n, ... WHERE <primary key>` for `names` (in
+/// [`UNIT_COLUMNS`] order) of `stages` or `subtasks`.
+fn update_sql(table: &'static str, names: &[&'static str]) -> std::rc::Rc<str> {
+    let mask = names.iter().fold(0u32, |mask, name| {
+        mask | UNIT_COLUMNS
+            .iter()
+            .position(|c| c == name)
+            .map_or(0, |i| 1 << i)
+    });
+    UPDATES.with(|cache| {
+        cache
+            .borrow_mut()
+            .entry((table, mask))
+            .or_insert_with(|| {
+                let keys = if table == "stages" { 2 } else { 3 };
+                let sets: Vec<String> = names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, name)| format!("{name} = ?{}", keys + i + 1))
+                    .collect();
+                let key = if table == "stages" {
+                    "item_id = ?1 AND stage = ?2"
+                } else {
+                    "item_id = ?1 AND stage = ?2 AND name = ?3"
+                };
+                format!("UPDATE {table} SET {} WHERE {key}", sets.join(", ")).into()
+            })
+            .clone()
+    })
+}
+
 /// Writes the columns of one stage or subtask row that differ from `old`
 /// (every column when there is no `old` row): an unchanged column is not in
 /// the statement, so the indexes over it are not touched.
@@ -549,17 +609,8 @@ fn write_unit(
     if columns.is_empty() {
         return Ok(());
     }
-    let mut sql = format!("UPDATE {sql_table} SET ");
-    for (i, (name, _)) in columns.iter().enumerate() {
-        if i > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str(&format!("{name} = ?{}", keys.len() + i + 1));
-    }
-    sql.push_str(match unit.subtask {
-        None => " WHERE item_id = ?1 AND stage = ?2",
-        Some(_) => " WHERE item_id = ?1 AND stage = ?2 AND name = ?3",
-    });
+    let names: Vec<&'static str> = columns.iter().map(|(name, _)| *name).collect();
+    let sql = update_sql(sql_table, &names);
     let values = keys
         .into_iter()
         .map(Sql::Text)
