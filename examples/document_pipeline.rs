@@ -6,10 +6,14 @@
 //! cargo run --example document_pipeline -- --approve-all # approve parked reviews, finish
 //! ```
 //!
-//! State lives in `target/document_pipeline.db` (SQLite), so a second run
-//! resumes where the first stopped; `--db PATH` picks another file and
-//! `--memory` uses the in-memory store instead.
+//! State lives in `treadle-example/document_pipeline.db` under the system's
+//! temporary directory (SQLite; the first line printed names it), so a
+//! second run resumes where the first stopped; `--db PATH` picks another
+//! file (its directory is created) and `--memory` uses the in-memory store
+//! instead.
 
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use treadle::StageState;
@@ -172,21 +176,52 @@ async fn run<S: Store>(store: S, approve_all: bool) -> treadle::Result<()> {
     Ok(())
 }
 
+/// Where the state lives unless `--db PATH` says otherwise: a directory of
+/// the system's temporary directory, so the example runs the same wherever
+/// cargo puts its build output.
+fn default_db() -> PathBuf {
+    std::env::temp_dir()
+        .join("treadle-example")
+        .join("document_pipeline.db")
+}
+
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let approve_all = args.iter().any(|a| a == "--approve-all");
-    if args.iter().any(|a| a == "--memory") {
-        run(MemoryStore::new(), approve_all).await?;
-        return Ok(());
-    }
-    let path = match args.iter().position(|a| a == "--db") {
-        Some(i) => args.get(i + 1).ok_or("--db needs a path")?.into(),
-        None => {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/document_pipeline.db")
+    let outcome = if args.iter().any(|a| a == "--memory") {
+        run(MemoryStore::new(), approve_all).await
+    } else {
+        let path = match args.iter().position(|a| a == "--db") {
+            Some(i) => match args.get(i + 1) {
+                Some(path) => PathBuf::from(path),
+                None => {
+                    eprintln!("document_pipeline: --db needs a path");
+                    return ExitCode::from(2);
+                }
+            },
+            None => default_db(),
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && let Err(e) = std::fs::create_dir_all(dir)
+        {
+            eprintln!(
+                "document_pipeline: cannot create the directory `{}`: {e}",
+                dir.display()
+            );
+            return ExitCode::FAILURE;
+        }
+        println!("state: {}", path.display());
+        match SqliteStore::open(&path).await {
+            Ok(store) => run(store, approve_all).await,
+            Err(e) => Err(e),
         }
     };
-    println!("state: {}", path.display());
-    run(SqliteStore::open(&path).await?, approve_all).await?;
-    Ok(())
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("document_pipeline: {}", error.with_causes());
+            ExitCode::FAILURE
+        }
+    }
 }

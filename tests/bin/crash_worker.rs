@@ -7,7 +7,8 @@
 //!
 //! ```text
 //! crash-worker --db PATH|URL --items N [--worker-id ID] [--lease-ms MS] [--stage-ms MS]
-//!              [--prefix P] [--schema NAME] [--concurrency N]
+//!              [--prefix P] [--retries N] [--crash-limit N] [--crash-backoff-ms MS]
+//!              [--schema NAME] [--concurrency N]
 //! ```
 
 use std::io::Write;
@@ -16,7 +17,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use treadle::store::{SqliteStore, Store};
 use treadle::{
-    Engine, EngineConfig, Pipeline, Stage, StageContext, StageOutcome, StagePolicy, WorkItem,
+    Backoff, CrashRetries, Engine, EngineConfig, Pipeline, Stage, StageContext, StageOutcome,
+    StagePolicy, WorkItem,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -35,6 +37,7 @@ struct Step {
     name: &'static str,
     delay: Duration,
     fan_out: bool,
+    retries: u32,
 }
 
 #[treadle::async_trait]
@@ -44,7 +47,7 @@ impl Stage<Job> for Step {
     }
 
     fn policy(&self) -> StagePolicy {
-        StagePolicy::new().retries(50)
+        StagePolicy::new().retries(self.retries)
     }
 
     async fn run(&self, _job: &Job, ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
@@ -63,6 +66,8 @@ struct Args {
     worker_id: String,
     lease: Duration,
     stage_delay: Duration,
+    retries: u32,
+    crash_retries: CrashRetries,
     schema: String,
     concurrency: usize,
 }
@@ -75,6 +80,8 @@ fn parse() -> Args {
         worker_id: "crash-worker".into(),
         lease: Duration::from_secs(30),
         stage_delay: Duration::from_millis(2),
+        retries: 50,
+        crash_retries: CrashRetries::DEFAULT,
         schema: "treadle".into(),
         concurrency: 8,
     };
@@ -93,6 +100,12 @@ fn parse() -> Args {
             "--stage-ms" => {
                 args.stage_delay = Duration::from_millis(value.parse().expect("--stage-ms MS"))
             }
+            "--retries" => args.retries = value.parse().expect("--retries N"),
+            "--crash-limit" => args.crash_retries.limit = value.parse().expect("--crash-limit N"),
+            "--crash-backoff-ms" => {
+                let ms = value.parse().expect("--crash-backoff-ms MS");
+                args.crash_retries.backoff = Backoff::Fixed(Duration::from_millis(ms));
+            }
             other => panic!("unknown flag {other}"),
         }
     }
@@ -107,6 +120,7 @@ async fn main() -> treadle::Result<()> {
         name,
         delay: args.stage_delay,
         fan_out,
+        retries: args.retries,
     };
     let pipeline = Pipeline::builder()
         .stage(step("fetch", false))
@@ -120,6 +134,8 @@ async fn main() -> treadle::Result<()> {
         lease: args.lease,
         worker_id: args.worker_id.clone(),
         idle_poll: Duration::from_millis(20),
+        crash_retries: args.crash_retries,
+        ..EngineConfig::default()
     };
     #[cfg(feature = "postgres")]
     if args.db.starts_with("postgres://") {

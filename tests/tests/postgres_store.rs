@@ -343,6 +343,7 @@ async fn two_stores_never_claim_the_same_work_and_each_feed_sees_both() {
                     limit: 7,
                     lease: Duration::from_secs(30),
                     now: t(1),
+                    crash_retries: RECOVER_AT_ONCE,
                 })
                 .await
                 .unwrap();
@@ -525,6 +526,7 @@ async fn an_idle_engine_wakes_on_a_commit_made_through_another_store() {
         worker_id: "sleeper".into(),
         // Far longer than the test waits: only the feed can wake it.
         idle_poll: Duration::from_secs(600),
+        ..EngineConfig::default()
     };
     let engine = Engine::with_config(pipeline, local, config);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -9,12 +9,14 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  success
   1  any other error (I/O, SQLite, a corrupt stored value)
-  2  usage error: bad arguments, an unknown state name, an unreadable --edits file
+  2  usage error: bad arguments (a blank --by or --reason, the reserved deadline
+     reviewer), an unknown state name, an unreadable --edits file
   3  not found: no such item, or no such stage
   4  conflict: the stage is not awaiting review, the decision is stale, the stage
-     is not retryable, or the item is cancelled
-  5  no usable database: the file is missing, is not a treadle database, or was
-     written by a newer treadle
+     is not retryable (or rerunnable), or the item is cancelled
+  5  no usable database: the file is missing, is not a treadle database, its
+     schema version was reset, or it was written by a newer treadle (or, for a
+     read command, an older one: any write command migrates it)
 
 On any error, one line on stderr says what was wrong, and nothing is changed.";
 
@@ -108,6 +110,16 @@ pub enum Command {
         stage: String,
     },
 
+    /// Run a finished or failed stage again with every stage downstream of
+    /// it, keeping their history (a review stage asks for a new review);
+    /// a running worker picks it up.
+    Rerun {
+        /// The item.
+        item: String,
+        /// The completed, skipped or failed stage.
+        stage: String,
+    },
+
     /// Move unfinished items to the latest pipeline version, matching stages
     /// by name: completed stages stay completed, new stages start pending,
     /// stages the version lacks are dropped. Finished items and items with
@@ -154,6 +166,25 @@ pub enum Command {
         #[arg(long)]
         counts: bool,
     },
+}
+
+impl Command {
+    /// Whether the command only reads (opened read-only, taking no lock).
+    pub fn only_reads(&self) -> bool {
+        match self {
+            Command::Status { .. }
+            | Command::Items { .. }
+            | Command::Review(ReviewCommand::List)
+            | Command::Events { .. }
+            | Command::Graph { .. } => true,
+            Command::Approve { .. }
+            | Command::Reject { .. }
+            | Command::Retry { .. }
+            | Command::Rerun { .. }
+            | Command::Migrate { .. }
+            | Command::Cancel { .. } => false,
+        }
+    }
 }
 
 /// `treadle review ...`.

@@ -60,7 +60,8 @@ pub async fn run<S: Store>(
             edits,
         } => {
             let verdict = match edits {
-                Some(path) => Verdict::ApproveWithEdits(read_edits(&path)?),
+                // Only a worker knows the stage's output type: it checks them.
+                Some(path) => Verdict::ApproveWithEditsToCheck(read_edits(&path)?),
                 None => Verdict::Approve,
             };
             emit(
@@ -83,6 +84,7 @@ pub async fn run<S: Store>(
             )?;
         }
         Command::Retry { item, stage } => emit(&retry(store, &item, &stage).await?, json, out)?,
+        Command::Rerun { item, stage } => emit(&rerun(store, &item, &stage).await?, json, out)?,
         Command::Cancel { item } => emit(&cancel(store, &item).await?, json, out)?,
         Command::Migrate { item, .. } => emit(&migrate(store, item).await?, json, out)?,
         Command::Events {
@@ -236,9 +238,13 @@ pub async fn decide<S: Store>(
     verdict: Verdict,
     args: DecisionArgs,
 ) -> Result<Change> {
+    treadle::check_reviewer(&args.by)?;
+    if let Verdict::Reject { reason } = &verdict {
+        treadle::check_reject_reason(reason)?;
+    }
     let action = match verdict {
         Verdict::Approve => "approved",
-        Verdict::ApproveWithEdits(_) => "approved_with_edits",
+        Verdict::ApproveWithEdits(_) | Verdict::ApproveWithEditsToCheck(_) => "approved_with_edits",
         Verdict::Reject { .. } => "rejected",
     };
     let decision = Decision {
@@ -278,6 +284,19 @@ pub async fn retry<S: Store>(store: &S, item: &str, stage: &str) -> Result<Chang
     let events = store.retry(item, stage, Utc::now()).await?;
     Ok(Change {
         action: "retry_requested",
+        item_id: item.to_owned(),
+        stage: Some(stage.to_owned()),
+        events,
+    })
+}
+
+/// `rerun`: makes a finished or failed stage, and everything downstream of
+/// it, run again. Downstream work running in another process loses its
+/// lease, so that process stops it.
+pub async fn rerun<S: Store>(store: &S, item: &str, stage: &str) -> Result<Change> {
+    let (_running, events) = store.rerun(item, stage, Utc::now()).await?;
+    Ok(Change {
+        action: "rerun_requested",
         item_id: item.to_owned(),
         stage: Some(stage.to_owned()),
         events,

@@ -6,9 +6,12 @@
 //! id in its header. Only then is it opened (which also refuses a schema
 //! newer than this build).
 //!
-//! Opening is [`SqliteStore::open`], so a database of an *older* treadle
-//! schema is migrated to this build's schema, as any engine of this version
-//! opening it would; the failed checks above write nothing.
+//! Commands that change something open with [`SqliteStore::open`], so a
+//! database of an *older* treadle schema is migrated to this build's
+//! schema, as any engine of this version opening it would; the failed
+//! checks above write nothing. Commands that only read open it read-only
+//! ([`SqliteStore::open_read_only`]): they never write or wait for a lock,
+//! and an older schema is an error that tells to migrate it.
 
 use std::io::Read;
 use std::path::Path;
@@ -43,10 +46,19 @@ pub async fn open_postgres(url: &str, schema: &str) -> Result<PostgresStore, Cli
     Ok(PostgresStore::open(options).await?)
 }
 
-/// Checks that `path` is an existing treadle database, then opens it.
+/// Checks that `path` is an existing treadle database, then opens it for
+/// the commands that change something.
 pub async fn open(path: &Path) -> Result<SqliteStore, CliError> {
     check(path)?;
     Ok(SqliteStore::open(path).await?)
+}
+
+/// Checks that `path` is an existing treadle database, then opens it
+/// read-only for the commands that only read: they take no lock, so they
+/// answer at once while workers write.
+pub async fn open_read_only(path: &Path) -> Result<SqliteStore, CliError> {
+    check(path)?;
+    Ok(SqliteStore::open_read_only(path).await?)
 }
 
 /// Checks the file at `path` without writing to it.

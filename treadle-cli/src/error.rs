@@ -13,7 +13,8 @@ pub enum Exit {
     Ok = 0,
     /// 1: any other error (I/O, SQLite, a corrupt stored value).
     Failure = 1,
-    /// 2: bad arguments, an unknown state name, an unreadable `--edits` file.
+    /// 2: bad arguments (a blank reviewer or reason, the reserved deadline
+    /// reviewer), an unknown state name, an unreadable `--edits` file.
     /// Clap's own usage errors exit with 2 as well.
     Usage = 2,
     /// 3: no such item or stage.
@@ -21,8 +22,9 @@ pub enum Exit {
     /// 4: the stage is not awaiting review, the decision is stale, the stage
     /// is not retryable, or the item is cancelled.
     Conflict = 4,
-    /// 5: the database file is missing, is not a treadle database, or has a
-    /// newer schema than this build supports.
+    /// 5: the database file is missing, is not a treadle database, its
+    /// schema version was reset, or its schema is newer than this build's
+    /// (or, for a read command, older).
     BadDatabase = 5,
 }
 
@@ -75,9 +77,14 @@ impl CliError {
                 E::NotAwaitingReview { .. }
                 | E::StaleDecision { .. }
                 | E::NotRetryable { .. }
+                | E::NotRerunnable { .. }
                 | E::ItemCancelled(_)
                 | E::LeaseLost { .. } => Exit::Conflict,
-                E::NotATreadleDatabase { .. } | E::SchemaTooNew { .. } => Exit::BadDatabase,
+                E::NotATreadleDatabase { .. }
+                | E::SchemaTooNew { .. }
+                | E::SchemaTooOld { .. }
+                | E::SchemaVersionLost { .. } => Exit::BadDatabase,
+                E::BlankReviewer | E::ReservedReviewer(_) | E::BlankRejectReason => Exit::Usage,
                 _ => Exit::Failure,
             },
             CliError::NoDatabaseGiven | CliError::UnknownState(_) | CliError::BadEdits { .. } => {
@@ -93,20 +100,8 @@ impl CliError {
 impl fmt::Display for CliError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CliError::Treadle(error) => {
-                // One line, with the causes the message does not already
-                // show: "cannot convert the edits to or from JSON: EOF ...".
-                let mut line = error.to_string();
-                let mut source = std::error::Error::source(error);
-                while let Some(cause) = source {
-                    let cause_text = cause.to_string();
-                    if !line.contains(&cause_text) {
-                        line = format!("{line}: {cause_text}");
-                    }
-                    source = cause.source();
-                }
-                f.write_str(&line)
-            }
+            // One line, with the causes the message does not already show.
+            CliError::Treadle(error) => write!(f, "{}", error.with_causes()),
             CliError::NoDatabaseGiven => f.write_str("no database given: pass --db PATH"),
             CliError::MissingDatabase(path) => {
                 write!(f, "no database at `{}`", path.display())

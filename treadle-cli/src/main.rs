@@ -10,15 +10,19 @@
 //! treadle --db PATH approve ITEM STAGE --by NAME [--note TEXT] [--round N] [--edits FILE.json]
 //! treadle --db PATH reject ITEM STAGE --by NAME --reason TEXT [--note TEXT] [--round N]
 //! treadle --db PATH retry ITEM STAGE               run a failed stage again
+//! treadle --db PATH rerun ITEM STAGE               run a finished stage and everything after it again
 //! treadle --db PATH cancel ITEM                    cancel an item
 //! treadle --db PATH events [ITEM] [--after SEQ] [--limit N] [--follow]
 //! treadle --db PATH graph [--format dot|mermaid] [--counts]
 //! ```
 //!
 //! `--json` prints one JSON document on stdout instead of text (with
-//! `events --follow`, one JSON event per line). The database is never
-//! created: a path that does not exist, a file that is not a treadle
-//! database, or a PostgreSQL schema no worker has set up, is an error.
+//! `events --follow`, one JSON event per line). Read commands (`status`,
+//! `items`, `review list`, `events`, `graph`) open a SQLite database
+//! read-only and take no lock, so they answer at once while workers write.
+//! The database is never created: a path that does not exist, a file that
+//! is not a treadle database, or a PostgreSQL schema no worker has set up,
+//! is an error.
 //!
 //! # Exit codes
 //!
@@ -26,10 +30,10 @@
 //! |------|---------|
 //! | 0 | success |
 //! | 1 | any other error (I/O, SQLite, a corrupt stored value) |
-//! | 2 | usage error: bad arguments, an unknown state name, an unreadable `--edits` file |
+//! | 2 | usage error: bad arguments (a blank `--by` or `--reason`, the reserved deadline reviewer), an unknown state name, an unreadable `--edits` file |
 //! | 3 | not found: no such item or stage |
-//! | 4 | conflict: not awaiting review, a stale decision, not retryable, item cancelled |
-//! | 5 | no usable database: missing, not a treadle database, or a newer schema |
+//! | 4 | conflict: not awaiting review, a stale decision, not retryable or rerunnable, item cancelled |
+//! | 5 | no usable database: missing, not a treadle database, a reset schema version, a newer schema (or an older one, for a read command) |
 //!
 //! On an error, one line on stderr says what was wrong, and nothing changes.
 
@@ -81,7 +85,11 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             commands::run(&store, cli.command, cli.json, out, ctrl_c).await
         }
         None => {
-            let store = db::open(&path).await?;
+            let store = if cli.command.only_reads() {
+                db::open_read_only(&path).await?
+            } else {
+                db::open(&path).await?
+            };
             commands::run(&store, cli.command, cli.json, out, ctrl_c).await
         }
     }

@@ -265,7 +265,7 @@ impl Report for ReviewList {
 #[derive(Debug, Serialize)]
 pub struct Change {
     /// What was done: `approved`, `approved_with_edits`, `rejected`,
-    /// `retry_requested`, `cancelled`.
+    /// `retry_requested`, `rerun_requested`, `cancelled`.
     pub action: &'static str,
     /// The item.
     pub item_id: String,

@@ -599,3 +599,221 @@ fn help_documents_every_exit_code() {
         assert!(help.contains(line), "{line} missing from:\n{help}");
     }
 }
+
+#[tokio::test]
+async fn read_commands_answer_while_a_worker_holds_the_write_lock() {
+    let f = fixture().await;
+    let writer = rusqlite::Connection::open(&f.db).unwrap();
+    // A worker mid-transaction: the write lock is held until it commits.
+    writer.execute_batch("BEGIN IMMEDIATE").unwrap();
+    writer
+        .execute("UPDATE items SET cancelled = 0 WHERE id = 'a'", [])
+        .unwrap();
+    let status = treadle(&f.db, &["status"]).ok();
+    assert!(status.stdout.contains("review"), "{}", status.stdout);
+    treadle(&f.db, &["status", "a"]).ok();
+    let waiting = treadle(
+        &f.db,
+        &["items", "--stage", "review", "--state", "awaiting_review"],
+    )
+    .ok();
+    assert!(waiting.stdout.contains('a'), "{}", waiting.stdout);
+    treadle(&f.db, &["review", "list"]).ok();
+    treadle(&f.db, &["events", "--limit", "3"]).ok();
+    treadle(&f.db, &["graph"]).ok();
+    writer.execute_batch("COMMIT").unwrap();
+}
+
+#[tokio::test]
+async fn a_read_command_opens_a_database_no_process_has_open() {
+    let f = fixture().await;
+    let Fixture { dir, db, engine } = f;
+    drop(engine); // the last connection closes; SQLite removes the WAL files
+    assert!(!db.with_extension("db-wal").exists());
+    let status = treadle(&db, &["status", "--json"]).ok().json();
+    assert!(status.to_string().contains("awaiting_review"), "{status}");
+    drop(dir);
+}
+
+#[tokio::test]
+async fn blank_or_reserved_reviewers_and_blank_reasons_are_usage_errors() {
+    let f = fixture().await;
+    let before = snapshot(&f.db);
+    treadle(&f.db, &["approve", "a", "review", "--by", ""])
+        .fails(2, "the reviewer's name; the name given is blank");
+    treadle(
+        &f.db,
+        &["approve", "a", "review", "--by", "treadle:deadline"],
+    )
+    .fails(2, "reserved for the decisions the engine makes");
+    treadle(
+        &f.db,
+        &["reject", "a", "review", "--by", "alice", "--reason", " "],
+    )
+    .fails(2, "a rejection needs a reason");
+    assert_eq!(snapshot(&f.db), before, "nothing changed");
+}
+
+#[tokio::test]
+async fn a_reset_schema_version_is_a_typed_error_for_reads_and_writes() {
+    let f = fixture().await;
+    let Fixture { dir, db, engine } = f;
+    drop(engine);
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .pragma_update(None, "user_version", 0)
+        .unwrap();
+    treadle(&db, &["status"]).fails(5, "schema version was reset to 0");
+    treadle(&db, &["approve", "a", "review", "--by", "alice"])
+        .fails(5, "schema version was reset to 0");
+    drop(dir);
+}
+
+#[tokio::test]
+async fn a_corrupt_payload_is_named_in_status_and_events() {
+    let f = fixture().await;
+    rusqlite::Connection::open(&f.db)
+        .unwrap()
+        .execute("UPDATE items SET payload = '{\"id\": ' WHERE id = 'd'", [])
+        .unwrap();
+    treadle(&f.db, &["retry", "d", "tag"]).ok();
+    f.engine.run_until_idle().await.unwrap();
+    let status = treadle(&f.db, &["status", "d"]).ok();
+    assert!(
+        status
+            .stdout
+            .contains("corrupt stored value at items(id=d).payload"),
+        "{}",
+        status.stdout
+    );
+    let events = treadle(&f.db, &["events", "d"]).ok();
+    assert!(
+        events.stdout.contains("items(id=d).payload"),
+        "{}",
+        events.stdout
+    );
+    // The other items were untouched: still awaiting review.
+    let waiting = treadle(
+        &f.db,
+        &["items", "--stage", "review", "--state", "awaiting_review"],
+    )
+    .ok();
+    for id in ["a", "b", "c"] {
+        assert!(
+            waiting.stdout.lines().any(|l| l.trim() == id),
+            "{}",
+            waiting.stdout
+        );
+    }
+}
+
+#[tokio::test]
+async fn rerun_reopens_a_decided_review_and_refuses_an_unfinished_stage() {
+    let f = fixture().await;
+    treadle(&f.db, &["approve", "a", "review", "--by", "alice"]).ok();
+    f.engine.run_until_idle().await.unwrap();
+    let status = treadle(&f.db, &["status", "a", "--json"]).ok().json();
+    assert_eq!(status["state"], "completed", "{status}");
+
+    let rerun = treadle(&f.db, &["rerun", "a", "review"]).ok();
+    assert!(
+        rerun.stdout.starts_with("rerun_requested item `a`"),
+        "{}",
+        rerun.stdout
+    );
+    f.engine.run_until_idle().await.unwrap();
+    let list = treadle(&f.db, &["review", "list", "--json"]).ok().json();
+    let a = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["item_id"] == "a")
+        .expect("a awaits review again");
+    assert_eq!(a["review"]["round"], 2, "{a}");
+    let status = treadle(&f.db, &["status", "a", "--json"]).ok().json();
+    assert_eq!(stage(&status, "export")["state"], "pending");
+
+    treadle(&f.db, &["rerun", "b", "review"]).fails(4, "only a completed, skipped or failed");
+}
+
+/// A review stage whose output must be a list of tags.
+struct TagList;
+
+#[treadle::async_trait]
+impl treadle::Stage<Doc> for TagList {
+    fn name(&self) -> &str {
+        "review"
+    }
+
+    async fn run(&self, _doc: &Doc, _ctx: &mut StageContext) -> treadle::Result<StageOutcome> {
+        Ok(StageOutcome::needs_review(
+            ReviewRequest::new("Check the tags").proposed_output(["rock"])?,
+        ))
+    }
+
+    fn check_output(&self, value: &Value) -> treadle::Result<()> {
+        serde_json::from_value::<Vec<String>>(value.clone())
+            .map(drop)
+            .map_err(|e| treadle::Error::json("the tags", e))
+    }
+}
+
+#[tokio::test]
+async fn edits_from_the_cli_that_do_not_fit_reopen_the_review_with_an_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("edits.db");
+    let pipeline = Pipeline::builder().stage(TagList).build().unwrap();
+    let engine = Engine::new(pipeline, SqliteStore::open(&db).await.unwrap());
+    engine
+        .submit(Doc {
+            id: "a".into(),
+            gate: None,
+        })
+        .await
+        .unwrap();
+    engine.run_until_idle().await.unwrap();
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{"tags": 3}"#).unwrap();
+    let bad = bad.to_str().unwrap();
+    treadle(
+        &db,
+        &["approve", "a", "review", "--by", "carol", "--edits", bad],
+    )
+    .ok();
+    engine.run_until_idle().await.unwrap();
+
+    let list = treadle(&db, &["review", "list", "--json"]).ok().json();
+    assert_eq!(list[0]["item_id"], "a", "{list}");
+    assert_eq!(list[0]["review"]["round"], 2, "{list}");
+    let events = treadle(&db, &["events", "a", "--json"]).ok().json();
+    let refused = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"]["type"] == "edits_refused")
+        .unwrap_or_else(|| panic!("no edits_refused event in {events}"));
+    assert_eq!(refused["kind"]["edits"], serde_json::json!({"tags": 3}));
+    assert!(
+        refused["kind"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("do not fit the output of stage `review`"),
+        "{refused}"
+    );
+
+    let good = dir.path().join("good.json");
+    std::fs::write(&good, r#"["jazz"]"#).unwrap();
+    let good = good.to_str().unwrap();
+    treadle(
+        &db,
+        &["approve", "a", "review", "--by", "carol", "--edits", good],
+    )
+    .ok();
+    engine.run_until_idle().await.unwrap();
+    let status = treadle(&db, &["status", "a", "--json"]).ok().json();
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(
+        stage(&status, "review")["output"],
+        serde_json::json!(["jazz"])
+    );
+}

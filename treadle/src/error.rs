@@ -62,6 +62,25 @@ pub enum Error {
         state: StageState,
     },
 
+    /// A decision named no reviewer (an empty or blank name).
+    #[error("a decision needs the reviewer's name; the name given is blank")]
+    BlankReviewer,
+
+    /// A person's decision used the name the engine reserves for the
+    /// decisions of review deadlines.
+    #[error(
+        "the reviewer name `{0}` is reserved for the decisions the engine makes when a review deadline passes"
+    )]
+    ReservedReviewer(String),
+
+    /// A rejection gave no reason (an empty or blank one).
+    #[error("a rejection needs a reason; the reason given is blank")]
+    BlankRejectReason,
+
+    /// An item's id is the empty string.
+    #[error("an item id cannot be empty")]
+    EmptyItemId,
+
     /// An item's pipeline version has a stage that the running build's
     /// pipeline does not provide; the stage fails with this reason and
     /// resumes with a retry once a build provides it again.
@@ -79,6 +98,19 @@ pub enum Error {
     /// No pipeline version with this number is registered in the store.
     #[error("pipeline version {0} is not registered in this store")]
     UnknownVersion(u32),
+
+    /// A rerun was asked for a stage that has not finished or failed.
+    #[error(
+        "stage `{stage}` of item `{item}` is {state}; only a completed, skipped or failed stage can be rerun"
+    )]
+    NotRerunnable {
+        /// The item that was addressed.
+        item: String,
+        /// The stage that was addressed.
+        stage: String,
+        /// The stage's current state.
+        state: StageState,
+    },
 
     /// The item was cancelled; nothing more runs or changes for it.
     #[error("item `{0}` is cancelled")]
@@ -179,6 +211,28 @@ pub enum Error {
         supported: i64,
     },
 
+    /// The database carries treadle's mark and tables but schema version 0:
+    /// its `user_version` was reset, so which migrations it has is unknown.
+    #[error(
+        "`{location}` is a treadle database whose schema version was reset to 0 (PRAGMA user_version); restore its version or a backup before using it"
+    )]
+    SchemaVersionLost {
+        /// The file or schema that was opened.
+        location: String,
+    },
+
+    /// A database opened read-only has an older schema, which only a
+    /// writable open (`SqliteStore::open`) migrates.
+    #[error(
+        "the database has schema version {found}, older than this build's {supported}; open it once for writing to migrate it"
+    )]
+    SchemaTooOld {
+        /// The version found in the database.
+        found: i64,
+        /// The version this build uses.
+        supported: i64,
+    },
+
     /// The database (a file, or a PostgreSQL schema) is not a treadle
     /// database: another application's, or not a database at all.
     #[error("`{location}` is not a treadle database")]
@@ -206,6 +260,12 @@ impl Error {
     /// An error raised by stage code, carrying its message.
     pub fn stage(message: impl std::fmt::Display) -> Self {
         Error::Stage(message.to_string())
+    }
+
+    /// The error followed by the causes its message does not already show,
+    /// joined with `: `, as one line for a person to read.
+    pub fn with_causes(&self) -> impl std::fmt::Display + '_ {
+        WithCauses(self)
     }
 
     /// A failure of the SQLite database while the store was doing `context`.
@@ -241,6 +301,25 @@ impl Error {
             what: what.into(),
             source,
         }
+    }
+}
+
+/// Displays an error and its causes; see [`Error::with_causes`].
+struct WithCauses<'a>(&'a Error);
+
+impl std::fmt::Display for WithCauses<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut line = self.0.to_string();
+        let mut source = std::error::Error::source(self.0);
+        while let Some(cause) = source {
+            // A message that already shows its cause is not repeated.
+            let text = cause.to_string();
+            if !line.contains(&text) {
+                line = format!("{line}: {text}");
+            }
+            source = cause.source();
+        }
+        f.write_str(&line)
     }
 }
 

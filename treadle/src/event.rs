@@ -83,6 +83,21 @@ pub enum EventKind {
     },
     /// A person asked for a failed stage to run again.
     RetryRequested,
+    /// The edits of an approval did not fit the stage's output; the review
+    /// is asked again (the refused decision stays in the review's history).
+    EditsRefused {
+        /// Why the edits do not fit.
+        reason: String,
+        /// The refused edits, kept here for the record (boxed: a rare event
+        /// should not make every event bigger).
+        edits: Box<serde_json::Value>,
+    },
+    /// An operator asked for a finished or failed stage to run again, with
+    /// every stage downstream of it; `reset` names those stages.
+    RerunRequested {
+        /// The downstream stages reset to pending with it, in order.
+        reset: Vec<String>,
+    },
     /// Every stage of the item completed or was skipped.
     ItemCompleted,
     /// The item was cancelled.

@@ -32,18 +32,19 @@ pub use context::StageContext;
 pub use definition::{
     PipelineChanges, PipelineDef, PipelineDrift, PipelineError, PipelineProblem, VersionInFlight,
 };
-pub use engine::{Engine, EngineConfig, RunReport};
+pub use engine::{Engine, EngineConfig, LeaseOwner, ProcessMark, RunReport};
 pub use error::{Error, Result};
 pub use event::{Event, EventKind};
-pub use item::WorkItem;
+pub use item::{WorkItem, check_item_id};
 pub use outcome::StageOutcome;
 pub use output::{StageOutput, Subtasks};
 pub use pipeline::{Pipeline, PipelineBuilder};
 pub use reads::{ReadFault, ReadProblem};
 pub use review::{
     DEADLINE_REVIEWER, DeadlineAction, Decision, DecisionRecord, ReviewDeadline, ReviewRequest,
-    ReviewStatus,
+    ReviewStatus, check_reject_reason, check_reviewer,
 };
+pub use rules::CrashRetries;
 pub use stage::{Backoff, Stage, StagePolicy};
 pub use state::{AttemptResult, DecisionKind, ItemState, StageState, UnknownVariant};
 pub use status::{AttemptRecord, AwaitingReview, ItemStatus, StageStatus, SubtaskStatus};

@@ -46,6 +46,29 @@ impl Decision {
     }
 }
 
+/// Checks the reviewer named by a person's decision: a blank name would
+/// leave the audit trail without a reviewer, and [`DEADLINE_REVIEWER`] is
+/// reserved for the decisions the engine itself makes when a review
+/// deadline passes (that path does not call this check).
+pub fn check_reviewer(name: &str) -> Result<()> {
+    if name.trim().is_empty() {
+        return Err(Error::BlankReviewer);
+    }
+    if name == DEADLINE_REVIEWER {
+        return Err(Error::ReservedReviewer(name.to_owned()));
+    }
+    Ok(())
+}
+
+/// Checks the reason of a rejection: it is what the failed stage shows, so
+/// it must say something.
+pub fn check_reject_reason(reason: &str) -> Result<()> {
+    if reason.trim().is_empty() {
+        return Err(Error::BlankRejectReason);
+    }
+    Ok(())
+}
+
 /// A recorded review decision.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DecisionRecord {

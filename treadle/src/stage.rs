@@ -55,12 +55,13 @@ pub struct StagePolicy {
     pub max_attempts: u32,
     /// The delay before each retry.
     pub backoff: Backoff,
-    /// The longest one attempt may run before it counts as failed.
+    /// The longest one attempt may run before it counts as failed; `None`:
+    /// the engine's [`crate::EngineConfig::default_attempt_timeout`].
     pub timeout: Option<Duration>,
 }
 
 impl StagePolicy {
-    /// One attempt, no timeout; exponential backoff from 1 s if retries are added.
+    /// One attempt, the engine's default timeout; exponential backoff from 1 s if retries are added.
     pub const DEFAULT: StagePolicy = StagePolicy {
         max_attempts: 1,
         backoff: Backoff::Exponential {

@@ -87,6 +87,8 @@ pub async fn killing_a_worker_at_random_points_loses_nothing<S: Store>(
         } else {
             format!("w-{round}")
         };
+        // Killed this often, a unit may be abandoned more times than the
+        // default crash-retry limit allows; this test is about losing nothing.
         let args = [
             "--worker-id",
             &worker_id,
@@ -96,6 +98,10 @@ pub async fn killing_a_worker_at_random_points_loses_nothing<S: Store>(
             "10",
             "--prefix",
             &prefix,
+            "--crash-limit",
+            "1000",
+            "--crash-backoff-ms",
+            "0",
         ];
         let (mut child, reader) = start_worker(db, items, &args, &printed);
         // Early kills land in start-up and migrations, later ones mid-run,
@@ -125,6 +131,10 @@ pub async fn killing_a_worker_at_random_points_loses_nothing<S: Store>(
         "400",
         "--prefix",
         "final",
+        "--crash-limit",
+        "1000",
+        "--crash-backoff-ms",
+        "0",
     ];
     let (mut last, reader) = start_worker(db, items, &args, &printed);
     let started = Instant::now();

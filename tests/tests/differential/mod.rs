@@ -47,12 +47,19 @@ pub fn definition() -> PipelineDef {
     }
 }
 
+/// Claims in these tests run recovered work again at once (no crash backoff).
+pub const RECOVER_AT_ONCE: treadle::CrashRetries = treadle::CrashRetries {
+    limit: 3,
+    backoff: treadle::Backoff::Fixed(Duration::ZERO),
+};
+
 pub fn request(now: DateTime<Utc>) -> ClaimRequest {
     ClaimRequest {
         owner: "w1".into(),
         limit: 16,
         lease: Duration::from_secs(30),
         now,
+        crash_retries: RECOVER_AT_ONCE,
     }
 }
 
@@ -77,7 +84,9 @@ pub fn commit(
         Transition::Skip { .. } => (AttemptResult::Skipped, None),
         Transition::AwaitReview(_) => (AttemptResult::NeedsReview, None),
         Transition::RetryAt { .. } => (AttemptResult::Error, Some("flaky".to_owned())),
-        Transition::Fail { reason } => (AttemptResult::Failed, Some(reason.clone())),
+        Transition::Fail { reason } | Transition::RefuseEdits { reason } => {
+            (AttemptResult::Failed, Some(reason.clone()))
+        }
         Transition::FanOut { .. } => (AttemptResult::FannedOut, None),
     };
     Commit {

@@ -17,6 +17,8 @@ use treadle::{
 
 use crate::support::*;
 
+mod faults;
+pub use faults::*;
 mod versions;
 pub use versions::*;
 mod typed;
@@ -63,6 +65,10 @@ macro_rules! store_suite {
             long_lived_worker_picks_up_new_items_and_decisions,
             review_deadlines_decide_when_they_pass,
             a_failure_leaves_the_item_active_while_a_branch_can_run,
+            rerun_of_a_review_stage_reopens_the_review_and_reruns_downstream,
+            rerun_of_a_fan_out_stage_fans_out_afresh,
+            only_a_finished_or_failed_stage_can_be_rerun,
+            edits_decided_outside_are_checked_by_the_worker_and_refused_ones_reopen_the_review,
             a_stage_added_at_the_end_applies_to_old_items_only_when_migrated,
             a_stage_inserted_in_the_middle_does_not_strand_old_items,
             a_removed_last_stage_fails_visibly_and_resumes_when_it_is_back,
@@ -1137,6 +1143,7 @@ pub async fn a_failure_leaves_the_item_active_while_a_branch_can_run<S: Store>(s
         limit: 1,
         lease: Duration::from_secs(30),
         now,
+        crash_retries: treadle::CrashRetries::DEFAULT,
     };
     let claim = engine
         .store()

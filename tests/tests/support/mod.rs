@@ -134,6 +134,7 @@ pub fn engine<S: Store>(pipeline: Pipeline<Doc>, store: S) -> Engine<Doc, S> {
             lease: Duration::from_secs(30),
             worker_id: "test-worker".into(),
             idle_poll: Duration::from_millis(20),
+            ..EngineConfig::default()
         },
     )
 }

@@ -1,43 +1,40 @@
-//! The run loop: claims runnable work, runs each attempt in its own task,
-//! and commits what it returned.
+//! The run loop: claims runnable work, runs each attempt in its own task
+//! ([`super::attempt`]), and commits what it settled to.
+//!
+//! The loop is a small state machine, one [`RunLoop`] per call of
+//! [`Engine::run`] or [`Engine::run_until_idle`]. Each turn it
+//!
+//! 1. **collects** the attempts that finished (each committed its own end),
+//! 2. **claims** more work if slots are free and something may be runnable
+//!    (the claim runs beside the attempts, so a slow durable claim never
+//!    holds up their commits),
+//! 3. then either **waits while busy** (for a claim, an attempt, a wake-up,
+//!    a lease renewal or shutdown) or, with nothing running or being
+//!    claimed, asks **what idleness means** ([`Idle`]): return, claim again,
+//!    or wait.
 
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
-use std::pin::{Pin, pin};
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio::sync::broadcast;
 use tokio::task::JoinSet;
+use tokio::time::{Interval, MissedTickBehavior};
 use tracing::Instrument;
 
-use super::settle::{AttemptEnd, AttemptFacts, settle};
+use super::attempt::{Attempt, AttemptSettings, Settled};
+use super::owner::LeaseOwner;
 use super::{Engine, RunningWork};
-use crate::context::{CancelSignal, StageContext};
+use crate::context::CancelSignal;
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::item::WorkItem;
-use crate::outcome::StageOutcome;
 use crate::review::Decision;
 use crate::review::{DEADLINE_REVIEWER, DeadlineAction};
-use crate::stage::{Stage, StagePolicy};
-use crate::state::AttemptResult;
 use crate::store::{Claim, ClaimBatch, ClaimRequest, Commit, Store, Verdict};
 use crate::task::TaskKey;
-
-/// Waits until `feed` carries another committed event (or reports that
-/// it fell behind); never, once there is no feed.
-async fn next_commit(feed: &mut Option<broadcast::Receiver<Event>>) {
-    if let Some(receiver) = feed {
-        match receiver.recv().await {
-            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => return,
-            Err(broadcast::error::RecvError::Closed) => *feed = None,
-        }
-    }
-    std::future::pending().await
-}
 
 /// What a run of the engine did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -47,32 +44,6 @@ pub struct RunReport {
     /// Attempts whose result was discarded because their claim was lost
     /// (the item was cancelled, or another worker took the work over).
     pub discarded: u64,
-}
-
-/// A claimed unit of work as the engine runs it: the claim, with its key
-/// shared between the attempt, its context and the running-work registry.
-struct Attempt {
-    task: Arc<TaskKey>,
-    attempt: u32,
-    generation: u64,
-    started_at: chrono::DateTime<Utc>,
-    payload: Arc<str>,
-    outputs: std::collections::BTreeMap<String, serde_json::Value>,
-    version: u32,
-}
-
-impl From<Claim> for Attempt {
-    fn from(claim: Claim) -> Self {
-        Attempt {
-            task: Arc::new(claim.task),
-            attempt: claim.attempt,
-            generation: claim.generation,
-            started_at: claim.started_at,
-            payload: claim.payload,
-            outputs: claim.outputs,
-            version: claim.version,
-        }
-    }
 }
 
 /// How one unit of work ended, for the report.
@@ -101,12 +72,238 @@ impl RunReport {
     }
 }
 
+/// When a run ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// [`Engine::run_until_idle`]: when nothing can happen without outside input.
+    UntilIdle,
+    /// [`Engine::run`]: when shutdown is asked and running attempts are done.
+    UntilShutdown,
+}
+
+/// What an idle loop (nothing running, nothing being claimed) does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Idle {
+    /// Return: nothing more can happen without outside input, or shutdown
+    /// was asked and every attempt is done.
+    Done,
+    /// Something may have become runnable: claim at once.
+    Claim,
+    /// Wait this long, or until woken, then claim.
+    Wait(Duration),
+}
+
+/// A claim in flight.
+type Claiming<'e> = Pin<Box<dyn Future<Output = Result<ClaimBatch>> + Send + 'e>>;
+
+/// The state of one run of the engine.
+struct RunLoop<'e, W: WorkItem, S: Store, F> {
+    engine: &'e Engine<W, S>,
+    mode: Mode,
+    /// Completes when the caller asks the run to stop.
+    shutdown: Pin<Box<F>>,
+    /// Set once shutdown was asked: no more claims; running attempts finish.
+    stopping: bool,
+    /// The running attempts, each committing its own end.
+    tasks: JoinSet<Result<Finished>>,
+    /// The claim in flight and how many units it asked for.
+    claiming: Option<(Claiming<'e>, usize)>,
+    /// Whether something may have become claimable since the last claim.
+    claim_wanted: bool,
+    /// The most attempts running at once.
+    capacity: usize,
+    /// While work runs, claim only once this many slots are free (batches).
+    refill: usize,
+    /// Ticks every third of a lease: renew leases, fire review deadlines.
+    renewal: Interval,
+    /// For `run`: the store's feed. Any commit, by this process or another
+    /// sharing the store, may have made work runnable and wakes a nap.
+    commits: Option<broadcast::Receiver<Event>>,
+    report: RunReport,
+}
+
+impl<'e, W: WorkItem, S: Store, F: Future<Output = ()>> RunLoop<'e, W, S, F> {
+    fn new(engine: &'e Engine<W, S>, mode: Mode, shutdown: F) -> Self {
+        let config = &engine.shared.config;
+        let capacity = config.max_concurrency.max(1);
+        let mut renewal = tokio::time::interval(config.lease / 3);
+        renewal.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        renewal.reset();
+        RunLoop {
+            engine,
+            mode,
+            shutdown: Box::pin(shutdown),
+            stopping: false,
+            tasks: JoinSet::new(),
+            claiming: None,
+            claim_wanted: true,
+            capacity,
+            refill: (capacity / 8).max(1),
+            renewal,
+            commits: (mode == Mode::UntilShutdown).then(|| engine.shared.store.subscribe()),
+            report: RunReport::default(),
+        }
+    }
+
+    async fn run(mut self) -> Result<RunReport> {
+        loop {
+            self.collect_finished()?;
+            self.claim_if_wanted();
+            if self.claiming.is_some() || !self.tasks.is_empty() {
+                self.wait_while_busy().await?;
+                continue;
+            }
+            match self.idle().await? {
+                Idle::Done => return Ok(self.report),
+                Idle::Claim => self.claim_wanted = true,
+                Idle::Wait(nap) => {
+                    self.nap(nap).await;
+                    self.claim_wanted = true;
+                }
+            }
+        }
+    }
+
+    /// Counts the attempts that have finished; their slots are free again.
+    fn collect_finished(&mut self) -> Result<()> {
+        while let Some(joined) = self.tasks.try_join_next() {
+            self.report.count(joined)?;
+            self.claim_wanted = true;
+        }
+        Ok(())
+    }
+
+    /// Starts a claim if one is wanted and slots are free (while work runs,
+    /// only once a batch's worth is free).
+    fn claim_if_wanted(&mut self) {
+        let free = self.capacity - self.tasks.len();
+        let batch_ready = free > 0 && (self.tasks.is_empty() || free >= self.refill);
+        if self.stopping || !self.claim_wanted || self.claiming.is_some() || !batch_ready {
+            return;
+        }
+        self.claim_wanted = false;
+        let shared = &self.engine.shared;
+        let claim = shared.store.claim(ClaimRequest {
+            owner: shared.owner.to_string(),
+            limit: free,
+            lease: shared.config.lease,
+            now: Utc::now(),
+            crash_retries: shared.config.crash_retries,
+        });
+        self.claiming = Some((claim, free));
+    }
+
+    /// Waits for the next thing to happen while a claim or attempts run.
+    async fn wait_while_busy(&mut self) -> Result<()> {
+        let RunLoop {
+            engine,
+            shutdown,
+            stopping,
+            tasks,
+            claiming,
+            claim_wanted,
+            renewal,
+            report,
+            ..
+        } = self;
+        tokio::select! {
+            batch = async { claiming.as_mut().expect("guarded").0.as_mut().await }, if claiming.is_some() => {
+                let (_, asked) = claiming.take().expect("guarded");
+                let batch = batch?;
+                // A full batch means more may be runnable right away; so
+                // may work committed while the claim was in flight.
+                *claim_wanted |= batch.claims.len() == asked;
+                engine.start(tasks, batch.claims);
+            }
+            Some(joined) = tasks.join_next() => {
+                report.count(joined)?;
+                *claim_wanted = true;
+            }
+            () = engine.shared.wake.notified(), if !*stopping => *claim_wanted = true,
+            _ = renewal.tick() => {
+                engine.renew_leases().await?;
+                if engine.expire_reviews().await? > 0 {
+                    *claim_wanted = true;
+                }
+            }
+            () = shutdown.as_mut(), if !*stopping => *stopping = true,
+        }
+        Ok(())
+    }
+
+    /// What to do with nothing running and nothing being claimed.
+    ///
+    /// `run_until_idle` returns once no retry is scheduled and no unit is
+    /// running under another worker's lease; until then it waits for the
+    /// earlier of the two (a lease is looked at again every `idle_poll`, as
+    /// its worker may finish and unblock more work, or die and leave the
+    /// lease to expire, after which the next claim recovers the unit).
+    /// Review deadlines are not waited for: a stage awaiting review waits
+    /// for a person. `run` waits, at most `idle_poll`, for anything to be
+    /// due, including review deadlines.
+    async fn idle(&mut self) -> Result<Idle> {
+        if self.stopping {
+            return Ok(Idle::Done);
+        }
+        let engine = self.engine;
+        if engine.expire_reviews().await? > 0 {
+            return Ok(Idle::Claim);
+        }
+        let store = &engine.shared.store;
+        let poll = engine.shared.config.idle_poll;
+        let retry_due = store.next_due().await?;
+        let until = |at: DateTime<Utc>| (at - Utc::now()).to_std().unwrap_or_default();
+        match self.mode {
+            Mode::UntilIdle => {
+                let lease_ends = store.next_lease_expiry().await?;
+                Ok(match (retry_due, lease_ends) {
+                    (None, None) => Idle::Done,
+                    (Some(due), None) => Idle::Wait(until(due)),
+                    (due, Some(lease)) => {
+                        let first = due.map_or(lease, |due| due.min(lease));
+                        Idle::Wait(until(first).min(poll))
+                    }
+                })
+            }
+            Mode::UntilShutdown => {
+                let deadline = store.next_review_deadline().await?;
+                let first = retry_due.into_iter().chain(deadline).min();
+                Ok(Idle::Wait(first.map_or(poll, |at| until(at).min(poll))))
+            }
+        }
+    }
+
+    /// Sleeps for `nap`, or until woken (new work, a decision) or shut down.
+    async fn nap(&mut self, nap: Duration) {
+        tokio::select! {
+            () = self.shutdown.as_mut(), if !self.stopping => self.stopping = true,
+            () = self.engine.shared.wake.notified() => {}
+            () = next_commit(&mut self.commits) => {}
+            () = tokio::time::sleep(nap) => {}
+        }
+    }
+}
+
+/// Waits until `feed` carries another committed event (or reports that
+/// it fell behind); never, once there is no feed.
+async fn next_commit(feed: &mut Option<broadcast::Receiver<Event>>) {
+    if let Some(receiver) = feed {
+        match receiver.recv().await {
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => return,
+            Err(broadcast::error::RecvError::Closed) => *feed = None,
+        }
+    }
+    std::future::pending().await
+}
+
 impl<W: WorkItem, S: Store> Engine<W, S> {
-    /// Runs until nothing more can happen without a person or a new item:
-    /// every item is completed, failed, cancelled or awaiting review. Waits
-    /// for scheduled retries to fall due.
+    /// Runs until nothing more can happen without a person, a new item or
+    /// another worker: every item is completed, failed, cancelled or
+    /// awaiting review. Waits for scheduled retries to fall due, and for
+    /// units other workers are running (until they finish, or their lease
+    /// expires and this run recovers them); see [`EngineConfig::lease`](super::EngineConfig::lease).
     pub async fn run_until_idle(&self) -> Result<RunReport> {
-        self.drive(None::<std::future::Pending<()>>).await
+        self.drive(Mode::UntilIdle, std::future::pending()).await
     }
 
     /// Runs as a long-lived worker until `shutdown` completes, then stops
@@ -114,121 +311,38 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
     /// new items, decisions and due retries as they come, including those
     /// committed by other processes sharing the store.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<RunReport> {
-        self.drive(Some(shutdown)).await
+        self.drive(Mode::UntilShutdown, shutdown).await
     }
 
-    async fn drive<F: Future<Output = ()>>(&self, shutdown: Option<F>) -> Result<RunReport> {
+    async fn drive(&self, mode: Mode, shutdown: impl Future<Output = ()>) -> Result<RunReport> {
         self.drift().await?;
+        self.take_over_dead_claims().await?;
+        RunLoop::new(self, mode, shutdown).run().await
+    }
+
+    /// Makes claimable at once the units whose worker is known not to run
+    /// them any more: those of a worker with this engine's `worker_id` (a
+    /// restart of it), and those of any worker whose process on this host
+    /// is gone. Leases of live processes and of other hosts are left to
+    /// expire.
+    async fn take_over_dead_claims(&self) -> Result<()> {
         let shared = &self.shared;
-        let released = shared
-            .store
-            .release_claims(&shared.config.worker_id, Utc::now())
-            .await?;
-        if released > 0 {
-            tracing::warn!(released, worker = %shared.config.worker_id, "recovering claims a previous run of this worker left running");
-        }
-        let capacity = shared.config.max_concurrency.max(1);
-        let forever = shutdown.is_some();
-        let mut shutdown = pin!(async move {
-            match shutdown {
-                Some(signal) => signal.await,
-                None => std::future::pending().await,
-            }
-        });
-        // A long-lived engine naps when idle; any commit, by this process or
-        // another sharing the store, may have made work runnable and wakes it.
-        let mut commits = forever.then(|| shared.store.subscribe());
-        let mut renewal = tokio::time::interval(shared.config.lease / 3);
-        renewal.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        renewal.reset();
-        let mut tasks: JoinSet<Result<Finished>> = JoinSet::new();
-        let mut report = RunReport::default();
-        let mut stopping = false;
-        // A claim runs concurrently with the attempts already running, so a
-        // slow (durable) claim never holds up the commits of finished work.
-        let mut claiming: Option<Pin<Box<dyn Future<Output = Result<ClaimBatch>> + Send + '_>>> =
-            None;
-        let mut claim_wanted = true;
-        // Claim in batches: wait for this many free slots while work runs.
-        let refill = (capacity / 8).max(1);
-        loop {
-            while let Some(joined) = tasks.try_join_next() {
-                report.count(joined)?;
-                claim_wanted = true;
-            }
-            let free = capacity - tasks.len();
-            if !stopping
-                && claim_wanted
-                && claiming.is_none()
-                && free > 0
-                && (tasks.is_empty() || free >= refill)
-            {
-                claim_wanted = false;
-                claiming = Some(Box::pin(shared.store.claim(ClaimRequest {
-                    owner: shared.config.worker_id.clone(),
-                    limit: free,
-                    lease: shared.config.lease,
-                    now: Utc::now(),
-                })));
-            }
-            if claiming.is_none() && tasks.is_empty() {
-                if stopping {
-                    return Ok(report);
-                }
-                if self.expire_reviews().await? > 0 {
-                    claim_wanted = true;
-                    continue;
-                }
-                let due = shared.store.next_due().await?;
-                if !forever && due.is_none() {
-                    return Ok(report);
-                }
-                let mut nap = shared.config.idle_poll;
-                let deadline = if forever {
-                    shared.store.next_review_deadline().await?
-                } else {
-                    None
-                };
-                if let Some(at) = due.into_iter().chain(deadline).min() {
-                    let until_due = (at - Utc::now()).to_std().unwrap_or_default();
-                    nap = if forever {
-                        nap.min(until_due)
-                    } else {
-                        until_due
-                    };
-                }
-                tokio::select! {
-                    () = &mut shutdown, if !stopping => stopping = true,
-                    () = shared.wake.notified() => {}
-                    () = next_commit(&mut commits) => {}
-                    () = tokio::time::sleep(nap) => {}
-                }
-                claim_wanted = true;
+        let here = shared.owner.process.as_ref();
+        for token in shared.store.lease_owners().await? {
+            let owner = LeaseOwner::parse(&token);
+            let why = if owner.worker_id == shared.owner.worker_id {
+                "a previous run of this worker left them running"
+            } else if owner.is_gone(here) {
+                "their worker's process on this host is gone"
+            } else {
                 continue;
-            }
-            tokio::select! {
-                batch = async { claiming.as_mut().expect("guarded").await }, if claiming.is_some() => {
-                    claiming = None;
-                    let batch = batch?;
-                    // A full batch means more may be runnable right away; so
-                    // may work committed while the claim was in flight.
-                    claim_wanted |= batch.claims.len() == free;
-                    self.start(&mut tasks, batch.claims);
-                }
-                Some(joined) = tasks.join_next() => {
-                    report.count(joined)?;
-                    claim_wanted = true;
-                }
-                () = shared.wake.notified(), if !stopping => claim_wanted = true,
-                _ = renewal.tick() => {
-                    self.renew_leases().await?;
-                    if self.expire_reviews().await? > 0 {
-                        claim_wanted = true;
-                    }
-                }
-                () = &mut shutdown, if !stopping => stopping = true,
+            };
+            let released = shared.store.release_claims(&token, Utc::now()).await?;
+            if released > 0 {
+                tracing::warn!(released, previous_owner = %token, "recovering claims: {why}");
             }
         }
+        Ok(())
     }
 
     /// Spawns one task per claim and registers it for cancellation and renewal.
@@ -311,155 +425,45 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs one claimed attempt and commits its end.
-    async fn execute(self, claimed: Attempt, signal: CancelSignal) -> Result<Finished> {
+    /// Runs one claimed attempt, then commits its end.
+    async fn execute(self, attempt: Attempt, signal: CancelSignal) -> Result<Finished> {
         let span = tracing::info_span!(
             "treadle.attempt",
-            item_id = %claimed.task.item_id,
-            stage = %claimed.task.stage,
-            subtask = claimed.task.subtask.as_deref(),
-            attempt = claimed.attempt,
+            item_id = %attempt.task.item_id,
+            stage = %attempt.task.stage,
+            subtask = attempt.task.subtask.as_deref(),
+            attempt = attempt.attempt,
         );
         async move {
-            let stage = self.shared.pipeline.stage(&claimed.task.stage).cloned();
-            let policy = stage.as_ref().map_or(StagePolicy::DEFAULT, |s| s.policy());
-            let Attempt {
-                task,
-                attempt,
-                generation,
-                started_at,
-                payload,
-                outputs,
-                version,
-            } = claimed;
-            let end = match stage {
-                None => AttemptEnd::Outcome(StageOutcome::failed(
-                    Error::StageNotInBuild {
-                        stage: task.stage.clone(),
-                        version,
-                    }
-                    .to_string(),
-                )),
-                Some(_) if attempt > policy.max_attempts => {
-                    AttemptEnd::Outcome(StageOutcome::failed(format!(
-                        "no attempts left: {} of {} were used by workers that stopped mid-attempt",
-                        attempt - 1,
-                        policy.max_attempts
-                    )))
-                }
-                Some(stage) => match serde_json::from_str::<W>(&payload) {
-                    Ok(item) => {
-                        let mut ctx = StageContext::for_task(task.clone(), attempt)
-                            .with_outputs(outputs)
-                            .with_cancel_signal(signal);
-                        run_guarded(stage.as_ref(), &item, &mut ctx, policy.timeout).await
-                    }
-                    Err(e) => AttemptEnd::Outcome(StageOutcome::failed(format!(
-                        "the stored item cannot be decoded: {e}"
-                    ))),
-                },
-            };
-            self.running().remove(&*task);
-            // Usually the last reference now, so no copy is made.
-            let task = Arc::try_unwrap(task).unwrap_or_else(|shared| (*shared).clone());
-            if let AttemptEnd::Error { result, message } = &end {
-                tracing::warn!(%result, error = %message, "attempt failed");
-            }
-            let facts = AttemptFacts {
-                attempt,
-                started_at,
-                finished_at: Utc::now(),
-                policy: &policy,
+            let settings = AttemptSettings {
+                pipeline: &self.shared.pipeline,
+                default_timeout: self.shared.config.default_attempt_timeout,
+                signal,
                 random: self.random(),
             };
-            let (attempt, transition) = settle(end, &facts);
-            let commit = Commit {
-                task,
-                generation,
-                attempt,
-                transition,
-            };
-            match self.shared.store.commit(commit).await {
-                Ok(_) => Ok(Finished::Committed),
-                Err(Error::LeaseLost { task, generation }) => {
-                    tracing::warn!(%task, generation, "claim lost before commit; result discarded");
-                    Ok(Finished::Discarded)
-                }
-                Err(e) => Err(e),
-            }
+            let settled = attempt.run(settings).await;
+            self.running().remove(&settled.task);
+            self.commit(settled).await
         }
         .instrument(span)
         .await
     }
-}
 
-/// Runs one attempt of `stage`, turning an `Err`, a timeout or a panic into
-/// a failed attempt.
-async fn run_guarded<W: WorkItem>(
-    stage: &dyn Stage<W>,
-    item: &W,
-    ctx: &mut StageContext,
-    timeout: Option<Duration>,
-) -> AttemptEnd {
-    let run = CatchUnwind(stage.run(item, ctx));
-    let caught = match timeout {
-        None => run.await,
-        Some(limit) => match tokio::time::timeout(limit, run).await {
-            Ok(caught) => caught,
-            Err(_) => {
-                return AttemptEnd::Error {
-                    result: AttemptResult::TimedOut,
-                    message: format!("timed out after {limit:?}"),
-                };
+    /// Commits a settled attempt; a claim lost meanwhile discards it.
+    async fn commit(&self, settled: Settled) -> Result<Finished> {
+        let commit = Commit {
+            task: settled.task,
+            generation: settled.generation,
+            attempt: settled.record,
+            transition: settled.transition,
+        };
+        match self.shared.store.commit(commit).await {
+            Ok(_) => Ok(Finished::Committed),
+            Err(Error::LeaseLost { task, generation }) => {
+                tracing::warn!(%task, generation, "claim lost before commit; result discarded");
+                Ok(Finished::Discarded)
             }
-        },
-    };
-    match caught {
-        Ok(Ok(outcome)) => AttemptEnd::Outcome(outcome),
-        Ok(Err(error)) => AttemptEnd::Error {
-            result: AttemptResult::Error,
-            message: describe(&error),
-        },
-        Err(panic) => AttemptEnd::Error {
-            result: AttemptResult::Panicked,
-            message: format!("panicked: {}", panic_message(panic)),
-        },
-    }
-}
-
-/// Polls a future, catching a panic in it as an `Err` with the panic payload.
-struct CatchUnwind<F>(F);
-
-impl<F: Future + Unpin> Future for CatchUnwind<F> {
-    type Output = std::result::Result<F::Output, Box<dyn std::any::Any + Send>>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let inner = &mut self.0;
-        match std::panic::catch_unwind(AssertUnwindSafe(|| Pin::new(&mut *inner).poll(cx))) {
-            Ok(Poll::Pending) => Poll::Pending,
-            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
-            Err(panic) => Poll::Ready(Err(panic)),
+            Err(e) => Err(e),
         }
-    }
-}
-/// An error and its chain of sources, joined with `: `.
-fn describe(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
-    match payload.downcast::<String>() {
-        Ok(text) => *text,
-        Err(payload) => match payload.downcast::<&'static str>() {
-            Ok(text) => (*text).to_owned(),
-            Err(_) => "a non-string panic payload".to_owned(),
-        },
     }
 }

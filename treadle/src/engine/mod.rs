@@ -1,6 +1,8 @@
 //! The engine: submits items, runs their stages, and takes people's decisions.
 
+mod attempt;
 mod executor;
+mod owner;
 mod settle;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,9 +17,10 @@ use crate::context::CancelSignal;
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::fast_hash::FastMap;
-use crate::item::WorkItem;
+use crate::item::{WorkItem, check_item_id};
 use crate::pipeline::Pipeline;
-use crate::review::Decision;
+use crate::review::{Decision, check_reject_reason, check_reviewer};
+use crate::rules::CrashRetries;
 use crate::state::StageState;
 use crate::status::{AwaitingReview, ItemStatus};
 use crate::store::{
@@ -25,6 +28,7 @@ use crate::store::{
 };
 
 pub use executor::RunReport;
+pub use owner::{LeaseOwner, ProcessMark};
 
 /// Tuning of an [`Engine`].
 #[derive(Debug, Clone)]
@@ -33,13 +37,38 @@ pub struct EngineConfig {
     pub max_concurrency: usize,
     /// How long a claim holds before another worker may take it over; the
     /// engine renews the leases of its running work every third of this.
+    /// A worker whose process died on the same host is taken over at once
+    /// by the next engine that starts there ([`LeaseOwner`]); one on
+    /// another host, or one whose process still lives, only when its lease
+    /// expires.
     pub lease: Duration,
-    /// This worker's identity, recorded as the owner of its claims.
+    /// This worker's identity, recorded (with its host and process, see
+    /// [`LeaseOwner`]) as the owner of its claims. A worker starting with
+    /// the id of an earlier one takes that one's claims over at once.
     pub worker_id: String,
-    /// How often an idle `run` looks for work committed by other processes;
-    /// a store whose feed carries other processes' commits (PostgreSQL)
-    /// wakes it at once.
+    /// How often an idle `run` looks for work committed by other processes
+    /// (a store whose feed carries other processes' commits, PostgreSQL,
+    /// wakes it at once), and how often `run_until_idle` looks again at
+    /// work another worker runs.
     pub idle_poll: Duration,
+    /// The longest an attempt of a stage that sets no timeout of its own may
+    /// run before it counts as failed (timed out). Default: 10 minutes;
+    /// `None` lets such stages run for as long as they take.
+    ///
+    /// A timeout stops a stage at its next `.await`: a stage that blocks its
+    /// thread (CPU-heavy work, blocking I/O) cannot be stopped and should run
+    /// that work in `tokio::task::spawn_blocking`.
+    pub default_attempt_timeout: Option<Duration>,
+    /// How work is run again after its worker stopped mid-attempt (a crash,
+    /// a kill, a full disk): up to 3 times per run of attempts, after 1 s,
+    /// 2 s, 4 s, without spending the stage's own attempts; then the stage
+    /// (or subtask) fails with a reason saying so.
+    pub crash_retries: CrashRetries,
+}
+
+impl EngineConfig {
+    /// The timeout applied to stages that set none: 10 minutes.
+    pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(600);
 }
 
 impl Default for EngineConfig {
@@ -49,6 +78,8 @@ impl Default for EngineConfig {
             lease: Duration::from_secs(60),
             worker_id: default_worker_id(),
             idle_poll: Duration::from_millis(250),
+            default_attempt_timeout: Some(Self::DEFAULT_ATTEMPT_TIMEOUT),
+            crash_retries: CrashRetries::DEFAULT,
         }
     }
 }
@@ -82,6 +113,8 @@ struct Shared<W: WorkItem, S: Store> {
     pipeline: Pipeline<W>,
     store: S,
     config: EngineConfig,
+    /// This worker as the owner of its leases.
+    owner: LeaseOwner,
     /// Set once the pipeline has been recorded in the store.
     drift: OnceCell<PipelineDrift>,
     /// Wakes the run loop: new items, decisions, retries.
@@ -116,6 +149,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
             shared: Arc::new(Shared {
                 pipeline,
                 store,
+                owner: LeaseOwner::this_process(&config.worker_id),
                 config,
                 drift: OnceCell::new(),
                 wake: Notify::new(),
@@ -165,17 +199,20 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
 
     /// Stores `item` and makes its first stages runnable. Idempotent by id:
     /// returns `false` (and changes nothing) if an item with this id exists.
+    /// An empty id is refused ([`Error::EmptyItemId`]).
     pub async fn submit(&self, item: W) -> Result<bool> {
         Ok(self.submit_all([item]).await? == 1)
     }
 
-    /// Stores many items in one transition; returns how many were new.
+    /// Stores many items in one transition; returns how many were new. One
+    /// item with an empty id refuses the whole batch.
     pub async fn submit_all(&self, items: impl IntoIterator<Item = W>) -> Result<usize> {
         let version = self.drift().await?.version;
         let at = Utc::now();
         let items = items
             .into_iter()
             .map(|item| {
+                check_item_id(item.id())?;
                 let payload = serde_json::to_string(&item)
                     .map_err(|e| Error::json(format!("item `{}`", item.id()), e))?;
                 Ok(NewItem {
@@ -192,7 +229,11 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
     }
 
     /// Approves a stage awaiting review; it completes with its proposed output.
+    ///
+    /// A decision must name its reviewer ([`check_reviewer`]), as must
+    /// those of `approve_with_edits` and `reject`.
     pub async fn approve(&self, item_id: &str, stage: &str, decision: Decision) -> Result<()> {
+        check_reviewer(&decision.by)?;
         self.decide(item_id, stage, decision, Verdict::Approve)
             .await
     }
@@ -210,6 +251,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
         decision: Decision,
         edits: impl Serialize,
     ) -> Result<()> {
+        check_reviewer(&decision.by)?;
         let edits = serde_json::to_value(edits).map_err(|e| Error::json("the review edits", e))?;
         if let Some(runner) = self.shared.pipeline.stage(stage) {
             runner.check_output(&edits)?;
@@ -218,8 +260,8 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
             .await
     }
 
-    /// Rejects a stage awaiting review; it fails with `reason`, and can be
-    /// run again with [`Engine::retry`].
+    /// Rejects a stage awaiting review; it fails with `reason` (which must
+    /// not be blank), and can be run again with [`Engine::retry`].
     pub async fn reject(
         &self,
         item_id: &str,
@@ -228,6 +270,8 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
         reason: impl Into<String>,
     ) -> Result<()> {
         let reason = reason.into();
+        check_reviewer(&decision.by)?;
+        check_reject_reason(&reason)?;
         self.decide(item_id, stage, decision, Verdict::Reject { reason })
             .await
     }
@@ -287,6 +331,18 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
             }
         }
         Ok(moved)
+    }
+
+    /// Runs a finished (completed or skipped) or failed stage again, with
+    /// every stage downstream of it on the item's pipeline version, keeping
+    /// their attempt history: a review stage asks for a new review round,
+    /// and downstream work still running here is stopped. Any other state
+    /// is [`Error::NotRerunnable`].
+    pub async fn rerun(&self, item_id: &str, stage: &str) -> Result<()> {
+        let (running, _) = self.shared.store.rerun(item_id, stage, Utc::now()).await?;
+        self.stop_local(running);
+        self.shared.wake.notify_one();
+        Ok(())
     }
 
     /// Cancels an item: its running stages are stopped and nothing more runs.

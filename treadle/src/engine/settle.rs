@@ -16,6 +16,12 @@ use crate::store::Transition;
 pub(crate) enum AttemptEnd {
     /// The stage returned an outcome.
     Outcome(StageOutcome),
+    /// Approved edits, checked instead of running the stage, do not fit
+    /// its output.
+    EditsRefused {
+        /// Why.
+        reason: String,
+    },
     /// The stage returned `Err`, timed out or panicked.
     Error {
         /// Which of the three.
@@ -28,6 +34,9 @@ pub(crate) enum AttemptEnd {
 /// Everything `settle` needs to know about the attempt.
 pub(crate) struct AttemptFacts<'a> {
     pub attempt: u32,
+    /// Attempts of this run abandoned by workers that stopped; they do not
+    /// count against the policy's attempts.
+    pub crashes: u32,
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
     pub policy: &'a StagePolicy,
@@ -41,7 +50,9 @@ pub(crate) struct AttemptFacts<'a> {
 /// attempts remain; a `Retry` outcome is retried after its own delay while
 /// attempts remain; then the stage fails. `Failed` fails at once.
 pub(crate) fn settle(end: AttemptEnd, facts: &AttemptFacts<'_>) -> (AttemptRecord, Transition) {
-    let attempts_left = facts.attempt < facts.policy.max_attempts;
+    // The stage's own attempts: abandoned ones do not count.
+    let own = facts.attempt.saturating_sub(facts.crashes);
+    let attempts_left = own < facts.policy.max_attempts;
     let retry_or_fail = |delay: Duration, reason: &str| {
         if attempts_left {
             Transition::RetryAt {
@@ -50,7 +61,7 @@ pub(crate) fn settle(end: AttemptEnd, facts: &AttemptFacts<'_>) -> (AttemptRecor
             }
         } else {
             Transition::Fail {
-                reason: format!("{reason} (after {} attempts)", facts.attempt),
+                reason: format!("{reason} (after {own} attempts)"),
             }
         }
     };
@@ -96,8 +107,13 @@ pub(crate) fn settle(end: AttemptEnd, facts: &AttemptFacts<'_>) -> (AttemptRecor
                 (AttemptResult::RetryRequested, Some(reason), transition)
             }
         },
+        AttemptEnd::EditsRefused { reason } => (
+            AttemptResult::Failed,
+            Some(reason.clone()),
+            Transition::RefuseEdits { reason },
+        ),
         AttemptEnd::Error { result, message } => {
-            let delay = facts.policy.backoff.delay(facts.attempt, facts.random);
+            let delay = facts.policy.backoff.delay(own, facts.random);
             let transition = retry_or_fail(delay, &message);
             (result, Some(message), transition)
         }
@@ -129,6 +145,7 @@ mod tests {
         let t = DateTime::from_timestamp(1_000_000, 0).unwrap();
         AttemptFacts {
             attempt,
+            crashes: 0,
             started_at: t,
             finished_at: t,
             policy,
@@ -164,6 +181,36 @@ mod tests {
             Transition::Fail {
                 reason: "boom (after 3 attempts)".into()
             }
+        );
+    }
+
+    #[test]
+    fn abandoned_attempts_do_not_spend_the_stages_own_budget() {
+        let policy = StagePolicy::new();
+        // Attempt 3 of a stage without retries, after two crashes: its first own attempt.
+        let crashed = AttemptFacts {
+            crashes: 2,
+            ..facts(3, &policy)
+        };
+        let (record, transition) = settle(error(), &crashed);
+        assert_eq!(record.attempt, 3, "the history numbers every attempt");
+        assert_eq!(
+            transition,
+            Transition::Fail {
+                reason: "boom (after 1 attempts)".into()
+            }
+        );
+        let retrying = StagePolicy::new().retries(1);
+        let (_, transition) = settle(
+            error(),
+            &AttemptFacts {
+                crashes: 2,
+                ..facts(3, &retrying)
+            },
+        );
+        assert!(
+            matches!(transition, Transition::RetryAt { .. }),
+            "{transition:?}"
         );
     }
 

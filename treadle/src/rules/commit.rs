@@ -96,6 +96,26 @@ fn commit_stage(
             fx.event(at, here, EventKind::RetryScheduled { at: due, error });
         }
         Transition::Fail { reason } => fail_stage(item, stage, reason, at, fx),
+        Transition::RefuseEdits { reason } => {
+            // The refused decision stays recorded for its round; the same
+            // request is asked again in the next one.
+            let row = &mut item.stages[stage];
+            row.edits_to_check = false;
+            let edits = Box::new(row.unit.output.take().unwrap_or_default());
+            let Some(review) = row.review.as_mut() else {
+                fail_stage(item, stage, reason, at, fx);
+                return;
+            };
+            review.round += 1;
+            review.requested_at = at;
+            review.decision = None;
+            let summary = review.request.summary.clone();
+            row.unit.finished_at = Some(at);
+            set_state(&mut row.unit, StageState::AwaitingReview);
+            fx.changed.push(UnitRef::stage(stage));
+            fx.event(at, here, EventKind::EditsRefused { reason, edits });
+            fx.event(at, here, EventKind::ReviewRequested { summary });
+        }
         Transition::FanOut { subtasks } => {
             // The stage stays running without a lease: its subtasks hold the
             // leases, and it is never recovered itself.

@@ -1,7 +1,8 @@
 //! Review decisions: which are allowed, and what they do to the stage.
 
 use super::{
-    DecisionCommit, Effects, ItemRecord, UnitRef, Verdict, VersionGraph, complete_stage, fail_stage,
+    DecisionCommit, Effects, ItemRecord, UnitRef, Verdict, VersionGraph, complete_stage,
+    fail_stage, set_state,
 };
 use crate::error::{Error, Result};
 use crate::event::EventKind;
@@ -13,7 +14,9 @@ use crate::state::{DecisionKind, StageState};
 /// [`Error::NotAwaitingReview`] or [`Error::StaleDecision`] and nothing
 /// changes. The decision is recorded with a `ReviewDecided` event; an
 /// approval completes the stage with the proposed output (or the edits),
-/// a rejection fails it with the reviewer's reason.
+/// a rejection fails it with the reviewer's reason. Edits to check make the
+/// stage pending with the edits as its output, for a worker to check
+/// (see [`super::commit`]'s `RefuseEdits`).
 pub fn decide(
     graph: &VersionGraph,
     item: &mut ItemRecord,
@@ -45,9 +48,12 @@ pub fn decide(
             current: review.round,
         });
     }
+    let to_check = matches!(d.verdict, Verdict::ApproveWithEditsToCheck(_));
     let (kind, reason, edits) = match d.verdict {
         Verdict::Approve => (DecisionKind::Approved, None, None),
-        Verdict::ApproveWithEdits(v) => (DecisionKind::ApprovedWithEdits, None, Some(v)),
+        Verdict::ApproveWithEdits(v) | Verdict::ApproveWithEditsToCheck(v) => {
+            (DecisionKind::ApprovedWithEdits, None, Some(v))
+        }
         Verdict::Reject { reason } => (DecisionKind::Rejected, Some(reason), None),
     };
     let proposed = review.request.proposed_output.clone();
@@ -73,6 +79,14 @@ pub fn decide(
     );
     match reason {
         Some(reason) => fail_stage(item, stage, format!("rejected by {by}: {reason}"), d.at, fx),
+        // A worker checks the edits against the stage's output type first.
+        None if to_check => {
+            let row = &mut item.stages[stage];
+            row.unit.output = edits;
+            row.edits_to_check = true;
+            set_state(&mut row.unit, StageState::Pending);
+            fx.runnable.push(UnitRef::stage(stage));
+        }
         None => complete_stage(graph, item, stage, edits.or(proposed), d.at, fx),
     }
     Ok(())

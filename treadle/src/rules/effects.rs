@@ -55,8 +55,9 @@ pub struct Effects {
     pub changed: Vec<UnitRef>,
     /// Whether the item's own row changed (cancelled, version).
     pub item_changed: bool,
-    /// Stages whose subtask rows were replaced by a new fan-out: the old
-    /// rows (and their attempts) go, every new row is written.
+    /// Stages whose subtask rows were replaced by a new fan-out, or dropped
+    /// by a rerun: the old rows (and their attempts) go, every new row (if
+    /// the stage has a fan-out) is written.
     pub fanned_out: Vec<usize>,
     /// Whether the item's set of stage rows was replaced (a migration):
     /// rows of stages it no longer has go, every stage row is written.

@@ -16,6 +16,7 @@
 //! | [`commit`] | fencing; the end of an attempt on a stage or subtask; fan-out and fan-in; unblocking dependents; item completion |
 //! | [`decide`] | review state and round checks; verdict to decision; approval completes, rejection fails |
 //! | [`retry`] | which failed units run again |
+//! | [`rerun`] | which finished stages run again, with everything downstream |
 //! | [`cancel`] | which units stop, and how |
 //! | [`renew`] | whether a claim still holds, and its new lease |
 //! | [`migrate`] | moving an unfinished item to another pipeline version |
@@ -42,10 +43,11 @@ pub use decide::decide;
 pub(crate) use effects::load_all_subtasks;
 pub use effects::{AllLoaded, Effects, NewEvent, SubtaskSource};
 pub use graph::VersionGraph;
-pub use operator::{MigrateOutcome, cancel, migrate, renew, retry};
+pub use operator::{MigrateOutcome, cancel, migrate, renew, rerun, retry};
 pub use record::{FanOut, ItemRecord, Lease, StageRecord, UnitRecord, UnitRef};
 pub use transition::{
-    Claim, ClaimRequest, Commit, DecisionCommit, NewItem, SubtaskTransition, Transition, Verdict,
+    Claim, ClaimRequest, Commit, CrashRetries, DecisionCommit, NewItem, SubtaskTransition,
+    Transition, Verdict,
 };
 
 use crate::event::EventKind;
@@ -114,6 +116,7 @@ fn finish_stage(
     at: DateTime<Utc>,
     fx: &mut Effects,
 ) {
+    item.stages[stage].edits_to_check = false;
     let unit = &mut item.stages[stage].unit;
     set_state(unit, state);
     unit.finished_at = Some(at);

@@ -44,6 +44,7 @@ pub fn retry(
     }
     let row = &mut item.stages[position];
     row.unit.attempt = 0;
+    row.unit.crashes = 0;
     row.unit.finished_at = None;
     row.unit.last_error = None;
     let mut requeued = 0;
@@ -55,6 +56,7 @@ pub fn retry(
         {
             set_state(sub, StageState::Pending);
             sub.attempt = 0;
+            sub.crashes = 0;
             sub.finished_at = None;
             sub.last_error = None;
             let unit = UnitRef {
@@ -81,6 +83,103 @@ pub fn retry(
         EventKind::RetryRequested,
     );
     Ok(())
+}
+
+/// Runs a finished (completed or skipped) or failed stage again, with every
+/// stage downstream of it on the item's version: they all become pending,
+/// with a new run of attempts, no output, no error and no subtasks (a
+/// fanned-out stage fans out afresh; its old subtasks and their attempts
+/// go), and waiting counts recomputed. The stages' attempt history and
+/// reviews stay: a review stage asks for a new round.
+/// Downstream work still running loses its claim (a new generation); its
+/// keys are returned so its worker can stop it. A stage in another state is
+/// [`Error::NotRerunnable`]; a cancelled item is [`Error::ItemCancelled`].
+pub fn rerun(
+    graph: &VersionGraph,
+    item: &mut ItemRecord,
+    stage: &str,
+    at: DateTime<Utc>,
+    subtasks: &mut dyn SubtaskSource,
+    fx: &mut Effects,
+) -> Result<Vec<TaskKey>> {
+    let position = item
+        .stage_position(stage)
+        .ok_or_else(|| Error::UnknownStage {
+            item: item.id.clone(),
+            stage: stage.to_owned(),
+        })?;
+    if item.cancelled {
+        return Err(Error::ItemCancelled(item.id.clone()));
+    }
+    let state = item.stages[position].unit.state;
+    if !matches!(
+        state,
+        StageState::Completed | StageState::Skipped | StageState::Failed
+    ) {
+        return Err(Error::NotRerunnable {
+            item: item.id.clone(),
+            stage: stage.to_owned(),
+            state,
+        });
+    }
+    let downstream = graph.downstream(position);
+    let mut running = Vec::new();
+    for &reset in std::iter::once(&position).chain(&downstream) {
+        if item.stages[reset].fan_out.is_some() {
+            load_all_subtasks(item, reset, subtasks)?;
+        }
+        let here = UnitRef::stage(reset);
+        let row = &item.stages[reset];
+        if row.unit.state == StageState::Running && row.fan_out.is_none() {
+            running.push(item.key(here));
+        }
+        for sub in row.fan_out.iter().flat_map(|f| &f.rows) {
+            if sub.state == StageState::Running {
+                running.push(item.key(UnitRef {
+                    subtask: Some(sub.position),
+                    ..here
+                }));
+            }
+        }
+        let unit = &mut item.stages[reset].unit;
+        let was_running = unit.state == StageState::Running;
+        set_state(unit, StageState::Pending);
+        if was_running {
+            unit.generation += 1;
+        }
+        unit.attempt = 0;
+        unit.crashes = 0;
+        unit.started_at = None;
+        unit.finished_at = None;
+        unit.next_run_at = None;
+        unit.last_error = None;
+        unit.output = None;
+        if item.stages[reset].fan_out.take().is_some() {
+            fx.fanned_out.push(reset);
+        }
+        item.stages[reset].edits_to_check = false;
+        fx.changed.push(here);
+    }
+    for &reset in std::iter::once(&position).chain(&downstream) {
+        let waiting = (0..item.stages.len())
+            .filter(|&up| graph.dependents(up).contains(&reset))
+            .filter(|&up| !item.stages[up].unit.state.satisfies_dependents())
+            .count() as u32;
+        item.stages[reset].waiting = waiting;
+        if waiting == 0 {
+            fx.runnable.push(UnitRef::stage(reset));
+        }
+    }
+    let reset = downstream
+        .iter()
+        .map(|&d| item.stages[d].unit.name.clone())
+        .collect();
+    fx.event(
+        at,
+        Some(UnitRef::stage(position)),
+        EventKind::RerunRequested { reset },
+    );
+    Ok(running)
 }
 
 /// Cancels an item: every stage and subtask not yet finished becomes

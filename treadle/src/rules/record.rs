@@ -42,6 +42,10 @@ pub struct StageRecord {
     pub review: Option<ReviewStatus>,
     /// The subtasks, once the stage fanned out.
     pub fan_out: Option<FanOut>,
+    /// Whether the stage is pending only so that a worker checks the edits
+    /// of an approval made where the output type is unknown (the CLI); the
+    /// edits wait in the unit's `output` meanwhile.
+    pub edits_to_check: bool,
 }
 
 /// The subtasks of a fanned-out stage, with counters that let a rule decide
@@ -82,6 +86,10 @@ pub struct UnitRecord {
     pub state: StageState,
     /// Attempts made in the current run.
     pub attempt: u32,
+    /// Attempts of the current run abandoned by a worker that stopped
+    /// mid-attempt (counted in `attempt` too, but not against the stage's
+    /// own budget; see [`super::CrashRetries`]).
+    pub crashes: u32,
     /// The fencing generation of the latest claim.
     pub generation: u64,
     /// When the latest attempt started.
@@ -106,6 +114,7 @@ impl UnitRecord {
             position,
             state: StageState::Pending,
             attempt: 0,
+            crashes: 0,
             generation: 0,
             started_at: None,
             finished_at: None,
@@ -170,6 +179,7 @@ impl StageRecord {
             waiting,
             review: None,
             fan_out: None,
+            edits_to_check: false,
         }
     }
 }

@@ -48,6 +48,7 @@ fn request(now: DateTime<Utc>) -> ClaimRequest {
         limit: 10,
         lease: Duration::from_secs(60),
         now,
+        crash_retries: CrashRetries::DEFAULT,
     }
 }
 
@@ -179,6 +180,9 @@ fn a_fan_in_with_partial_rows_loads_the_rest_only_for_the_last_subtask() {
         payload: "{}".into(),
         outputs: Default::default(),
         version: 1,
+        crashes: 0,
+        crash_retries_spent: None,
+        edits_to_check: None,
     };
     let mut source = Stored(stored_rows, 0);
     let out = Transition::Complete {
@@ -270,7 +274,15 @@ fn an_expired_lease_is_recovered_by_the_next_claim() {
     claim(&mut item, UnitRef::stage(0), &request(t(0)), &mut fx).unwrap();
     let mut fx = Effects::default();
     assert!(claim(&mut item, UnitRef::stage(0), &request(t(30)), &mut fx).is_none());
-    let again = claim(&mut item, UnitRef::stage(0), &request(t(61)), &mut fx).unwrap();
+    // Without a crash backoff the unit runs again in the same claim.
+    let at_once = ClaimRequest {
+        crash_retries: CrashRetries {
+            backoff: crate::stage::Backoff::Fixed(Duration::ZERO),
+            ..CrashRetries::DEFAULT
+        },
+        ..request(t(61))
+    };
+    let again = claim(&mut item, UnitRef::stage(0), &at_once, &mut fx).unwrap();
     assert_eq!((again.attempt, again.generation), (2, 2));
     assert_eq!(fx.attempts[0].1.result, AttemptResult::Abandoned);
     assert!(matches!(
@@ -280,4 +292,66 @@ fn an_expired_lease_is_recovered_by_the_next_claim() {
             EventKind::Started { attempt: 2, .. }
         ]
     ));
+}
+
+#[test]
+fn an_abandoned_attempt_is_retried_after_the_crash_backoff_until_the_limit() {
+    let g = graph(1, &["a"], &[]);
+    let (mut item, _) = submit(&g);
+    let a = UnitRef::stage(0);
+    let mut now = t(0);
+    let mut first = Effects::default();
+    let claimed = claim(&mut item, a, &request(now), &mut first).unwrap();
+    assert_eq!((claimed.attempt, claimed.crashes), (1, 0));
+    for crash in 1..=CrashRetries::DEFAULT.limit {
+        // The worker died: its lease (60 s) ran out.
+        now += chrono::Duration::seconds(61);
+        let mut fx = Effects::default();
+        assert!(
+            claim(&mut item, a, &request(now), &mut fx).is_none(),
+            "backs off first"
+        );
+        let unit = &item.stages[0].unit;
+        assert_eq!(unit.state, StageState::RetryScheduled);
+        assert_eq!(unit.crashes, crash);
+        let delay = CrashRetries::DEFAULT.backoff.nominal_delay(crash);
+        let due = now + chrono::Duration::from_std(delay).unwrap();
+        assert_eq!(fx.scheduled, [(due, a)]);
+        assert_eq!(fx.attempts[0].1.result, AttemptResult::Abandoned);
+        assert!(matches!(
+            kinds(&fx)[..],
+            [
+                EventKind::Recovered { .. },
+                EventKind::RetryScheduled { .. }
+            ]
+        ));
+        now = due;
+        let mut fx = Effects::default();
+        let again = claim(&mut item, a, &request(now), &mut fx).unwrap();
+        assert_eq!((again.attempt, again.crashes), (crash + 1, crash));
+        assert_eq!(again.crash_retries_spent, None);
+    }
+    // One crash more than the limit: claimed only to be failed, saying why.
+    now += chrono::Duration::seconds(61);
+    let mut fx = Effects::default();
+    let last = claim(&mut item, a, &request(now), &mut fx).unwrap();
+    let reason = last
+        .crash_retries_spent
+        .clone()
+        .expect("the limit is spent");
+    assert!(reason.contains("abandoned 4 times"), "{reason}");
+    assert!(reason.contains("crash-retry limit is 3"), "{reason}");
+
+    // A manual retry starts a new run: crashes count from zero again.
+    let mut fx = Effects::default();
+    commit(
+        &g,
+        &mut item,
+        end(&last, Transition::Fail { reason }, now),
+        &mut AllLoaded,
+        &mut fx,
+    )
+    .unwrap();
+    retry(&mut item, "a", now, &mut AllLoaded, &mut fx).unwrap();
+    assert_eq!(item.stages[0].unit.crashes, 0);
 }

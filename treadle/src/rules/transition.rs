@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use crate::review::{Decision, ReviewRequest};
+use crate::stage::Backoff;
 use crate::status::AttemptRecord;
 use crate::task::TaskKey;
 
@@ -38,6 +39,39 @@ pub struct ClaimRequest {
     pub lease: Duration,
     /// The current time, against which retry times are compared.
     pub now: DateTime<Utc>,
+    /// How work abandoned by a worker that stopped mid-attempt is retried.
+    pub crash_retries: CrashRetries,
+}
+
+/// How a unit whose worker stopped mid-attempt (its lease expired, or was
+/// released because its process is gone) is run again. Such an abandoned
+/// attempt does not count against the stage's own attempt budget; it uses
+/// up one of `limit` crash retries, and the unit runs again after
+/// `backoff` (its nominal delay for the n-th crash, no jitter). Once more
+/// attempts than `limit` were abandoned in a row of runs, the unit fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CrashRetries {
+    /// How many abandoned attempts a unit may have in one run of attempts.
+    pub limit: u32,
+    /// The delay before running an abandoned unit again.
+    pub backoff: Backoff,
+}
+
+impl CrashRetries {
+    /// Three crash retries, 1 s, 2 s and 4 s after each crash is noticed.
+    pub const DEFAULT: CrashRetries = CrashRetries {
+        limit: 3,
+        backoff: Backoff::Exponential {
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+        },
+    };
+}
+
+impl Default for CrashRetries {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
 }
 
 /// A unit of work claimed by a worker, with what the stage needs to run.
@@ -57,6 +91,15 @@ pub struct Claim {
     pub outputs: BTreeMap<String, Value>,
     /// The pipeline version the item moves on.
     pub version: u32,
+    /// Attempts of this run abandoned by workers that stopped mid-attempt;
+    /// they do not count against the stage's own attempt budget.
+    pub crashes: u32,
+    /// Set when the unit's crash retries are spent: the engine fails the
+    /// unit with this reason instead of running it.
+    pub crash_retries_spent: Option<String>,
+    /// Edits of an approval that the engine must check against the stage's
+    /// output type instead of running the stage ([`Verdict::ApproveWithEditsToCheck`]).
+    pub edits_to_check: Option<Value>,
 }
 
 /// The end of one attempt, to be applied atomically.
@@ -97,6 +140,12 @@ pub enum Transition {
         /// Why.
         reason: String,
     },
+    /// The edits being checked do not fit the stage's output: the review
+    /// is asked again in a new round (never for a subtask).
+    RefuseEdits {
+        /// Why the edits do not fit.
+        reason: String,
+    },
     /// Split into subtasks, created pending (never for a subtask).
     FanOut {
         /// The subtask names, distinct.
@@ -113,7 +162,9 @@ impl Transition {
             Transition::Skip { reason } => SubtaskTransition::Skip { reason },
             Transition::RetryAt { at } => SubtaskTransition::RetryAt { at },
             Transition::Fail { reason } => SubtaskTransition::Fail { reason },
-            Transition::AwaitReview(_) | Transition::FanOut { .. } => SubtaskTransition::Fail {
+            Transition::AwaitReview(_)
+            | Transition::FanOut { .. }
+            | Transition::RefuseEdits { .. } => SubtaskTransition::Fail {
                 reason: "a subtask cannot ask for review or fan out".to_owned(),
             },
         }
@@ -152,6 +203,11 @@ pub enum Verdict {
     Approve,
     /// Complete with this output instead.
     ApproveWithEdits(Value),
+    /// Complete with this output instead once a worker, which knows the
+    /// stage's output type, has checked it (a decision made where the type
+    /// is unknown, as in the CLI); edits that do not fit put the review
+    /// back to awaiting a decision.
+    ApproveWithEditsToCheck(Value),
     /// Fail the stage with this reason.
     Reject {
         /// Why.

@@ -488,6 +488,21 @@ impl Store for MemoryStore {
         Ok(lost)
     }
 
+    async fn rerun(
+        &self,
+        item_id: &str,
+        stage: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(Vec<TaskKey>, Vec<Event>)> {
+        let mut data = self.lock();
+        let item = data.position(item_id)?;
+        let (running, events) = data.transition(item, |graph, record, fx| {
+            rules::rerun(graph, record, stage, at, &mut AllLoaded, fx)
+        })?;
+        data.publish(&events);
+        Ok((running, events))
+    }
+
     async fn cancel(&self, item_id: &str, at: DateTime<Utc>) -> Result<(Vec<TaskKey>, Vec<Event>)> {
         let mut data = self.lock();
         let item = data.position(item_id)?;
@@ -555,6 +570,16 @@ impl Store for MemoryStore {
     /// the worker that took it: there is nothing to release.
     async fn release_claims(&self, _owner: &str, _now: DateTime<Utc>) -> Result<u64> {
         Ok(0)
+    }
+
+    /// Leases are not enforced: nothing waits for one to expire.
+    async fn next_lease_expiry(&self) -> Result<Option<DateTime<Utc>>> {
+        Ok(None)
+    }
+
+    /// Leases are not enforced: no owner is ever taken over.
+    async fn lease_owners(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
     }
 
     async fn pipeline_definition(&self) -> Result<Option<PipelineDef>> {

@@ -142,6 +142,17 @@ pub trait Store: Send + Sync + 'static {
     /// running); their work must stop.
     async fn renew(&self, claims: &[(TaskKey, u64)], until: DateTime<Utc>) -> Result<Vec<TaskKey>>;
 
+    /// Runs a finished or failed stage again with every stage downstream of
+    /// it ([`crate::rules::rerun`]), keeping their history. Returns the keys
+    /// of downstream units that were running (they lose their claim), and
+    /// the events. Any other state is [`crate::Error::NotRerunnable`].
+    async fn rerun(
+        &self,
+        item_id: &str,
+        stage: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(Vec<TaskKey>, Vec<Event>)>;
+
     /// Cancels an item: every stage and subtask not yet finished becomes
     /// `cancelled` (so running claims lose their lease). Returns the keys of
     /// the units that were running, and the events. Cancelling twice is a no-op.
@@ -160,6 +171,16 @@ pub trait Store: Send + Sync + 'static {
     /// once, as if its lease had expired: a restarted worker with a stable
     /// id recovers its own dead claims without waiting. Returns how many.
     async fn release_claims(&self, owner: &str, now: DateTime<Utc>) -> Result<u64>;
+
+    /// The earliest lease expiry among units running under a worker's lease,
+    /// if any: when such a unit may be recovered (if its worker stopped
+    /// renewing). A store that does not enforce leases returns `None`.
+    async fn next_lease_expiry(&self) -> Result<Option<DateTime<Utc>>>;
+
+    /// The distinct owner tokens of the leases of running units (see
+    /// [`crate::LeaseOwner`]), so a starting worker can tell which of them
+    /// are dead. A store that does not enforce leases returns none.
+    async fn lease_owners(&self) -> Result<Vec<String>>;
 
     /// Moves an unfinished, idle item to pipeline version `version` (see
     /// [`crate::rules::migrate`]); reports what happened and the events.

@@ -45,6 +45,15 @@ pub(super) enum Op {
         /// When.
         at: DateTime<Utc>,
     },
+    /// Run a finished or failed stage again, with everything downstream.
+    Rerun {
+        /// The item.
+        item_id: String,
+        /// The stage.
+        stage: String,
+        /// When.
+        at: DateTime<Utc>,
+    },
     /// Cancel an item.
     Cancel {
         /// The item.
@@ -77,8 +86,9 @@ pub(super) enum Answer {
     Events(Vec<Event>),
     /// Claimed work and its events.
     Claimed(ClaimBatch),
-    /// The units that were running when the item was cancelled, and the events.
-    Cancelled(Vec<TaskKey>, Vec<Event>),
+    /// The units that were running and lost their claim (a cancel, a
+    /// rerun), and the events.
+    Stopped(Vec<TaskKey>, Vec<Event>),
     /// The claims whose lease was lost.
     Lost(Vec<TaskKey>),
     /// What a migration did, and the events.
@@ -123,6 +133,11 @@ impl Op {
                 stage,
                 at: micros(at),
             },
+            Op::Rerun { item_id, stage, at } => Op::Rerun {
+                item_id,
+                stage,
+                at: micros(at),
+            },
             Op::Cancel { item_id, at } => Op::Cancel {
                 item_id,
                 at: micros(at),
@@ -150,10 +165,9 @@ impl Op {
             Op::Commit(c) => vec![&c.task.item_id],
             Op::Decide(d) => vec![&d.item_id],
             Op::Retry { item_id, .. }
+            | Op::Rerun { item_id, .. }
             | Op::Cancel { item_id, .. }
-            | Op::Migrate { item_id, .. } => {
-                vec![item_id]
-            }
+            | Op::Migrate { item_id, .. } => vec![item_id],
             Op::Renew { claims, .. } => claims.iter().map(|(k, _)| k.item_id.as_str()).collect(),
         }
     }
@@ -368,13 +382,21 @@ impl<'a> Batch<'a> {
                 .await?;
                 Ok(Answer::Events(self.events_since(start)))
             }
+            Op::Rerun { item_id, stage, at } => {
+                let running = self
+                    .run(item_id, |graph, record, source, fx| {
+                        rules::rerun(graph, record, stage, *at, source, fx)
+                    })
+                    .await?;
+                Ok(Answer::Stopped(running, self.events_since(start)))
+            }
             Op::Cancel { item_id, at } => {
                 let running = self
                     .run(item_id, |_, record, source, fx| {
                         rules::cancel(record, *at, source, fx)
                     })
                     .await?;
-                Ok(Answer::Cancelled(running, self.events_since(start)))
+                Ok(Answer::Stopped(running, self.events_since(start)))
             }
             Op::Renew { claims, until } => {
                 let mut lost = Vec::new();

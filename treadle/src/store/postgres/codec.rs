@@ -103,10 +103,10 @@ impl Loc {
 /// The columns of a unit (stage or subtask), in the order [`unit`] reads
 /// them from the start of a row.
 pub(super) const UNIT_COLUMNS: &str = "name, position, state, attempt, generation, started_at, \
-     finished_at, next_run_at, last_error, output, lease_owner, lease_expiry";
+     finished_at, next_run_at, last_error, output, lease_owner, lease_expiry, crashes";
 
 /// How many columns [`UNIT_COLUMNS`] names.
-pub(super) const UNIT_WIDTH: usize = 12;
+pub(super) const UNIT_WIDTH: usize = 13;
 
 /// Decodes the unit in the [`UNIT_WIDTH`] columns of `row` from column `at`.
 pub(super) fn unit(loc: &Loc, row: &Row, at: usize) -> Result<UnitRecord> {
@@ -129,6 +129,7 @@ pub(super) fn unit(loc: &Loc, row: &Row, at: usize) -> Result<UnitRecord> {
         last_error: loc.get(row, at + 8, "last_error")?,
         output: loc.json_opt(row, at + 9, "output")?,
         lease,
+        crashes: loc.count(row, at + 12, "crashes")?,
     })
 }
 

@@ -45,7 +45,8 @@ pub(super) enum Subtasks<'a> {
 }
 
 /// Decodes the stage row whose columns ([`UNIT_COLUMNS`], `waiting,
-/// review, fan_total, fan_open, fan_failed`) start at column `at`.
+/// review, fan_total, fan_open, fan_failed, edits_to_check`) start at
+/// column `at`.
 fn stage(loc: &Loc, row: &Row, at: usize) -> Result<StageRecord> {
     let unit = codec::unit(loc, row, at)?;
     let extra = at + UNIT_WIDTH;
@@ -64,6 +65,7 @@ fn stage(loc: &Loc, row: &Row, at: usize) -> Result<StageRecord> {
         waiting: loc.count(row, extra, "waiting")?,
         review: loc.json_opt(row, extra + 1, "review")?,
         fan_out,
+        edits_to_check: loc.get(row, extra + 5, "edits_to_check")?,
         unit,
     })
 }
@@ -111,11 +113,12 @@ pub(super) async fn items(db: Db<'_>, ids: &[String], lock: Lock) -> Result<Vec<
     // (a join in the locking statement would read them as of before the wait).
     let locked: Vec<&str> = loaded.iter().map(|l| l.record.id.as_str()).collect();
     let sql = format!(
-        "SELECT {UNIT_COLUMNS}, waiting, review, fan_total, fan_open, fan_failed, item_id
+        "SELECT {UNIT_COLUMNS}, waiting, review, fan_total, fan_open, fan_failed,
+            edits_to_check, item_id
          FROM stages WHERE item_id = ANY($1)"
     );
     for row in db.query(&sql, &[&locked]).await? {
-        let item: &str = row.get(UNIT_WIDTH + 5);
+        let item: &str = row.get(UNIT_WIDTH + 6);
         let name: &str = row.get(0);
         let loc = Loc::new("stages", format!("item={item}, stage={name}"));
         let stage = stage(&loc, &row, 0)?;

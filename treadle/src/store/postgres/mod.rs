@@ -302,13 +302,30 @@ impl Store for PostgresStore {
         }
     }
 
+    async fn rerun(
+        &self,
+        item_id: &str,
+        stage: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(Vec<TaskKey>, Vec<Event>)> {
+        let op = Op::Rerun {
+            item_id: item_id.to_owned(),
+            stage: stage.to_owned(),
+            at,
+        };
+        match self.writer.apply(op).await? {
+            Answer::Stopped(running, events) => Ok((running, events)),
+            other => Err(unexpected(other)),
+        }
+    }
+
     async fn cancel(&self, item_id: &str, at: DateTime<Utc>) -> Result<(Vec<TaskKey>, Vec<Event>)> {
         let op = Op::Cancel {
             item_id: item_id.to_owned(),
             at,
         };
         match self.writer.apply(op).await? {
-            Answer::Cancelled(running, events) => Ok((running, events)),
+            Answer::Stopped(running, events) => Ok((running, events)),
             other => Err(unexpected(other)),
         }
     }
@@ -328,6 +345,14 @@ impl Store for PostgresStore {
     async fn release_claims(&self, owner: &str, now: DateTime<Utc>) -> Result<u64> {
         let mut client = conn::get(&self.shared.pool).await?;
         lease::release(&mut client, owner, codec::micros(now)).await
+    }
+
+    async fn next_lease_expiry(&self) -> Result<Option<DateTime<Utc>>> {
+        self.read(read::next_lease_expiry).await
+    }
+
+    async fn lease_owners(&self) -> Result<Vec<String>> {
+        self.read(read::lease_owners).await
     }
 
     async fn migrate(

@@ -159,6 +159,34 @@ pub(super) async fn next_review_deadline(db: Db<'_>) -> Result<Option<DateTime<U
     Ok(row.get(0))
 }
 
+/// The earliest lease expiry of a running unit.
+pub(super) async fn next_lease_expiry(db: Db<'_>) -> Result<Option<DateTime<Utc>>> {
+    let row = db
+        .one(
+            "SELECT least(
+                (SELECT min(lease_expiry) FROM stages WHERE state = 'running'),
+                (SELECT min(lease_expiry) FROM subtasks WHERE state = 'running'))",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// The distinct owners of the leases of running units.
+pub(super) async fn lease_owners(db: Db<'_>) -> Result<Vec<String>> {
+    let rows = db
+        .query(
+            "SELECT lease_owner FROM stages
+             WHERE state = 'running' AND lease_expiry IS NOT NULL AND lease_owner IS NOT NULL
+             UNION
+             SELECT lease_owner FROM subtasks
+             WHERE state = 'running' AND lease_expiry IS NOT NULL AND lease_owner IS NOT NULL",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
 /// The earliest time a scheduled retry falls due.
 pub(super) async fn next_due(db: Db<'_>) -> Result<Option<DateTime<Utc>>> {
     let row = db.one("SELECT min(due) FROM scheduled", &[]).await?;

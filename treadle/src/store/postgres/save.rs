@@ -233,7 +233,8 @@ impl Changes {
             Vec::new(),
             Vec::new(),
         );
-        let (mut totals, mut open, mut failed) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut totals, mut open, mut failed, mut edits) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (id, stage) in &self.stages {
             let slot = &slots[id];
             let Some(position) = slot.record.stage_position(stage) else {
@@ -260,6 +261,7 @@ impl Changes {
             totals.push(fan.map(|f| int(f.total)));
             open.push(fan.map(|f| int(f.open)));
             failed.push(fan.map(|f| int(f.failed)));
+            edits.push(row.edits_to_check);
         }
         if items.is_empty() {
             return Ok(());
@@ -269,12 +271,12 @@ impl Changes {
             "INSERT INTO stages (name, position, state, attempt, generation, started_at,
                 finished_at, next_run_at, last_error, output, lease_owner, lease_expiry,
                 item_id, item_seq, waiting, review, review_requested_at, review_deadline,
-                fan_total, fan_open, fan_failed)
+                fan_total, fan_open, fan_failed, crashes, edits_to_check)
              SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[],
                 $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[],
                 $11::text[], $12::timestamptz[], $13::text[], $14::int8[], $15::int8[],
                 $16::text[], $17::timestamptz[], $18::timestamptz[], $19::int8[], $20::int8[],
-                $21::int8[])
+                $21::int8[], $22::int8[], $23::bool[])
              ON CONFLICT (item_id, name) DO UPDATE SET position = excluded.position,
                 state = excluded.state, attempt = excluded.attempt,
                 generation = excluded.generation, started_at = excluded.started_at,
@@ -284,7 +286,8 @@ impl Changes {
                 waiting = excluded.waiting, review = excluded.review,
                 review_requested_at = excluded.review_requested_at,
                 review_deadline = excluded.review_deadline, fan_total = excluded.fan_total,
-                fan_open = excluded.fan_open, fan_failed = excluded.fan_failed",
+                fan_open = excluded.fan_open, fan_failed = excluded.fan_failed,
+                crashes = excluded.crashes, edits_to_check = excluded.edits_to_check",
             &[
                 &u.name,
                 &u.position,
@@ -307,6 +310,8 @@ impl Changes {
                 &totals,
                 &open,
                 &failed,
+                &u.crashes,
+                &edits,
             ],
         )
         .await?;
@@ -335,16 +340,17 @@ impl Changes {
         db.execute(
             "INSERT INTO subtasks (name, position, state, attempt, generation, started_at,
                 finished_at, next_run_at, last_error, output, lease_owner, lease_expiry,
-                item_id, stage)
+                item_id, stage, crashes)
              SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[],
                 $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[],
-                $11::text[], $12::timestamptz[], $13::text[], $14::text[])
+                $11::text[], $12::timestamptz[], $13::text[], $14::text[], $15::int8[])
              ON CONFLICT (item_id, stage, position) DO UPDATE SET name = excluded.name,
                 state = excluded.state, attempt = excluded.attempt,
                 generation = excluded.generation, started_at = excluded.started_at,
                 finished_at = excluded.finished_at, next_run_at = excluded.next_run_at,
                 last_error = excluded.last_error, output = excluded.output,
-                lease_owner = excluded.lease_owner, lease_expiry = excluded.lease_expiry",
+                lease_owner = excluded.lease_owner, lease_expiry = excluded.lease_expiry,
+                crashes = excluded.crashes",
             &[
                 &u.name,
                 &u.position,
@@ -360,6 +366,7 @@ impl Changes {
                 &u.lease_expiry,
                 &items,
                 &stages,
+                &u.crashes,
             ],
         )
         .await?;
@@ -495,6 +502,7 @@ struct UnitColumns {
     position: Vec<i64>,
     state: Vec<&'static str>,
     attempt: Vec<i64>,
+    crashes: Vec<i64>,
     generation: Vec<i64>,
     started_at: Vec<Option<DateTime<Utc>>>,
     finished_at: Vec<Option<DateTime<Utc>>>,
@@ -511,6 +519,7 @@ impl UnitColumns {
         self.position.push(int(unit.position));
         self.state.push(unit.state.as_str());
         self.attempt.push(int(unit.attempt));
+        self.crashes.push(int(unit.crashes));
         self.generation.push(int(unit.generation));
         self.started_at.push(unit.started_at);
         self.finished_at.push(unit.finished_at);

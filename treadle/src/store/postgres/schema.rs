@@ -51,6 +51,7 @@ CREATE TABLE stages (
     position     bigint NOT NULL,
     state        text NOT NULL,
     attempt      bigint NOT NULL,
+    crashes      bigint NOT NULL,               -- attempts abandoned by a stopped worker
     generation   bigint NOT NULL,
     waiting      bigint NOT NULL,
     started_at   timestamptz,
@@ -66,6 +67,7 @@ CREATE TABLE stages (
     fan_total    bigint,                        -- NULL until the stage fans out
     fan_open     bigint,
     fan_failed   bigint,
+    edits_to_check boolean NOT NULL DEFAULT false,  -- CLI edits a worker must check
     PRIMARY KEY (item_id, name)
 ) WITH (fillfactor = 70, autovacuum_vacuum_scale_factor = 0.02,
         autovacuum_analyze_scale_factor = 0.02);
@@ -83,6 +85,7 @@ CREATE TABLE subtasks (
     name         text NOT NULL,
     state        text NOT NULL,
     attempt      bigint NOT NULL,
+    crashes      bigint NOT NULL,
     generation   bigint NOT NULL,
     started_at   timestamptz,
     finished_at  timestamptz,

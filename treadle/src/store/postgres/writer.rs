@@ -164,7 +164,7 @@ fn number(answers: &mut [Result<Answer>], logged: &[Event]) {
     let mut numbers = logged.iter().map(|e| e.seq);
     for answer in answers.iter_mut().flatten() {
         let events: &mut [Event] = match answer {
-            Answer::Events(events) | Answer::Cancelled(_, events) | Answer::Migrated(_, events) => {
+            Answer::Events(events) | Answer::Stopped(_, events) | Answer::Migrated(_, events) => {
                 events
             }
             Answer::Claimed(batch) => &mut batch.events,

@@ -87,6 +87,8 @@ struct Inner {
 struct Readers {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
+    /// Open the file read-only (a store from [`SqliteStore::open_read_only`]).
+    read_only: bool,
 }
 
 impl Readers {
@@ -94,10 +96,12 @@ impl Readers {
         if let Some(conn) = self.lock().pop() {
             return Ok(conn);
         }
-        let conn = Connection::open_with_flags(
-            &self.path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
+        let flags = if self.read_only {
+            schema::read_only_flags()
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        };
+        let conn = Connection::open_with_flags(&self.path, flags)?;
         schema::configure(&conn)?;
         conn.pragma_update(None, "query_only", true)?;
         Ok(conn)
@@ -118,7 +122,7 @@ impl Readers {
 
 impl SqliteStore {
     /// The schema version this build writes, kept in `PRAGMA user_version`.
-    pub const SCHEMA_VERSION: i64 = 2;
+    pub const SCHEMA_VERSION: i64 = 3;
 
     /// Opens (or creates) the database at `path`, applying any pending
     /// schema migrations.
@@ -130,17 +134,32 @@ impl SqliteStore {
         let path = path.as_ref().to_owned();
         blocking(move || {
             let conn = schema::open(Some(&path), schema::MIGRATIONS)?;
-            Self::start(conn, Some(path))
+            Self::start(conn, Some(path), false)
         })
         .await
     }
 
     /// A private database in memory, gone when the store is dropped.
     pub async fn open_in_memory() -> Result<Self> {
-        blocking(|| Self::start(schema::open(None, schema::MIGRATIONS)?, None)).await
+        blocking(|| Self::start(schema::open(None, schema::MIGRATIONS)?, None, false)).await
     }
 
-    fn start(conn: Connection, path: Option<PathBuf>) -> Result<Self> {
+    /// Opens the existing database at `path` for inspection only: it is
+    /// never created, migrated or locked, so reads answer at once while
+    /// workers write. Every transition fails with the store's read-only
+    /// error. The file must have this build's schema version:
+    /// [`Error::SchemaTooOld`] if an older treadle wrote it, besides the
+    /// errors of [`SqliteStore::open`].
+    pub async fn open_read_only(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_owned();
+        blocking(move || {
+            let conn = schema::open_read_only(&path, schema::MIGRATIONS)?;
+            Self::start(conn, Some(path), true)
+        })
+        .await
+    }
+
+    fn start(conn: Connection, path: Option<PathBuf>, read_only: bool) -> Result<Self> {
         let feed = broadcast::channel(EVENT_FEED_CAPACITY).0;
         let writer = Writer::start(conn, feed.clone())?;
         Ok(SqliteStore {
@@ -150,6 +169,7 @@ impl SqliteStore {
                 readers: path.map(|path| Readers {
                     path,
                     idle: Mutex::new(Vec::new()),
+                    read_only,
                 }),
                 writer,
             }),
@@ -278,6 +298,20 @@ impl Store for SqliteStore {
         self.write(move |tx| tx.renew(&claims, until)).await
     }
 
+    async fn rerun(
+        &self,
+        item_id: &str,
+        stage: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(Vec<TaskKey>, Vec<Event>)> {
+        let (item_id, stage) = (item_id.to_owned(), stage.to_owned());
+        self.write(move |tx| {
+            let running = tx.rerun(&item_id, &stage, at)?;
+            Ok((running, tx.events().to_vec()))
+        })
+        .await
+    }
+
     async fn cancel(&self, item_id: &str, at: DateTime<Utc>) -> Result<(Vec<TaskKey>, Vec<Event>)> {
         let item_id = item_id.to_owned();
         self.write(move |tx| {
@@ -302,6 +336,14 @@ impl Store for SqliteStore {
     async fn release_claims(&self, owner: &str, now: DateTime<Utc>) -> Result<u64> {
         let owner = owner.to_owned();
         self.write(move |tx| tx.release_claims(&owner, now)).await
+    }
+
+    async fn next_lease_expiry(&self) -> Result<Option<DateTime<Utc>>> {
+        self.read(read::next_lease_expiry).await
+    }
+
+    async fn lease_owners(&self) -> Result<Vec<String>> {
+        self.read(read::lease_owners).await
     }
 
     async fn migrate(

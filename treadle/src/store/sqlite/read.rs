@@ -40,6 +40,51 @@ pub(crate) fn next_due(conn: &Connection) -> Result<Option<DateTime<Utc>>> {
         .transpose()
 }
 
+/// The earliest expiry of a lease on a running stage or subtask (each
+/// query is served by its table's `*_leased` partial index).
+pub(crate) fn next_lease_expiry(conn: &Connection) -> Result<Option<DateTime<Utc>>> {
+    let stage = conn
+        .prepare_cached(
+            "SELECT item_id, stage, lease_expiry FROM stages
+             WHERE state = 'running' AND lease_expiry IS NOT NULL
+             ORDER BY lease_expiry LIMIT 1",
+        )?
+        .query_row([], |row| {
+            let (item_id, stage): (String, String) = (row.get(0)?, row.get(1)?);
+            Ok(Loc::stage(&item_id, &stage).time(row, 2, "lease_expiry"))
+        })
+        .optional()?
+        .transpose()?;
+    let subtask = conn
+        .prepare_cached(
+            "SELECT item_id, stage, name, lease_expiry FROM subtasks
+             WHERE state = 'running' AND lease_expiry IS NOT NULL
+             ORDER BY lease_expiry LIMIT 1",
+        )?
+        .query_row([], |row| {
+            let (item_id, stage, name): (String, String, String) =
+                (row.get(0)?, row.get(1)?, row.get(2)?);
+            Ok(Loc::subtask(&item_id, &stage, &name).time(row, 3, "lease_expiry"))
+        })
+        .optional()?
+        .transpose()?;
+    Ok(stage.into_iter().chain(subtask).min())
+}
+
+/// The distinct owners of the leases on running stages and subtasks.
+pub(crate) fn lease_owners(conn: &Connection) -> Result<Vec<String>> {
+    collect(
+        conn,
+        "SELECT lease_owner FROM stages
+         WHERE state = 'running' AND lease_expiry IS NOT NULL AND lease_owner IS NOT NULL
+         UNION
+         SELECT lease_owner FROM subtasks
+         WHERE state = 'running' AND lease_expiry IS NOT NULL AND lease_owner IS NOT NULL",
+        [],
+        |row| Ok(row.get(0)?),
+    )
+}
+
 pub(crate) fn stage_counts(conn: &Connection) -> Result<Vec<StageCount>> {
     let mut counts = collect(
         conn,

@@ -42,7 +42,8 @@ pub(crate) fn load_item(
                 s.finished_at, s.next_run_at, s.last_error, s.output, s.lease_owner,
                 s.lease_expiry, s.waiting, s.review_round, s.review_request,
                 s.review_requested_at, s.fan_total, s.fan_open, s.fan_failed,
-                i.seq, i.payload, i.submitted_at, i.cancelled, i.version
+                i.seq, i.payload, i.submitted_at, i.cancelled, i.version,
+                s.crashes, s.edits_to_check
          FROM items i JOIN stages s ON s.item_id = i.id
          WHERE i.id = ?1",
     )?;
@@ -132,6 +133,7 @@ fn stage_row(conn: &Connection, item_id: &str, row: &Row<'_>) -> Result<StageRec
         last_error: loc.get(row, 8, "last_error")?,
         output: loc.json_opt(row, 9, "output")?,
         lease: lease(&loc, row, 10)?,
+        crashes: loc.count(row, 24, "crashes")?,
         name: name.clone(),
     };
     let review = review(conn, &loc, row, 13, (item_id, &name))?;
@@ -146,11 +148,17 @@ fn stage_row(conn: &Connection, item_id: &str, row: &Row<'_>) -> Result<StageRec
             complete: total == 0,
         }),
     };
+    let edits_to_check = match loc.get::<i64>(row, 25, "edits_to_check")? {
+        0 => false,
+        1 => true,
+        n => return Err(loc.corrupt("edits_to_check", format!("{n} is not 0 or 1"))),
+    };
     Ok(StageRecord {
         unit,
         waiting: loc.count(row, 12, "waiting")?,
         review,
         fan_out,
+        edits_to_check,
     })
 }
 
@@ -203,7 +211,7 @@ pub(crate) fn subtask_rows(
 ) -> Result<Vec<UnitRecord>> {
     let mut statement = conn.prepare_cached(
         "SELECT name, position, state, attempt, generation, started_at, finished_at,
-                next_run_at, last_error, output, lease_owner, lease_expiry
+                next_run_at, last_error, output, lease_owner, lease_expiry, crashes
          FROM subtasks WHERE item_id = ?1 AND stage = ?2 AND (?3 IS NULL OR name = ?3)
          ORDER BY position",
     )?;
@@ -222,6 +230,7 @@ pub(crate) fn subtask_rows(
                 last_error: loc.get(row, 8, "last_error")?,
                 output: loc.json_opt(row, 9, "output")?,
                 lease: lease(&loc, row, 10)?,
+                crashes: loc.count(row, 12, "crashes")?,
                 name,
             })
         })())
@@ -343,11 +352,8 @@ pub(crate) fn save(
         .execute(params![record.id, name])?;
         conn.prepare_cached("DELETE FROM subtasks WHERE item_id = ?1 AND stage = ?2")?
             .execute(params![record.id, name])?;
-        let fan = record.stages[stage]
-            .fan_out
-            .as_ref()
-            .expect("a fanned-out stage has its subtasks");
-        for sub in &fan.rows {
+        // No fan-out: a rerun dropped the subtasks; a new fan-out makes them.
+        for sub in record.stages[stage].fan_out.iter().flat_map(|f| &f.rows) {
             conn.prepare_cached(
                 "INSERT INTO subtasks (item_id, stage, name, position, state)
                  VALUES (?1, ?2, ?3, ?4, 'pending')",
@@ -433,7 +439,7 @@ fn old_unit(before: &[StageRecord], unit: UnitRef) -> Option<(&StageRecord, &Uni
 type Column = (&'static str, rusqlite::types::Value);
 
 /// Every column `write_unit` may write, in the order it writes them.
-const UNIT_COLUMNS: [&str; 18] = [
+const UNIT_COLUMNS: [&str; 20] = [
     "state",
     "attempt",
     "generation",
@@ -444,6 +450,7 @@ const UNIT_COLUMNS: [&str; 18] = [
     "output",
     "lease_owner",
     "lease_expiry",
+    "crashes",
     "waiting",
     "review_round",
     "review_request",
@@ -452,6 +459,7 @@ const UNIT_COLUMNS: [&str; 18] = [
     "fan_total",
     "fan_open",
     "fan_failed",
+    "edits_to_check",
 ];
 
 std::thread_local! {
@@ -560,6 +568,9 @@ fn write_unit(
     set(lease_changed, "lease_expiry", &|| {
         Ok(text(row.lease.as_ref().map(|l| codec::time(l.expiry))))
     })?;
+    set(differs(&|o| o.crashes != row.crashes), "crashes", &|| {
+        Ok(Sql::Integer(row.crashes.into()))
+    })?;
     let (sql_table, keys) = match unit.subtask {
         None => {
             let old_stage = old.map(|(s, _)| s);
@@ -599,6 +610,11 @@ fn write_unit(
             set(fan_changed, "fan_failed", &|| {
                 Ok(int(fan.map(|f| f.2.into())))
             })?;
+            set(
+                stage_differs(&|o| o.edits_to_check != stage.edits_to_check),
+                "edits_to_check",
+                &|| Ok(Sql::Integer(stage.edits_to_check.into())),
+            )?;
             ("stages", vec![record.id.clone(), row.name.clone()])
         }
         Some(_) => (

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rusqlite::{Connection, ErrorCode, TransactionBehavior};
+use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
 
 use crate::error::{Error, Result};
 
@@ -38,7 +38,21 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         version: 2,
         sql: V2,
     },
+    Migration {
+        version: 3,
+        sql: V3,
+    },
 ];
+
+/// Version 3: per stage and subtask, the attempts of the current run that
+/// workers abandoned when they stopped mid-attempt (crash retries); per
+/// stage, whether approved edits wait for a worker's check.
+const V3: &str = r#"
+ALTER TABLE stages ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE subtasks ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE stages ADD COLUMN edits_to_check INTEGER NOT NULL DEFAULT 0
+    CHECK (edits_to_check IN (0, 1));
+"#;
 
 /// Version 1: items, stages, subtasks, attempts, reviews, the run queue,
 /// scheduled retries, the event log and the pipeline definition.
@@ -286,18 +300,73 @@ fn not_ours(name: &Path) -> Error {
     }
 }
 
+fn version_lost(name: &Path) -> Error {
+    Error::SchemaVersionLost {
+        location: name.display().to_string(),
+    }
+}
+
+/// Opens the existing database at `path` for reading only: nothing is
+/// written to the file and no lock is taken, so a reader never waits for a
+/// writer. The file must be a treadle database of exactly this build's
+/// schema version (only a writable open migrates).
+pub(crate) fn open_read_only(path: &Path, migrations: &[Migration]) -> Result<Connection> {
+    let supported = migrations.last().map_or(0, |m| m.version);
+    let checked = (|| {
+        let conn = Connection::open_with_flags(path, read_only_flags())?;
+        configure(&conn)?;
+        let application_id: i32 =
+            conn.pragma_query_value(None, "application_id", |row| row.get(0))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        if application_id != APPLICATION_ID {
+            return Err(not_ours(path));
+        }
+        match version {
+            0 => Err(version_lost(path)),
+            v if v > supported => Err(Error::SchemaTooNew {
+                found: v,
+                supported,
+            }),
+            v if v < supported => Err(Error::SchemaTooOld {
+                found: v,
+                supported,
+            }),
+            _ => Ok(conn),
+        }
+    })();
+    checked.map_err(|error| match error {
+        Error::Store { cause, .. } => {
+            let code = cause
+                .downcast_ref::<rusqlite::Error>()
+                .and_then(rusqlite::Error::sqlite_error_code);
+            if code == Some(ErrorCode::NotADatabase) {
+                not_ours(path)
+            } else {
+                Error::sqlite(format!("cannot open `{}` to read", path.display()), cause)
+            }
+        }
+        other => other,
+    })
+}
+
+/// How read-only connections open a database file: never creating it.
+pub(crate) fn read_only_flags() -> OpenFlags {
+    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+}
+
 fn migrate(conn: &mut Connection, migrations: &[Migration], name: &Path) -> Result<()> {
     let supported = migrations.last().map_or(0, |m| m.version);
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let application_id: i32 = tx.pragma_query_value(None, "application_id", |row| row.get(0))?;
     let version: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    let objects: i64 = tx.query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get(0))?;
     if application_id != APPLICATION_ID {
-        let objects: i64 =
-            tx.query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get(0))?;
         if application_id != 0 || version != 0 || objects != 0 {
             return Err(not_ours(name));
         }
         tx.pragma_update(None, "application_id", APPLICATION_ID)?;
+    } else if version == 0 && objects != 0 {
+        return Err(version_lost(name));
     }
     if version > supported {
         return Err(Error::SchemaTooNew {
@@ -387,6 +456,49 @@ mod tests {
             Err(Error::SchemaTooNew { found, supported }) => assert_eq!((found, supported), (2, 1)),
             other => panic!("expected SchemaTooNew, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_reset_schema_version_is_a_typed_error_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("reset.db");
+        drop(open(Some(&path), MIGRATIONS).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 0)
+            .unwrap();
+        match open(Some(&path), MIGRATIONS) {
+            Err(Error::SchemaVersionLost { location }) => {
+                assert_eq!(location, path.display().to_string())
+            }
+            other => panic!("expected SchemaVersionLost, got {other:?}"),
+        }
+        assert!(matches!(
+            open_read_only(&path, MIGRATIONS),
+            Err(Error::SchemaVersionLost { .. })
+        ));
+        assert_eq!(version(&Connection::open(&path).unwrap()), 0);
+    }
+
+    #[test]
+    fn a_read_only_open_checks_the_version_and_cannot_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ro.db");
+        assert!(
+            open_read_only(&path, MIGRATIONS).is_err(),
+            "a missing file is not created"
+        );
+        assert!(!path.exists());
+        drop(open(Some(&path), &[V1_FIXTURE]).unwrap());
+        match open_read_only(&path, &[V1_FIXTURE, V2_FIXTURE]) {
+            Err(Error::SchemaTooOld { found, supported }) => assert_eq!((found, supported), (1, 2)),
+            other => panic!("expected SchemaTooOld, got {other:?}"),
+        }
+        let conn = open_read_only(&path, &[V1_FIXTURE]).unwrap();
+        assert!(
+            conn.execute("INSERT INTO things (id) VALUES (1)", [])
+                .is_err()
+        );
     }
 
     #[test]

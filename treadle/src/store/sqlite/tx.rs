@@ -7,7 +7,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::codec::{self, Loc};
+use super::codec;
 use super::rows::{self, Loaded, Subtasks};
 use super::versions::{self, Versions};
 use crate::definition::{PipelineDef, PipelineDrift};
@@ -265,12 +265,8 @@ impl<'c> Tx<'c> {
         let Some(unit) = loaded.record.locate(key) else {
             return Ok(None);
         };
-        if !loaded.record.cancelled {
-            // Decoded strictly here, so a corrupt payload is the store's typed error.
-            serde_json::from_str::<serde::de::IgnoredAny>(&loaded.record.payload).map_err(|e| {
-                Loc::item(&key.item_id).corrupt("payload", format!("invalid JSON: {e}"))
-            })?;
-        }
+        // A payload that does not decode is not checked here: the attempt
+        // decodes it and fails this unit alone, naming the column.
         self.apply(loaded, |_, record, fx| {
             Ok(rules::claim(record, unit, request, fx))
         })
@@ -343,6 +339,19 @@ impl<'c> Tx<'c> {
             released += changed as u64;
         }
         Ok(released)
+    }
+
+    pub(crate) fn rerun(
+        &mut self,
+        item_id: &str,
+        stage: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<TaskKey>> {
+        let loaded = self.load(item_id, Subtasks::None)?;
+        let conn = self.conn;
+        self.apply(loaded, |graph, record, fx| {
+            rules::rerun(graph, record, stage, at, &mut SubtaskRows(conn), fx)
+        })
     }
 
     pub(crate) fn cancel(&mut self, item_id: &str, at: DateTime<Utc>) -> Result<Vec<TaskKey>> {

@@ -1,0 +1,229 @@
+//! One attempt of a claimed unit of work, from claim to settled end: decode
+//! the item, run the stage under its timeout, turn an `Err`, a timeout or a
+//! panic into a failed attempt, and settle the end by the stage's policy
+//! into the record and transition to commit. Nothing here writes to the
+//! store; the run loop ([`super::executor`]) commits what this returns.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use super::settle::{AttemptEnd, AttemptFacts, settle};
+use crate::context::{CancelSignal, StageContext};
+use crate::error::Error;
+use crate::item::WorkItem;
+use crate::outcome::StageOutcome;
+use crate::pipeline::Pipeline;
+use crate::stage::{Stage, StagePolicy};
+use crate::state::AttemptResult;
+use crate::status::AttemptRecord;
+use crate::store::{Claim, Transition};
+use crate::task::TaskKey;
+
+/// A claimed unit of work about to run: the claim, with its key shared
+/// between the attempt, its context and the engine's running-work registry.
+pub(super) struct Attempt {
+    pub(super) task: Arc<TaskKey>,
+    pub(super) attempt: u32,
+    pub(super) generation: u64,
+    started_at: DateTime<Utc>,
+    payload: Arc<str>,
+    outputs: BTreeMap<String, Value>,
+    /// The pipeline version the item moves on.
+    version: u32,
+    /// Attempts of this run that workers abandoned mid-attempt.
+    crashes: u32,
+    /// Why the unit fails without running: its crash retries are spent.
+    crash_retries_spent: Option<String>,
+    /// Approved edits to check instead of running the stage.
+    edits_to_check: Option<Value>,
+}
+
+impl From<Claim> for Attempt {
+    fn from(claim: Claim) -> Self {
+        Attempt {
+            task: Arc::new(claim.task),
+            attempt: claim.attempt,
+            generation: claim.generation,
+            started_at: claim.started_at,
+            payload: claim.payload,
+            outputs: claim.outputs,
+            version: claim.version,
+            crashes: claim.crashes,
+            crash_retries_spent: claim.crash_retries_spent,
+            edits_to_check: claim.edits_to_check,
+        }
+    }
+}
+
+/// An attempt that has ended, settled by its stage's policy: what to commit.
+pub(super) struct Settled {
+    /// The unit of work.
+    pub(super) task: TaskKey,
+    /// The generation of the claim the attempt ran under.
+    pub(super) generation: u64,
+    /// The record to append to the attempt history.
+    pub(super) record: AttemptRecord,
+    /// The unit's next state.
+    pub(super) transition: Transition,
+}
+
+/// What an attempt needs from the engine besides its claim.
+pub(super) struct AttemptSettings<'a, W: WorkItem> {
+    /// The pipeline whose stage runs.
+    pub(super) pipeline: &'a Pipeline<W>,
+    /// The timeout of a stage whose policy sets none.
+    pub(super) default_timeout: Option<Duration>,
+    /// Raised when the item is cancelled or the claim is lost.
+    pub(super) signal: CancelSignal,
+    /// Uniform in `[0, 1)`, for backoff jitter.
+    pub(super) random: f64,
+}
+
+impl Attempt {
+    /// Runs the attempt to its end and settles it. Never fails: whatever
+    /// the stage does (or a missing stage, or an undecodable item) becomes
+    /// the attempt's end.
+    pub(super) async fn run<W: WorkItem>(self, settings: AttemptSettings<'_, W>) -> Settled {
+        let stage = settings.pipeline.stage(&self.task.stage).cloned();
+        let policy = stage.as_ref().map_or(StagePolicy::DEFAULT, |s| s.policy());
+        let timeout = policy.timeout.or(settings.default_timeout);
+        let end = match stage {
+            None => AttemptEnd::Outcome(StageOutcome::failed(
+                Error::StageNotInBuild {
+                    stage: self.task.stage.clone(),
+                    version: self.version,
+                }
+                .to_string(),
+            )),
+            Some(_) if self.crash_retries_spent.is_some() => AttemptEnd::Outcome(
+                StageOutcome::failed(self.crash_retries_spent.unwrap_or_default()),
+            ),
+            // Edits approved where the output type is unknown (the CLI):
+            // checked here, by the stage that knows it.
+            Some(stage) if self.edits_to_check.is_some() => {
+                let edits = self.edits_to_check.unwrap_or_default();
+                match stage.check_output(&edits) {
+                    Ok(()) => AttemptEnd::Outcome(StageOutcome::Complete {
+                        output: Some(edits),
+                    }),
+                    Err(e) => AttemptEnd::EditsRefused {
+                        reason: format!(
+                            "the approved edits do not fit the output of stage `{}`: {}",
+                            self.task.stage,
+                            e.with_causes()
+                        ),
+                    },
+                }
+            }
+            Some(stage) => match serde_json::from_str::<W>(&self.payload) {
+                Ok(item) => {
+                    let mut ctx = StageContext::for_task(self.task.clone(), self.attempt)
+                        .with_outputs(self.outputs)
+                        .with_cancel_signal(settings.signal);
+                    run_guarded(stage.as_ref(), &item, &mut ctx, timeout).await
+                }
+                // A poisoned item fails alone; after the row is repaired,
+                // a retry runs it again.
+                Err(e) => AttemptEnd::Outcome(StageOutcome::failed(
+                    Error::Corrupt {
+                        location: format!("items(id={}).payload", self.task.item_id),
+                        detail: format!("cannot be decoded as the work item: {e}"),
+                    }
+                    .to_string(),
+                )),
+            },
+        };
+        if let AttemptEnd::Error { result, message } = &end {
+            tracing::warn!(%result, error = %message, "attempt failed");
+        }
+        let facts = AttemptFacts {
+            attempt: self.attempt,
+            crashes: self.crashes,
+            started_at: self.started_at,
+            finished_at: Utc::now(),
+            policy: &policy,
+            random: settings.random,
+        };
+        let (record, transition) = settle(end, &facts);
+        // Usually the last reference by now, so no copy is made.
+        let task = Arc::try_unwrap(self.task).unwrap_or_else(|shared| (*shared).clone());
+        Settled {
+            task,
+            generation: self.generation,
+            record,
+            transition,
+        }
+    }
+}
+
+/// Runs one attempt of `stage`, turning an `Err`, a timeout or a panic into
+/// a failed attempt.
+///
+/// A timeout can only stop a stage at an `.await`: a stage that blocks its
+/// thread (CPU work, blocking I/O) runs on past it, which is why such work
+/// belongs in `tokio::task::spawn_blocking`.
+async fn run_guarded<W: WorkItem>(
+    stage: &dyn Stage<W>,
+    item: &W,
+    ctx: &mut StageContext,
+    timeout: Option<Duration>,
+) -> AttemptEnd {
+    let run = CatchUnwind(stage.run(item, ctx));
+    let caught = match timeout {
+        None => run.await,
+        Some(limit) => match tokio::time::timeout(limit, run).await {
+            Ok(caught) => caught,
+            Err(_) => {
+                return AttemptEnd::Error {
+                    result: AttemptResult::TimedOut,
+                    message: format!("timed out after {limit:?}"),
+                };
+            }
+        },
+    };
+    match caught {
+        Ok(Ok(outcome)) => AttemptEnd::Outcome(outcome),
+        Ok(Err(error)) => AttemptEnd::Error {
+            result: AttemptResult::Error,
+            message: error.with_causes().to_string(),
+        },
+        Err(panic) => AttemptEnd::Error {
+            result: AttemptResult::Panicked,
+            message: format!("panicked: {}", panic_message(panic)),
+        },
+    }
+}
+
+/// Polls a future, catching a panic in it as an `Err` with the panic payload.
+struct CatchUnwind<F>(F);
+
+impl<F: Future + Unpin> Future for CatchUnwind<F> {
+    type Output = std::result::Result<F::Output, Box<dyn std::any::Any + Send>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| Pin::new(&mut *inner).poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(text) => *text,
+        Err(payload) => match payload.downcast::<&'static str>() {
+            Ok(text) => (*text).to_owned(),
+            Err(_) => "a non-string panic payload".to_owned(),
+        },
+    }
+}
