@@ -9,6 +9,7 @@ use std::str::FromStr;
 use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, SecondsFormat, Timelike, Utc};
 use rusqlite::Row;
 use rusqlite::types::FromSql;
+use rusqlite::types::ValueRef;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -98,6 +99,26 @@ impl<'a> Loc<'a> {
         })
     }
 
+    /// A text column, borrowed from the row (no copy); `None` for NULL.
+    fn text<'r>(&self, row: &'r Row<'_>, column: usize, name: &str) -> Result<Option<&'r str>> {
+        match row.get_ref(column)? {
+            ValueRef::Null => Ok(None),
+            ValueRef::Text(bytes) => std::str::from_utf8(bytes)
+                .map(Some)
+                .map_err(|e| self.corrupt(name, format!("invalid UTF-8: {e}"))),
+            other => Err(self.corrupt(
+                name,
+                format!("expected text, found {:?}", other.data_type()),
+            )),
+        }
+    }
+
+    /// A text column that must not be NULL, borrowed from the row.
+    fn text_required<'r>(&self, row: &'r Row<'_>, column: usize, name: &str) -> Result<&'r str> {
+        self.text(row, column, name)?
+            .ok_or_else(|| self.corrupt(name, "unexpected NULL"))
+    }
+
     /// A stored enum, decoded with its strict codec.
     pub(crate) fn parse<T: FromStr<Err = UnknownVariant>>(
         &self,
@@ -105,8 +126,8 @@ impl<'a> Loc<'a> {
         column: usize,
         name: &str,
     ) -> Result<T> {
-        let text: String = self.get(row, column, name)?;
-        text.parse()
+        self.text_required(row, column, name)?
+            .parse()
             .map_err(|e: UnknownVariant| self.corrupt(name, e))
     }
 
@@ -117,8 +138,8 @@ impl<'a> Loc<'a> {
         column: usize,
         name: &str,
     ) -> Result<T> {
-        let text: String = self.get(row, column, name)?;
-        serde_json::from_str(&text).map_err(|e| self.corrupt(name, format!("invalid JSON: {e}")))
+        let text = self.text_required(row, column, name)?;
+        serde_json::from_str(text).map_err(|e| self.corrupt(name, format!("invalid JSON: {e}")))
     }
 
     /// A nullable JSON column.
@@ -128,18 +149,18 @@ impl<'a> Loc<'a> {
         column: usize,
         name: &str,
     ) -> Result<Option<T>> {
-        let text: Option<String> = self.get(row, column, name)?;
-        text.map(|text| {
-            serde_json::from_str(&text)
-                .map_err(|e| self.corrupt(name, format!("invalid JSON: {e}")))
-        })
-        .transpose()
+        self.text(row, column, name)?
+            .map(|text| {
+                serde_json::from_str(text)
+                    .map_err(|e| self.corrupt(name, format!("invalid JSON: {e}")))
+            })
+            .transpose()
     }
 
     /// A timestamp column.
     pub(crate) fn time(&self, row: &Row<'_>, column: usize, name: &str) -> Result<DateTime<Utc>> {
-        let text: String = self.get(row, column, name)?;
-        decode_time(&text).map_err(|detail| self.corrupt(name, detail))
+        let text = self.text_required(row, column, name)?;
+        decode_time(text).map_err(|detail| self.corrupt(name, detail))
     }
 
     /// A nullable timestamp column.
@@ -149,8 +170,8 @@ impl<'a> Loc<'a> {
         column: usize,
         name: &str,
     ) -> Result<Option<DateTime<Utc>>> {
-        let text: Option<String> = self.get(row, column, name)?;
-        text.map(|text| decode_time(&text).map_err(|detail| self.corrupt(name, detail)))
+        self.text(row, column, name)?
+            .map(|text| decode_time(text).map_err(|detail| self.corrupt(name, detail)))
             .transpose()
     }
 

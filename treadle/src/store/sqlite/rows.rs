@@ -472,30 +472,33 @@ std::thread_local! {
 /// `UPDATE table SET c = ?n, ... WHERE <primary key>` for `names` (in
 /// [`UNIT_COLUMNS`] order) of `stages` or `subtasks`.
 fn update_sql(table: &'static str, names: &[&'static str]) -> std::rc::Rc<str> {
-    let mask = names.iter().fold(0u32, |mask, name| {
-        mask | UNIT_COLUMNS
+    let build = || -> std::rc::Rc<str> {
+        let keys = if table == "stages" { 2 } else { 3 };
+        let sets: Vec<String> = names
             .iter()
-            .position(|c| c == name)
-            .map_or(0, |i| 1 << i)
+            .enumerate()
+            .map(|(i, name)| format!("{name} = ?{}", keys + i + 1))
+            .collect();
+        let key = if table == "stages" {
+            "item_id = ?1 AND stage = ?2"
+        } else {
+            "item_id = ?1 AND stage = ?2 AND name = ?3"
+        };
+        format!("UPDATE {table} SET {} WHERE {key}", sets.join(", ")).into()
+    };
+    let mask = names.iter().try_fold(0u32, |mask, name| {
+        let bit = UNIT_COLUMNS.iter().position(|c| c == name)?;
+        Some(mask | 1 << bit)
     });
+    // A column missing from the list is written correctly, just uncached.
+    let Some(mask) = mask else {
+        return build();
+    };
     UPDATES.with(|cache| {
         cache
             .borrow_mut()
             .entry((table, mask))
-            .or_insert_with(|| {
-                let keys = if table == "stages" { 2 } else { 3 };
-                let sets: Vec<String> = names
-                    .iter()
-                    .enumerate()
-                    .map(|(i, name)| format!("{name} = ?{}", keys + i + 1))
-                    .collect();
-                let key = if table == "stages" {
-                    "item_id = ?1 AND stage = ?2"
-                } else {
-                    "item_id = ?1 AND stage = ?2 AND name = ?3"
-                };
-                format!("UPDATE {table} SET {} WHERE {key}", sets.join(", ")).into()
-            })
+            .or_insert_with(build)
             .clone()
     })
 }
