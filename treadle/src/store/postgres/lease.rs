@@ -41,7 +41,7 @@ pub(super) async fn release(
                 &format!(
                     "UPDATE {table} SET lease_expiry = $2
                      WHERE item_id = ANY($3) AND state = 'running' AND lease_owner = $1
-                       AND lease_expiry > $2"
+                       AND lease_expiry IS NOT NULL"
                 ),
                 &[&owner, &now, &ids],
             )
