@@ -2,7 +2,12 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- --workload linear --store sqlite --items 20000
+//! cargo run --release --example bench -- --workload linear --store postgres --items 20000
 //! ```
+//!
+//! `--store postgres` runs on the server at `--pg-url URL` (default:
+//! `TREADLE_PG_URL`, else `postgres://postgres@127.0.0.1:5432/test`), in a
+//! schema of its own that is dropped at the end.
 //!
 //! Flags: `--concurrency N` (`EngineConfig::max_concurrency`; by default
 //! what the store suggests, as `Engine::new` uses: 256 in memory, 512 on
@@ -50,7 +55,7 @@ use treadle::prelude::*;
 #[path = "peer.rs"]
 mod peer;
 use treadle::store::Store;
-use treadle::{Decision, EngineConfig};
+use treadle::{Decision, EngineConfig, PostgresOptions, PostgresStore};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Record {
@@ -190,6 +195,8 @@ struct Args {
     stage_sleep_ms: u64,
     /// Also run treadle 0.2.0 on the same items.
     peer: bool,
+    /// The PostgreSQL server, for `--store postgres`.
+    pg_url: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -202,6 +209,7 @@ fn parse_args() -> Result<Args, String> {
         subtasks: 8,
         stage_sleep_ms: 0,
         peer: false,
+        pg_url: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -218,9 +226,10 @@ fn parse_args() -> Result<Args, String> {
                 }
             }
             "--store" => match value.as_str() {
-                "memory" | "sqlite" => args.store = value,
-                other => return Err(format!("unknown store `{other}` (memory|sqlite)")),
+                "memory" | "sqlite" | "postgres" => args.store = value,
+                other => return Err(format!("unknown store `{other}` (memory|sqlite|postgres)")),
             },
+            "--pg-url" => args.pg_url = Some(value),
             "--items" => args.items = value.parse().map_err(|e| format!("--items {value}: {e}"))?,
             "--runtime" => match value.as_str() {
                 "current" => args.multi_thread = false,
@@ -455,9 +464,9 @@ async fn bench<S: Store>(
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args().map_err(|e| {
         format!(
-            "{e}\nusage: bench --workload linear|fanout|review --store memory|sqlite --items N \
-             [--concurrency N] [--runtime current|multi] [--subtasks N] \
-             [--stage-sleep-ms N] [--peer treadle-0.2]"
+            "{e}\nusage: bench --workload linear|fanout|review --store memory|sqlite|postgres \
+             --items N [--concurrency N] [--runtime current|multi] [--subtasks N] \
+             [--stage-sleep-ms N] [--peer treadle-0.2] [--pg-url URL]"
         )
     })?;
     let mut runtime = if args.multi_thread {
@@ -474,6 +483,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 async fn pass(args: &Args, sleep_ms: u64) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
     Ok(match args.store.as_str() {
         "memory" => bench(args, MemoryStore::new(), sleep_ms).await?,
+        "postgres" => {
+            let url = args.pg_url.clone().unwrap_or_else(|| {
+                std::env::var("TREADLE_PG_URL")
+                    .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+            });
+            let schema = format!("treadle_bench_{}_{sleep_ms}", std::process::id());
+            let options = PostgresOptions::new(url)
+                .schema(schema)
+                .application_name("bench");
+            let store = PostgresStore::open(options).await?;
+            let line = bench(args, store.clone(), sleep_ms).await;
+            store.drop_schema().await?;
+            line?
+        }
         _ => {
             // A file in a temporary directory, with the store's durable defaults.
             let dir = tempfile::tempdir()?;

@@ -1,18 +1,21 @@
-//! A worker process for the crash-recovery tests: runs a pipeline on a
-//! SQLite file and prints every committed event as a JSON line on stdout,
-//! so a test can kill it with SIGKILL at any moment and then check that
-//! everything it printed (and so everything committed) survived.
+//! A worker process for the crash-recovery and multi-process tests: runs a
+//! pipeline on a SQLite file (or, with the `postgres` feature, a
+//! `postgres://` URL and `--schema NAME`) and prints every event of its
+//! store's live feed as a JSON line on stdout, so a test can kill it with
+//! SIGKILL at any moment and then check that everything it printed (and so
+//! everything committed) survived.
 //!
 //! ```text
-//! crash-worker --db PATH --items N [--worker-id ID] [--lease-ms MS] [--stage-ms MS] [--prefix P]
-//!              [--retries N] [--crash-limit N] [--crash-backoff-ms MS]
+//! crash-worker --db PATH|URL --items N [--worker-id ID] [--lease-ms MS] [--stage-ms MS]
+//!              [--prefix P] [--retries N] [--crash-limit N] [--crash-backoff-ms MS]
+//!              [--schema NAME] [--concurrency N]
 //! ```
 
 use std::io::Write;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use treadle::store::SqliteStore;
+use treadle::store::{SqliteStore, Store};
 use treadle::{
     Backoff, CrashRetries, Engine, EngineConfig, Pipeline, Stage, StageContext, StageOutcome,
     StagePolicy, WorkItem,
@@ -65,6 +68,8 @@ struct Args {
     stage_delay: Duration,
     retries: u32,
     crash_retries: CrashRetries,
+    schema: String,
+    concurrency: usize,
 }
 
 fn parse() -> Args {
@@ -77,6 +82,8 @@ fn parse() -> Args {
         stage_delay: Duration::from_millis(2),
         retries: 50,
         crash_retries: CrashRetries::DEFAULT,
+        schema: "treadle".into(),
+        concurrency: 8,
     };
     let mut it = std::env::args().skip(1);
     while let (Some(flag), Some(value)) = (it.next(), it.next()) {
@@ -84,6 +91,8 @@ fn parse() -> Args {
             "--db" => args.db = value,
             "--items" => args.items = value.parse().expect("--items N"),
             "--prefix" => args.prefix = value,
+            "--schema" => args.schema = value,
+            "--concurrency" => args.concurrency = value.parse().expect("--concurrency N"),
             "--worker-id" => args.worker_id = value,
             "--lease-ms" => {
                 args.lease = Duration::from_millis(value.parse().expect("--lease-ms MS"))
@@ -121,14 +130,33 @@ async fn main() -> treadle::Result<()> {
         .edge("enrich", "store")
         .build()?;
     let config = EngineConfig {
-        max_concurrency: 8,
+        max_concurrency: args.concurrency,
         lease: args.lease,
         worker_id: args.worker_id.clone(),
         idle_poll: Duration::from_millis(20),
         crash_retries: args.crash_retries,
         ..EngineConfig::default()
     };
-    let engine = Engine::with_config(pipeline, SqliteStore::open(&args.db).await?, config);
+    #[cfg(feature = "postgres")]
+    if args.db.starts_with("postgres://") {
+        let options = treadle::PostgresOptions::new(&args.db)
+            .schema(&args.schema)
+            .application_name(&args.worker_id);
+        let store = treadle::PostgresStore::open(options).await?;
+        return work(&args, pipeline, store, config).await;
+    }
+    let store = SqliteStore::open(&args.db).await?;
+    work(&args, pipeline, store, config).await
+}
+
+/// Submits the items and runs the pipeline until idle, printing the feed.
+async fn work<S: Store>(
+    args: &Args,
+    pipeline: Pipeline<Job>,
+    store: S,
+    config: EngineConfig,
+) -> treadle::Result<()> {
+    let engine = Engine::with_config(pipeline, store, config);
     let mut feed = engine.subscribe();
     let printer = tokio::spawn(async move {
         while let Ok(event) = feed.recv().await {

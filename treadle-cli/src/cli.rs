@@ -23,14 +23,19 @@ On any error, one line on stderr says what was wrong, and nothing is changed.";
 
 /// Inspect a treadle database and act on its work items.
 ///
-/// Works on the SQLite database that treadle engines share; other processes
-/// may be running the pipeline at the same time.
+/// Works on the SQLite database or PostgreSQL schema that treadle engines
+/// share; other processes may be running the pipeline at the same time.
 #[derive(Debug, Parser)]
 #[command(name = "treadle", version, after_help = EXIT_CODES)]
 pub struct Cli {
-    /// The treadle SQLite database (required; never created: it must exist).
-    #[arg(long, global = true, value_name = "PATH")]
+    /// The treadle database (required; never created: it must exist): a
+    /// SQLite file, or a PostgreSQL server as `postgres://user@host/database`.
+    #[arg(long, global = true, value_name = "PATH|URL")]
     pub db: Option<PathBuf>,
+
+    /// The PostgreSQL schema the workers use (with a `postgres://` `--db`).
+    #[arg(long, global = true, value_name = "NAME", default_value = "treadle")]
+    pub schema: String,
 
     /// Print one JSON document on stdout instead of text (`events --follow`
     /// prints one JSON event per line).

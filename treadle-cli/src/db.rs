@@ -16,7 +16,7 @@
 use std::io::Read;
 use std::path::Path;
 
-use treadle::store::SqliteStore;
+use treadle::store::{PostgresOptions, PostgresStore, SqliteStore};
 
 use crate::error::CliError;
 
@@ -28,6 +28,23 @@ const APPLICATION_ID_OFFSET: usize = 68;
 
 /// The application id treadle stamps on its databases (`"TRDL"`).
 const TREADLE_APPLICATION_ID: u32 = u32::from_be_bytes(*b"TRDL");
+
+/// The PostgreSQL server `db` names, if it is a `postgres://` or
+/// `postgresql://` URL rather than a file.
+pub fn postgres_url(db: &Path) -> Option<&str> {
+    db.to_str()
+        .filter(|s| s.starts_with("postgres://") || s.starts_with("postgresql://"))
+}
+
+/// Opens schema `schema` on the server at `url`; a schema that no worker
+/// has set up is refused, not created.
+pub async fn open_postgres(url: &str, schema: &str) -> Result<PostgresStore, CliError> {
+    let options = PostgresOptions::new(url)
+        .schema(schema)
+        .application_name("treadle-cli")
+        .existing_only();
+    Ok(PostgresStore::open(options).await?)
+}
 
 /// Checks that `path` is an existing treadle database, then opens it for
 /// the commands that change something.
@@ -84,6 +101,17 @@ pub fn check(path: &Path) -> Result<(), CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn postgres_urls_are_told_from_paths() {
+        assert_eq!(
+            postgres_url(Path::new("postgres://me@db/test")),
+            Some("postgres://me@db/test")
+        );
+        assert!(postgres_url(Path::new("postgresql://db")).is_some());
+        assert_eq!(postgres_url(Path::new("postgres.db")), None);
+        assert_eq!(postgres_url(Path::new("./postgres://x")), None);
+    }
 
     #[test]
     fn a_missing_file_is_reported_and_not_created() {

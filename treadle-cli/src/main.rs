@@ -1,5 +1,7 @@
-//! `treadle`: inspect a treadle SQLite database and act on its work items,
-//! while engines in other processes keep running the pipeline.
+//! `treadle`: inspect a treadle database and act on its work items, while
+//! engines in other processes (on other machines, with PostgreSQL) keep
+//! running the pipeline. `--db` is a SQLite file or a `postgres://` URL
+//! (with `--schema NAME`, default `treadle`).
 //!
 //! ```text
 //! treadle --db PATH status [ITEM]                  counts per stage and state, or one item in full
@@ -17,10 +19,11 @@
 //!
 //! `--json` prints one JSON document on stdout instead of text (with
 //! `events --follow`, one JSON event per line). Read commands (`status`,
-//! `items`, `review list`, `events`, `graph`) open the database read-only
-//! and take no lock, so they answer at once while workers write. The
-//! database is never created: a path that does not exist, or a file that is not a treadle
-//! database, is an error.
+//! `items`, `review list`, `events`, `graph`) open a SQLite database
+//! read-only and take no lock, so they answer at once while workers write.
+//! The database is never created: a path that does not exist, a file that
+//! is not a treadle database, or a PostgreSQL schema no worker has set up,
+//! is an error.
 //!
 //! # Exit codes
 //!
@@ -69,11 +72,6 @@ fn main() -> ExitCode {
 /// Opens the database and runs the command on it.
 async fn run(cli: Cli) -> Result<(), CliError> {
     let path = cli.db.ok_or(CliError::NoDatabaseGiven)?;
-    let store = if cli.command.only_reads() {
-        db::open_read_only(&path).await?
-    } else {
-        db::open(&path).await?
-    };
     let stdout = std::io::stdout();
     let ctrl_c = async {
         // If the handler cannot be installed, Ctrl-C still ends the process.
@@ -81,7 +79,21 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             std::future::pending::<()>().await;
         }
     };
-    commands::run(&store, cli.command, cli.json, &mut stdout.lock(), ctrl_c).await
+    let out = &mut stdout.lock();
+    match db::postgres_url(&path) {
+        Some(url) => {
+            let store = db::open_postgres(url, &cli.schema).await?;
+            commands::run(&store, cli.command, cli.json, out, ctrl_c).await
+        }
+        None => {
+            let store = if cli.command.only_reads() {
+                db::open_read_only(&path).await?
+            } else {
+                db::open(&path).await?
+            };
+            commands::run(&store, cli.command, cli.json, out, ctrl_c).await
+        }
+    }
 }
 
 /// Prints `error` on one line of stderr and returns its exit code.

@@ -244,6 +244,16 @@ pub enum Error {
     /// The store was shut down; its background writer is gone.
     #[error("the store is closed")]
     StoreClosed,
+
+    /// The PostgreSQL store's settings are invalid: the URL or the schema name.
+    #[cfg(feature = "postgres")]
+    #[error("invalid PostgreSQL store setting {setting}: {detail}")]
+    PostgresConfig {
+        /// Which setting.
+        setting: &'static str,
+        /// What is wrong with it.
+        detail: String,
+    },
 }
 
 impl Error {
@@ -268,6 +278,20 @@ impl Error {
             backend: "SQLite",
             context: context.into(),
             cause,
+        }
+    }
+
+    /// A failure of the PostgreSQL server, or of the connection to it,
+    /// while the store was doing `context`.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn postgres(
+        context: impl Into<String>,
+        cause: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::Store {
+            backend: "PostgreSQL",
+            context: context.into(),
+            cause: std::sync::Arc::new(cause),
         }
     }
 
@@ -303,6 +327,13 @@ impl std::fmt::Display for WithCauses<'_> {
 impl From<rusqlite::Error> for Error {
     fn from(error: rusqlite::Error) -> Self {
         Error::sqlite("a database operation failed", std::sync::Arc::new(error))
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl From<tokio_postgres::Error> for Error {
+    fn from(error: tokio_postgres::Error) -> Self {
+        Error::postgres("a database operation failed", error)
     }
 }
 

@@ -51,6 +51,8 @@ pub use status::{AttemptRecord, AwaitingReview, ItemStatus, StageStatus, Subtask
 #[cfg(feature = "sqlite")]
 pub use store::SqliteStore;
 pub use store::{MemoryStore, Store};
+#[cfg(feature = "postgres")]
+pub use store::{PostgresOptions, PostgresStore};
 #[cfg(feature = "macros")]
 pub use treadle_macros::{pipeline, stage};
 

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use tokio::sync::broadcast;
 use tokio::task::JoinSet;
 use tokio::time::{Interval, MissedTickBehavior};
 use tracing::Instrument;
@@ -29,6 +30,7 @@ use super::retention::Retention;
 use super::{Engine, RunningWork};
 use crate::context::CancelSignal;
 use crate::error::{Error, Result};
+use crate::event::Event;
 use crate::item::WorkItem;
 use crate::review::Decision;
 use crate::review::{DEADLINE_REVIEWER, DeadlineAction};
@@ -117,6 +119,9 @@ struct RunLoop<'e, W: WorkItem, S: Store, F> {
     renewal: Interval,
     /// When a long-running worker with retention prunes next.
     retention: Option<Retention>,
+    /// For `run`: the store's feed. Any commit, by this process or another
+    /// sharing the store, may have made work runnable and wakes a nap.
+    commits: Option<broadcast::Receiver<Event>>,
     report: RunReport,
 }
 
@@ -139,6 +144,7 @@ impl<'e, W: WorkItem, S: Store, F: Future<Output = ()>> RunLoop<'e, W, S, F> {
             refill: (capacity / 8).max(1),
             renewal,
             retention: Retention::schedule(mode == Mode::UntilShutdown, config.retention),
+            commits: (mode == Mode::UntilShutdown).then(|| engine.shared.store.subscribe()),
             report: RunReport::default(),
         }
     }
@@ -211,8 +217,9 @@ impl<'e, W: WorkItem, S: Store, F: Future<Output = ()>> RunLoop<'e, W, S, F> {
             batch = async { claiming.as_mut().expect("guarded").0.as_mut().await }, if claiming.is_some() => {
                 let (_, asked) = claiming.take().expect("guarded");
                 let batch = batch?;
-                // A full batch means more may be runnable right away.
-                *claim_wanted = batch.claims.len() == asked;
+                // A full batch means more may be runnable right away; so
+                // may work committed while the claim was in flight.
+                *claim_wanted |= batch.claims.len() == asked;
                 engine.start(tasks, batch.claims);
             }
             Some(joined) = tasks.join_next() => {
@@ -278,9 +285,22 @@ impl<'e, W: WorkItem, S: Store, F: Future<Output = ()>> RunLoop<'e, W, S, F> {
         tokio::select! {
             () = self.shutdown.as_mut(), if !self.stopping => self.stopping = true,
             () = self.engine.shared.wake.notified() => {}
+            () = next_commit(&mut self.commits) => {}
             () = tokio::time::sleep(nap) => {}
         }
     }
+}
+
+/// Waits until `feed` carries another committed event (or reports that
+/// it fell behind); never, once there is no feed.
+async fn next_commit(feed: &mut Option<broadcast::Receiver<Event>>) {
+    if let Some(receiver) = feed {
+        match receiver.recv().await {
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => return,
+            Err(broadcast::error::RecvError::Closed) => *feed = None,
+        }
+    }
+    std::future::pending().await
 }
 
 impl<W: WorkItem, S: Store> Engine<W, S> {

@@ -48,8 +48,10 @@ pub struct EngineConfig {
     /// [`LeaseOwner`]) as the owner of its claims. A worker starting with
     /// the id of an earlier one takes that one's claims over at once.
     pub worker_id: String,
-    /// How often an idle `run` looks for work committed by other processes,
-    /// and how often `run_until_idle` looks again at work another worker runs.
+    /// How often an idle `run` looks for work committed by other processes
+    /// (a store whose feed carries other processes' commits, PostgreSQL,
+    /// wakes it at once), and how often `run_until_idle` looks again at
+    /// work another worker runs.
     pub idle_poll: Duration,
     /// The longest an attempt of a stage that sets no timeout of its own may
     /// run before it counts as failed (timed out). Default: 10 minutes;

@@ -40,6 +40,8 @@ use serde_json::Value;
 pub use claim::claim;
 pub use commit::commit;
 pub use decide::decide;
+#[cfg(feature = "postgres")]
+pub(crate) use effects::load_all_subtasks;
 pub use effects::{AllLoaded, Effects, NewEvent, SubtaskSource};
 pub use graph::VersionGraph;
 pub use operator::{MigrateOutcome, cancel, migrate, renew, rerun, retry};

@@ -26,11 +26,15 @@ use crate::status::{AwaitingReview, ItemStatus};
 pub use crate::task::TaskKey;
 
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod retention;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresOptions, PostgresStore};
 pub use retention::{Pruned, cutoff, prune_all};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
