@@ -128,19 +128,7 @@ pub fn rerun(
         if item.stages[reset].fan_out.is_some() {
             load_all_subtasks(item, reset, subtasks)?;
         }
-        let here = UnitRef::stage(reset);
-        let row = &item.stages[reset];
-        if row.unit.state == StageState::Running && row.fan_out.is_none() {
-            running.push(item.key(here));
-        }
-        for sub in row.fan_out.iter().flat_map(|f| &f.rows) {
-            if sub.state == StageState::Running {
-                running.push(item.key(UnitRef {
-                    subtask: Some(sub.position),
-                    ..here
-                }));
-            }
-        }
+        running.extend(running_units(item, reset));
         let unit = &mut item.stages[reset].unit;
         let was_running = unit.state == StageState::Running;
         set_state(unit, StageState::Pending);
@@ -158,7 +146,7 @@ pub fn rerun(
             fx.fanned_out.push(reset);
         }
         item.stages[reset].edits_to_check = false;
-        fx.changed.push(here);
+        fx.changed.push(UnitRef::stage(reset));
     }
     for &reset in std::iter::once(&position).chain(&downstream) {
         let waiting = (0..item.stages.len())
@@ -200,19 +188,8 @@ pub fn cancel(
         if item.stages[position].fan_out.is_some() {
             load_all_subtasks(item, position, subtasks)?;
         }
+        running.extend(running_units(item, position));
         let here = UnitRef::stage(position);
-        let row = &item.stages[position];
-        if row.unit.state == StageState::Running && row.fan_out.is_none() {
-            running.push(item.key(here));
-        }
-        for sub in row.fan_out.iter().flat_map(|f| &f.rows) {
-            if sub.state == StageState::Running {
-                running.push(item.key(UnitRef {
-                    subtask: Some(sub.position),
-                    ..here
-                }));
-            }
-        }
         let row = &mut item.stages[position];
         if row.unit.state.is_terminal() {
             continue;
@@ -341,4 +318,24 @@ pub fn migrate(
         fx.event(at, None, EventKind::ItemCompleted);
     }
     MigrateOutcome::Moved
+}
+
+/// The keys of the units of stage `position` a worker is running: the stage
+/// itself, or its running subtasks (every subtask row must be loaded).
+fn running_units(item: &ItemRecord, position: usize) -> Vec<TaskKey> {
+    let here = UnitRef::stage(position);
+    let row = &item.stages[position];
+    let mut running = Vec::new();
+    if row.unit.state == StageState::Running && row.fan_out.is_none() {
+        running.push(item.key(here));
+    }
+    for sub in row.fan_out.iter().flat_map(|f| &f.rows) {
+        if sub.state == StageState::Running {
+            running.push(item.key(UnitRef {
+                subtask: Some(sub.position),
+                ..here
+            }));
+        }
+    }
+    running
 }

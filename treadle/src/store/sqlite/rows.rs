@@ -348,12 +348,14 @@ pub(crate) fn attempts(
     Ok(out)
 }
 
-/// Inserts the stage rows of a new item.
+/// Inserts the stage rows of an item that it does not have yet (all of
+/// them for a new item); a row it has keeps its columns but its position.
 pub(crate) fn insert_stages(conn: &Connection, seq: i64, record: &ItemRecord) -> Result<()> {
     for stage in &record.stages {
         conn.prepare_cached(
             "INSERT INTO stages (item_id, stage, item_seq, position, state, waiting)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (item_id, stage) DO UPDATE SET position = excluded.position",
         )?
         .execute(params![
             record.id,
@@ -735,20 +737,5 @@ fn restructure(
                 .execute(params![record.id, name])?;
         }
     }
-    for stage in &record.stages {
-        conn.prepare_cached(
-            "INSERT INTO stages (item_id, stage, item_seq, position, state, waiting)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (item_id, stage) DO UPDATE SET position = excluded.position",
-        )?
-        .execute(params![
-            record.id,
-            stage.unit.name,
-            seq,
-            stage.unit.position,
-            stage.unit.state.as_str(),
-            stage.waiting
-        ])?;
-    }
-    Ok(())
+    insert_stages(conn, seq, record)
 }
