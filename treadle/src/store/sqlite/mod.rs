@@ -18,6 +18,11 @@
 //!   loss), `foreign_keys = ON` and a busy timeout so several processes can
 //!   share it. Claims take a lease (owner, expiry) and bump a fencing
 //!   generation that every write for the claim must match.
+//! - Statements are prepared once and reused from the connection's cache.
+//!   A parameter SQLite would plan against (one compared with a partial
+//!   index's condition, or a `LIMIT`) is written `+?N`: SQLite then plans
+//!   without its value, instead of compiling the statement again on every
+//!   reuse (a unit test holds every statement to this).
 //! - Stored values are decoded strictly: an unknown state, malformed JSON or
 //!   a missing row is [`Error::Corrupt`] naming the table, key and column.
 //!

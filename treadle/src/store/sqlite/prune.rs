@@ -31,13 +31,13 @@ pub(crate) fn candidates(
 ) -> Result<Vec<String>> {
     let mut statement = conn.prepare_cached(
         "SELECT id FROM items i
-         WHERE submitted_at < ?1
+         WHERE submitted_at < +?1
            AND NOT EXISTS (
                SELECT 1 FROM stages s WHERE s.item_id = i.id AND (
                    s.state IN ('running', 'retry_scheduled', 'awaiting_review')
                    OR (s.state = 'pending' AND s.waiting = 0 AND i.cancelled = 0)
-                   OR s.started_at >= ?1 OR s.finished_at >= ?1))
-         ORDER BY submitted_at, seq LIMIT ?2",
+                   OR s.started_at >= +?1 OR s.finished_at >= +?1))
+         ORDER BY submitted_at, seq LIMIT +?2",
     )?;
     let ids = statement
         .query_map(params![codec::time(cutoff), batch], |row| row.get(0))?
@@ -60,7 +60,7 @@ pub(crate) fn remove(conn: &Connection, ids: &[String], cutoff: DateTime<Utc>) -
             continue;
         }
         let last: Option<u64> = conn
-            .prepare_cached("SELECT max(seq) FROM events WHERE item_id = ?1")?
+            .prepare_cached("SELECT max(seq) FROM events WHERE item_id = +?1")?
             .query_row([id], |row| row.get(0))?;
         through = through.max(last.unwrap_or(0));
         let events = conn

@@ -107,7 +107,7 @@ pub(crate) fn stage_counts(conn: &Connection) -> Result<Vec<StageCount>> {
 pub(crate) fn items_in(conn: &Connection, stage: &str, state: StageState) -> Result<Vec<String>> {
     collect(
         conn,
-        "SELECT item_id FROM stages WHERE stage = ?1 AND state = ?2 ORDER BY item_seq",
+        "SELECT item_id FROM stages WHERE stage = +?1 AND state = +?2 ORDER BY item_seq",
         params![stage, state.as_str()],
         |row| Ok(row.get(0)?),
     )
@@ -200,14 +200,14 @@ pub(crate) fn events(conn: &Connection, query: &EventQuery) -> Result<Vec<Event>
         None => collect(
             conn,
             "SELECT seq, at, item_id, stage, subtask, kind FROM events
-             WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+             WHERE seq > +?1 ORDER BY seq LIMIT +?2",
             params![query.after, limit],
             decode,
         ),
         Some(item_id) => collect(
             conn,
             "SELECT seq, at, item_id, stage, subtask, kind FROM events
-             WHERE item_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+             WHERE item_id = +?1 AND seq > +?2 ORDER BY seq LIMIT +?3",
             params![item_id, query.after, limit],
             decode,
         ),
@@ -243,7 +243,7 @@ pub(crate) fn drift(
         let items: u64 = conn
             .prepare_cached(
                 "SELECT count(*) FROM items i
-                 WHERE version = ?1 AND cancelled = 0
+                 WHERE version = +?1 AND cancelled = 0
                    AND EXISTS (SELECT 1 FROM stages s WHERE s.item_id = i.id
                                AND s.state NOT IN ('completed', 'skipped'))",
             )?

@@ -57,7 +57,7 @@ pub(crate) fn load_item(
                 i.seq, i.payload, i.submitted_at, i.cancelled, i.version,
                 s.crashes, s.edits_to_check
          FROM items i JOIN stages s ON s.item_id = i.id
-         WHERE i.id = ?1",
+         WHERE i.id = +?1",
     )?;
     let mut rows = statement.query([id])?;
     let mut head = None;
@@ -246,7 +246,7 @@ pub(crate) fn subtask_rows(
         None => {
             "SELECT name, position, state, attempt, generation, started_at, finished_at,
                     next_run_at, last_error, output, lease_owner, lease_expiry, crashes
-             FROM subtasks WHERE item_id = ?1 AND stage = ?2 AND ?3 IS NULL
+             FROM subtasks WHERE item_id = +?1 AND stage = +?2 AND +?3 IS NULL
              ORDER BY position"
         }
         Some(_) => {
@@ -320,7 +320,7 @@ pub(crate) fn attempts(
 ) -> Result<Vec<(UnitRef, AttemptRecord)>> {
     let mut statement = conn.prepare_cached(
         "SELECT id, stage, subtask, attempt, started_at, finished_at, result, error
-         FROM attempts WHERE item_id = ?1 ORDER BY id",
+         FROM attempts WHERE item_id = +?1 ORDER BY id",
     )?;
     let rows = statement.query_map([&record.id], |row| {
         Ok((|| -> Result<Option<(UnitRef, AttemptRecord)>> {

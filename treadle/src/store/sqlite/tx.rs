@@ -189,7 +189,7 @@ impl<'c> Tx<'c> {
         while batch.claims.len() < request.limit {
             let wanted = request.limit - batch.claims.len();
             let head = self.queued_units(
-                "SELECT seq, item_id, stage, subtask FROM run_queue ORDER BY seq LIMIT ?1",
+                "SELECT seq, item_id, stage, subtask FROM run_queue ORDER BY seq LIMIT +?1",
                 &wanted,
             )?;
             let Some(&(last, _)) = head.last() else { break };
@@ -229,11 +229,11 @@ impl<'c> Tx<'c> {
         let mut found: Vec<(String, TaskKey)> = Vec::new();
         for sql in [
             "SELECT lease_expiry, item_id, stage, NULL FROM stages
-             WHERE state = 'running' AND lease_expiry IS NOT NULL AND lease_expiry <= ?1
-             ORDER BY lease_expiry LIMIT ?2",
+             WHERE state = 'running' AND lease_expiry IS NOT NULL AND lease_expiry <= +?1
+             ORDER BY lease_expiry LIMIT +?2",
             "SELECT lease_expiry, item_id, stage, name FROM subtasks
-             WHERE state = 'running' AND lease_expiry IS NOT NULL AND lease_expiry <= ?1
-             ORDER BY lease_expiry LIMIT ?2",
+             WHERE state = 'running' AND lease_expiry IS NOT NULL AND lease_expiry <= +?1
+             ORDER BY lease_expiry LIMIT +?2",
         ] {
             let mut statement = self.conn.prepare_cached(sql)?;
             let rows = statement.query_map(params![now, limit], |row| {
