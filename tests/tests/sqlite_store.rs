@@ -799,6 +799,31 @@ async fn two_stores_on_one_file_never_claim_the_same_work() {
     );
 }
 
+/// The writer keeps the items it wrote last; a change another process
+/// commits to one of them is seen by the next transition, not overwritten.
+#[tokio::test]
+async fn a_change_committed_by_another_process_is_seen_by_the_next_transition() {
+    let dir = tempfile::tempdir().unwrap();
+    let worker = registered(SqliteStore::open(db(&dir)).await.unwrap()).await;
+    let operator = registered(SqliteStore::open(db(&dir)).await.unwrap()).await;
+    worker.submit(vec![item("x", t(0))]).await.unwrap();
+    let claim = worker.claim(request(t(1))).await.unwrap().claims.remove(0);
+    let scan = commit(claim.task, claim.generation, 1, t(1), complete(json!(1)));
+    worker.commit(scan).await.unwrap();
+    // `split` is runnable now, and the worker just wrote the item.
+    operator.cancel("x", t(2)).await.unwrap();
+    let batch = worker.claim(request(t(3))).await.unwrap();
+    assert!(batch.claims.is_empty(), "claimed a cancelled item: {batch:?}");
+    let status = worker.status("x").await.unwrap();
+    assert_eq!(status.state, treadle::ItemState::Cancelled);
+    let kinds: Vec<String> = all_events(&operator)
+        .await
+        .iter()
+        .map(|e| support::kind_name(&e.kind))
+        .collect();
+    assert_eq!(kinds.last().map(String::as_str), Some("item_cancelled"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_engines_on_one_file_run_every_stage_once() {
     let dir = tempfile::tempdir().unwrap();

@@ -52,6 +52,7 @@ use crate::event::Event;
 use crate::state::StageState;
 use crate::status::{AwaitingReview, ItemStatus};
 
+mod cache;
 mod codec;
 mod prune;
 mod read;
@@ -192,8 +193,8 @@ impl SqliteStore {
         let versions = self.inner.versions.clone();
         self.inner
             .writer
-            .write(move |conn| {
-                let mut tx = Tx::new(conn, &versions);
+            .write(move |session| {
+                let mut tx = Tx::new(session, &versions);
                 let value = transition(&mut tx)?;
                 Ok((value, tx.into_events()))
             })
@@ -211,7 +212,7 @@ impl SqliteStore {
             return self
                 .inner
                 .writer
-                .write(move |conn| Ok((query(conn)?, Vec::new())))
+                .write(move |session| Ok((query(&session.conn)?, Vec::new())))
                 .await;
         }
         let inner = self.inner.clone();
@@ -424,12 +425,16 @@ impl Store for SqliteStore {
         let pruned = self
             .inner
             .writer
-            .write(move |conn| Ok((prune::remove(conn, &ids, finished_before)?, Vec::new())))
+            .write(move |session| {
+                // Rows change outside the rules: the writer's cache goes.
+                session.items.clear();
+                Ok((prune::remove(&session.conn, &ids, finished_before)?, Vec::new()))
+            })
             .await?;
         if pruned.items > 0 {
             self.inner
                 .writer
-                .write(|conn| Ok((prune::vacuum(conn)?, Vec::new())))
+                .write(|session| Ok((prune::vacuum(&session.conn)?, Vec::new())))
                 .await?;
         }
         // A full batch may have more behind it, unless the rule kept every

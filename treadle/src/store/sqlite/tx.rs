@@ -7,9 +7,11 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::cache::ItemCache;
 use super::codec;
 use super::rows::{self, Loaded, Outputs, Subtasks};
 use super::versions::{self, Versions};
+use super::writer::Session;
 use crate::definition::{PipelineDef, PipelineDrift};
 use crate::error::{Error, Result};
 use crate::event::Event;
@@ -20,10 +22,11 @@ use crate::rules::{
 use crate::store::{ClaimBatch, check_json};
 use crate::task::TaskKey;
 
-/// One transition in progress: the connection, the pipeline versions and
-/// the events appended so far.
+/// One transition in progress: the connection, the writer's cache of
+/// items, the pipeline versions and the events appended so far.
 pub(crate) struct Tx<'c> {
     conn: &'c Connection,
+    items: &'c mut ItemCache,
     versions: &'c Versions,
     events: Vec<Event>,
 }
@@ -38,9 +41,10 @@ impl SubtaskSource for SubtaskRows<'_> {
 }
 
 impl<'c> Tx<'c> {
-    pub(crate) fn new(conn: &'c Connection, versions: &'c Versions) -> Self {
+    pub(crate) fn new(session: &'c mut Session, versions: &'c Versions) -> Self {
         Tx {
-            conn,
+            conn: &session.conn,
+            items: &mut session.items,
             versions,
             events: Vec::new(),
         }
@@ -60,9 +64,32 @@ impl<'c> Tx<'c> {
         self.versions.get(self.conn, version)
     }
 
-    fn load(&self, item_id: &str, subtasks: Subtasks<'_>) -> Result<Loaded> {
-        rows::load_item(self.conn, item_id, subtasks, Outputs::Lenient)?
+    fn load(&mut self, item_id: &str, subtasks: Subtasks<'_>) -> Result<Loaded> {
+        self.find(item_id, subtasks)?
             .ok_or_else(|| Error::UnknownItem(item_id.to_owned()))
+    }
+
+    /// The rows of `item_id` a transition starts from: the writer's cached
+    /// record when it has one (topped up with the subtask row asked for),
+    /// else loaded.
+    fn find(&mut self, item_id: &str, subtasks: Subtasks<'_>) -> Result<Option<Loaded>> {
+        let cached = match subtasks {
+            // A rule that reads every subtask row gets them fresh.
+            Subtasks::All => None,
+            _ => self.items.take(item_id),
+        };
+        let Some(mut loaded) = cached else {
+            return rows::load_item(self.conn, item_id, subtasks, Outputs::Lenient);
+        };
+        if let Subtasks::One(stage, name) = subtasks
+            && let Some(position) = loaded.record.stage_position(stage)
+            && let Some(fan) = &mut loaded.record.stages[position].fan_out
+            && !fan.rows.iter().any(|row| row.name == name)
+        {
+            fan.rows
+                .extend(rows::subtask_rows(self.conn, item_id, stage, Some(name))?);
+        }
+        Ok(Some(loaded))
     }
 
     /// Runs `rule` on the loaded item and saves what it did.
@@ -78,6 +105,8 @@ impl<'c> Tx<'c> {
         let answer = rule(&graph, &mut record, &mut fx)?;
         rows::save(self.conn, seq, &record, &before, &fx)?;
         self.append(&record, &fx)?;
+        // Only now does the record match its rows again.
+        self.items.keep(Loaded { seq, record });
         Ok(answer)
     }
 
@@ -259,8 +288,7 @@ impl<'c> Tx<'c> {
             None => Subtasks::None,
             Some(name) => Subtasks::One(&key.stage, name),
         };
-        let Some(loaded) = rows::load_item(self.conn, &key.item_id, subtasks, Outputs::Lenient)?
-        else {
+        let Some(loaded) = self.find(&key.item_id, subtasks)? else {
             return Ok(None);
         };
         let Some(unit) = loaded.record.locate(key) else {
@@ -312,12 +340,7 @@ impl<'c> Tx<'c> {
     ) -> Result<Vec<TaskKey>> {
         let mut lost = Vec::new();
         for (key, generation) in claims {
-            let held = match rows::load_item(
-                self.conn,
-                &key.item_id,
-                Self::subtasks_for(key),
-                Outputs::Lenient,
-            )? {
+            let held = match self.find(&key.item_id, Self::subtasks_for(key))? {
                 None => false,
                 Some(loaded) => self.apply(loaded, |_, record, fx| {
                     Ok(rules::renew(record, key, *generation, until, fx))
@@ -331,6 +354,8 @@ impl<'c> Tx<'c> {
     }
 
     pub(crate) fn release_claims(&mut self, owner: &str, now: DateTime<Utc>) -> Result<u64> {
+        // Leases change outside the rules: the writer's cache goes.
+        self.items.clear();
         let mut released = 0;
         for sql in [
             "UPDATE stages SET lease_expiry = ?2

@@ -12,6 +12,10 @@
 //! the whole transaction is rolled back and the batch is replayed with each
 //! job in its own `SAVEPOINT`, so that job's writes are undone alone and the
 //! others commit. Jobs are therefore closures that can run twice.
+//!
+//! The thread also keeps the [`ItemCache`] of the items it wrote last; it
+//! checks the cache once it holds the write lock and empties it whenever a
+//! transaction or savepoint is rolled back.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,17 +25,26 @@ use std::thread::JoinHandle;
 use rusqlite::Connection;
 use tokio::sync::{broadcast, oneshot};
 
+use super::cache::ItemCache;
 use crate::error::{Error, Result};
 use crate::event::Event;
 
 /// The most jobs committed in one transaction.
 const MAX_BATCH: usize = 512;
 
+/// What a job works with: the write connection and the writer's cache.
+pub(crate) struct Session {
+    /// The write connection, inside the group commit's transaction.
+    pub(crate) conn: Connection,
+    /// The items the writer wrote last.
+    pub(crate) items: ItemCache,
+}
+
 /// A queued transition.
 trait Job: Send {
     /// Runs the transition, returning the events it appended. It may be run
     /// again, from scratch, after its transaction was rolled back.
-    fn run(&mut self, conn: &Connection) -> Result<Vec<Event>>;
+    fn run(&mut self, session: &mut Session) -> Result<Vec<Event>>;
 
     /// Answers the caller: with the value of the last run if `outcome` is
     /// `Ok`, else with the error.
@@ -48,10 +61,10 @@ struct Transition<T, F> {
 impl<T, F> Job for Transition<T, F>
 where
     T: Send,
-    F: FnMut(&Connection) -> Result<(T, Vec<Event>)> + Send,
+    F: FnMut(&mut Session) -> Result<(T, Vec<Event>)> + Send,
 {
-    fn run(&mut self, conn: &Connection) -> Result<Vec<Event>> {
-        let (value, events) = (self.work)(conn)?;
+    fn run(&mut self, session: &mut Session) -> Result<Vec<Event>> {
+        let (value, events) = (self.work)(session)?;
         self.value = Some(value);
         Ok(events)
     }
@@ -89,7 +102,13 @@ impl Writer {
         let counter = batches.clone();
         let thread = std::thread::Builder::new()
             .name("treadle-sqlite-writer".into())
-            .spawn(move || run(conn, queue, feed, &counter))?;
+            .spawn(move || {
+                let session = Session {
+                    conn,
+                    items: ItemCache::default(),
+                };
+                run(session, queue, feed, &counter)
+            })?;
         Ok(Writer {
             jobs: Some(jobs),
             thread: Some(thread),
@@ -104,7 +123,7 @@ impl Writer {
     pub(crate) async fn write<T, F>(&self, work: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnMut(&Connection) -> Result<(T, Vec<Event>)> + Send + 'static,
+        F: FnMut(&mut Session) -> Result<(T, Vec<Event>)> + Send + 'static,
     {
         let (reply, answered) = oneshot::channel::<Result<T>>();
         let job = Box::new(Transition {
@@ -131,7 +150,7 @@ impl Drop for Writer {
 }
 
 fn run(
-    conn: Connection,
+    mut session: Session,
     queue: mpsc::Receiver<Box<dyn Job>>,
     feed: broadcast::Sender<Event>,
     batches: &AtomicUsize,
@@ -145,8 +164,8 @@ fn run(
                 Err(_) => break,
             }
         }
-        let outcomes = run_batch(&conn, &mut batch, false)
-            .or_else(|| run_batch(&conn, &mut batch, true))
+        let outcomes = run_batch(&mut session, &mut batch, false)
+            .or_else(|| run_batch(&mut session, &mut batch, true))
             .unwrap_or_else(|| {
                 // Unreachable in practice: with savepoints no job poisons the batch.
                 batch.iter().map(|_| Err(Error::StoreClosed)).collect()
@@ -170,11 +189,15 @@ fn run(
 /// each job's events or error. Without `savepoints`, returns `None` (having
 /// rolled everything back) as soon as a job fails after writing.
 fn run_batch(
-    conn: &Connection,
+    session: &mut Session,
     batch: &mut [Box<dyn Job>],
     savepoints: bool,
 ) -> Option<Vec<Result<Vec<Event>>>> {
-    if let Err(error) = exec(conn, "BEGIN IMMEDIATE") {
+    let began = exec(&session.conn, "BEGIN IMMEDIATE");
+    if let Err(error) = began.and_then(|()| session.items.check(&session.conn)) {
+        if !session.conn.is_autocommit() {
+            let _ = exec(&session.conn, "ROLLBACK");
+        }
         let error: Arc<dyn std::error::Error + Send + Sync> = Arc::new(error);
         return Some(
             batch
@@ -186,12 +209,13 @@ fn run_batch(
     let mut outcomes = Vec::with_capacity(batch.len());
     for job in batch.iter_mut() {
         let outcome = if savepoints {
-            run_in_savepoint(conn, job.as_mut())
+            run_in_savepoint(session, job.as_mut())
         } else {
-            let before = conn.total_changes();
-            match catch(conn, job.as_mut()) {
-                Err(_) if conn.total_changes() != before => {
-                    let _ = exec(conn, "ROLLBACK");
+            let before = session.conn.total_changes();
+            match catch(session, job.as_mut()) {
+                Err(_) if session.conn.total_changes() != before => {
+                    let _ = exec(&session.conn, "ROLLBACK");
+                    session.items.clear();
                     return None;
                 }
                 outcome => outcome,
@@ -199,10 +223,11 @@ fn run_batch(
         };
         outcomes.push(outcome);
     }
-    if let Err(error) = exec(conn, "COMMIT") {
+    if let Err(error) = exec(&session.conn, "COMMIT") {
         tracing::error!(%error, "treadle SQLite group commit failed");
         // Leave no transaction open for the next batch.
-        let _ = exec(conn, "ROLLBACK");
+        let _ = exec(&session.conn, "ROLLBACK");
+        session.items.clear();
         let error: Arc<dyn std::error::Error + Send + Sync> = Arc::new(error);
         for outcome in outcomes.iter_mut().filter(|o| o.is_ok()) {
             *outcome = Err(Error::sqlite("committing a transaction", error.clone()));
@@ -212,14 +237,15 @@ fn run_batch(
 }
 
 /// Runs one job inside its own savepoint, rolled back if the job fails.
-fn run_in_savepoint(conn: &Connection, job: &mut dyn Job) -> Result<Vec<Event>> {
-    exec(conn, "SAVEPOINT job")?;
-    let outcome = catch(conn, job);
+fn run_in_savepoint(session: &mut Session, job: &mut dyn Job) -> Result<Vec<Event>> {
+    exec(&session.conn, "SAVEPOINT job")?;
+    let outcome = catch(session, job);
     let mut end = Ok(());
     if outcome.is_err() {
-        end = exec(conn, "ROLLBACK TO job");
+        end = exec(&session.conn, "ROLLBACK TO job");
+        session.items.clear();
     }
-    if let Err(error) = end.and_then(|()| exec(conn, "RELEASE job")) {
+    if let Err(error) = end.and_then(|()| exec(&session.conn, "RELEASE job")) {
         // The batch will fail to commit cleanly or has rolled back; the
         // COMMIT result reports it to the jobs that succeeded.
         tracing::error!(%error, "treadle SQLite savepoint failed");
@@ -229,8 +255,8 @@ fn run_in_savepoint(conn: &Connection, job: &mut dyn Job) -> Result<Vec<Event>> 
 
 /// Runs a job; a panic in it is an error of that job, not of the writer
 /// (and every later transition).
-fn catch(conn: &Connection, job: &mut dyn Job) -> Result<Vec<Event>> {
-    std::panic::catch_unwind(AssertUnwindSafe(|| job.run(conn))).unwrap_or_else(|panic| {
+fn catch(session: &mut Session, job: &mut dyn Job) -> Result<Vec<Event>> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| job.run(session))).unwrap_or_else(|panic| {
         let message = panic
             .downcast_ref::<&str>()
             .map(|s| (*s).to_owned())
@@ -269,9 +295,9 @@ mod tests {
             let writer = writer.clone();
             tokio::spawn(async move {
                 writer
-                    .write(|conn| {
+                    .write(|session| {
                         std::thread::sleep(Duration::from_millis(200));
-                        conn.execute("INSERT INTO t (n) VALUES (0)", [])?;
+                        session.conn.execute("INSERT INTO t (n) VALUES (0)", [])?;
                         Ok(((), Vec::new()))
                     })
                     .await
@@ -283,8 +309,8 @@ mod tests {
                 let writer = writer.clone();
                 tokio::spawn(async move {
                     writer
-                        .write(move |conn| {
-                            conn.execute("INSERT INTO t (n) VALUES (?1)", [n])?;
+                        .write(move |session| {
+                            session.conn.execute("INSERT INTO t (n) VALUES (?1)", [n])?;
                             if n % 10 == 0 {
                                 // Fails after writing: only this job rolls back.
                                 return Err(Error::stage(format!("job {n} fails")));
@@ -306,8 +332,8 @@ mod tests {
         let batches = writer.batches.load(Ordering::Relaxed);
         assert!(batches <= 5, "{batches} transactions for 101 jobs");
         let (rows, sum) = writer
-            .write(|conn| {
-                let counted = conn.query_row("SELECT count(*), sum(n) FROM t", [], |r| {
+            .write(|session| {
+                let counted = session.conn.query_row("SELECT count(*), sum(n) FROM t", [], |r| {
                     Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
                 })?;
                 Ok((counted, Vec::new()))
