@@ -155,7 +155,7 @@ pub async fn script<S: Store>(store: &S) -> Vec<String> {
     );
 
     let batch = store.claim(request(t(3))).await.unwrap();
-    note!("claim 1", (&batch.claims, &batch.events));
+    note!("claim 1", &batch.claims);
     let generation = |task: &TaskKey| {
         batch
             .claims
@@ -215,7 +215,7 @@ pub async fn script<S: Store>(store: &S) -> Vec<String> {
     note!("next due", store.next_due().await.unwrap());
 
     let batch = store.claim(request(t(4))).await.unwrap();
-    note!("claim 2", (&batch.claims, &batch.events));
+    note!("claim 2", &batch.claims);
     let a_split = key("a", "split", None);
     note_result!(
         "a.split fan out",
@@ -232,7 +232,7 @@ pub async fn script<S: Store>(store: &S) -> Vec<String> {
             .await
     );
     let batch = store.claim(request(t(5))).await.unwrap();
-    note!("claim 3", (&batch.claims, &batch.events));
+    note!("claim 3", &batch.claims);
     let subs: Vec<_> = batch
         .claims
         .iter()
@@ -280,7 +280,7 @@ pub async fn script<S: Store>(store: &S) -> Vec<String> {
 
     // y (due t10) comes before b.scan (due t20).
     let batch = store.claim(request(t(30))).await.unwrap();
-    note!("claim 4", (&batch.claims, &batch.events));
+    note!("claim 4", &batch.claims);
     let y = batch
         .claims
         .iter()
@@ -307,7 +307,7 @@ pub async fn script<S: Store>(store: &S) -> Vec<String> {
     note_result!("retry ghost", store.retry("ghost", "scan", t(31)).await);
     note_result!("retry a.nope", store.retry("a", "nope", t(31)).await);
     let batch = store.claim(request(t(32))).await.unwrap();
-    note!("claim 5", (&batch.claims, &batch.events));
+    note!("claim 5", &batch.claims);
     note_result!(
         "y again",
         store
@@ -334,7 +334,7 @@ pub async fn script<S: Store>(store: &S) -> Vec<String> {
     );
 
     let batch = store.claim(request(t(33))).await.unwrap();
-    note!("claim 6", (&batch.claims, &batch.events));
+    note!("claim 6", &batch.claims);
     let review = ReviewRequest::new("check the split")
         .proposed_output(json!({"ok": true}))
         .unwrap()
@@ -396,7 +396,7 @@ pub async fn script<S: Store>(store: &S) -> Vec<String> {
     );
     note_result!("retry c.scan", store.retry("c", "scan", t(43)).await);
     let batch = store.claim(request(t(44))).await.unwrap();
-    note!("claim 7", (&batch.claims, &batch.events));
+    note!("claim 7", &batch.claims);
     for claim in &batch.claims {
         let transition = if claim.task.item_id == "c" {
             Transition::Skip {

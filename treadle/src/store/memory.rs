@@ -152,24 +152,26 @@ impl Data {
             .ok_or_else(|| Error::UnknownVersion(version))
     }
 
-    /// Runs a rule on item `item` and keeps queues, indexes, history and
-    /// the log in step with what it did. Returns the rule's answer and the
-    /// events it appended.
-    fn transition<R>(
+    /// [`Data::transition`], returning the events it appended too.
+    fn transition_with_events<R>(
         &mut self,
         item: usize,
         rule: impl FnOnce(&VersionGraph, &mut ItemRecord, &mut Effects) -> Result<R>,
     ) -> Result<(R, Vec<Event>)> {
-        let mut events = Vec::new();
-        let answer = self.transition_into(item, &mut events, rule)?;
+        let start = self.events.len();
+        let answer = self.transition(item, rule)?;
+        let events = self.events[start..]
+            .iter()
+            .map(|e| self.resolve(e))
+            .collect();
         Ok((answer, events))
     }
 
-    /// [`Data::transition`], appending the events to `events`.
-    fn transition_into<R>(
+    /// Runs a rule on item `item` and keeps queues, indexes, history and
+    /// the log in step with what it did; live subscribers get the events.
+    fn transition<R>(
         &mut self,
         item: usize,
-        events: &mut Vec<Event>,
         rule: impl FnOnce(&VersionGraph, &mut ItemRecord, &mut Effects) -> Result<R>,
     ) -> Result<R> {
         let record = &self.items[item].record;
@@ -185,7 +187,7 @@ impl Data {
         fx.clear();
         let answer = rule(&graph, &mut self.items[item].record, &mut fx);
         if answer.is_ok() {
-            self.apply(item, Some(&before), &mut fx, events);
+            self.apply(item, Some(&before), &mut fx);
         }
         self.before = before;
         self.effects = fx;
@@ -194,13 +196,7 @@ impl Data {
 
     /// Saves what a rule did to item `item`, whose stages were `before`
     /// (`None` for a new item).
-    fn apply(
-        &mut self,
-        item: usize,
-        before: Option<&Before>,
-        fx: &mut Effects,
-        events: &mut Vec<Event>,
-    ) {
+    fn apply(&mut self, item: usize, before: Option<&Before>, fx: &mut Effects) {
         let old_names = match before {
             Some(before) => self.versions[before.version as usize - 1].clone(),
             None => self
@@ -260,19 +256,23 @@ impl Data {
         self.scheduled
             .extend(fx.scheduled.iter().map(|&(due, unit)| (due, (item, unit))));
         let record = &self.items[item].record;
+        let first = self.events.len();
         for new in fx.events.drain(..) {
             self.last_seq += 1;
-            let event = new.resolve(record, self.last_seq);
+            let subtask = new.unit.and_then(|unit| {
+                let fan_out = record.stages[unit.stage].fan_out.as_ref()?;
+                Some(fan_out.row(unit.subtask?)?.name.clone())
+            });
             self.events.push(LoggedEvent {
                 seq: self.last_seq,
-                at: event.at,
+                at: new.at,
                 item,
                 unit: new.unit.map(|unit| (record.version, unit)),
-                subtask: event.subtask.clone(),
+                subtask,
                 kind: new.kind,
             });
-            events.push(event);
         }
+        self.publish(first);
     }
 
     /// A logged event, with its names.
@@ -290,19 +290,20 @@ impl Data {
         }
     }
 
-    /// Sends committed events to live subscribers, in log order.
-    fn publish(&self, events: &[Event]) {
+    /// Sends the events logged from index `first` on to live subscribers,
+    /// in log order; with nobody listening, none is copied out of the log.
+    fn publish(&self, first: usize) {
         if self.feed.receiver_count() == 0 {
             return;
         }
-        for event in events {
+        for logged in &self.events[first..] {
             // A subscriber that has gone away is not an error: the log keeps every event.
-            let _ = self.feed.send(event.clone());
+            let _ = self.feed.send(self.resolve(logged));
         }
     }
 
     /// Stores one new item; `false` if its id is already known.
-    fn insert_item(&mut self, item: NewItem, events: &mut Vec<Event>) -> Result<bool> {
+    fn insert_item(&mut self, item: NewItem) -> Result<bool> {
         if self.ids.contains_key(&item.id) {
             return Ok(false);
         }
@@ -314,7 +315,7 @@ impl Data {
             record,
             attempts: Vec::new(),
         });
-        self.apply(position, None, &mut fx, events);
+        self.apply(position, None, &mut fx);
         Ok(true)
     }
 
@@ -493,17 +494,19 @@ impl Store for MemoryStore {
 
     async fn submit(&self, items: Vec<NewItem>) -> Result<Vec<Event>> {
         let mut data = self.lock();
-        let mut events = Vec::with_capacity(items.len());
+        let start = data.events.len();
         // Check every item first: a batch is stored whole or not at all.
         for item in &items {
             check_json(&item.payload, &format!("the payload of item `{}`", item.id))?;
             data.graph(item.version)?;
         }
         for item in items {
-            data.insert_item(item, &mut events)?;
+            data.insert_item(item)?;
         }
-        data.publish(&events);
-        Ok(events)
+        Ok(data.events[start..]
+            .iter()
+            .map(|e| data.resolve(e))
+            .collect())
     }
 
     async fn claim(&self, request: ClaimRequest) -> Result<ClaimBatch> {
@@ -520,42 +523,37 @@ impl Store for MemoryStore {
             let Some((item, unit)) = data.ready.pop_front() else {
                 break;
             };
-            let claim = data.transition_into(item, &mut batch.events, |_, record, fx| {
+            let claim = data.transition(item, |_, record, fx| {
                 Ok(rules::claim(record, unit, &request, fx))
             })?;
             batch.claims.extend(claim);
         }
-        data.publish(&batch.events);
         Ok(batch)
     }
 
-    async fn commit(&self, commit: Commit) -> Result<Vec<Event>> {
+    async fn commit(&self, commit: Commit) -> Result<()> {
         let mut data = self.lock();
         let item = data.position(&commit.task.item_id)?;
-        let ((), events) = data.transition(item, |graph, record, fx| {
+        data.transition(item, |graph, record, fx| {
             rules::commit(graph, record, commit, &mut AllLoaded, fx)
-        })?;
-        data.publish(&events);
-        Ok(events)
+        })
     }
 
     async fn decide(&self, decision: DecisionCommit) -> Result<Vec<Event>> {
         let mut data = self.lock();
         let item = data.position(&decision.item_id)?;
-        let ((), events) = data.transition(item, |graph, record, fx| {
+        let ((), events) = data.transition_with_events(item, |graph, record, fx| {
             rules::decide(graph, record, decision, fx)
         })?;
-        data.publish(&events);
         Ok(events)
     }
 
     async fn retry(&self, item_id: &str, stage: &str, at: DateTime<Utc>) -> Result<Vec<Event>> {
         let mut data = self.lock();
         let item = data.position(item_id)?;
-        let ((), events) = data.transition(item, |_, record, fx| {
+        let ((), events) = data.transition_with_events(item, |_, record, fx| {
             rules::retry(record, stage, at, &mut AllLoaded, fx)
         })?;
-        data.publish(&events);
         Ok(events)
     }
 
@@ -564,12 +562,9 @@ impl Store for MemoryStore {
         let mut lost = Vec::new();
         for (key, generation) in claims {
             let held = match data.position(&key.item_id) {
-                Ok(item) => {
-                    data.transition(item, |_, record, fx| {
-                        Ok(rules::renew(record, key, *generation, until, fx))
-                    })?
-                    .0
-                }
+                Ok(item) => data.transition(item, |_, record, fx| {
+                    Ok(rules::renew(record, key, *generation, until, fx))
+                })?,
                 Err(_) => false,
             };
             if !held {
@@ -587,20 +582,18 @@ impl Store for MemoryStore {
     ) -> Result<(Vec<TaskKey>, Vec<Event>)> {
         let mut data = self.lock();
         let item = data.position(item_id)?;
-        let (running, events) = data.transition(item, |graph, record, fx| {
+        let (running, events) = data.transition_with_events(item, |graph, record, fx| {
             rules::rerun(graph, record, stage, at, &mut AllLoaded, fx)
         })?;
-        data.publish(&events);
         Ok((running, events))
     }
 
     async fn cancel(&self, item_id: &str, at: DateTime<Utc>) -> Result<(Vec<TaskKey>, Vec<Event>)> {
         let mut data = self.lock();
         let item = data.position(item_id)?;
-        let (running, events) = data.transition(item, |_, record, fx| {
+        let (running, events) = data.transition_with_events(item, |_, record, fx| {
             rules::cancel(record, at, &mut AllLoaded, fx)
         })?;
-        data.publish(&events);
         Ok((running, events))
     }
 
@@ -613,10 +606,9 @@ impl Store for MemoryStore {
         let mut data = self.lock();
         let item = data.position(item_id)?;
         let to = data.graph(version)?;
-        let (outcome, events) = data.transition(item, |from, record, fx| {
+        let (outcome, events) = data.transition_with_events(item, |from, record, fx| {
             Ok(rules::migrate(from, &to, record, at, fx))
         })?;
-        data.publish(&events);
         Ok((outcome, events))
     }
 

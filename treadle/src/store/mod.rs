@@ -47,13 +47,12 @@ pub(crate) fn check_json(text: &str, what: &str) -> Result<()> {
         .map_err(|e| crate::Error::json(what, e))
 }
 
-/// The result of a claim: the work and the events the claim committed.
+/// The result of a claim: the work it took. Its events (a `Started` per
+/// claim, a `Recovered` per expired lease it took over) are in the log.
 #[derive(Debug, Clone, Default)]
 pub struct ClaimBatch {
     /// The claimed units of work.
     pub claims: Vec<Claim>,
-    /// One `Started` event per claim, already committed.
-    pub events: Vec<Event>,
 }
 
 /// The number of items whose `stage` is in `state`.
@@ -127,7 +126,9 @@ pub trait Store: Send + Sync + 'static {
     /// and changes nothing. Completing or skipping a stage unblocks its
     /// dependents; the last subtask of a fan-out to finish completes (or fails)
     /// the stage; the last stage of an item to finish records `ItemCompleted`.
-    async fn commit(&self, commit: Commit) -> Result<Vec<Event>>;
+    /// The events are in the log (a worker has no use for them, and the
+    /// hottest transition does not copy them out).
+    async fn commit(&self, commit: Commit) -> Result<()>;
 
     /// Applies a review decision if the stage is awaiting review (and, when
     /// the decision names a round, that round is current); otherwise returns

@@ -528,7 +528,6 @@ impl<'a> Batch<'a> {
     /// then the run queue's head (retries that fell due join its back).
     /// Items another transaction holds are passed over, their hints kept.
     async fn claim(&mut self, request: &ClaimRequest) -> Result<ClaimBatch> {
-        let start = self.changes.events.len();
         let mut claims = Vec::new();
         let limit = int(request.limit as u64);
         // Expired leases and due retries are independent: pipelined.
@@ -598,10 +597,7 @@ impl<'a> Batch<'a> {
                 break;
             }
         }
-        Ok(ClaimBatch {
-            claims,
-            events: self.events_since(start),
-        })
+        Ok(ClaimBatch { claims })
     }
 
     /// Tries to claim each hinted unit, in order; consumes the hints of

@@ -278,8 +278,8 @@ impl Store for PostgresStore {
         }
     }
 
-    async fn commit(&self, commit: Commit) -> Result<Vec<Event>> {
-        self.events_of(Op::Commit(commit)).await
+    async fn commit(&self, commit: Commit) -> Result<()> {
+        self.events_of(Op::Commit(commit)).await.map(drop)
     }
 
     async fn decide(&self, decision: DecisionCommit) -> Result<Vec<Event>> {

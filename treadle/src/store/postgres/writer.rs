@@ -167,8 +167,7 @@ fn number(answers: &mut [Result<Answer>], logged: &[Event]) {
             Answer::Events(events) | Answer::Stopped(_, events) | Answer::Migrated(_, events) => {
                 events
             }
-            Answer::Claimed(batch) => &mut batch.events,
-            Answer::Lost(_) => &mut [],
+            Answer::Claimed(_) | Answer::Lost(_) => &mut [],
         };
         for event in events {
             event.seq = numbers.next().unwrap_or_default();

@@ -234,7 +234,8 @@ pub(crate) fn time(at: DateTime<Utc>) -> String {
     ] {
         out[i] = c;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    // Digits and separators only: every byte is one ASCII character.
+    out.iter().map(|&byte| char::from(byte)).collect()
 }
 
 /// The length of a timestamp as [`time`] writes it.

@@ -275,12 +275,8 @@ impl Store for SqliteStore {
         self.write(move |tx| tx.claim(&request)).await
     }
 
-    async fn commit(&self, commit: Commit) -> Result<Vec<Event>> {
-        self.write(move |tx| {
-            tx.commit(commit.clone())?;
-            Ok(tx.events().to_vec())
-        })
-        .await
+    async fn commit(&self, commit: Commit) -> Result<()> {
+        self.write(move |tx| tx.commit(commit.clone())).await
     }
 
     async fn decide(&self, decision: DecisionCommit) -> Result<Vec<Event>> {
@@ -428,7 +424,10 @@ impl Store for SqliteStore {
             .write(move |session| {
                 // Rows change outside the rules: the writer's cache goes.
                 session.items.clear();
-                Ok((prune::remove(&session.conn, &ids, finished_before)?, Vec::new()))
+                Ok((
+                    prune::remove(&session.conn, &ids, finished_before)?,
+                    Vec::new(),
+                ))
             })
             .await?;
         if pruned.items > 0 {

@@ -229,7 +229,6 @@ impl<'c> Tx<'c> {
                 batch.claims.extend(self.claim_one(&key, request)?);
             }
         }
-        batch.events = self.events.clone();
         Ok(batch)
     }
 

@@ -333,9 +333,12 @@ mod tests {
         assert!(batches <= 5, "{batches} transactions for 101 jobs");
         let (rows, sum) = writer
             .write(|session| {
-                let counted = session.conn.query_row("SELECT count(*), sum(n) FROM t", [], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
-                })?;
+                let counted =
+                    session
+                        .conn
+                        .query_row("SELECT count(*), sum(n) FROM t", [], |r| {
+                            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                        })?;
                 Ok((counted, Vec::new()))
             })
             .await
