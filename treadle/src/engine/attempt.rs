@@ -65,8 +65,8 @@ impl From<Claim> for Attempt {
 
 /// An attempt that has ended, settled by its stage's policy: what to commit.
 pub(super) struct Settled {
-    /// The unit of work.
-    pub(super) task: TaskKey,
+    /// The unit of work (still shared with the running-work registry).
+    pub(super) task: Arc<TaskKey>,
     /// The generation of the claim the attempt ran under.
     pub(super) generation: u64,
     /// The record to append to the attempt history.
@@ -153,10 +153,8 @@ impl Attempt {
             random: settings.random,
         };
         let (record, transition) = settle(end, &facts);
-        // Usually the last reference by now, so no copy is made.
-        let task = Arc::try_unwrap(self.task).unwrap_or_else(|shared| (*shared).clone());
         Settled {
-            task,
+            task: self.task,
             generation: self.generation,
             record,
             transition,

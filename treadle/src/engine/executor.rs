@@ -458,8 +458,10 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
 
     /// Commits a settled attempt; a claim lost meanwhile discards it.
     async fn commit(&self, settled: Settled) -> Result<Finished> {
+        // The last reference once the registry let go, so no copy is made.
+        let task = Arc::try_unwrap(settled.task).unwrap_or_else(|shared| (*shared).clone());
         let commit = Commit {
-            task: settled.task,
+            task,
             generation: settled.generation,
             attempt: settled.record,
             transition: settled.transition,

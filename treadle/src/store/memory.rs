@@ -2,7 +2,7 @@
 //! one process, and gone when the process ends. Good for tests and for work
 //! that need not survive a restart.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -46,7 +46,7 @@ impl Default for MemoryStore {
                 items: Vec::new(),
                 ready: VecDeque::new(),
                 scheduled: BTreeSet::new(),
-                by_state: FastMap::default(),
+                by_state: StateIndex::default(),
                 events: Vec::new(),
                 last_seq: 0,
                 pruned_through: 0,
@@ -92,9 +92,8 @@ struct Data {
     ready: VecDeque<Unit>,
     /// Scheduled retries by due time.
     scheduled: BTreeSet<(DateTime<Utc>, Unit)>,
-    /// Item positions by stage name, then state (unordered: cheap to keep
-    /// in step on every transition; sorted when listed).
-    by_state: FastMap<String, FastMap<StageState, FastSet<usize>>>,
+    /// Item positions by pipeline version, stage position and state.
+    by_state: StateIndex,
     /// The event log, in sequence order (with holes where a prune removed
     /// the events of pruned items).
     events: Vec<LoggedEvent>,
@@ -229,10 +228,8 @@ impl Data {
         if fx.restructured
             && let Some(before) = before
         {
-            for (name, state) in old_names.stages().iter().zip(&before.states) {
-                if let Some(items) = self.by_state.get_mut(name).and_then(|s| s.get_mut(state)) {
-                    items.remove(&item);
-                }
+            for (position, &state) in before.states.iter().enumerate() {
+                self.by_state.remove(before.version, position, state, item);
             }
         }
         for (position, row) in record.stages.iter().enumerate() {
@@ -241,15 +238,10 @@ impl Data {
                 continue;
             }
             if same_rows && let Some(old) = old {
-                let states = self.by_state.get_mut(&*row.unit.name);
-                if let Some(items) = states.and_then(|s| s.get_mut(&old)) {
-                    items.remove(&item);
-                }
+                self.by_state.remove(record.version, position, old, item);
             }
-            state_index(&mut self.by_state, &row.unit.name)
-                .entry(row.unit.state)
-                .or_default()
-                .insert(item);
+            self.by_state
+                .insert(record.version, position, row.unit.state, item);
         }
         self.ready
             .extend(fx.runnable.iter().map(|&unit| (item, unit)));
@@ -321,22 +313,20 @@ impl Data {
 
     /// Every stage awaiting review, from the index.
     fn reviews_waiting(&self) -> impl Iterator<Item = AwaitingReview> + '_ {
-        self.by_state.iter().flat_map(move |(stage, states)| {
-            states
-                .get(&StageState::AwaitingReview)
-                .into_iter()
-                .flatten()
-                .filter_map(move |&item| {
+        self.by_state
+            .each(StageState::AwaitingReview)
+            .flat_map(move |(_, position, items)| {
+                items.iter().filter_map(move |&item| {
                     let record = &self.items[item].record;
-                    let row = &record.stages[record.stage_position(stage)?];
+                    let row = record.stages.get(position)?;
                     Some(AwaitingReview {
                         item_id: record.id.clone(),
-                        stage: stage.clone(),
+                        stage: row.unit.name.clone(),
                         version: record.version,
                         review: row.review.clone()?,
                     })
                 })
-        })
+            })
     }
 
     /// How version `version` stands: its changes from `previous`, and the
@@ -429,11 +419,10 @@ impl Data {
     /// stale queue entries for it find nothing to claim.
     fn forget(&mut self, item: usize) {
         let stored = &mut self.items[item];
-        for row in &stored.record.stages {
-            let states = self.by_state.get_mut(&*row.unit.name);
-            if let Some(items) = states.and_then(|s| s.get_mut(&row.unit.state)) {
-                items.remove(&item);
-            }
+        let version = stored.record.version;
+        for (position, row) in stored.record.stages.iter().enumerate() {
+            self.by_state
+                .remove(version, position, row.unit.state, item);
         }
         self.ids.remove(&*stored.record.id);
         let record = &mut stored.record;
@@ -451,15 +440,48 @@ impl Data {
     }
 }
 
-/// The (state -> items) index of `stage`, created on first use.
-fn state_index<'a>(
-    index: &'a mut FastMap<String, FastMap<StageState, FastSet<usize>>>,
-    stage: &str,
-) -> &'a mut FastMap<StageState, FastSet<usize>> {
-    if !index.contains_key(stage) {
-        index.insert(stage.to_owned(), FastMap::default());
+/// Item positions by pipeline version, stage position and state: kept in
+/// step on every transition without hashing a name (unordered; sorted when
+/// listed).
+#[derive(Debug, Default)]
+struct StateIndex {
+    /// `sets[version - 1][stage position][state]`.
+    sets: Vec<Vec<[FastSet<usize>; StageState::ALL.len()]>>,
+}
+
+impl StateIndex {
+    fn set(&mut self, version: u32, position: usize, state: StageState) -> &mut FastSet<usize> {
+        let version = version as usize - 1;
+        if self.sets.len() <= version {
+            self.sets.resize_with(version + 1, Vec::new);
+        }
+        let stages = &mut self.sets[version];
+        if stages.len() <= position {
+            stages.resize_with(position + 1, Default::default);
+        }
+        &mut stages[position][state as usize]
     }
-    index.get_mut(stage).expect("inserted above")
+
+    fn insert(&mut self, version: u32, position: usize, state: StageState, item: usize) {
+        self.set(version, position, state).insert(item);
+    }
+
+    fn remove(&mut self, version: u32, position: usize, state: StageState, item: usize) {
+        self.set(version, position, state).remove(&item);
+    }
+
+    /// The items in `state` at each stage of each version, as
+    /// `(version, stage position, items)`.
+    fn each(&self, state: StageState) -> impl Iterator<Item = (u32, usize, &FastSet<usize>)> {
+        self.sets
+            .iter()
+            .enumerate()
+            .flat_map(move |(version, stages)| {
+                stages.iter().enumerate().map(move |(position, sets)| {
+                    (version as u32 + 1, position, &sets[state as usize])
+                })
+            })
+    }
 }
 
 #[async_trait]
@@ -679,21 +701,24 @@ impl Store for MemoryStore {
 
     async fn stage_counts(&self) -> Result<Vec<StageCount>> {
         let data = self.lock();
-        let mut counts: Vec<StageCount> =
-            data.by_state
-                .iter()
-                .flat_map(|(stage, states)| {
-                    states.iter().filter(|(_, items)| !items.is_empty()).map(
-                        move |(state, items)| StageCount {
-                            stage: stage.clone(),
-                            state: *state,
-                            items: items.len() as u64,
-                        },
-                    )
-                })
-                .collect();
-        counts.sort_by(|a, b| (&a.stage, a.state).cmp(&(&b.stage, b.state)));
-        Ok(counts)
+        // One stage may sit at different positions in different versions.
+        let mut totals: BTreeMap<(&str, StageState), u64> = BTreeMap::new();
+        for &state in StageState::ALL {
+            for (version, position, items) in data.by_state.each(state) {
+                if !items.is_empty() {
+                    let stage = &data.versions[version as usize - 1].stages()[position];
+                    *totals.entry((stage.as_str(), state)).or_default() += items.len() as u64;
+                }
+            }
+        }
+        Ok(totals
+            .into_iter()
+            .map(|((stage, state), items)| StageCount {
+                stage: stage.to_owned(),
+                state,
+                items,
+            })
+            .collect())
     }
 
     async fn status(&self, item_id: &str) -> Result<ItemStatus> {
@@ -704,20 +729,20 @@ impl Store for MemoryStore {
 
     async fn items_in(&self, stage: &str, state: StageState) -> Result<Vec<String>> {
         let data = self.lock();
-        Ok(data
+        // The index is unordered; item positions are submission order.
+        let mut positions: Vec<usize> = data
             .by_state
-            .get(stage)
-            .and_then(|states| states.get(&state))
-            .map(|items| {
-                // The index is unordered; positions are submission order.
-                let mut positions: Vec<usize> = items.iter().copied().collect();
-                positions.sort_unstable();
-                positions
-                    .into_iter()
-                    .map(|i| data.items[i].record.id.clone())
-                    .collect()
+            .each(state)
+            .filter(|&(version, position, _)| {
+                data.versions[version as usize - 1].stages()[position] == stage
             })
-            .unwrap_or_default())
+            .flat_map(|(_, _, items)| items.iter().copied())
+            .collect();
+        positions.sort_unstable();
+        Ok(positions
+            .into_iter()
+            .map(|i| data.items[i].record.id.clone())
+            .collect())
     }
 
     async fn awaiting_review(&self) -> Result<Vec<AwaitingReview>> {
