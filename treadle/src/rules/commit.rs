@@ -75,12 +75,12 @@ fn commit_stage(
             let row = &mut item.stages[stage];
             let round = row.review.as_ref().map_or(1, |r| r.round + 1);
             let summary = request.summary.clone();
-            row.review = Some(ReviewStatus {
+            row.review = Some(Box::new(ReviewStatus {
                 round,
                 request,
                 requested_at: at,
                 decision: None,
-            });
+            }));
             row.unit.finished_at = Some(at);
             set_state(&mut row.unit, StageState::AwaitingReview);
             fx.changed.push(UnitRef::stage(stage));
@@ -121,7 +121,7 @@ fn commit_stage(
             // leases, and it is never recovered itself.
             let row = &mut item.stages[stage];
             row.unit.lease = None;
-            row.fan_out = Some(FanOut::new(&subtasks));
+            row.fan_out = Some(Box::new(FanOut::new(&subtasks)));
             fx.changed.push(UnitRef::stage(stage));
             fx.fanned_out.push(stage);
             let count = subtasks.len() as u32;

@@ -43,10 +43,12 @@ pub struct StageRecord {
     pub unit: UnitRecord,
     /// Upstream stages not yet completed or skipped.
     pub waiting: u32,
-    /// The latest review, if the stage asked for one.
-    pub review: Option<ReviewStatus>,
+    /// The latest review, if the stage asked for one (boxed, as the
+    /// subtasks: most stage rows never have one, and a million items keep
+    /// three rows each in memory).
+    pub review: Option<Box<ReviewStatus>>,
     /// The subtasks, once the stage fanned out.
-    pub fan_out: Option<FanOut>,
+    pub fan_out: Option<Box<FanOut>>,
     /// Whether the stage is pending only so that a worker checks the edits
     /// of an approval made where the output type is unknown (the CLI); the
     /// edits wait in the unit's `output` meanwhile.
@@ -108,7 +110,7 @@ pub struct UnitRecord {
     /// The stored output.
     pub output: Option<Value>,
     /// The claim's lease, while a worker runs it.
-    pub lease: Option<Lease>,
+    pub lease: Option<Box<Lease>>,
 }
 
 impl UnitRecord {
@@ -325,7 +327,7 @@ impl ItemRecord {
                         }),
                     })
                     .collect(),
-                review: row.review.clone(),
+                review: row.review.as_deref().cloned(),
             })
             .collect();
         ItemStatus {

@@ -123,8 +123,9 @@ struct LoggedEvent {
     seq: u64,
     at: DateTime<Utc>,
     item: usize,
-    unit: Option<(u32, UnitRef)>,
-    subtask: Option<String>,
+    /// The pipeline version and the stage position.
+    stage: Option<(u32, u32)>,
+    subtask: Option<Box<str>>,
     kind: EventKind,
 }
 
@@ -253,13 +254,13 @@ impl Data {
             self.last_seq += 1;
             let subtask = new.unit.and_then(|unit| {
                 let fan_out = record.stages[unit.stage].fan_out.as_ref()?;
-                Some(fan_out.row(unit.subtask?)?.name.clone())
+                Some(fan_out.row(unit.subtask?)?.name.as_str().into())
             });
             self.events.push(LoggedEvent {
                 seq: self.last_seq,
                 at: new.at,
                 item,
-                unit: new.unit.map(|unit| (record.version, unit)),
+                stage: new.unit.map(|unit| (record.version, unit.stage as u32)),
                 subtask,
                 kind: new.kind,
             });
@@ -269,15 +270,15 @@ impl Data {
 
     /// A logged event, with its names.
     fn resolve(&self, logged: &LoggedEvent) -> Event {
-        let stage = logged.unit.map(|(version, unit)| {
-            self.versions[version as usize - 1].stages()[unit.stage].clone()
+        let stage = logged.stage.map(|(version, position)| {
+            self.versions[version as usize - 1].stages()[position as usize].clone()
         });
         Event {
             seq: logged.seq,
             at: logged.at,
             item_id: self.items[logged.item].record.id.clone(),
             stage,
-            subtask: logged.subtask.clone(),
+            subtask: logged.subtask.as_deref().map(str::to_owned),
             kind: logged.kind.clone(),
         }
     }
@@ -323,7 +324,7 @@ impl Data {
                         item_id: record.id.clone(),
                         stage: row.unit.name.clone(),
                         version: record.version,
-                        review: row.review.clone()?,
+                        review: row.review.as_deref()?.clone(),
                     })
                 })
             })

@@ -53,17 +53,17 @@ fn stage(loc: &Loc, row: &Row, at: usize) -> Result<StageRecord> {
     let total: Option<u32> = loc.count_opt(row, extra + 2, "fan_total")?;
     let fan_out = match total {
         None => None,
-        Some(total) => Some(FanOut {
+        Some(total) => Some(Box::new(FanOut {
             total,
             open: loc.count(row, extra + 3, "fan_open")?,
             failed: loc.count(row, extra + 4, "fan_failed")?,
             rows: Vec::new(),
             complete: total == 0,
-        }),
+        })),
     };
     Ok(StageRecord {
         waiting: loc.count(row, extra, "waiting")?,
-        review: loc.json_opt(row, extra + 1, "review")?,
+        review: loc.json_opt(row, extra + 1, "review")?.map(Box::new),
         fan_out,
         edits_to_check: loc.get(row, extra + 5, "edits_to_check")?,
         unit,

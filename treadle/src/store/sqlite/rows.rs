@@ -186,8 +186,8 @@ fn stage_row(
     let stage = StageRecord {
         unit,
         waiting: loc.count(row, 12, "waiting")?,
-        review,
-        fan_out,
+        review: review.map(Box::new),
+        fan_out: fan_out.map(Box::new),
         edits_to_check,
     };
     Ok((stage, unreadable))
@@ -223,11 +223,11 @@ pub(crate) fn review(
 }
 
 /// The lease in columns `column` (owner) and `column + 1` (expiry).
-fn lease(loc: &Loc, row: &Row<'_>, column: usize) -> Result<Option<Lease>> {
+fn lease(loc: &Loc, row: &Row<'_>, column: usize) -> Result<Option<Box<Lease>>> {
     let owner: Option<String> = loc.get(row, column, "lease_owner")?;
     let expiry = loc.time_opt(row, column + 1, "lease_expiry")?;
     Ok(match (owner, expiry) {
-        (Some(owner), Some(expiry)) => Some(Lease { owner, expiry }),
+        (Some(owner), Some(expiry)) => Some(Box::new(Lease { owner, expiry })),
         (None, None) => None,
         _ => return Err(loc.corrupt("lease_expiry", "a lease needs both owner and expiry")),
     })
