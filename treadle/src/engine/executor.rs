@@ -16,6 +16,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -220,7 +221,9 @@ impl<'e, W: WorkItem, S: Store, F: Future<Output = ()>> RunLoop<'e, W, S, F> {
                 // A full batch means more may be runnable right away; so
                 // may work committed while the claim was in flight.
                 *claim_wanted |= batch.claims.len() == asked;
-                engine.start(tasks, batch.claims);
+                // Attempts that ended inline freed their slots and may
+                // have made their dependents runnable.
+                *claim_wanted |= engine.start(tasks, batch.claims, report)? > 0;
             }
             Some(joined) = tasks.join_next() => {
                 report.count(joined)?;
@@ -352,24 +355,50 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
         Ok(())
     }
 
-    /// Spawns one task per claim and registers it for cancellation and renewal.
-    fn start(&self, tasks: &mut JoinSet<Result<Finished>>, claims: Vec<Claim>) {
-        let mut running = self.running();
+    /// Starts each claimed attempt, registered for cancellation and renewal,
+    /// and returns how many ended at once.
+    ///
+    /// On a current-thread runtime an attempt is first polled here, inline:
+    /// one that ends without waiting (a quick stage, and a store whose
+    /// commit needs no I/O) is counted at once, without a task of its own.
+    /// One that waits, and every attempt on a multi-thread runtime (whose
+    /// workers run attempts in parallel), runs as a task of `tasks`.
+    fn start(
+        &self,
+        tasks: &mut JoinSet<Result<Finished>>,
+        claims: Vec<Claim>,
+        report: &mut RunReport,
+    ) -> Result<usize> {
+        let inline = tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::CurrentThread;
+        let mut ended = 0;
         for claim in claims {
             let (engine, signal) = (self.clone(), CancelSignal::default());
             let generation = claim.generation;
             let attempt = Attempt::from(claim);
             let key = attempt.task.clone();
-            let abort = tasks.spawn(engine.execute(attempt, signal.clone()));
-            running.insert(
-                key,
-                RunningWork {
-                    generation,
-                    signal,
-                    abort,
-                },
-            );
+            let work = RunningWork {
+                generation,
+                signal: signal.clone(),
+                abort: None,
+            };
+            self.running().insert(key.clone(), work);
+            let mut execution = Box::pin(engine.execute(attempt, signal));
+            if inline {
+                // The task, if one is needed, polls again with its own waker.
+                let mut cx = Context::from_waker(Waker::noop());
+                if let Poll::Ready(finished) = execution.as_mut().poll(&mut cx) {
+                    report.count(Ok(finished))?;
+                    ended += 1;
+                    continue;
+                }
+            }
+            let abort = tasks.spawn(execution);
+            if let Some(work) = self.running().get_mut(&key) {
+                work.abort = Some(abort);
+            }
         }
+        Ok(ended)
     }
 
     /// Decides every review whose deadline has passed, as its deadline says.

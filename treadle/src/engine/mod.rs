@@ -134,7 +134,9 @@ struct Shared<W: WorkItem, S: Store> {
 struct RunningWork {
     generation: u64,
     signal: CancelSignal,
-    abort: tokio::task::AbortHandle,
+    /// The attempt's task; `None` while the attempt runs inline (see
+    /// `Engine::start`), when nothing else runs on the thread to stop it.
+    abort: Option<tokio::task::AbortHandle>,
 }
 
 impl<W: WorkItem, S: Store> Engine<W, S> {
@@ -396,7 +398,9 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
         for key in keys {
             if let Some(work) = running.remove(&key) {
                 work.signal.cancel();
-                work.abort.abort();
+                if let Some(abort) = work.abort {
+                    abort.abort();
+                }
             }
         }
     }
