@@ -234,8 +234,9 @@ pub(crate) fn time(at: DateTime<Utc>) -> String {
     ] {
         out[i] = c;
     }
-    // Digits and separators only: every byte is one ASCII character.
-    out.iter().map(|&byte| char::from(byte)).collect()
+    // Digits and separators only, so always UTF-8; chrono's text otherwise.
+    String::from_utf8(out.to_vec())
+        .unwrap_or_else(|_| at.to_rfc3339_opts(SecondsFormat::Nanos, true))
 }
 
 /// The length of a timestamp as [`time`] writes it.
