@@ -1,5 +1,7 @@
-//! The run loop: claims runnable work, runs each attempt in its own task
-//! ([`super::attempt`]), and commits what it settled to.
+//! The run loop: claims runnable work, runs each attempt
+//! ([`super::attempt`]) and commits what it settled to. An attempt runs in
+//! its own task, except that on a current-thread runtime it is first polled
+//! inline, and one that ends without waiting needs no task at all.
 //!
 //! The loop is a small state machine, one [`RunLoop`] per call of
 //! [`Engine::run`] or [`Engine::run_until_idle`]. Each turn it
