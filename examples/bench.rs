@@ -332,9 +332,11 @@ fn parse_args() -> Result<Args, String> {
     }
     let several = args.workers.is_some() || args.approver == Approver::Process;
     if several && args.store == "memory" {
-        return Err("--workers and --approver process need a store processes share \
+        return Err(
+            "--workers and --approver process need a store processes share \
                     (sqlite|postgres)"
-            .into());
+                .into(),
+        );
     }
     if args.workers.is_some() && args.workload == Workload::Review {
         return Err("--workers runs the linear and fanout workloads".into());
@@ -424,7 +426,10 @@ enum Place {
         _dir: Option<tempfile::TempDir>,
     },
     /// A schema on a server; the parent drops it at the end of its pass.
-    Postgres { url: String, schema: String },
+    Postgres {
+        url: String,
+        schema: String,
+    },
 }
 
 impl Place {
@@ -458,7 +463,9 @@ impl Place {
                 path: at.into(),
                 _dir: None,
             },
-            other => return Err(format!("a child of the bench cannot share a {other} store").into()),
+            other => {
+                return Err(format!("a child of the bench cannot share a {other} store").into());
+            }
         })
     }
 

@@ -44,8 +44,18 @@ fn command(args: &Args, place: &Place, role: &str) -> BenchResult<Command> {
         .args(["--store", &args.store])
         .args(["--items", &args.items.to_string()])
         .args(["--subtasks", &args.subtasks.to_string()])
-        .args(["--runtime", if args.multi_thread { "multi" } else { "current" }])
-        .args(["--at", &place.at().ok_or("a memory store cannot be shared")?]);
+        .args([
+            "--runtime",
+            if args.multi_thread {
+                "multi"
+            } else {
+                "current"
+            },
+        ])
+        .args([
+            "--at",
+            &place.at().ok_or("a memory store cannot be shared")?,
+        ]);
     if let Place::Postgres { url, .. } = place {
         command.args(["--pg-url", url]);
     }
@@ -103,7 +113,11 @@ pub(super) async fn run_workers(
     for index in 0..workers {
         let mut child = command(args, place, &format!("worker:{index}"))?.spawn()?;
         stdins.push(child.stdin.take().ok_or("no stdin")?);
-        forward(index, child.stdout.take().ok_or("no stdout")?, sender.clone());
+        forward(
+            index,
+            child.stdout.take().ok_or("no stdout")?,
+            sender.clone(),
+        );
         children.push(child);
     }
     drop(sender);
@@ -186,7 +200,10 @@ pub(super) async fn approve_elsewhere(
         }
     }
     exited(child, "the approver".into()).await?;
-    Ok((approved, took.ok_or("the approver did not say how long it took")?))
+    Ok((
+        approved,
+        took.ok_or("the approver did not say how long it took")?,
+    ))
 }
 
 /// Runs this process as the child `args.role` names.

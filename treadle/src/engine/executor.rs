@@ -305,7 +305,8 @@ async fn next_commit(feed: &mut Option<broadcast::Receiver<Event>>) {
             Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
                 while !matches!(
                     receiver.try_recv(),
-                    Err(broadcast::error::TryRecvError::Empty | broadcast::error::TryRecvError::Closed)
+                    Err(broadcast::error::TryRecvError::Empty
+                        | broadcast::error::TryRecvError::Closed)
                 ) {}
                 return;
             }
