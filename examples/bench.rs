@@ -75,7 +75,7 @@ mod peer;
 #[path = "bench_processes.rs"]
 mod processes;
 use treadle::store::Store;
-use treadle::{Decision, EngineConfig, PostgresOptions, PostgresStore, RunReport, StageState};
+use treadle::{Decision, EngineConfig, EventKind, PostgresOptions, PostgresStore, RunReport, StageState};
 
 /// What the bench's functions return: any error ends it with a message.
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
@@ -665,6 +665,24 @@ async fn review_pass<S: Store>(
     result: &mut serde_json::Map<String, serde_json::Value>,
 ) -> BenchResult<RunReport> {
     engine.run_until_idle().await?;
+    // When this process learned of each decision (its store's live feed).
+    let seen = tokio::spawn({
+        let mut feed = engine.subscribe();
+        let total = args.items as usize;
+        async move {
+            let mut seen = HashMap::with_capacity(total);
+            while seen.len() < total {
+                match feed.recv().await {
+                    Ok(event) if matches!(event.kind, EventKind::ReviewDecided { .. }) => {
+                        seen.insert(event.item_id, now_micros());
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            seen
+        }
+    });
     let worker = tokio::spawn({
         let engine = engine.clone();
         let total = args.items;
@@ -689,6 +707,12 @@ async fn review_pass<S: Store>(
         }
     };
     let report = worker.await??;
+    let seen = seen.await?;
+    let mut seen_after: Vec<f64> = approved
+        .iter()
+        .filter_map(|(id, at)| Some(seen.get(id)?.saturating_sub(*at) as f64 / 1e3))
+        .collect();
+    seen_after.sort_by(f64::total_cmp);
     let starts = PROBE.export_started.lock().unwrap();
     let mut latencies: Vec<f64> = approved
         .iter()
@@ -712,6 +736,9 @@ async fn review_pass<S: Store>(
     result.insert(format!("{measured}_p50_ms"), ms(0.50).into());
     result.insert(format!("{measured}_p99_ms"), ms(0.99).into());
     result.insert(format!("{measured}_max_ms"), ms(1.0).into());
+    let seen_ms = |p: f64| (percentile(&seen_after, p) * 1000.0).round() / 1000.0;
+    result.insert("decision_seen_p50_ms".into(), seen_ms(0.50).into());
+    result.insert("decision_seen_p99_ms".into(), seen_ms(0.99).into());
     Ok(RunReport {
         attempts: report.attempts + args.items * 3,
         ..report
