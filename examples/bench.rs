@@ -75,7 +75,9 @@ mod peer;
 #[path = "bench_processes.rs"]
 mod processes;
 use treadle::store::Store;
-use treadle::{Decision, EngineConfig, EventKind, PostgresOptions, PostgresStore, RunReport, StageState};
+use treadle::{
+    Decision, EngineConfig, EventKind, PostgresOptions, PostgresStore, RunReport, StageState,
+};
 
 /// What the bench's functions return: any error ends it with a message.
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
@@ -246,6 +248,8 @@ struct Args {
     workers: Option<usize>,
     /// Who approves in `review`.
     approver: Approver,
+    /// Approvals per second in `review` (`None`: as fast as they go).
+    approve_rate: Option<f64>,
     /// What this process is (`--role`, given to the bench's own children).
     role: Role,
     /// The database file (SQLite) or schema (PostgreSQL) of the parent's
@@ -266,6 +270,7 @@ fn parse_args() -> Result<Args, String> {
         pg_url: None,
         workers: None,
         approver: Approver::Local,
+        approve_rate: None,
         role: Role::Main,
         at: None,
     };
@@ -316,6 +321,15 @@ fn parse_args() -> Result<Args, String> {
                 "process" => args.approver = Approver::Process,
                 other => return Err(format!("unknown approver `{other}` (local|process)")),
             },
+            "--approve-rate" => {
+                let rate: f64 = value
+                    .parse()
+                    .map_err(|e| format!("--approve-rate {value}: {e}"))?;
+                if !(rate > 0.0 && rate.is_finite()) {
+                    return Err(format!("--approve-rate {value}: not a positive rate"));
+                }
+                args.approve_rate = Some(rate);
+            }
             "--role" => {
                 args.role = match value.split_once(':') {
                     Some(("worker", n)) => Role::Worker(number(&flag, n)? as usize),
@@ -341,8 +355,10 @@ fn parse_args() -> Result<Args, String> {
     if args.workers.is_some() && args.workload == Workload::Review {
         return Err("--workers runs the linear and fanout workloads".into());
     }
-    if args.approver == Approver::Process && args.workload != Workload::Review {
-        return Err("--approver process runs the review workload".into());
+    if (args.approver == Approver::Process || args.approve_rate.is_some())
+        && args.workload != Workload::Review
+    {
+        return Err("--approver and --approve-rate run the review workload".into());
     }
     if args.workers.is_some() && (args.stage_sleep_ms > 0 || args.peer) {
         return Err("--stage-sleep-ms and --peer run in one process, not with --workers".into());
@@ -698,7 +714,8 @@ async fn review_pass<S: Store>(
     });
     let (approved, approve_secs, measured) = match args.approver {
         Approver::Local => {
-            let (approved, secs) = approve_all(engine, &item_ids(args.items)).await?;
+            let ids = item_ids(args.items);
+            let (approved, secs) = approve_all(engine, &ids, args.approve_rate).await?;
             (approved, secs, "approve_to_next_stage")
         }
         Approver::Process => {
@@ -728,7 +745,14 @@ async fn review_pass<S: Store>(
     }
     latencies.sort_by(f64::total_cmp);
     let ms = |p: f64| (percentile(&latencies, p) * 1000.0).round() / 1000.0;
-    result.insert("approver".into(), measured.into());
+    let approver = match args.approver {
+        Approver::Local => "local",
+        Approver::Process => "process",
+    };
+    result.insert("approver".into(), approver.into());
+    if let Some(rate) = args.approve_rate {
+        result.insert("approve_rate".into(), rate.into());
+    }
     result.insert(
         "approvals_per_sec".into(),
         (args.items as f64 / approve_secs).round().into(),
@@ -745,22 +769,35 @@ async fn review_pass<S: Store>(
     })
 }
 
-/// Approves every item of `ids` at `review`, 32 at a time; returns when
-/// each `approve` returned (µs since the UNIX epoch) and how long it all
-/// took, in seconds.
+/// Approves every item of `ids` at `review`, 32 at a time, or, at `rate`
+/// approvals per second, each at its time (the `n`th `n / rate` seconds
+/// after the start); returns when each `approve` returned (µs since the
+/// UNIX epoch) and how long it all took, in seconds.
 async fn approve_all<S: Store>(
     engine: &Engine<Record, S>,
     ids: &[String],
+    rate: Option<f64>,
 ) -> treadle::Result<(Vec<(String, u64)>, f64)> {
     let started = Instant::now();
+    let start = tokio::time::Instant::now();
     let approvers = 32;
     let mut tasks = tokio::task::JoinSet::<treadle::Result<Vec<(String, u64)>>>::new();
     for lane in 0..approvers {
         let engine = engine.clone();
-        let mine: Vec<String> = ids.iter().skip(lane).step_by(approvers).cloned().collect();
+        let mine: Vec<(usize, String)> = ids
+            .iter()
+            .cloned()
+            .enumerate()
+            .skip(lane)
+            .step_by(approvers)
+            .collect();
         tasks.spawn(async move {
             let mut approved = Vec::with_capacity(mine.len());
-            for id in mine {
+            for (n, id) in mine {
+                if let Some(rate) = rate {
+                    tokio::time::sleep_until(start + Duration::from_secs_f64(n as f64 / rate))
+                        .await;
+                }
                 engine.approve(&id, "review", Decision::by("bench")).await?;
                 approved.push((id, now_micros()));
             }
@@ -780,7 +817,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "{e}\nusage: bench --workload linear|fanout|review --store memory|sqlite|postgres \
              --items N [--concurrency N] [--runtime current|multi] [--subtasks N] \
              [--stage-sleep-ms N] [--peer treadle-0.2] [--pg-url URL] [--workers N] \
-             [--approver local|process]"
+             [--approver local|process] [--approve-rate N]"
         )
     })?;
     let mut runtime = if args.multi_thread {

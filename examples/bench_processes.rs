@@ -59,6 +59,9 @@ fn command(args: &Args, place: &Place, role: &str) -> BenchResult<Command> {
     if let Place::Postgres { url, .. } = place {
         command.args(["--pg-url", url]);
     }
+    if let Some(rate) = args.approve_rate {
+        command.args(["--approve-rate", &rate.to_string()]);
+    }
     if let Some(concurrency) = args.concurrency {
         command.args(["--concurrency", &concurrency.to_string()]);
     }
@@ -291,7 +294,7 @@ async fn work<S: Store>(args: &Args, store: S, name: &str) -> BenchResult<()> {
 /// each approval returned.
 async fn approve<S: Store>(args: &Args, store: S) -> BenchResult<()> {
     let engine = engine(args, store, "bench-approver");
-    let (approved, secs) = approve_all(&engine, &item_ids(args.items)).await?;
+    let (approved, secs) = approve_all(&engine, &item_ids(args.items), args.approve_rate).await?;
     for (id, at) in approved {
         say(&format!("approved {id} {at}"))?;
     }

@@ -883,10 +883,18 @@ pub async fn events_are_logged_and_broadcast_in_commit_order<S: Store>(store: S)
         (1..=log.len() as u64).collect::<Vec<_>>(),
         "gapless, in order"
     );
+    // A store may deliver to subscribers after the call that committed
+    // returned (PostgreSQL's feed runs in a task of its own): wait for as
+    // many events as the log holds (the timeout only turns a hang into a
+    // failure).
     let mut live = Vec::new();
-    while let Ok(event) = feed.try_recv() {
-        live.push(event);
+    while live.len() < log.len() {
+        match tokio::time::timeout(Duration::from_secs(10), feed.recv()).await {
+            Ok(Ok(event)) => live.push(event),
+            other => panic!("the feed stopped after {} events: {other:?}", live.len()),
+        }
     }
+    assert!(feed.try_recv().is_err(), "no event beyond the log");
     assert_eq!(live, log, "subscribers see exactly the log, in log order");
     // Per item: submitted first, completed last, and each stage's events in causal order.
     for i in 0..8 {
