@@ -448,6 +448,27 @@ async fn killed_connections_are_replaced_and_the_feed_catches_up() {
     let mut feed = store.subscribe();
     store.submit(vec![item("a", t(0))]).await.unwrap();
     let admin = client().await;
+    // The feed listens on a connection of its own, made in the background:
+    // wait for it, so both kinds of connection are killed.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let listening: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE application_name = $1 AND query LIKE 'LISTEN %'",
+                    &[&schema.name],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if listening > 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the feed's listening connection appears");
     let killed: i64 = admin
         .query_one(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
