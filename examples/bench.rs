@@ -3,6 +3,8 @@
 //! ```text
 //! cargo run --release --example bench -- --workload linear --store sqlite --items 20000
 //! cargo run --release --example bench -- --workload linear --store postgres --items 20000
+//! cargo run --release --example bench -- --workload linear --store postgres --items 20000 --workers 2
+//! cargo run --release --example bench -- --workload review --store postgres --items 2000 --approver process
 //! ```
 //!
 //! `--store postgres` runs on the server at `--pg-url URL` (default:
@@ -11,7 +13,8 @@
 //!
 //! Flags: `--concurrency N` (`EngineConfig::max_concurrency`; by default
 //! what the store suggests, as `Engine::new` uses: 256 in memory, 512 on
-//! SQLite, where more work in flight makes bigger group commits),
+//! SQLite and PostgreSQL, where more work in flight makes bigger group
+//! commits),
 //! `--runtime current|multi` (the tokio runtime, default current-thread:
 //! the engine's work is short and a single thread avoids cross-thread
 //! wake-ups; the SQLite store commits on its own thread either way),
@@ -23,6 +26,19 @@
 //! `--peer treadle-0.2` (`linear` only: after our run, runs the same number
 //! of items through treadle 0.2.0 from crates.io, in its in-memory store,
 //! and reports its items/s beside ours).
+//!
+//! Several processes (`sqlite` and `postgres`; the bench runs itself again
+//! as each of them, on the same database file or schema):
+//! `--workers N` (`linear` and `fanout`): the bench submits the items, then
+//! starts N worker processes, each running `Engine::run` with its own
+//! worker id, and stops them once every item is through; the clock runs
+//! from telling them all to start until the last one's run returned, and
+//! `workers` and the combined rates are reported.
+//! `--approver process` (`review`): the approvals are made by another
+//! process, which prints when each `approve` returned (µs since the UNIX
+//! epoch); the time from that to the next stage starting in the worker is
+//! `remote_decision_to_next_stage_p50_ms` / `_p99_ms` (with the default
+//! `--approver local`, the same engine approves: `approve_to_next_stage_*`).
 //!
 //! Workloads: `linear` (scan -> enrich -> review, each completes at once,
 //! with no output; `review` reads `scan`'s, typed),
@@ -41,21 +57,30 @@
 //! so a long run (`--items 1000000`) shows whether the rate holds up as the
 //! store grows, and the peak RSS. (Attempts, not finished items: the run
 //! queue is first in, first out, so every item's first stage runs before
-//! the first item finishes.)
+//! the first item finishes. Not with `--workers`: the attempts run in the
+//! worker processes.)
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{LazyLock, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use treadle::prelude::*;
 
 #[path = "peer.rs"]
 mod peer;
+#[path = "bench_processes.rs"]
+mod processes;
 use treadle::store::Store;
-use treadle::{Decision, EngineConfig, PostgresOptions, PostgresStore};
+use treadle::{
+    Decision, EngineConfig, EventKind, PostgresOptions, PostgresStore, RunReport, StageState,
+};
+
+/// What the bench's functions return: any error ends it with a message.
+type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Record {
@@ -90,7 +115,9 @@ struct Probe {
     attempts: AtomicU64,
     /// When 10%, 90% and all of the pass's attempts had finished.
     marks: Mutex<Vec<Instant>>,
-    export_started: Mutex<HashMap<String, Instant>>,
+    /// When each item's `export` started (`review`), in µs since the UNIX
+    /// epoch: wall-clock time, comparable with another process's.
+    export_started: Mutex<HashMap<String, u64>>,
 }
 
 static PROBE: LazyLock<Probe> = LazyLock::new(Probe::default);
@@ -171,7 +198,7 @@ async fn review(
 #[stage]
 async fn export(record: &Record) -> treadle::Result<()> {
     attempt_done();
-    let now = Instant::now();
+    let now = now_micros();
     PROBE
         .export_started
         .lock()
@@ -179,6 +206,26 @@ async fn export(record: &Record) -> treadle::Result<()> {
         .insert(record.id.clone(), now);
     PROBE.finished.fetch_add(1, Ordering::Relaxed);
     Ok(())
+}
+
+/// Who decides the reviews of the `review` workload.
+#[derive(Clone, Copy, PartialEq)]
+enum Approver {
+    /// The engine that runs the work, in this process.
+    Local,
+    /// Another process, on its own store handle.
+    Process,
+}
+
+/// What this process of the bench is.
+#[derive(Clone, Copy, PartialEq)]
+enum Role {
+    /// The bench itself.
+    Main,
+    /// Worker process `N` of a `--workers` run.
+    Worker(usize),
+    /// The approver process of `--approver process`.
+    Approver,
 }
 
 struct Args {
@@ -197,6 +244,17 @@ struct Args {
     peer: bool,
     /// The PostgreSQL server, for `--store postgres`.
     pg_url: Option<String>,
+    /// Run the work in this many worker processes (`None`: in this one).
+    workers: Option<usize>,
+    /// Who approves in `review`.
+    approver: Approver,
+    /// Approvals per second in `review` (`None`: as fast as they go).
+    approve_rate: Option<f64>,
+    /// What this process is (`--role`, given to the bench's own children).
+    role: Role,
+    /// The database file (SQLite) or schema (PostgreSQL) of the parent's
+    /// pass (`--at`, given to the bench's own children).
+    at: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -210,6 +268,14 @@ fn parse_args() -> Result<Args, String> {
         stage_sleep_ms: 0,
         peer: false,
         pg_url: None,
+        workers: None,
+        approver: Approver::Local,
+        approve_rate: None,
+        role: Role::Main,
+        at: None,
+    };
+    let number = |flag: &str, value: &str| -> Result<u64, String> {
+        value.parse().map_err(|e| format!("{flag} {value}: {e}"))
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -230,37 +296,72 @@ fn parse_args() -> Result<Args, String> {
                 other => return Err(format!("unknown store `{other}` (memory|sqlite|postgres)")),
             },
             "--pg-url" => args.pg_url = Some(value),
-            "--items" => args.items = value.parse().map_err(|e| format!("--items {value}: {e}"))?,
+            "--items" => args.items = number(&flag, &value)?,
             "--runtime" => match value.as_str() {
                 "current" => args.multi_thread = false,
                 "multi" => args.multi_thread = true,
                 other => return Err(format!("unknown runtime `{other}` (current|multi)")),
             },
-            "--concurrency" => {
-                let n = value
-                    .parse()
-                    .map_err(|e| format!("--concurrency {value}: {e}"))?;
-                args.concurrency = Some(n);
-            }
+            "--concurrency" => args.concurrency = Some(number(&flag, &value)? as usize),
             "--subtasks" => {
-                args.subtasks = value
-                    .parse()
+                args.subtasks = u32::try_from(number(&flag, &value)?)
                     .map_err(|e| format!("--subtasks {value}: {e}"))?;
             }
-            "--stage-sleep-ms" => {
-                args.stage_sleep_ms = value
-                    .parse()
-                    .map_err(|e| format!("--stage-sleep-ms {value}: {e}"))?;
-            }
+            "--stage-sleep-ms" => args.stage_sleep_ms = number(&flag, &value)?,
             "--peer" => match value.as_str() {
                 "treadle-0.2" => args.peer = true,
                 other => return Err(format!("unknown peer `{other}` (treadle-0.2)")),
             },
+            "--workers" => match number(&flag, &value)? {
+                0 => return Err("--workers needs at least 1".into()),
+                n => args.workers = Some(n as usize),
+            },
+            "--approver" => match value.as_str() {
+                "local" => args.approver = Approver::Local,
+                "process" => args.approver = Approver::Process,
+                other => return Err(format!("unknown approver `{other}` (local|process)")),
+            },
+            "--approve-rate" => {
+                let rate: f64 = value
+                    .parse()
+                    .map_err(|e| format!("--approve-rate {value}: {e}"))?;
+                if !(rate > 0.0 && rate.is_finite()) {
+                    return Err(format!("--approve-rate {value}: not a positive rate"));
+                }
+                args.approve_rate = Some(rate);
+            }
+            "--role" => {
+                args.role = match value.split_once(':') {
+                    Some(("worker", n)) => Role::Worker(number(&flag, n)? as usize),
+                    None if value == "approver" => Role::Approver,
+                    _ => return Err(format!("unknown role `{value}` (worker:N|approver)")),
+                }
+            }
+            "--at" => args.at = Some(value),
             other => return Err(format!("unknown flag `{other}`")),
         }
     }
     if args.workload != Workload::Linear && (args.stage_sleep_ms > 0 || args.peer) {
         return Err("--stage-sleep-ms and --peer run the linear workload only".into());
+    }
+    let several = args.workers.is_some() || args.approver == Approver::Process;
+    if several && args.store == "memory" {
+        return Err(
+            "--workers and --approver process need a store processes share \
+                    (sqlite|postgres)"
+                .into(),
+        );
+    }
+    if args.workers.is_some() && args.workload == Workload::Review {
+        return Err("--workers runs the linear and fanout workloads".into());
+    }
+    if (args.approver == Approver::Process || args.approve_rate.is_some())
+        && args.workload != Workload::Review
+    {
+        return Err("--approver and --approve-rate run the review workload".into());
+    }
+    if args.workers.is_some() && (args.stage_sleep_ms > 0 || args.peer) {
+        return Err("--stage-sleep-ms and --peer run in one process, not with --workers".into());
     }
     Ok(args)
 }
@@ -318,13 +419,133 @@ fn rate(items: u64, secs: f64) -> serde_json::Value {
     (items as f64 / secs).round().into()
 }
 
-/// One pass of the workload on `store`, with the middle stage sleeping
-/// `sleep_ms`.
-async fn bench<S: Store>(
-    args: &Args,
-    store: S,
+/// Microseconds since the UNIX epoch: wall-clock time, which processes on
+/// one machine share.
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The ids of the bench's items.
+fn item_ids(items: u64) -> Vec<String> {
+    (0..items).map(|i| format!("item-{i:08}")).collect()
+}
+
+/// Where a pass keeps its store; the bench's child processes open the same.
+enum Place {
+    Memory,
+    /// A database file, in a temporary directory kept while the pass runs
+    /// (`None` in a child: the parent owns it).
+    Sqlite {
+        path: PathBuf,
+        _dir: Option<tempfile::TempDir>,
+    },
+    /// A schema on a server; the parent drops it at the end of its pass.
+    Postgres {
+        url: String,
+        schema: String,
+    },
+}
+
+impl Place {
+    /// A fresh place for a pass of the parent, per `args.store`.
+    fn fresh(args: &Args, sleep_ms: u64) -> BenchResult<Place> {
+        Ok(match args.store.as_str() {
+            "memory" => Place::Memory,
+            "postgres" => Place::Postgres {
+                url: pg_url(args),
+                schema: format!("treadle_bench_{}_{sleep_ms}", std::process::id()),
+            },
+            _ => {
+                let dir = tempfile::tempdir()?;
+                Place::Sqlite {
+                    path: dir.path().join("bench.db"),
+                    _dir: Some(dir),
+                }
+            }
+        })
+    }
+
+    /// The place a child process was given (`--at`).
+    fn given(args: &Args) -> BenchResult<Place> {
+        let at = args.at.clone().ok_or("a child of the bench needs --at")?;
+        Ok(match args.store.as_str() {
+            "postgres" => Place::Postgres {
+                url: pg_url(args),
+                schema: at,
+            },
+            "sqlite" => Place::Sqlite {
+                path: at.into(),
+                _dir: None,
+            },
+            other => {
+                return Err(format!("a child of the bench cannot share a {other} store").into());
+            }
+        })
+    }
+
+    /// What a child process is told with `--at`.
+    fn at(&self) -> Option<String> {
+        match self {
+            Place::Memory => None,
+            Place::Sqlite { path, .. } => Some(path.display().to_string()),
+            Place::Postgres { schema, .. } => Some(schema.clone()),
+        }
+    }
+
+    /// Opens the store here (with its durable defaults) as `name`, runs
+    /// `job` on it, and, if `owner`, drops a PostgreSQL schema afterwards.
+    async fn open<J: OnStore>(&self, name: &str, owner: bool, job: J) -> BenchResult<J::Output> {
+        match self {
+            Place::Memory => job.run(MemoryStore::new()).await,
+            Place::Sqlite { path, .. } => job.run(SqliteStore::open(path).await?).await,
+            Place::Postgres { url, schema } => {
+                let options = PostgresOptions::new(url)
+                    .schema(schema)
+                    .application_name(name);
+                let store = PostgresStore::open(options).await?;
+                let output = job.run(store.clone()).await;
+                if owner {
+                    store.drop_schema().await?;
+                }
+                output
+            }
+        }
+    }
+}
+
+fn pg_url(args: &Args) -> String {
+    args.pg_url.clone().unwrap_or_else(|| {
+        std::env::var("TREADLE_PG_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    })
+}
+
+/// Something to do with an open store, whatever its kind.
+trait OnStore {
+    type Output;
+
+    async fn run<S: Store>(self, store: S) -> BenchResult<Self::Output>;
+}
+
+/// One pass of the workload, in the parent.
+struct Pass<'a> {
+    args: &'a Args,
     sleep_ms: u64,
-) -> treadle::Result<serde_json::Value> {
+    place: &'a Place,
+}
+
+impl OnStore for Pass<'_> {
+    type Output = serde_json::Value;
+
+    async fn run<S: Store>(self, store: S) -> BenchResult<serde_json::Value> {
+        bench(self.args, store, self.sleep_ms, self.place).await
+    }
+}
+
+/// Resets the probe for a pass of `args` whose middle stage sleeps `sleep_ms`.
+fn reset_probe(args: &Args, sleep_ms: u64) {
     PROBE.workload.get_or_init(|| args.workload);
     PROBE.subtasks.get_or_init(|| args.subtasks);
     PROBE.sleep_ms.store(sleep_ms, Ordering::Relaxed);
@@ -335,90 +556,62 @@ async fn bench<S: Store>(
     PROBE.attempts.store(0, Ordering::Relaxed);
     PROBE.finished.store(0, Ordering::Relaxed);
     PROBE.marks.lock().unwrap().clear();
+    PROBE.export_started.lock().unwrap().clear();
+}
+
+/// The engine of `args`' workload on `store`, as worker `worker_id`.
+fn engine<S: Store>(args: &Args, store: S, worker_id: &str) -> Engine<Record, S> {
     let config = EngineConfig {
         max_concurrency: args
             .concurrency
             .unwrap_or_else(|| store.suggested_concurrency()),
+        worker_id: worker_id.to_owned(),
         ..EngineConfig::default()
     };
-    let concurrency = config.max_concurrency;
-    let engine = Engine::with_config(pipeline(args.workload), store, config);
-    let ids: Vec<String> = (0..args.items).map(|i| format!("item-{i:08}")).collect();
+    Engine::with_config(pipeline(args.workload), store, config)
+}
+
+/// One pass of the workload on `store` (kept at `place`), with the middle
+/// stage sleeping `sleep_ms`.
+async fn bench<S: Store>(
+    args: &Args,
+    store: S,
+    sleep_ms: u64,
+    place: &Place,
+) -> BenchResult<serde_json::Value> {
+    reset_probe(args, sleep_ms);
+    let per_item = attempts_per_item(args.workload, args.subtasks);
+    let engine = engine(args, store, "bench");
+    let concurrency = engine.config().max_concurrency;
+    let ids = item_ids(args.items);
     for chunk in ids.chunks(1_000) {
         engine
             .submit_all(chunk.iter().map(|id| Record { id: id.clone() }))
             .await?;
     }
-    let bar = progress(args.items);
-    let started = Instant::now();
     let mut result = serde_json::Map::new();
-    let report = if args.workload == Workload::Review {
-        engine.run_until_idle().await?;
-        let worker = tokio::spawn({
-            let engine = engine.clone();
-            let total = args.items;
-            async move {
-                engine
-                    .run(async move {
-                        while PROBE.finished.load(Ordering::Relaxed) < total {
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                        }
-                    })
-                    .await
+    let started = Instant::now();
+    let (report, secs) = match args.workers {
+        Some(workers) => {
+            let run = processes::run_workers(args, place, workers).await?;
+            check_finished(engine.store(), args).await?;
+            result.insert("workers".into(), workers.into());
+            (run.report, run.secs)
+        }
+        None => {
+            let bar = progress(args.items);
+            let report = if args.workload == Workload::Review {
+                review_pass(args, &engine, place, &mut result).await?
+            } else {
+                engine.run_until_idle().await?
+            };
+            let secs = started.elapsed().as_secs_f64();
+            if let Some(bar) = bar {
+                let _ = bar.await;
             }
-        });
-        let approve_started = Instant::now();
-        let approved = Arc::new(Mutex::new(HashMap::with_capacity(ids.len())));
-        let approvers = 32;
-        let mut tasks = tokio::task::JoinSet::<treadle::Result<()>>::new();
-        for lane in 0..approvers {
-            let (engine, approved) = (engine.clone(), approved.clone());
-            let mine: Vec<String> = ids.iter().skip(lane).step_by(approvers).cloned().collect();
-            tasks.spawn(async move {
-                for id in mine {
-                    engine.approve(&id, "review", Decision::by("bench")).await?;
-                    approved.lock().unwrap().insert(id, Instant::now());
-                }
-                Ok(())
-            });
+            (report, secs)
         }
-        while let Some(done) = tasks.join_next().await {
-            done.expect("approver task")?;
-        }
-        let approve_secs = approve_started.elapsed().as_secs_f64();
-        let report = worker.await.expect("worker task")?;
-        let starts = PROBE.export_started.lock().unwrap();
-        let approved = approved.lock().unwrap();
-        let mut latencies: Vec<f64> = approved
-            .iter()
-            .filter_map(|(id, at)| {
-                Some(starts.get(id)?.saturating_duration_since(*at).as_secs_f64() * 1e3)
-            })
-            .collect();
-        latencies.sort_by(f64::total_cmp);
-        result.insert(
-            "approvals_per_sec".into(),
-            (args.items as f64 / approve_secs).round().into(),
-        );
-        result.insert(
-            "approve_to_next_stage_p50_ms".into(),
-            percentile(&latencies, 0.50).into(),
-        );
-        result.insert(
-            "approve_to_next_stage_p99_ms".into(),
-            percentile(&latencies, 0.99).into(),
-        );
-        treadle::RunReport {
-            attempts: report.attempts + args.items * 3,
-            ..report
-        }
-    } else {
-        engine.run_until_idle().await?
     };
-    let secs = started.elapsed().as_secs_f64();
-    if let Some(bar) = bar {
-        let _ = bar.await;
-    }
     // Each attempt is two transitions (claimed, then its end); a fan-out
     // also completes its stage once, and each approval is one.
     let extra = match args.workload {
@@ -461,12 +654,170 @@ async fn bench<S: Store>(
     Ok(serde_json::Value::Object(result))
 }
 
+/// Checks that every item went through the last stage (`review` in
+/// `linear` and `fanout`).
+async fn check_finished<S: Store>(store: &S, args: &Args) -> BenchResult<()> {
+    let done: u64 = store
+        .stage_counts()
+        .await?
+        .iter()
+        .filter(|c| c.stage == "review" && c.state == StageState::Completed)
+        .map(|c| c.items)
+        .sum();
+    if done != args.items {
+        return Err(format!("{done} of {} items finished", args.items).into());
+    }
+    Ok(())
+}
+
+/// The `review` workload after the items were submitted: runs them to
+/// their reviews, then runs a worker while every review is approved (here
+/// or from another process, per `--approver`), and notes how soon after
+/// each approval the next stage started.
+async fn review_pass<S: Store>(
+    args: &Args,
+    engine: &Engine<Record, S>,
+    place: &Place,
+    result: &mut serde_json::Map<String, serde_json::Value>,
+) -> BenchResult<RunReport> {
+    engine.run_until_idle().await?;
+    // When this process learned of each decision (its store's live feed).
+    let seen = tokio::spawn({
+        let mut feed = engine.subscribe();
+        let total = args.items as usize;
+        async move {
+            let mut seen = HashMap::with_capacity(total);
+            while seen.len() < total {
+                match feed.recv().await {
+                    Ok(event) if matches!(event.kind, EventKind::ReviewDecided { .. }) => {
+                        seen.insert(event.item_id, now_micros());
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            seen
+        }
+    });
+    let worker = tokio::spawn({
+        let engine = engine.clone();
+        let total = args.items;
+        async move {
+            engine
+                .run(async move {
+                    while PROBE.finished.load(Ordering::Relaxed) < total {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+                .await
+        }
+    });
+    let (approved, approve_secs, measured) = match args.approver {
+        Approver::Local => {
+            let ids = item_ids(args.items);
+            let (approved, secs) = approve_all(engine, &ids, args.approve_rate).await?;
+            (approved, secs, "approve_to_next_stage")
+        }
+        Approver::Process => {
+            let (approved, secs) = processes::approve_elsewhere(args, place).await?;
+            (approved, secs, "remote_decision_to_next_stage")
+        }
+    };
+    let report = worker.await??;
+    let seen = seen.await?;
+    let mut seen_after: Vec<f64> = approved
+        .iter()
+        .filter_map(|(id, at)| Some(seen.get(id)?.saturating_sub(*at) as f64 / 1e3))
+        .collect();
+    seen_after.sort_by(f64::total_cmp);
+    let starts = PROBE.export_started.lock().unwrap();
+    let mut latencies: Vec<f64> = approved
+        .iter()
+        .filter_map(|(id, at)| Some(starts.get(id)?.saturating_sub(*at) as f64 / 1e3))
+        .collect();
+    if latencies.len() as u64 != args.items {
+        return Err(format!(
+            "{} of {} approved items started their next stage",
+            latencies.len(),
+            args.items
+        )
+        .into());
+    }
+    latencies.sort_by(f64::total_cmp);
+    let ms = |p: f64| (percentile(&latencies, p) * 1000.0).round() / 1000.0;
+    let approver = match args.approver {
+        Approver::Local => "local",
+        Approver::Process => "process",
+    };
+    result.insert("approver".into(), approver.into());
+    if let Some(rate) = args.approve_rate {
+        result.insert("approve_rate".into(), rate.into());
+    }
+    result.insert(
+        "approvals_per_sec".into(),
+        (args.items as f64 / approve_secs).round().into(),
+    );
+    result.insert(format!("{measured}_p50_ms"), ms(0.50).into());
+    result.insert(format!("{measured}_p99_ms"), ms(0.99).into());
+    result.insert(format!("{measured}_max_ms"), ms(1.0).into());
+    let seen_ms = |p: f64| (percentile(&seen_after, p) * 1000.0).round() / 1000.0;
+    result.insert("decision_seen_p50_ms".into(), seen_ms(0.50).into());
+    result.insert("decision_seen_p99_ms".into(), seen_ms(0.99).into());
+    Ok(RunReport {
+        attempts: report.attempts + args.items * 3,
+        ..report
+    })
+}
+
+/// Approves every item of `ids` at `review`, 32 at a time, or, at `rate`
+/// approvals per second, each at its time (the `n`th `n / rate` seconds
+/// after the start); returns when each `approve` returned (µs since the
+/// UNIX epoch) and how long it all took, in seconds.
+async fn approve_all<S: Store>(
+    engine: &Engine<Record, S>,
+    ids: &[String],
+    rate: Option<f64>,
+) -> treadle::Result<(Vec<(String, u64)>, f64)> {
+    let started = Instant::now();
+    let start = tokio::time::Instant::now();
+    let approvers = 32;
+    let mut tasks = tokio::task::JoinSet::<treadle::Result<Vec<(String, u64)>>>::new();
+    for lane in 0..approvers {
+        let engine = engine.clone();
+        let mine: Vec<(usize, String)> = ids
+            .iter()
+            .cloned()
+            .enumerate()
+            .skip(lane)
+            .step_by(approvers)
+            .collect();
+        tasks.spawn(async move {
+            let mut approved = Vec::with_capacity(mine.len());
+            for (n, id) in mine {
+                if let Some(rate) = rate {
+                    tokio::time::sleep_until(start + Duration::from_secs_f64(n as f64 / rate))
+                        .await;
+                }
+                engine.approve(&id, "review", Decision::by("bench")).await?;
+                approved.push((id, now_micros()));
+            }
+            Ok(approved)
+        });
+    }
+    let mut approved = Vec::with_capacity(ids.len());
+    while let Some(done) = tasks.join_next().await {
+        approved.extend(done.expect("approver task")?);
+    }
+    Ok((approved, started.elapsed().as_secs_f64()))
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args().map_err(|e| {
         format!(
             "{e}\nusage: bench --workload linear|fanout|review --store memory|sqlite|postgres \
              --items N [--concurrency N] [--runtime current|multi] [--subtasks N] \
-             [--stage-sleep-ms N] [--peer treadle-0.2] [--pg-url URL]"
+             [--stage-sleep-ms N] [--peer treadle-0.2] [--pg-url URL] [--workers N] \
+             [--approver local|process] [--approve-rate N]"
         )
     })?;
     let mut runtime = if args.multi_thread {
@@ -474,39 +825,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         tokio::runtime::Builder::new_current_thread()
     };
-    let line = runtime.enable_all().build()?.block_on(run(&args))?;
-    println!("{line}");
+    let runtime = runtime.enable_all().build()?;
+    if args.role == Role::Main {
+        let line = runtime.block_on(run(&args))?;
+        println!("{line}");
+    } else {
+        runtime.block_on(processes::child(&args))?;
+    }
     Ok(())
 }
 
 /// One pass on a fresh store of the kind `args` names.
-async fn pass(args: &Args, sleep_ms: u64) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
-    Ok(match args.store.as_str() {
-        "memory" => bench(args, MemoryStore::new(), sleep_ms).await?,
-        "postgres" => {
-            let url = args.pg_url.clone().unwrap_or_else(|| {
-                std::env::var("TREADLE_PG_URL")
-                    .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-            });
-            let schema = format!("treadle_bench_{}_{sleep_ms}", std::process::id());
-            let options = PostgresOptions::new(url)
-                .schema(schema)
-                .application_name("bench");
-            let store = PostgresStore::open(options).await?;
-            let line = bench(args, store.clone(), sleep_ms).await;
-            store.drop_schema().await?;
-            line?
-        }
-        _ => {
-            // A file in a temporary directory, with the store's durable defaults.
-            let dir = tempfile::tempdir()?;
-            let store = SqliteStore::open(dir.path().join("bench.db")).await?;
-            bench(args, store, sleep_ms).await?
-        }
-    })
+async fn pass(args: &Args, sleep_ms: u64) -> BenchResult<serde_json::Value> {
+    let place = Place::fresh(args, sleep_ms)?;
+    let pass = Pass {
+        args,
+        sleep_ms,
+        place: &place,
+    };
+    place.open("bench", true, pass).await
 }
 
-async fn run(args: &Args) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+async fn run(args: &Args) -> BenchResult<serde_json::Value> {
     let mut line = if args.stage_sleep_ms > 0 {
         // The no-sleep pass first: the ideal is bounded by it.
         let fastest = pass(args, 0).await?["items_per_sec"]

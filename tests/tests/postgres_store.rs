@@ -13,6 +13,7 @@
 
 mod chaos;
 mod differential;
+mod pg_proxy;
 mod store_suite;
 mod support;
 
@@ -450,6 +451,27 @@ async fn killed_connections_are_replaced_and_the_feed_catches_up() {
     let mut feed = store.subscribe();
     store.submit(vec![item("a", t(0))]).await.unwrap();
     let admin = client().await;
+    // The feed listens on a connection of its own, made in the background:
+    // wait for it, so both kinds of connection are killed.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let listening: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE application_name = $1 AND query LIKE 'LISTEN %'",
+                    &[&schema.name],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if listening > 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the feed's listening connection appears");
     let killed: i64 = admin
         .query_one(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
@@ -476,6 +498,62 @@ async fn killed_connections_are_replaced_and_the_feed_catches_up() {
     }
     assert_eq!(seen, ["a", "b", "c"]);
     assert_gapless(&store.events(EventQuery::default()).await.unwrap());
+}
+
+/// Parks item `x` at review, then approves it through a proxy that cuts
+/// the connection around the decision's `COMMIT` as `cut` says; checks the
+/// decision was recorded once and answered as committed.
+async fn decide_across_a_cut(cut: pg_proxy::Cut) {
+    let schema = Schema::new().await;
+    let proxy = pg_proxy::Proxy::start(&url());
+    let options = PostgresOptions::new(proxy.url()).schema(&schema.name);
+    let store = PostgresStore::open(options).await.unwrap();
+    store.register_pipeline(&definition()).await.unwrap();
+    store.submit(vec![item("x", t(0))]).await.unwrap();
+    let claim = store.claim(request(t(1))).await.unwrap().claims.remove(0);
+    let review = treadle::ReviewRequest::new("check");
+    store
+        .commit(commit(
+            claim.task.clone(),
+            claim.generation,
+            1,
+            t(2),
+            Transition::AwaitReview(review),
+        ))
+        .await
+        .unwrap();
+    proxy.arm(cut);
+    let decided = store
+        .decide(treadle::store::DecisionCommit {
+            item_id: "x".into(),
+            stage: "scan".into(),
+            verdict: treadle::store::Verdict::Approve,
+            decision: treadle::Decision::by("alice").for_round(1),
+            at: t(3),
+        })
+        .await;
+    assert_eq!(proxy.cuts(), 1, "the connection was cut at the COMMIT");
+    // Answered as committed: not an error, and not replayed into
+    // NotAwaitingReview by a decision that had in fact been recorded.
+    let events = decided.expect("the decision is answered as committed");
+    let log = all_events(&schema.store().await).await;
+    assert_gapless(&log);
+    let decisions: Vec<_> = log
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::ReviewDecided { .. }))
+        .collect();
+    assert_eq!(decisions.len(), 1, "decided exactly once");
+    assert_eq!(&events[0], decisions[0], "the answer is the logged event");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_answer_is_lost_is_resolved_as_committed() {
+    decide_across_a_cut(pg_proxy::Cut::AfterCommit).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_the_server_never_got_is_resolved_as_not_committed_and_replayed() {
+    decide_across_a_cut(pg_proxy::Cut::BeforeCommit).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

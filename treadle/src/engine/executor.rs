@@ -123,7 +123,7 @@ struct RunLoop<'e, W: WorkItem, S: Store, F> {
     /// When a long-running worker with retention prunes next.
     retention: Option<Retention>,
     /// For `run`: the store's feed. Any commit, by this process or another
-    /// sharing the store, may have made work runnable and wakes a nap.
+    /// sharing the store, may have made work runnable: it wakes the loop.
     commits: Option<broadcast::Receiver<Event>>,
     report: RunReport,
 }
@@ -213,6 +213,7 @@ impl<'e, W: WorkItem, S: Store, F: Future<Output = ()>> RunLoop<'e, W, S, F> {
             claiming,
             claim_wanted,
             renewal,
+            commits,
             report,
             ..
         } = self;
@@ -232,6 +233,10 @@ impl<'e, W: WorkItem, S: Store, F: Future<Output = ()>> RunLoop<'e, W, S, F> {
                 *claim_wanted = true;
             }
             () = engine.shared.wake.notified(), if !*stopping => *claim_wanted = true,
+            // Another process's commit (a decision, a submission, finished
+            // work) may have made work runnable; a claim already in flight
+            // may have missed it.
+            () = next_commit(commits), if !*stopping => *claim_wanted = true,
             _ = renewal.tick() => {
                 engine.renew_leases().await?;
                 if engine.expire_reviews().await? > 0 {
@@ -297,11 +302,19 @@ impl<'e, W: WorkItem, S: Store, F: Future<Output = ()>> RunLoop<'e, W, S, F> {
 }
 
 /// Waits until `feed` carries another committed event (or reports that
-/// it fell behind); never, once there is no feed.
+/// it fell behind), then takes every event already waiting too, so a burst
+/// of commits wakes the loop once; never returns once there is no feed.
 async fn next_commit(feed: &mut Option<broadcast::Receiver<Event>>) {
     if let Some(receiver) = feed {
         match receiver.recv().await {
-            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => return,
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                while !matches!(
+                    receiver.try_recv(),
+                    Err(broadcast::error::TryRecvError::Empty
+                        | broadcast::error::TryRecvError::Closed)
+                ) {}
+                return;
+            }
             Err(broadcast::error::RecvError::Closed) => *feed = None,
         }
     }

@@ -10,10 +10,11 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
+use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use super::codec::{int, micros};
-use super::conn::Db;
+use super::conn::{Db, Statement};
 use super::graphs::Graphs;
 use super::load::{self, Lock, Subtasks};
 use super::save::Changes;
@@ -158,6 +159,16 @@ impl Op {
         }
     }
 
+    /// The subtask rows this transition names, as (item, stage, name).
+    fn subtasks<'a>(&'a self) -> Vec<(&'a str, &'a str, &'a str)> {
+        let named = |k: &'a TaskKey| Some((&*k.item_id, &*k.stage, k.subtask.as_deref()?));
+        match self {
+            Op::Commit(c) => named(&c.task).into_iter().collect(),
+            Op::Renew { claims, .. } => claims.iter().filter_map(|(k, _)| named(k)).collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// The existing items this transition addresses.
     fn items(&self) -> Vec<&str> {
         match self {
@@ -219,28 +230,87 @@ pub(super) struct Batch<'a> {
     pub(super) slots: HashMap<String, Slot>,
     /// Everything to write at the end.
     pub(super) changes: Changes,
+    /// What each claim of the batch (by op index) read in the first round trip.
+    claim_reads: HashMap<usize, ClaimReads>,
+}
+
+/// The rows a claim reads before it locks anything: expired leases and
+/// the run queue's head.
+#[derive(Debug, Default)]
+struct ClaimReads {
+    expired: Vec<Row>,
+    head: Vec<Row>,
+}
+
+/// The statements that move due retries to the back of the run queue, list
+/// expired leases and take the run queue's head, for a claim.
+const EXPIRED_SQL: &str = "(SELECT lease_expiry, item_id, name, NULL::int8 FROM stages
+      WHERE state = 'running' AND lease_expiry IS NOT NULL AND lease_expiry <= $1
+      ORDER BY lease_expiry LIMIT $2)
+     UNION ALL
+     (SELECT lease_expiry, item_id, stage, position FROM subtasks
+      WHERE state = 'running' AND lease_expiry IS NOT NULL AND lease_expiry <= $1
+      ORDER BY lease_expiry LIMIT $2)
+     ORDER BY 1 LIMIT $2";
+
+/// Moves the retries that fell due (at `$1`) to the back of the run queue.
+const DUE_SQL: &str = "WITH due AS (
+        DELETE FROM scheduled WHERE id IN (
+            SELECT id FROM scheduled WHERE due <= $1
+            ORDER BY due, item_seq, stage_position, subtask NULLS FIRST
+            FOR UPDATE SKIP LOCKED)
+        RETURNING *)
+     INSERT INTO run_queue (item_id, stage, subtask)
+     SELECT item_id, stage, subtask FROM due
+     ORDER BY due, item_seq, stage_position, subtask NULLS FIRST";
+
+/// The run queue's first `$2` entries after `$1` that no other
+/// transaction holds.
+const HEAD_SQL: &str = "SELECT seq, item_id, stage, subtask FROM run_queue WHERE seq > $1
+     ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED";
+
+/// Inserts the item rows of submissions; existing ids are left alone.
+const INSERT_ITEMS_SQL: &str = "INSERT INTO items (id, version, payload, submitted_at)
+     SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::timestamptz[])
+     ON CONFLICT (id) DO NOTHING RETURNING id, seq";
+
+/// The item rows the batch's submissions insert, as columns.
+#[derive(Debug, Default)]
+struct Submitted {
+    ids: Vec<String>,
+    versions: Vec<i64>,
+    payloads: Vec<String>,
+    times: Vec<DateTime<Utc>>,
+    /// The index of the op that submits each id (the first one).
+    owners: HashMap<String, usize>,
 }
 
 impl<'a> Batch<'a> {
-    /// An empty batch on the open transaction `db`.
+    /// An empty batch on the connection `db`; [`Batch::apply`] begins the
+    /// transaction.
     pub(super) fn new(db: Db<'a>, graphs: &'a Graphs) -> Self {
         Batch {
             db,
             graphs,
             slots: HashMap::new(),
             changes: Changes::default(),
+            claim_reads: HashMap::new(),
         }
     }
 
-    /// Applies `ops` in order: rows of the items they address are locked
-    /// first, all together. Each answer's events carry sequence number 0
-    /// until [`super::save`] numbers them.
+    /// Begins the transaction and applies `ops` in order. The first round
+    /// trip begins it, locks and loads the items the ops address (with the
+    /// subtask rows they name), inserts submitted items and makes every
+    /// claim's first reads; a claim then locks what it found in one more.
+    /// Each answer's events carry sequence number 0 until [`super::save`]
+    /// numbers them. On an error the transaction may be open: the caller
+    /// rolls it back.
     pub(super) async fn apply(&mut self, ops: &[Op]) -> Result<Vec<Result<Answer>>> {
         let mut ids: Vec<String> = ops.iter().flat_map(Op::items).map(str::to_owned).collect();
         ids.sort_unstable();
         ids.dedup();
-        self.lock(&ids, Lock::Wait).await?;
-        let inserted = self.insert_items(ops).await?;
+        let submitted = self.submitted(ops).await;
+        let inserted = self.open(ops, &ids, &submitted).await?;
         let mut answers = Vec::with_capacity(ops.len());
         for (index, op) in ops.iter().enumerate() {
             match self.apply_one(index, op, &inserted).await {
@@ -251,17 +321,88 @@ impl<'a> Batch<'a> {
         Ok(answers)
     }
 
-    /// Locks (per `lock`) and loads the items `ids` not yet in the batch.
-    async fn lock(&mut self, ids: &[String], lock: Lock) -> Result<()> {
-        let missing: Vec<String> = ids
-            .iter()
-            .filter(|id| !self.slots.contains_key(id.as_str()))
-            .cloned()
-            .collect();
-        if missing.is_empty() {
-            return Ok(());
+    /// The first round trip: BEGIN, the locked items `ids` with their stage
+    /// rows and the subtask rows `ops` name, the insertion of `submitted`,
+    /// and each claim's reads. Returns, per inserted id, the index of the
+    /// op that inserted it and its `seq`.
+    async fn open(
+        &mut self,
+        ops: &[Op],
+        ids: &[String],
+        submitted: &Submitted,
+    ) -> Result<HashMap<String, (usize, i64)>> {
+        let (mut sub_items, mut sub_stages, mut sub_names) = (Vec::new(), Vec::new(), Vec::new());
+        for (item, stage, name) in ops.iter().flat_map(Op::subtasks) {
+            sub_items.push(item);
+            sub_stages.push(stage);
+            sub_names.push(name);
         }
-        for loaded in load::items(self.db, &missing, lock).await? {
+        let claims: Vec<(usize, &ClaimRequest, i64)> = ops
+            .iter()
+            .enumerate()
+            .filter_map(|(index, op)| match op {
+                Op::Claim(request) => Some((index, request, int(request.limit as u64))),
+                _ => None,
+            })
+            .collect();
+        let (stages_sql, named_sql) = (load::stages_sql(), load::subtasks_named_sql());
+        let id_params: [&(dyn ToSql + Sync); 1] = [&ids];
+        let named_params: [&(dyn ToSql + Sync); 3] = [&sub_items, &sub_stages, &sub_names];
+        let s = submitted;
+        let insert_params: [&(dyn ToSql + Sync); 4] = [&s.ids, &s.versions, &s.payloads, &s.times];
+        let claim_params: Vec<_> = claims
+            .iter()
+            .map(|(_, request, limit)| {
+                let expired: [&(dyn ToSql + Sync); 2] = [&request.now, limit];
+                let due: [&(dyn ToSql + Sync); 1] = [&request.now];
+                let head: [&(dyn ToSql + Sync); 2] = [&0i64, limit];
+                (expired, due, head)
+            })
+            .collect();
+        let mut statements: Vec<Statement<'_>> = vec![("BEGIN", &[])];
+        if !ids.is_empty() {
+            statements.push((load::items_sql(Lock::Wait), &id_params));
+            statements.push((&stages_sql, &id_params));
+        }
+        if !sub_items.is_empty() {
+            statements.push((&named_sql, &named_params));
+        }
+        if !s.ids.is_empty() {
+            statements.push((INSERT_ITEMS_SQL, &insert_params));
+        }
+        for (expired, due, head) in &claim_params {
+            statements.push((EXPIRED_SQL, expired));
+            statements.push((DUE_SQL, due));
+            statements.push((HEAD_SQL, head));
+        }
+        let mut rows = self.db.pipeline(&statements).await?.into_iter().skip(1);
+        let mut next = || rows.next().unwrap_or_default();
+        if !ids.is_empty() {
+            let (items, stages) = (next(), next());
+            self.add_items(load::decode_items(&items, &stages)?);
+        }
+        if !sub_items.is_empty() {
+            self.add_keyed_subtasks(load::decode_keyed_subtasks(&next())?);
+        }
+        let mut inserted = HashMap::new();
+        if !s.ids.is_empty() {
+            for row in next() {
+                let id: String = row.get(0);
+                let index = s.owners[&id];
+                inserted.insert(id, (index, row.get(1)));
+            }
+        }
+        for (index, _, _) in &claims {
+            let (expired, _, head) = (next(), next(), next());
+            self.claim_reads
+                .insert(*index, ClaimReads { expired, head });
+        }
+        Ok(inserted)
+    }
+
+    /// Keeps loaded (and locked) items in the batch.
+    fn add_items(&mut self, loaded: Vec<load::Loaded>) {
+        for loaded in loaded {
             self.slots.insert(
                 loaded.record.id.clone(),
                 Slot {
@@ -270,55 +411,44 @@ impl<'a> Batch<'a> {
                 },
             );
         }
-        Ok(())
     }
 
-    /// Inserts the item rows of every valid submission (the first of each
-    /// id; existing ids are left alone) and returns, per inserted id, the
-    /// index of the op that inserted it and its `seq`.
-    async fn insert_items(&mut self, ops: &[Op]) -> Result<HashMap<String, (usize, i64)>> {
-        let (mut ids, mut versions, mut payloads, mut times, mut owners) = (
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            HashMap::new(),
-        );
+    /// Adds fetched subtask rows (each with its item and stage) to the
+    /// items of the batch that have them fanned out and not loaded yet.
+    fn add_keyed_subtasks(&mut self, rows: Vec<(String, String, UnitRecord)>) {
+        for (item, stage, row) in rows {
+            let Some(position) = self
+                .slots
+                .get(&item)
+                .and_then(|s| s.record.stage_position(&stage))
+            else {
+                continue; // an item this batch could not lock
+            };
+            self.add_subtasks(&item, position, vec![row]);
+        }
+    }
+
+    /// The item rows of every valid submission in `ops` (the first of each
+    /// id); an invalid one is answered when its op is applied.
+    async fn submitted(&self, ops: &[Op]) -> Submitted {
+        let mut submitted = Submitted::default();
         for (index, op) in ops.iter().enumerate() {
             let Op::Submit(items) = op else { continue };
             if self.check_submission(items).await.is_err() {
-                continue; // answered when the op is applied
+                continue;
             }
             for item in items {
-                if owners.contains_key(item.id.as_str()) {
+                if submitted.owners.contains_key(item.id.as_str()) {
                     continue;
                 }
-                owners.insert(item.id.clone(), index);
-                ids.push(item.id.clone());
-                versions.push(int(item.version));
-                payloads.push(item.payload.clone());
-                times.push(item.at);
+                submitted.owners.insert(item.id.clone(), index);
+                submitted.ids.push(item.id.clone());
+                submitted.versions.push(int(item.version));
+                submitted.payloads.push(item.payload.clone());
+                submitted.times.push(item.at);
             }
         }
-        let mut inserted = HashMap::new();
-        if ids.is_empty() {
-            return Ok(inserted);
-        }
-        let rows = self
-            .db
-            .query(
-                "INSERT INTO items (id, version, payload, submitted_at)
-                 SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::timestamptz[])
-                 ON CONFLICT (id) DO NOTHING RETURNING id, seq",
-                &[&ids, &versions, &payloads, &times],
-            )
-            .await?;
-        for row in rows {
-            let id: String = row.get(0);
-            let index = owners[&id];
-            inserted.insert(id, (index, row.get(1)));
-        }
-        Ok(inserted)
+        submitted
     }
 
     /// Checks a submission before anything of it is written: every payload
@@ -356,7 +486,10 @@ impl<'a> Batch<'a> {
                 }
                 Ok(Answer::Events(self.events_since(start)))
             }
-            Op::Claim(request) => self.claim(request).await.map(Answer::Claimed),
+            Op::Claim(request) => {
+                let reads = self.claim_reads.remove(&index).unwrap_or_default();
+                self.claim(request, reads).await.map(Answer::Claimed)
+            }
             Op::Commit(commit) => {
                 if let Some(name) = &commit.task.subtask {
                     self.load_subtask(&commit.task.item_id, &commit.task.stage, name)
@@ -525,113 +658,81 @@ impl<'a> Batch<'a> {
     }
 
     /// Claims up to `request.limit` units: first those whose lease expired,
-    /// then the run queue's head (retries that fell due join its back).
-    /// Items another transaction holds are passed over, their hints kept.
-    async fn claim(&mut self, request: &ClaimRequest) -> Result<ClaimBatch> {
+    /// then the run queue's head (retries that fell due join its back), as
+    /// `reads` found them. Items another transaction holds are passed over,
+    /// their hints kept; while hints run out before the limit, the queue is
+    /// read further.
+    async fn claim(&mut self, request: &ClaimRequest, reads: ClaimReads) -> Result<ClaimBatch> {
         let mut claims = Vec::new();
-        let limit = int(request.limit as u64);
-        // Expired leases and due retries are independent: pipelined.
-        let (expiring, now): ([&(dyn ToSql + Sync); 2], [&(dyn ToSql + Sync); 1]) =
-            ([&request.now, &limit], [&request.now]);
-        let (expired, _) = tokio::try_join!(
-            self.db.query(
-                "(SELECT lease_expiry, item_id, name, NULL::int8 FROM stages
-                  WHERE state = 'running' AND lease_expiry IS NOT NULL AND lease_expiry <= $1
-                  ORDER BY lease_expiry LIMIT $2)
-                 UNION ALL
-                 (SELECT lease_expiry, item_id, stage, position FROM subtasks
-                  WHERE state = 'running' AND lease_expiry IS NOT NULL AND lease_expiry <= $1
-                  ORDER BY lease_expiry LIMIT $2)
-                 ORDER BY 1 LIMIT $2",
-                &expiring,
-            ),
-            // Retries that fell due join the back of the run queue.
-            self.db.execute(
-                "WITH due AS (
-                    DELETE FROM scheduled WHERE id IN (
-                        SELECT id FROM scheduled WHERE due <= $1
-                        ORDER BY due, item_seq, stage_position, subtask NULLS FIRST
-                        FOR UPDATE SKIP LOCKED)
-                    RETURNING *)
-                 INSERT INTO run_queue (item_id, stage, subtask)
-                 SELECT item_id, stage, subtask FROM due
-                 ORDER BY due, item_seq, stage_position, subtask NULLS FIRST",
-                &now,
-            ),
-        )?;
-        let hints: Vec<Hint> = expired
-            .iter()
-            .map(|row| Hint {
-                seq: None,
-                item: row.get(1),
-                stage: row.get(2),
-                subtask: row.get(3),
-            })
-            .collect();
-        self.claim_hints(&hints, request, &mut claims).await?;
-        let mut after = 0i64;
-        while claims.len() < request.limit {
-            let wanted = int((request.limit - claims.len()) as u64);
-            let head = self
-                .db
-                .query(
-                    "SELECT seq, item_id, stage, subtask FROM run_queue WHERE seq > $1
-                     ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED",
-                    &[&after, &wanted],
-                )
-                .await?;
-            let Some(last) = head.last() else { break };
-            after = last.get(0);
-            let exhausted = (head.len() as i64) < wanted;
-            let hints: Vec<Hint> = head
-                .iter()
-                .map(|row| Hint {
-                    seq: Some(row.get(0)),
-                    item: row.get(1),
-                    stage: row.get(2),
-                    subtask: row.get(3),
-                })
-                .collect();
+        let hint = |row: &Row, queued: bool| Hint {
+            seq: queued.then(|| row.get(0)),
+            item: row.get(1),
+            stage: row.get(2),
+            subtask: row.get(3),
+        };
+        let mut hints: Vec<Hint> = reads.expired.iter().map(|r| hint(r, false)).collect();
+        let mut head = reads.head;
+        let mut wanted = request.limit;
+        loop {
+            let exhausted = head.len() < wanted;
+            let after: i64 = head.last().map_or(0, |row| row.get(0));
+            hints.extend(head.iter().map(|r| hint(r, true)));
             self.claim_hints(&hints, request, &mut claims).await?;
-            if exhausted {
+            if exhausted || claims.len() >= request.limit {
                 break;
             }
+            wanted = request.limit - claims.len();
+            let limit = int(wanted as u64);
+            head = self.db.query(HEAD_SQL, &[&after, &limit]).await?;
+            hints.clear();
         }
         Ok(ClaimBatch { claims })
     }
 
     /// Tries to claim each hinted unit, in order; consumes the hints of
-    /// items it could lock.
+    /// items it could lock. Locks and loads the items not in the batch yet,
+    /// with the subtask rows hinted at, in one round trip.
     async fn claim_hints(
         &mut self,
         hints: &[Hint],
         request: &ClaimRequest,
         claims: &mut Vec<rules::Claim>,
     ) -> Result<()> {
-        let mut ids: Vec<String> = hints.iter().map(|h| h.item.clone()).collect();
+        let mut ids: Vec<&str> = hints
+            .iter()
+            .map(|h| h.item.as_str())
+            .filter(|id| !self.slots.contains_key(*id))
+            .collect();
         ids.sort_unstable();
         ids.dedup();
-        self.lock(&ids, Lock::Skip).await?;
-        let mut wanted: HashMap<(String, usize), Vec<i64>> = HashMap::new();
+        let (mut sub_items, mut sub_stages, mut sub_positions) =
+            (Vec::new(), Vec::new(), Vec::new());
         for hint in hints {
-            let (Some(slot), Some(subtask)) = (self.slots.get(&hint.item), hint.subtask) else {
-                continue;
-            };
-            let Some(stage) = slot.record.stage_position(&hint.stage) else {
-                continue;
-            };
-            let fan = slot.record.stages[stage].fan_out.as_ref();
-            if fan.is_some_and(|f| f.row(subtask as u32).is_none()) {
-                wanted
-                    .entry((hint.item.clone(), stage))
-                    .or_default()
-                    .push(subtask);
+            if let Some(position) = hint.subtask {
+                sub_items.push(hint.item.as_str());
+                sub_stages.push(hint.stage.as_str());
+                sub_positions.push(position);
             }
         }
-        for ((id, stage), positions) in wanted {
-            let name = self.slots[&id].record.stages[stage].unit.name.clone();
-            let rows = load::subtasks(self.db, &id, &name, Subtasks::At(positions)).await?;
-            self.add_subtasks(&id, stage, rows);
+        let (stages_sql, at_sql) = (load::stages_sql(), load::subtasks_at_sql());
+        let id_params: [&(dyn ToSql + Sync); 1] = [&ids];
+        let at_params: [&(dyn ToSql + Sync); 3] = [&sub_items, &sub_stages, &sub_positions];
+        let mut statements: Vec<Statement<'_>> = Vec::new();
+        if !ids.is_empty() {
+            statements.push((load::items_sql(Lock::Skip), &id_params));
+            statements.push((&stages_sql, &id_params));
+        }
+        if !sub_items.is_empty() {
+            statements.push((&at_sql, &at_params));
+        }
+        let mut rows = self.db.pipeline(&statements).await?.into_iter();
+        let mut next = || rows.next().unwrap_or_default();
+        if !ids.is_empty() {
+            let (items, stages) = (next(), next());
+            self.add_items(load::decode_items(&items, &stages)?);
+        }
+        if !sub_items.is_empty() {
+            self.add_keyed_subtasks(load::decode_keyed_subtasks(&next())?);
         }
         for hint in hints {
             if claims.len() >= request.limit {

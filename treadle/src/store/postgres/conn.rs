@@ -1,7 +1,10 @@
 //! Connections: the pool, the session settings every connection starts
 //! with, and running statements prepared once per connection.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::str::FromStr;
+use std::task::Poll;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, StatementCache};
@@ -69,6 +72,9 @@ pub(super) async fn get(pool: &Pool) -> Result<deadpool_postgres::Client> {
     })
 }
 
+/// One statement of a [`Db::pipeline`]: its SQL and its parameters.
+pub(super) type Statement<'a> = (&'a str, &'a [&'a (dyn ToSql + Sync)]);
+
 /// A connection or an open transaction on one, whose statements are
 /// prepared once per connection and reused.
 #[derive(Clone, Copy)]
@@ -111,4 +117,57 @@ impl<'a> Db<'a> {
         let statement = self.cache.prepare(self.client, sql).await?;
         Ok(self.client.execute(&statement, params).await?)
     }
+
+    /// Runs `statements` in one round trip and returns the rows of each
+    /// (none for a statement that returns none). All are sent before any
+    /// answer is awaited, in order, and the server runs them in that order,
+    /// each after the one before has finished: a statement may rely on the
+    /// locks and writes of those before it. The first statement to fail, in
+    /// order, is the error (in a transaction, the ones after it fail too).
+    pub(super) async fn pipeline(self, statements: &[Statement<'_>]) -> Result<Vec<Vec<Row>>> {
+        // Prepared first (only a statement new to this connection costs a
+        // round trip), so that each query is sent the moment it is first
+        // polled, and they are first polled in order.
+        let prepared = in_order(
+            statements
+                .iter()
+                .map(|(sql, _)| self.cache.prepare(self.client, sql)),
+        )
+        .await?;
+        let queries = prepared
+            .iter()
+            .zip(statements)
+            .map(|(statement, (_, params))| self.client.query(statement, params));
+        Ok(in_order(queries).await?)
+    }
+}
+
+/// Drives `futures` together, polling them in order, and returns their
+/// outputs in order; the first to fail, in order, ends it with its error.
+async fn in_order<T, E, F>(futures: impl IntoIterator<Item = F>) -> std::result::Result<Vec<T>, E>
+where
+    F: Future<Output = std::result::Result<T, E>>,
+{
+    let mut running: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut done: Vec<Option<T>> = running.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut waiting = false;
+        for (future, output) in running.iter_mut().zip(done.iter_mut()) {
+            if output.is_some() {
+                continue;
+            }
+            match future.as_mut().poll(cx) {
+                Poll::Ready(Ok(value)) => *output = Some(value),
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => waiting = true,
+            }
+        }
+        if waiting {
+            Poll::Pending
+        } else {
+            Poll::Ready(Ok(()))
+        }
+    })
+    .await?;
+    Ok(done.into_iter().flatten().collect())
 }

@@ -40,8 +40,6 @@ pub(super) enum Subtasks<'a> {
     All,
     /// The one of this name.
     Named(&'a str),
-    /// These positions.
-    At(Vec<i64>),
 }
 
 /// Decodes the stage row whose columns ([`UNIT_COLUMNS`], `waiting,
@@ -70,23 +68,59 @@ fn stage(loc: &Loc, row: &Row, at: usize) -> Result<StageRecord> {
     })
 }
 
+/// The statement that reads the item rows `$1` (and per `lock`, locks
+/// them, in id order). The stage rows are read by a statement of their own
+/// ([`stages_sql`]) after it, in the same pipeline: under READ COMMITTED
+/// that one reads them as the previous holder of a lock committed them (a
+/// join in the locking statement would read them as of before the wait).
+pub(super) fn items_sql(lock: Lock) -> &'static str {
+    match lock {
+        Lock::None => {
+            "SELECT id, seq, version, payload, submitted_at, cancelled FROM items
+             WHERE id = ANY($1)"
+        }
+        Lock::Wait => {
+            "SELECT id, seq, version, payload, submitted_at, cancelled FROM items
+             WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE"
+        }
+        Lock::Skip => {
+            "SELECT id, seq, version, payload, submitted_at, cancelled FROM items
+             WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE SKIP LOCKED"
+        }
+    }
+}
+
+/// The statement that reads every stage row of the items `$1`.
+pub(super) fn stages_sql() -> String {
+    format!(
+        "SELECT {UNIT_COLUMNS}, waiting, review, fan_total, fan_open, fan_failed,
+            edits_to_check, item_id
+         FROM stages WHERE item_id = ANY($1)"
+    )
+}
+
 /// Loads (and, per `lock`, locks, in id order) the items `ids` with every
-/// stage row; fanned-out stages come with their counters and no subtask
-/// rows (`complete` only for an empty fan-out). Unknown ids are left out.
+/// stage row, in one round trip; see [`decode_items`]. Unknown ids are
+/// left out.
 pub(super) async fn items(db: Db<'_>, ids: &[String], lock: Lock) -> Result<Vec<Loaded>> {
-    let locking = match lock {
-        Lock::None => "",
-        Lock::Wait => "ORDER BY id FOR NO KEY UPDATE",
-        Lock::Skip => "ORDER BY id FOR NO KEY UPDATE SKIP LOCKED",
-    };
-    let sql = format!(
-        "SELECT id, seq, version, payload, submitted_at, cancelled FROM items
-         WHERE id = ANY($1) {locking}"
-    );
-    let rows = db.query(&sql, &[&ids]).await?;
-    let mut loaded = Vec::with_capacity(rows.len());
-    let mut index = HashMap::with_capacity(rows.len());
-    for row in &rows {
+    let stages = stages_sql();
+    let rows = db
+        .pipeline(&[(items_sql(lock), &[&ids]), (&stages, &[&ids])])
+        .await?;
+    match &rows[..] {
+        [items, stages] => decode_items(items, stages),
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// Decodes the rows of [`items_sql`] and [`stages_sql`]: fanned-out stages
+/// come with their counters and no subtask rows (`complete` only for an
+/// empty fan-out). Stage rows of items not among `item_rows` (skipped
+/// locks) are passed over.
+pub(super) fn decode_items(item_rows: &[Row], stage_rows: &[Row]) -> Result<Vec<Loaded>> {
+    let mut loaded = Vec::with_capacity(item_rows.len());
+    let mut index = HashMap::with_capacity(item_rows.len());
+    for row in item_rows {
         let id: String = row.get(0);
         let loc = Loc::new("items", format!("id={id}"));
         let payload: String = loc.get(row, 3, "payload")?;
@@ -108,24 +142,15 @@ pub(super) async fn items(db: Db<'_>, ids: &[String], lock: Lock) -> Result<Vec<
             },
         });
     }
-    if loaded.is_empty() {
-        return Ok(loaded);
-    }
-    // A statement of its own, after the locks are held: under READ
-    // COMMITTED it reads the rows as the previous holder committed them
-    // (a join in the locking statement would read them as of before the wait).
-    let locked: Vec<&str> = loaded.iter().map(|l| l.record.id.as_str()).collect();
-    let sql = format!(
-        "SELECT {UNIT_COLUMNS}, waiting, review, fan_total, fan_open, fan_failed,
-            edits_to_check, item_id
-         FROM stages WHERE item_id = ANY($1)"
-    );
-    for row in db.query(&sql, &[&locked]).await? {
+    for row in stage_rows {
         let item: &str = row.get(UNIT_WIDTH + 6);
+        let Some(&at) = index.get(item) else {
+            continue;
+        };
         let name: &str = row.get(0);
         let loc = Loc::new("stages", format!("item={item}, stage={name}"));
-        let stage = stage(&loc, &row, 0)?;
-        loaded[index[item]].record.stages.push(stage);
+        let stage = stage(&loc, row, 0)?;
+        loaded[at].record.stages.push(stage);
     }
     for item in &mut loaded {
         let stages = &mut item.record.stages;
@@ -145,6 +170,47 @@ pub(super) async fn items(db: Db<'_>, ids: &[String], lock: Lock) -> Result<Vec<
     Ok(loaded)
 }
 
+/// Subtask rows picked one by one, each by its item, stage and name
+/// (`$1`, `$2`, `$3`), with the item and stage after the unit's columns;
+/// one index lookup per key.
+pub(super) fn subtasks_named_sql() -> String {
+    keyed_subtasks_sql("name = k.which", "text")
+}
+
+/// Subtask rows picked one by one, each by its item, stage and position
+/// (`$1`, `$2`, `$3`), as [`subtasks_named_sql`].
+pub(super) fn subtasks_at_sql() -> String {
+    keyed_subtasks_sql("position = k.which", "int8")
+}
+
+fn keyed_subtasks_sql(which: &str, kind: &str) -> String {
+    // LIMIT keeps the subquery a lookup per key (it cannot be flattened
+    // into a join the planner might run as a scan of the table).
+    format!(
+        "SELECT s.* FROM unnest($1::text[], $2::text[], $3::{kind}[]) AS k(item, stage, which)
+         CROSS JOIN LATERAL (
+            SELECT {UNIT_COLUMNS}, item_id, stage FROM subtasks
+            WHERE item_id = k.item AND stage = k.stage AND {which} LIMIT 1) s"
+    )
+}
+
+/// Decodes the rows of [`subtasks_named_sql`] or [`subtasks_at_sql`]:
+/// each unit with its item and stage.
+pub(super) fn decode_keyed_subtasks(rows: &[Row]) -> Result<Vec<(String, String, UnitRecord)>> {
+    rows.iter()
+        .map(|row| {
+            let item: String = row.get(UNIT_WIDTH);
+            let stage: String = row.get(UNIT_WIDTH + 1);
+            let name: &str = row.get(0);
+            let loc = Loc::new(
+                "subtasks",
+                format!("item={item}, stage={stage}, subtask={name}"),
+            );
+            Ok((item.clone(), stage.clone(), codec::unit(&loc, row, 0)?))
+        })
+        .collect()
+}
+
 /// The subtask rows of `stage` of `item` that `which` names, by position.
 pub(super) async fn subtasks(
     db: Db<'_>,
@@ -161,13 +227,6 @@ pub(super) async fn subtasks(
         Subtasks::Named(name) => {
             db.query(&format!("{base} AND name = $3"), &[&item, &stage, &name])
                 .await?
-        }
-        Subtasks::At(positions) => {
-            db.query(
-                &format!("{base} AND position = ANY($3) ORDER BY position"),
-                &[&item, &stage, &positions],
-            )
-            .await?
         }
     };
     rows.iter()

@@ -152,7 +152,8 @@ pub(super) async fn due_reviews(db: Db<'_>, now: DateTime<Utc>) -> Result<Vec<Aw
 pub(super) async fn next_review_deadline(db: Db<'_>) -> Result<Option<DateTime<Utc>>> {
     let row = db
         .one(
-            "SELECT min(review_deadline) FROM stages WHERE state = 'awaiting_review'",
+            "SELECT min(review_deadline) FROM stages
+             WHERE state = 'awaiting_review' AND review_deadline IS NOT NULL",
             &[],
         )
         .await?;

@@ -9,8 +9,10 @@ use chrono::{DateTime, Utc};
 
 use super::batch::Slot;
 use super::codec::{self, int};
-use super::conn::Db;
-use crate::error::Result;
+use super::conn::{Db, Statement};
+use tokio_postgres::types::ToSql;
+
+use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::rules::{Effects, UnitRecord};
 use crate::status::AttemptRecord;
@@ -143,25 +145,75 @@ impl Changes {
 
     /// Writes every change with the final rows of `slots`, then numbers
     /// and writes the events, updating the counter last, and sends one
-    /// NOTIFY on `channel`. Returns the transaction id, for
-    /// resolving a commit whose answer was lost.
+    /// NOTIFY on `channel`: every statement in one round trip. Returns the
+    /// transaction id, for resolving a commit whose answer was lost.
     pub(super) async fn write(
         &mut self,
         db: Db<'_>,
         slots: &HashMap<String, Slot>,
         channel: &str,
     ) -> Result<String> {
-        self.delete(db).await?;
-        // Independent tables: pipelined on the connection.
-        tokio::try_join!(
-            self.write_items(db, slots),
-            self.write_stages(db, slots),
-            self.write_subtasks(db, slots),
-            self.write_history(db),
-            self.write_queues(db),
-        )?;
+        let purged = pairs(&self.purged);
+        let refanned = pairs(&self.refanned);
+        let items = self.item_columns(slots);
+        let stages = self.stage_columns(slots)?;
+        let subtasks = self.subtask_columns(slots)?;
+        let attempts = self.attempt_columns();
+        let decisions = self.decision_columns();
+        let queue = self.queue_columns();
+        let scheduled = self.scheduled_columns();
+        let events = self.event_columns()?;
         let n = self.events.len() as i64;
-        let (last, xid) = self.write_events(db, n, channel).await?;
+        let purged_params: [&(dyn ToSql + Sync); 2] = [&purged.0, &purged.1];
+        let refanned_params: [&(dyn ToSql + Sync); 2] = [&refanned.0, &refanned.1];
+        let items_params: [&(dyn ToSql + Sync); 3] = [&items.0, &items.1, &items.2];
+        let stages_params = stages.params();
+        let subtasks_params = subtasks.params();
+        let a = &attempts;
+        let attempts_params: [&(dyn ToSql + Sync); 8] =
+            [&a.0, &a.1, &a.2, &a.3, &a.4, &a.5, &a.6, &a.7];
+        let d = &decisions;
+        let decisions_params: [&(dyn ToSql + Sync); 4] = [&d.0, &d.1, &d.2, &d.3];
+        let consumed_params: [&(dyn ToSql + Sync); 1] = [&self.consumed];
+        let queue_params: [&(dyn ToSql + Sync); 3] = [&queue.0, &queue.1, &queue.2];
+        let q = &scheduled;
+        let scheduled_params: [&(dyn ToSql + Sync); 6] = [&q.0, &q.1, &q.2, &q.3, &q.4, &q.5];
+        let e = &events;
+        let events_params: [&(dyn ToSql + Sync); 7] = [&n, &e.0, &e.1, &e.2, &e.3, &e.4, &channel];
+        // In order: deletions before the rows that may replace them (a
+        // fan-out done again), the counter last.
+        let mut statements: Vec<Statement<'_>> = Vec::new();
+        if !self.purged.is_empty() {
+            statements.extend(PURGE_SQL.map(|sql| (sql, &purged_params[..])));
+        }
+        if !self.refanned.is_empty() {
+            statements.extend(REFAN_SQL.map(|sql| (sql, &refanned_params[..])));
+        }
+        let writes: [(bool, &str, &[&(dyn ToSql + Sync)]); 8] = [
+            (!items.0.is_empty(), ITEMS_SQL, &items_params),
+            (!stages.items.is_empty(), STAGES_SQL, &stages_params),
+            (!subtasks.items.is_empty(), SUBTASKS_SQL, &subtasks_params),
+            (!a.0.is_empty(), ATTEMPTS_SQL, &attempts_params),
+            (!d.0.is_empty(), DECISIONS_SQL, &decisions_params),
+            (!self.consumed.is_empty(), CONSUMED_SQL, &consumed_params),
+            (!queue.0.is_empty(), QUEUE_SQL, &queue_params),
+            (!q.0.is_empty(), SCHEDULED_SQL, &scheduled_params),
+        ];
+        statements.extend(
+            writes
+                .into_iter()
+                .filter(|(any, ..)| *any)
+                .map(|(_, sql, params)| (sql, params)),
+        );
+        statements.push((EVENTS_SQL, &events_params));
+        let rows = db.pipeline(&statements).await?;
+        let Some(row) = rows.last().and_then(|rows| rows.first()) else {
+            return Err(Error::Corrupt {
+                location: "the PostgreSQL store's event counter".to_owned(),
+                detail: "taking sequence numbers returned no row".to_owned(),
+            });
+        };
+        let (last, xid): (i64, String) = (row.get(0), row.get(1));
         let first = last - n + 1;
         for (i, event) in self.events.iter_mut().enumerate() {
             event.seq = (first + i as i64) as u64;
@@ -169,158 +221,54 @@ impl Changes {
         Ok(xid)
     }
 
-    async fn delete(&self, db: Db<'_>) -> Result<()> {
-        if !self.purged.is_empty() {
-            let (items, stages): (Vec<&str>, Vec<&str>) = self
-                .purged
-                .iter()
-                .map(|(i, s)| (i.as_str(), s.as_str()))
-                .unzip();
-            for sql in [
-                "DELETE FROM stages WHERE (item_id, name) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
-                "DELETE FROM subtasks WHERE (item_id, stage) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
-                "DELETE FROM attempts WHERE (item_id, stage) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
-                "DELETE FROM review_decisions WHERE (item_id, stage) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
-            ] {
-                db.execute(sql, &[&items, &stages]).await?;
-            }
-        }
-        if !self.refanned.is_empty() {
-            let (items, stages): (Vec<&str>, Vec<&str>) = self
-                .refanned
-                .iter()
-                .map(|(i, s)| (i.as_str(), s.as_str()))
-                .unzip();
-            for sql in [
-                "DELETE FROM subtasks WHERE (item_id, stage) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
-                "DELETE FROM attempts WHERE subtask IS NOT NULL
-                 AND (item_id, stage) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
-            ] {
-                db.execute(sql, &[&items, &stages]).await?;
-            }
-        }
-        Ok(())
-    }
-
-    async fn write_items(&self, db: Db<'_>, slots: &HashMap<String, Slot>) -> Result<()> {
-        if self.items.is_empty() {
-            return Ok(());
-        }
-        let (mut ids, mut cancelled, mut versions) = (Vec::new(), Vec::new(), Vec::new());
+    fn item_columns(&self, slots: &HashMap<String, Slot>) -> (Vec<&str>, Vec<bool>, Vec<i64>) {
+        let mut columns = (Vec::new(), Vec::new(), Vec::new());
         for id in &self.items {
             let record = &slots[id].record;
-            ids.push(id.as_str());
-            cancelled.push(record.cancelled);
-            versions.push(int(record.version));
+            columns.0.push(id.as_str());
+            columns.1.push(record.cancelled);
+            columns.2.push(int(record.version));
         }
-        db.execute(
-            "UPDATE items SET cancelled = u.cancelled, version = u.version
-             FROM unnest($1::text[], $2::bool[], $3::int8[]) AS u(id, cancelled, version)
-             WHERE items.id = u.id",
-            &[&ids, &cancelled, &versions],
-        )
-        .await?;
-        Ok(())
+        columns
     }
 
-    async fn write_stages(&self, db: Db<'_>, slots: &HashMap<String, Slot>) -> Result<()> {
-        let mut units = UnitColumns::default();
-        let (mut items, mut seqs, mut waiting, mut reviews, mut requested, mut deadlines) = (
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-        );
-        let (mut totals, mut open, mut failed, mut edits) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    fn stage_columns<'s>(&'s self, slots: &HashMap<String, Slot>) -> Result<StageColumns<'s>> {
+        let mut columns = StageColumns::default();
         for (id, stage) in &self.stages {
             let slot = &slots[id];
             let Some(position) = slot.record.stage_position(stage) else {
                 continue; // dropped by a later migration in the batch
             };
             let row = &slot.record.stages[position];
-            units.push(&row.unit, id, stage)?;
-            items.push(id.as_str());
-            seqs.push(slot.seq);
-            waiting.push(int(row.waiting));
-            reviews.push(
+            columns.units.push(&row.unit, id, stage)?;
+            columns.items.push(id.as_str());
+            columns.seqs.push(slot.seq);
+            columns.waiting.push(int(row.waiting));
+            columns.reviews.push(
                 row.review
                     .as_ref()
                     .map(|r| codec::json(r, "a review"))
                     .transpose()?,
             );
-            requested.push(row.review.as_ref().map(|r| r.requested_at));
-            deadlines.push(
+            columns
+                .requested
+                .push(row.review.as_ref().map(|r| r.requested_at));
+            columns.deadlines.push(
                 row.review
                     .as_ref()
                     .and_then(|r| Some(r.request.deadline.as_ref()?.at)),
             );
             let fan = row.fan_out.as_ref();
-            totals.push(fan.map(|f| int(f.total)));
-            open.push(fan.map(|f| int(f.open)));
-            failed.push(fan.map(|f| int(f.failed)));
-            edits.push(row.edits_to_check);
+            columns.totals.push(fan.map(|f| int(f.total)));
+            columns.open.push(fan.map(|f| int(f.open)));
+            columns.failed.push(fan.map(|f| int(f.failed)));
+            columns.edits.push(row.edits_to_check);
         }
-        if items.is_empty() {
-            return Ok(());
-        }
-        let u = &units;
-        db.execute(
-            "INSERT INTO stages (name, position, state, attempt, generation, started_at,
-                finished_at, next_run_at, last_error, output, lease_owner, lease_expiry,
-                item_id, item_seq, waiting, review, review_requested_at, review_deadline,
-                fan_total, fan_open, fan_failed, crashes, edits_to_check)
-             SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[],
-                $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[],
-                $11::text[], $12::timestamptz[], $13::text[], $14::int8[], $15::int8[],
-                $16::text[], $17::timestamptz[], $18::timestamptz[], $19::int8[], $20::int8[],
-                $21::int8[], $22::int8[], $23::bool[])
-             ON CONFLICT (item_id, name) DO UPDATE SET position = excluded.position,
-                state = excluded.state, attempt = excluded.attempt,
-                generation = excluded.generation, started_at = excluded.started_at,
-                finished_at = excluded.finished_at, next_run_at = excluded.next_run_at,
-                last_error = excluded.last_error, output = excluded.output,
-                lease_owner = excluded.lease_owner, lease_expiry = excluded.lease_expiry,
-                waiting = excluded.waiting, review = excluded.review,
-                review_requested_at = excluded.review_requested_at,
-                review_deadline = excluded.review_deadline, fan_total = excluded.fan_total,
-                fan_open = excluded.fan_open, fan_failed = excluded.fan_failed,
-                crashes = excluded.crashes, edits_to_check = excluded.edits_to_check",
-            &[
-                &u.name,
-                &u.position,
-                &u.state,
-                &u.attempt,
-                &u.generation,
-                &u.started_at,
-                &u.finished_at,
-                &u.next_run_at,
-                &u.last_error,
-                &u.output,
-                &u.lease_owner,
-                &u.lease_expiry,
-                &items,
-                &seqs,
-                &waiting,
-                &reviews,
-                &requested,
-                &deadlines,
-                &totals,
-                &open,
-                &failed,
-                &u.crashes,
-                &edits,
-            ],
-        )
-        .await?;
-        Ok(())
+        Ok(columns)
     }
 
-    async fn write_subtasks(&self, db: Db<'_>, slots: &HashMap<String, Slot>) -> Result<()> {
-        let mut units = UnitColumns::default();
-        let (mut items, mut stages) = (Vec::new(), Vec::new());
+    fn subtask_columns<'s>(&'s self, slots: &HashMap<String, Slot>) -> Result<SubtaskColumns<'s>> {
+        let mut columns = SubtaskColumns::default();
         for (id, stage, position) in &self.subtasks {
             let record = &slots[id].record;
             let Some(row) = record
@@ -329,143 +277,66 @@ impl Changes {
             else {
                 continue; // replaced by a later fan-out, or dropped
             };
-            units.push(row, id, stage)?;
-            items.push(id.as_str());
+            columns.units.push(row, id, stage)?;
+            columns.items.push(id.as_str());
+            columns.stages.push(stage.as_str());
+        }
+        Ok(columns)
+    }
+
+    fn attempt_columns(&self) -> AttemptColumns<'_> {
+        let mut columns = AttemptColumns::default();
+        let (items, stages, subtasks, numbers, started, finished, results, errors) = &mut columns;
+        for (item, stage, subtask, a) in &self.attempts {
+            items.push(item.as_str());
             stages.push(stage.as_str());
+            subtasks.push(subtask.map(i64::from));
+            numbers.push(int(a.attempt));
+            started.push(a.started_at);
+            finished.push(a.finished_at);
+            results.push(a.result.as_str());
+            errors.push(a.error.as_deref());
         }
-        if items.is_empty() {
-            return Ok(());
-        }
-        let u = &units;
-        db.execute(
-            "INSERT INTO subtasks (name, position, state, attempt, generation, started_at,
-                finished_at, next_run_at, last_error, output, lease_owner, lease_expiry,
-                item_id, stage, crashes)
-             SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[],
-                $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[],
-                $11::text[], $12::timestamptz[], $13::text[], $14::text[], $15::int8[])
-             ON CONFLICT (item_id, stage, position) DO UPDATE SET name = excluded.name,
-                state = excluded.state, attempt = excluded.attempt,
-                generation = excluded.generation, started_at = excluded.started_at,
-                finished_at = excluded.finished_at, next_run_at = excluded.next_run_at,
-                last_error = excluded.last_error, output = excluded.output,
-                lease_owner = excluded.lease_owner, lease_expiry = excluded.lease_expiry,
-                crashes = excluded.crashes",
-            &[
-                &u.name,
-                &u.position,
-                &u.state,
-                &u.attempt,
-                &u.generation,
-                &u.started_at,
-                &u.finished_at,
-                &u.next_run_at,
-                &u.last_error,
-                &u.output,
-                &u.lease_owner,
-                &u.lease_expiry,
-                &items,
-                &stages,
-                &u.crashes,
-            ],
-        )
-        .await?;
-        Ok(())
+        columns
     }
 
-    async fn write_history(&self, db: Db<'_>) -> Result<()> {
-        if !self.attempts.is_empty() {
-            let mut columns = (
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-            );
-            for (item, stage, subtask, a) in &self.attempts {
-                columns.0.push(item.as_str());
-                columns.1.push(stage.as_str());
-                columns.2.push(subtask.map(i64::from));
-                columns.3.push(int(a.attempt));
-                columns.4.push(a.started_at);
-                columns.5.push(a.finished_at);
-                columns.6.push(a.result.as_str());
-                columns.7.push(a.error.as_deref());
-            }
-            let c = &columns;
-            db.execute(
-                "INSERT INTO attempts (item_id, stage, subtask, attempt, started_at, finished_at,
-                    result, error)
-                 SELECT i, s, t, a, b, f, r, e FROM unnest($1::text[], $2::text[], $3::int8[],
-                    $4::int8[], $5::timestamptz[], $6::timestamptz[], $7::text[], $8::text[])
-                    WITH ORDINALITY AS u(i, s, t, a, b, f, r, e, n) ORDER BY n",
-                &[&c.0, &c.1, &c.2, &c.3, &c.4, &c.5, &c.6, &c.7],
-            )
-            .await?;
+    fn decision_columns(&self) -> (Vec<&str>, Vec<&str>, Vec<i64>, Vec<&str>) {
+        let mut columns = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (item, stage, round, text) in &self.decisions {
+            columns.0.push(item.as_str());
+            columns.1.push(stage.as_str());
+            columns.2.push(*round);
+            columns.3.push(text.as_str());
         }
-        if !self.decisions.is_empty() {
-            let items: Vec<&str> = self.decisions.iter().map(|d| d.0.as_str()).collect();
-            let stages: Vec<&str> = self.decisions.iter().map(|d| d.1.as_str()).collect();
-            let rounds: Vec<i64> = self.decisions.iter().map(|d| d.2).collect();
-            let texts: Vec<&str> = self.decisions.iter().map(|d| d.3.as_str()).collect();
-            db.execute(
-                "INSERT INTO review_decisions (item_id, stage, round, decision)
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[])",
-                &[&items, &stages, &rounds, &texts],
-            )
-            .await?;
-        }
-        Ok(())
+        columns
     }
 
-    async fn write_queues(&self, db: Db<'_>) -> Result<()> {
-        if !self.consumed.is_empty() {
-            db.execute(
-                "DELETE FROM run_queue WHERE seq = ANY($1)",
-                &[&self.consumed],
-            )
-            .await?;
+    fn queue_columns(&self) -> (Vec<&str>, Vec<&str>, Vec<Option<i64>>) {
+        let mut columns = (Vec::new(), Vec::new(), Vec::new());
+        for (item, stage, subtask) in &self.queue {
+            columns.0.push(item.as_str());
+            columns.1.push(stage.as_str());
+            columns.2.push(*subtask);
         }
-        if !self.queue.is_empty() {
-            let items: Vec<&str> = self.queue.iter().map(|q| q.0.as_str()).collect();
-            let stages: Vec<&str> = self.queue.iter().map(|q| q.1.as_str()).collect();
-            let subtasks: Vec<Option<i64>> = self.queue.iter().map(|q| q.2).collect();
-            db.execute(
-                "INSERT INTO run_queue (item_id, stage, subtask)
-                 SELECT i, s, t FROM unnest($1::text[], $2::text[], $3::int8[])
-                    WITH ORDINALITY AS u(i, s, t, n) ORDER BY n",
-                &[&items, &stages, &subtasks],
-            )
-            .await?;
-        }
-        if !self.scheduled.is_empty() {
-            let s = &self.scheduled;
-            let due: Vec<DateTime<Utc>> = s.iter().map(|e| e.due).collect();
-            let seqs: Vec<i64> = s.iter().map(|e| e.item_seq).collect();
-            let items: Vec<&str> = s.iter().map(|e| e.item.as_str()).collect();
-            let stages: Vec<&str> = s.iter().map(|e| e.stage.as_str()).collect();
-            let positions: Vec<i64> = s.iter().map(|e| e.position).collect();
-            let subtasks: Vec<Option<i64>> = s.iter().map(|e| e.subtask).collect();
-            db.execute(
-                "INSERT INTO scheduled (due, item_seq, item_id, stage, stage_position, subtask)
-                 SELECT * FROM unnest($1::timestamptz[], $2::int8[], $3::text[], $4::text[],
-                    $5::int8[], $6::int8[])",
-                &[&due, &seqs, &items, &stages, &positions, &subtasks],
-            )
-            .await?;
-        }
-        Ok(())
+        columns
     }
 
-    /// Takes `n` sequence numbers from the counter (locking its row until
-    /// commit, so transactions number their events in commit order), writes
-    /// the events with them and notifies `channel`, in one statement.
-    /// Returns the last number taken and the transaction id.
-    async fn write_events(&self, db: Db<'_>, n: i64, channel: &str) -> Result<(i64, String)> {
-        let mut columns = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    fn scheduled_columns(&self) -> ScheduledColumns<'_> {
+        let mut columns = ScheduledColumns::default();
+        let (due, seqs, items, stages, positions, subtasks) = &mut columns;
+        for e in &self.scheduled {
+            due.push(e.due);
+            seqs.push(e.item_seq);
+            items.push(e.item.as_str());
+            stages.push(e.stage.as_str());
+            positions.push(e.position);
+            subtasks.push(e.subtask);
+        }
+        columns
+    }
+
+    fn event_columns(&self) -> Result<EventColumns<'_>> {
+        let mut columns = EventColumns::default();
         for event in &self.events {
             columns.0.push(event.at);
             columns.1.push(event.item_id.as_str());
@@ -473,25 +344,218 @@ impl Changes {
             columns.3.push(event.subtask.as_deref());
             columns.4.push(codec::json(&event.kind, "an event")?);
         }
-        let c = &columns;
-        let row = db
-            .one(
-                "WITH counter AS (
-                    UPDATE event_counter SET last = last + $1 WHERE id = 1
-                    RETURNING last, pg_current_xact_id()::text AS xid),
-                 logged AS (
-                    INSERT INTO events (seq, at, item_id, stage, subtask, kind)
-                    SELECT counter.last - $1 + u.n, u.at, u.item, u.stage, u.subtask, u.kind
-                    FROM counter, unnest($2::timestamptz[], $3::text[], $4::text[], $5::text[],
-                        $6::text[]) WITH ORDINALITY AS u(at, item, stage, subtask, kind, n)
-                    RETURNING 1)
-                 SELECT last, xid, CASE WHEN $1 > 0 THEN pg_notify($7, last::text) END,
-                    (SELECT count(*) FROM logged)
-                 FROM counter",
-                &[&n, &c.0, &c.1, &c.2, &c.3, &c.4, &channel],
-            )
-            .await?;
-        Ok((row.get(0), row.get(1)))
+        Ok(columns)
+    }
+}
+
+/// Attempt history rows to write, as the columns of [`ATTEMPTS_SQL`].
+type AttemptColumns<'a> = (
+    Vec<&'a str>,
+    Vec<&'a str>,
+    Vec<Option<i64>>,
+    Vec<i64>,
+    Vec<DateTime<Utc>>,
+    Vec<DateTime<Utc>>,
+    Vec<&'static str>,
+    Vec<Option<&'a str>>,
+);
+
+/// Scheduled retries to write, as the columns of [`SCHEDULED_SQL`].
+type ScheduledColumns<'a> = (
+    Vec<DateTime<Utc>>,
+    Vec<i64>,
+    Vec<&'a str>,
+    Vec<&'a str>,
+    Vec<i64>,
+    Vec<Option<i64>>,
+);
+
+/// Events to write, as the columns of [`EVENTS_SQL`] after the count.
+type EventColumns<'a> = (
+    Vec<DateTime<Utc>>,
+    Vec<&'a str>,
+    Vec<Option<&'a str>>,
+    Vec<Option<&'a str>>,
+    Vec<String>,
+);
+
+/// `(item, stage)` pairs as two columns.
+fn pairs(pairs: &[(String, String)]) -> (Vec<&str>, Vec<&str>) {
+    pairs
+        .iter()
+        .map(|(item, stage)| (item.as_str(), stage.as_str()))
+        .unzip()
+}
+
+/// Removes the rows of stages an item no longer has (`$1`, `$2`: items
+/// and stage names).
+const PURGE_SQL: [&str; 4] = [
+    "DELETE FROM stages WHERE (item_id, name) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+    "DELETE FROM subtasks WHERE (item_id, stage) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+    "DELETE FROM attempts WHERE (item_id, stage) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+    "DELETE FROM review_decisions WHERE (item_id, stage) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+];
+
+/// Removes the subtasks and their history of stages fanned out again.
+const REFAN_SQL: [&str; 2] = [
+    "DELETE FROM subtasks WHERE (item_id, stage) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+    "DELETE FROM attempts WHERE subtask IS NOT NULL
+     AND (item_id, stage) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+];
+
+const ITEMS_SQL: &str = "UPDATE items SET cancelled = u.cancelled, version = u.version
+     FROM unnest($1::text[], $2::bool[], $3::int8[]) AS u(id, cancelled, version)
+     WHERE items.id = u.id";
+
+const STAGES_SQL: &str = "INSERT INTO stages (name, position, state, attempt, generation,
+        started_at, finished_at, next_run_at, last_error, output, lease_owner, lease_expiry,
+        item_id, item_seq, waiting, review, review_requested_at, review_deadline,
+        fan_total, fan_open, fan_failed, crashes, edits_to_check)
+     SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[],
+        $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[],
+        $11::text[], $12::timestamptz[], $13::text[], $14::int8[], $15::int8[],
+        $16::text[], $17::timestamptz[], $18::timestamptz[], $19::int8[], $20::int8[],
+        $21::int8[], $22::int8[], $23::bool[])
+     ON CONFLICT (item_id, name) DO UPDATE SET position = excluded.position,
+        state = excluded.state, attempt = excluded.attempt,
+        generation = excluded.generation, started_at = excluded.started_at,
+        finished_at = excluded.finished_at, next_run_at = excluded.next_run_at,
+        last_error = excluded.last_error, output = excluded.output,
+        lease_owner = excluded.lease_owner, lease_expiry = excluded.lease_expiry,
+        waiting = excluded.waiting, review = excluded.review,
+        review_requested_at = excluded.review_requested_at,
+        review_deadline = excluded.review_deadline, fan_total = excluded.fan_total,
+        fan_open = excluded.fan_open, fan_failed = excluded.fan_failed,
+        crashes = excluded.crashes, edits_to_check = excluded.edits_to_check";
+
+const SUBTASKS_SQL: &str = "INSERT INTO subtasks (name, position, state, attempt, generation,
+        started_at, finished_at, next_run_at, last_error, output, lease_owner, lease_expiry,
+        item_id, stage, crashes)
+     SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[],
+        $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[],
+        $11::text[], $12::timestamptz[], $13::text[], $14::text[], $15::int8[])
+     ON CONFLICT (item_id, stage, position) DO UPDATE SET name = excluded.name,
+        state = excluded.state, attempt = excluded.attempt,
+        generation = excluded.generation, started_at = excluded.started_at,
+        finished_at = excluded.finished_at, next_run_at = excluded.next_run_at,
+        last_error = excluded.last_error, output = excluded.output,
+        lease_owner = excluded.lease_owner, lease_expiry = excluded.lease_expiry,
+        crashes = excluded.crashes";
+
+const ATTEMPTS_SQL: &str = "INSERT INTO attempts (item_id, stage, subtask, attempt, started_at,
+        finished_at, result, error)
+     SELECT i, s, t, a, b, f, r, e FROM unnest($1::text[], $2::text[], $3::int8[],
+        $4::int8[], $5::timestamptz[], $6::timestamptz[], $7::text[], $8::text[])
+        WITH ORDINALITY AS u(i, s, t, a, b, f, r, e, n) ORDER BY n";
+
+const DECISIONS_SQL: &str = "INSERT INTO review_decisions (item_id, stage, round, decision)
+     SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[])";
+
+const CONSUMED_SQL: &str = "DELETE FROM run_queue WHERE seq = ANY($1)";
+
+const QUEUE_SQL: &str = "INSERT INTO run_queue (item_id, stage, subtask)
+     SELECT i, s, t FROM unnest($1::text[], $2::text[], $3::int8[])
+        WITH ORDINALITY AS u(i, s, t, n) ORDER BY n";
+
+const SCHEDULED_SQL: &str = "INSERT INTO scheduled (due, item_seq, item_id, stage,
+        stage_position, subtask)
+     SELECT * FROM unnest($1::timestamptz[], $2::int8[], $3::text[], $4::text[],
+        $5::int8[], $6::int8[])";
+
+/// Takes `$1` sequence numbers from the counter (locking its row until
+/// commit, so transactions number their events in commit order), writes
+/// the events with them and notifies channel `$7`, in one statement;
+/// returns the last number taken and the transaction id.
+const EVENTS_SQL: &str = "WITH counter AS (
+        UPDATE event_counter SET last = last + $1 WHERE id = 1
+        RETURNING last, pg_current_xact_id()::text AS xid),
+     logged AS (
+        INSERT INTO events (seq, at, item_id, stage, subtask, kind)
+        SELECT counter.last - $1 + u.n, u.at, u.item, u.stage, u.subtask, u.kind
+        FROM counter, unnest($2::timestamptz[], $3::text[], $4::text[], $5::text[],
+            $6::text[]) WITH ORDINALITY AS u(at, item, stage, subtask, kind, n)
+        RETURNING 1)
+     SELECT last, xid, CASE WHEN $1 > 0 THEN pg_notify($7, last::text) END,
+        (SELECT count(*) FROM logged)
+     FROM counter";
+
+/// The columns of stage rows to write, as arrays.
+#[derive(Debug, Default)]
+struct StageColumns<'a> {
+    units: UnitColumns,
+    items: Vec<&'a str>,
+    seqs: Vec<i64>,
+    waiting: Vec<i64>,
+    reviews: Vec<Option<String>>,
+    requested: Vec<Option<DateTime<Utc>>>,
+    deadlines: Vec<Option<DateTime<Utc>>>,
+    totals: Vec<Option<i64>>,
+    open: Vec<Option<i64>>,
+    failed: Vec<Option<i64>>,
+    edits: Vec<bool>,
+}
+
+impl StageColumns<'_> {
+    /// The parameters of [`STAGES_SQL`].
+    fn params(&self) -> [&(dyn ToSql + Sync); 23] {
+        let u = &self.units;
+        [
+            &u.name,
+            &u.position,
+            &u.state,
+            &u.attempt,
+            &u.generation,
+            &u.started_at,
+            &u.finished_at,
+            &u.next_run_at,
+            &u.last_error,
+            &u.output,
+            &u.lease_owner,
+            &u.lease_expiry,
+            &self.items,
+            &self.seqs,
+            &self.waiting,
+            &self.reviews,
+            &self.requested,
+            &self.deadlines,
+            &self.totals,
+            &self.open,
+            &self.failed,
+            &u.crashes,
+            &self.edits,
+        ]
+    }
+}
+
+/// The columns of subtask rows to write, as arrays.
+#[derive(Debug, Default)]
+struct SubtaskColumns<'a> {
+    units: UnitColumns,
+    items: Vec<&'a str>,
+    stages: Vec<&'a str>,
+}
+
+impl SubtaskColumns<'_> {
+    /// The parameters of [`SUBTASKS_SQL`].
+    fn params(&self) -> [&(dyn ToSql + Sync); 15] {
+        let u = &self.units;
+        [
+            &u.name,
+            &u.position,
+            &u.state,
+            &u.attempt,
+            &u.generation,
+            &u.started_at,
+            &u.finished_at,
+            &u.next_run_at,
+            &u.last_error,
+            &u.output,
+            &u.lease_owner,
+            &u.lease_expiry,
+            &self.items,
+            &self.stages,
+            &u.crashes,
+        ]
     }
 }
 

@@ -12,13 +12,13 @@ use deadpool_postgres::Client;
 use crate::error::{Error, Result};
 
 /// The version of the newest migration.
-pub(super) const SCHEMA_VERSION: i64 = 2;
+pub(super) const SCHEMA_VERSION: i64 = 3;
 
 /// Marks a schema as treadle's in `treadle_meta`.
 const APPLICATION: &str = "treadle";
 
 /// Every migration, oldest first: migration `n` brings version `n` to `n + 1`.
-const MIGRATIONS: &[&str] = &[V1, V2];
+const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 /// Version 1: items, stage and subtask rows, attempts, review decisions, the
 /// run queue, scheduled retries, the event log with its counter, and the
@@ -178,6 +178,14 @@ CREATE TABLE pruned_events (
 INSERT INTO pruned_events VALUES (1, 0);
 
 CREATE INDEX items_by_submission ON items (submitted_at, seq);
+"#;
+
+/// Version 3: review deadlines by time, so an idle worker's look at the
+/// next deadline and the due ones reads only reviews that have one (not
+/// every review awaiting a person).
+const V3: &str = r#"
+CREATE INDEX stages_review_deadline ON stages (review_deadline)
+    WHERE state = 'awaiting_review' AND review_deadline IS NOT NULL;
 "#;
 
 /// Whether `name` may be used as a schema name: lowercase ASCII letters,

@@ -124,38 +124,76 @@ async fn commit_with_replays(shared: &Shared, ops: &[Op]) -> Result<Vec<Result<A
     }
 }
 
-/// One try at committing `ops` together.
+/// One try at committing `ops` together: the batch's round trips (it
+/// begins the transaction in its first), then `COMMIT`.
 async fn commit_once(shared: &Shared, ops: &[Op]) -> Result<Vec<Result<Answer>>> {
-    let mut client = conn::get(&shared.pool).await?;
-    let tx = client.transaction().await?;
-    let (mut answers, events, xid) = {
-        let db = Db::tx(&tx);
-        let mut batch = Batch::new(db, &shared.graphs);
-        let answers = batch.apply(ops).await?;
-        if batch.changes.is_empty() {
-            (answers, Vec::new(), None)
-        } else {
+    let session = Session(Some(conn::get(&shared.pool).await?));
+    let client = session.client()?;
+    let db = Db::client(client);
+    let mut batch = Batch::new(db, &shared.graphs);
+    let applied = match batch.apply(ops).await {
+        Ok(answers) if batch.changes.is_empty() => Ok((answers, None)),
+        Ok(answers) => {
             let slots = std::mem::take(&mut batch.slots);
-            let xid = batch.changes.write(db, &slots, &shared.channel).await?;
-            (
-                answers,
-                std::mem::take(&mut batch.changes.events),
-                Some(xid),
-            )
+            match batch.changes.write(db, &slots, &shared.channel).await {
+                Ok(xid) => Ok((answers, Some(xid))),
+                Err(error) => Err(error),
+            }
+        }
+        Err(error) => Err(error),
+    };
+    let events = std::mem::take(&mut batch.changes.events);
+    drop(batch);
+    let (mut answers, xid) = match applied {
+        Ok(applied) => applied,
+        Err(error) => {
+            // A connection that cannot even roll back is closed, not pooled.
+            if client.batch_execute("ROLLBACK").await.is_ok() {
+                session.release();
+            }
+            return Err(error);
         }
     };
-    if let Err(error) = tx.commit().await {
-        let committed = match &xid {
-            Some(xid) if error.code().is_none() => resolve(shared, xid).await?,
-            _ => false,
-        };
-        if !committed {
-            return Err(error.into());
+    match client.batch_execute("COMMIT").await {
+        Ok(()) => session.release(),
+        Err(error) => {
+            let committed = match &xid {
+                Some(xid) if error.code().is_none() => resolve(shared, xid).await?,
+                _ => false,
+            };
+            if !committed {
+                return Err(error.into());
+            }
         }
     }
     number(&mut answers, &events);
     shared.feed.committed(events);
     Ok(answers)
+}
+
+/// A pooled connection on which the writer runs a transaction of its own
+/// making (`BEGIN` rides in a batch's first round trip). Unless released
+/// once the transaction is over, it is closed when dropped instead of going
+/// back to the pool, and the server rolls the transaction back.
+struct Session(Option<deadpool_postgres::Client>);
+
+impl Session {
+    fn client(&self) -> Result<&deadpool_postgres::Client> {
+        self.0.as_ref().ok_or(Error::StoreClosed)
+    }
+
+    /// The transaction is over: the connection goes back to the pool.
+    fn release(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(deadpool_postgres::Client::take(client));
+        }
+    }
 }
 
 /// Gives the answers' events the numbers the log gave them: answers hold
