@@ -384,6 +384,42 @@ async fn two_stores_never_claim_the_same_work_and_each_feed_sees_both() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_subscriber_gets_every_event_committed_after_it_subscribed() {
+    let schema = Schema::new().await;
+    let (quiet, busy) = (schema.store().await, schema.store().await);
+    busy.register_pipeline(&definition()).await.unwrap();
+    // Committed while nobody listens to `quiet`'s feed: it passes them over.
+    for i in 0..5 {
+        busy.submit(vec![item(&format!("early{i}"), t(0))])
+            .await
+            .unwrap();
+    }
+    let mut feed = quiet.subscribe();
+    let mut late = Vec::new();
+    for i in 0..5 {
+        late.extend(
+            busy.submit(vec![item(&format!("late{i}"), t(1))])
+                .await
+                .unwrap(),
+        );
+    }
+    // Everything committed after subscribing arrives, in log order; what
+    // arrives first may include earlier events, never a gap.
+    let mut seen: Vec<treadle::Event> = Vec::new();
+    while seen.last() != late.last() {
+        let event = tokio::time::timeout(Duration::from_secs(10), feed.recv())
+            .await
+            .expect("the feed delivers what commits after subscribing")
+            .unwrap();
+        if let Some(previous) = seen.last() {
+            assert_eq!(event.seq, previous.seq + 1, "no gap in the feed");
+        }
+        seen.push(event);
+    }
+    assert!(seen.ends_with(&late), "{seen:?}");
+}
+
 // ---- fencing ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
