@@ -25,12 +25,12 @@ use tokio::sync::OnceCell;
 use treadle::store::{ClaimRequest, EventQuery, NewItem, Store, Transition};
 use treadle::{
     Engine, EngineConfig, Error, EventKind, MemoryStore, Pipeline, PostgresOptions, PostgresStore,
-    StageState,
+    StageOutcome, StageState,
 };
 
 use crate::chaos::WORKER;
 use crate::differential::*;
-use crate::support::{Doc, done};
+use crate::support::{Doc, done, stage};
 
 /// The default server: the one the development machine and CI run.
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -384,6 +384,42 @@ async fn two_stores_never_claim_the_same_work_and_each_feed_sees_both() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_subscriber_gets_every_event_committed_after_it_subscribed() {
+    let schema = Schema::new().await;
+    let (quiet, busy) = (schema.store().await, schema.store().await);
+    busy.register_pipeline(&definition()).await.unwrap();
+    // Committed while nobody listens to `quiet`'s feed: it passes them over.
+    for i in 0..5 {
+        busy.submit(vec![item(&format!("early{i}"), t(0))])
+            .await
+            .unwrap();
+    }
+    let mut feed = quiet.subscribe();
+    let mut late = Vec::new();
+    for i in 0..5 {
+        late.extend(
+            busy.submit(vec![item(&format!("late{i}"), t(1))])
+                .await
+                .unwrap(),
+        );
+    }
+    // Everything committed after subscribing arrives, in log order; what
+    // arrives first may include earlier events, never a gap.
+    let mut seen: Vec<treadle::Event> = Vec::new();
+    while seen.last() != late.last() {
+        let event = tokio::time::timeout(Duration::from_secs(10), feed.recv())
+            .await
+            .expect("the feed delivers what commits after subscribing")
+            .unwrap();
+        if let Some(previous) = seen.last() {
+            assert_eq!(event.seq, previous.seq + 1, "no gap in the feed");
+        }
+        seen.push(event);
+    }
+    assert!(seen.ends_with(&late), "{seen:?}");
+}
+
 // ---- fencing ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -641,6 +677,85 @@ async fn an_idle_engine_wakes_on_a_commit_made_through_another_store() {
     stop.send(()).unwrap();
     let report = runner.await.unwrap().unwrap();
     assert_eq!(report.attempts, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_engine_starts_work_committed_elsewhere_without_waiting_for_its_own() {
+    let schema = Schema::new().await;
+    let (local, remote) = (schema.store().await, schema.store().await);
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let held = release.clone();
+    // `busy`'s first stage runs until the test lets it finish.
+    let scan = stage("scan", move |doc, _| {
+        let held = held.clone();
+        async move {
+            if doc.id == "busy" {
+                held.notified().await;
+            }
+            Ok(StageOutcome::complete())
+        }
+    });
+    let pipeline: Pipeline<Doc> = Pipeline::builder()
+        .stage(scan)
+        .stage(done("split"))
+        .stage(done("review"))
+        .stage(done("export"))
+        .edge("scan", "split")
+        .edge("split", "review")
+        .edge("review", "export")
+        .build()
+        .unwrap();
+    let config = EngineConfig {
+        max_concurrency: 4,
+        lease: Duration::from_secs(30),
+        worker_id: "busy-worker".into(),
+        // Far longer than the test waits: only the feed can wake it.
+        idle_poll: Duration::from_secs(600),
+        ..EngineConfig::default()
+    };
+    let engine = Engine::with_config(pipeline, local, config);
+    let feed = engine.subscribe();
+    // Waits for the first event `wanted` picks, from the moment it is called.
+    let event = |wanted: fn(&treadle::Event) -> bool| {
+        let mut feed = feed.resubscribe();
+        async move { while !wanted(&feed.recv().await.unwrap()) {} }
+    };
+    let busy_started =
+        event(|e| e.item_id == "busy" && matches!(e.kind, EventKind::Started { .. }));
+    // Submitted through the other store, so that nothing in this process
+    // has asked the engine to look for work: its first claim finds `busy`.
+    remote.register_pipeline(&definition()).await.unwrap();
+    remote.submit(vec![item("busy", t(0))]).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let runner = tokio::spawn({
+        let engine = engine.clone();
+        async move {
+            engine
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+        }
+    });
+    let ten_secs = Duration::from_secs(10);
+    tokio::time::timeout(ten_secs, busy_started)
+        .await
+        .expect("the engine started the busy stage");
+    let remote_done = event(|e| e.item_id == "remote" && e.kind == EventKind::ItemCompleted);
+    remote.submit(vec![item("remote", t(0))]).await.unwrap();
+    let ran = tokio::time::timeout(ten_secs, remote_done).await;
+    let busy_done = event(|e| e.item_id == "busy" && e.kind == EventKind::ItemCompleted);
+    release.notify_one();
+    assert!(
+        ran.is_ok(),
+        "the engine ran the remote item while its own stage was still running"
+    );
+    tokio::time::timeout(ten_secs, busy_done)
+        .await
+        .expect("the busy item finishes once released");
+    stop.send(()).unwrap();
+    let report = runner.await.unwrap().unwrap();
+    assert_eq!(report.attempts, 8);
 }
 
 // ---- several worker processes ----

@@ -6,6 +6,10 @@
 //! read from the log when a NOTIFY hints at them, and by polling as the
 //! fallback (a missed notification, a lost listening connection). After a
 //! reconnect the task catches up from its cursor, so nothing is skipped.
+//! While nobody is subscribed it reads nothing: it moves the cursor past
+//! what was committed (a subscriber is owed only what commits after it
+//! subscribed), so a process that only writes does not read every other
+//! process's events.
 
 use std::time::Duration;
 
@@ -97,7 +101,7 @@ impl Task {
                 },
                 Some(last) = hints.recv() => {
                     if last > self.cursor {
-                        self.catch_up().await
+                        self.catch_up_to(last).await
                     } else {
                         Ok(())
                     }
@@ -131,8 +135,35 @@ impl Task {
         self.catch_up_to(u64::MAX).await
     }
 
-    /// Sends the events after the cursor up to `last`.
+    /// Sends the events after the cursor up to `last` (`u64::MAX`: all).
+    /// With nobody subscribed it only moves the cursor past them: nobody is
+    /// owed them, and reading them would be wasted.
     async fn catch_up_to(&mut self, last: u64) -> Result<()> {
+        if self.sender.receiver_count() > 0 {
+            return self.read_to(last).await;
+        }
+        // The number is taken before looking for subscribers again: the
+        // events up to it were committed before, so a subscriber that
+        // arrives meanwhile is owed none of them.
+        let head = match last {
+            u64::MAX => {
+                let client = conn::get(&self.pool).await?;
+                let row = Db::client(&client)
+                    .one("SELECT last FROM event_counter WHERE id = 1", &[])
+                    .await?;
+                u64::try_from(row.get::<_, i64>(0)).unwrap_or(0)
+            }
+            last => last,
+        };
+        if self.sender.receiver_count() > 0 {
+            return self.read_to(last).await;
+        }
+        self.cursor = self.cursor.max(head);
+        Ok(())
+    }
+
+    /// Reads the log after the cursor up to `last`, sending what it reads.
+    async fn read_to(&mut self, last: u64) -> Result<()> {
         let client = conn::get(&self.pool).await?;
         loop {
             let page = read::events(

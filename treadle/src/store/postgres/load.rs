@@ -206,7 +206,8 @@ pub(super) fn decode_keyed_subtasks(rows: &[Row]) -> Result<Vec<(String, String,
                 "subtasks",
                 format!("item={item}, stage={stage}, subtask={name}"),
             );
-            Ok((item.clone(), stage.clone(), codec::unit(&loc, row, 0)?))
+            let unit = codec::unit(&loc, row, 0)?;
+            Ok((item, stage, unit))
         })
         .collect()
 }

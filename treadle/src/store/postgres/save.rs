@@ -3,7 +3,7 @@
 //! (updated last, so transactions take sequence numbers in commit order)
 //! and the events, and one NOTIFY as a hint for other processes.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 
@@ -25,8 +25,11 @@ pub(super) struct Changes {
     /// Run-queue entries the batch's claims consumed.
     pub(super) consumed: Vec<i64>,
     items: BTreeSet<String>,
-    stages: BTreeSet<(String, String)>,
-    subtasks: BTreeSet<(String, String, u32)>,
+    /// Stage rows to write, each with whether it may be new (then it is
+    /// inserted or updated; otherwise updated by key).
+    stages: BTreeMap<(String, String), bool>,
+    /// Subtask rows to write, each with whether it may be new.
+    subtasks: BTreeMap<(String, String, u32), bool>,
     purged: Vec<(String, String)>,
     refanned: Vec<(String, String)>,
     attempts: Vec<(String, String, Option<u32>, AttemptRecord)>,
@@ -63,22 +66,29 @@ impl Changes {
             self.attempts
                 .retain(|(i, s, sub, _)| !(i == id && *s == stage_name && sub.is_some()));
             self.subtasks
-                .retain(|(i, s, _)| !(i == id && *s == stage_name));
+                .retain(|(i, s, _), _| !(i == id && *s == stage_name));
             self.refanned.push((id.clone(), stage_name.clone()));
             for sub in record.stages[stage].fan_out.iter().flat_map(|f| &f.rows) {
                 self.subtasks
-                    .insert((id.clone(), stage_name.clone(), sub.position));
+                    .insert((id.clone(), stage_name.clone(), sub.position), true);
             }
         }
         if fresh || fx.restructured {
             for stage in &record.stages {
-                self.stages.insert((id.clone(), stage.unit.name.clone()));
+                self.stages
+                    .insert((id.clone(), stage.unit.name.clone()), true);
             }
         }
         for unit in &fx.changed {
             match unit.subtask {
-                None => self.stages.insert((id.clone(), name(unit.stage))),
-                Some(sub) => self.subtasks.insert((id.clone(), name(unit.stage), sub)),
+                None => self
+                    .stages
+                    .entry((id.clone(), name(unit.stage)))
+                    .or_insert(false),
+                Some(sub) => self
+                    .subtasks
+                    .entry((id.clone(), name(unit.stage), sub))
+                    .or_insert(false),
             };
         }
         for (unit, attempt) in fx.attempts {
@@ -121,8 +131,8 @@ impl Changes {
             let gone = |i: &String, s: &String| i == id && s == stage;
             self.attempts.retain(|(i, s, _, _)| !gone(i, s));
             self.decisions.retain(|(i, s, _, _)| !gone(i, s));
-            self.stages.retain(|(i, s)| !gone(i, s));
-            self.subtasks.retain(|(i, s, _)| !gone(i, s));
+            self.stages.retain(|(i, s), _| !gone(i, s));
+            self.subtasks.retain(|(i, s, _), _| !gone(i, s));
             self.queue.retain(|(i, s, _)| !gone(i, s));
             self.scheduled.retain(|e| !gone(&e.item, &e.stage));
             self.purged.push((id.to_owned(), stage.clone()));
@@ -156,8 +166,14 @@ impl Changes {
         let purged = pairs(&self.purged);
         let refanned = pairs(&self.refanned);
         let items = self.item_columns(slots);
-        let stages = self.stage_columns(slots)?;
-        let subtasks = self.subtask_columns(slots)?;
+        let (new_stages, stages) = (
+            self.stage_columns(slots, true)?,
+            self.stage_columns(slots, false)?,
+        );
+        let (new_subtasks, subtasks) = (
+            self.subtask_columns(slots, true)?,
+            self.subtask_columns(slots, false)?,
+        );
         let attempts = self.attempt_columns();
         let decisions = self.decision_columns();
         let queue = self.queue_columns();
@@ -167,7 +183,9 @@ impl Changes {
         let purged_params: [&(dyn ToSql + Sync); 2] = [&purged.0, &purged.1];
         let refanned_params: [&(dyn ToSql + Sync); 2] = [&refanned.0, &refanned.1];
         let items_params: [&(dyn ToSql + Sync); 3] = [&items.0, &items.1, &items.2];
+        let new_stages_params = new_stages.params();
         let stages_params = stages.params();
+        let new_subtasks_params = new_subtasks.params();
         let subtasks_params = subtasks.params();
         let a = &attempts;
         let attempts_params: [&(dyn ToSql + Sync); 8] =
@@ -189,9 +207,19 @@ impl Changes {
         if !self.refanned.is_empty() {
             statements.extend(REFAN_SQL.map(|sql| (sql, &refanned_params[..])));
         }
-        let writes: [(bool, &str, &[&(dyn ToSql + Sync)]); 8] = [
+        let writes: [(bool, &str, &[&(dyn ToSql + Sync)]); 10] = [
             (!items.0.is_empty(), ITEMS_SQL, &items_params),
+            (
+                !new_stages.items.is_empty(),
+                NEW_STAGES_SQL,
+                &new_stages_params,
+            ),
             (!stages.items.is_empty(), STAGES_SQL, &stages_params),
+            (
+                !new_subtasks.items.is_empty(),
+                NEW_SUBTASKS_SQL,
+                &new_subtasks_params,
+            ),
             (!subtasks.items.is_empty(), SUBTASKS_SQL, &subtasks_params),
             (!a.0.is_empty(), ATTEMPTS_SQL, &attempts_params),
             (!d.0.is_empty(), DECISIONS_SQL, &decisions_params),
@@ -232,9 +260,14 @@ impl Changes {
         columns
     }
 
-    fn stage_columns<'s>(&'s self, slots: &HashMap<String, Slot>) -> Result<StageColumns<'s>> {
+    /// The stage rows that may be new (`new`), or the others.
+    fn stage_columns<'s>(
+        &'s self,
+        slots: &HashMap<String, Slot>,
+        new: bool,
+    ) -> Result<StageColumns<'s>> {
         let mut columns = StageColumns::default();
-        for (id, stage) in &self.stages {
+        for ((id, stage), _) in self.stages.iter().filter(|(_, n)| **n == new) {
             let slot = &slots[id];
             let Some(position) = slot.record.stage_position(stage) else {
                 continue; // dropped by a later migration in the batch
@@ -267,9 +300,14 @@ impl Changes {
         Ok(columns)
     }
 
-    fn subtask_columns<'s>(&'s self, slots: &HashMap<String, Slot>) -> Result<SubtaskColumns<'s>> {
+    /// The subtask rows that may be new (`new`), or the others.
+    fn subtask_columns<'s>(
+        &'s self,
+        slots: &HashMap<String, Slot>,
+        new: bool,
+    ) -> Result<SubtaskColumns<'s>> {
         let mut columns = SubtaskColumns::default();
-        for (id, stage, position) in &self.subtasks {
+        for ((id, stage, position), _) in self.subtasks.iter().filter(|(_, n)| **n == new) {
             let record = &slots[id].record;
             let Some(row) = record
                 .stage_position(stage)
@@ -407,7 +445,8 @@ const ITEMS_SQL: &str = "UPDATE items SET cancelled = u.cancelled, version = u.v
      FROM unnest($1::text[], $2::bool[], $3::int8[]) AS u(id, cancelled, version)
      WHERE items.id = u.id";
 
-const STAGES_SQL: &str = "INSERT INTO stages (name, position, state, attempt, generation,
+/// Writes stage rows that may be new: inserted, or updated if they exist.
+const NEW_STAGES_SQL: &str = "INSERT INTO stages (name, position, state, attempt, generation,
         started_at, finished_at, next_run_at, last_error, output, lease_owner, lease_expiry,
         item_id, item_seq, waiting, review, review_requested_at, review_deadline,
         fan_total, fan_open, fan_failed, crashes, edits_to_check)
@@ -428,7 +467,8 @@ const STAGES_SQL: &str = "INSERT INTO stages (name, position, state, attempt, ge
         fan_open = excluded.fan_open, fan_failed = excluded.fan_failed,
         crashes = excluded.crashes, edits_to_check = excluded.edits_to_check";
 
-const SUBTASKS_SQL: &str = "INSERT INTO subtasks (name, position, state, attempt, generation,
+/// Writes subtask rows that may be new: inserted, or updated if they exist.
+const NEW_SUBTASKS_SQL: &str = "INSERT INTO subtasks (name, position, state, attempt, generation,
         started_at, finished_at, next_run_at, last_error, output, lease_owner, lease_expiry,
         item_id, stage, crashes)
      SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[],
@@ -441,6 +481,40 @@ const SUBTASKS_SQL: &str = "INSERT INTO subtasks (name, position, state, attempt
         last_error = excluded.last_error, output = excluded.output,
         lease_owner = excluded.lease_owner, lease_expiry = excluded.lease_expiry,
         crashes = excluded.crashes";
+
+/// Updates existing stage rows by key (cheaper than an insert that
+/// conflicts): the parameters of [`NEW_STAGES_SQL`].
+const STAGES_SQL: &str = "UPDATE stages AS s SET position = u.position, state = u.state,
+        attempt = u.attempt, generation = u.generation, started_at = u.started_at,
+        finished_at = u.finished_at, next_run_at = u.next_run_at, last_error = u.last_error,
+        output = u.output, lease_owner = u.lease_owner, lease_expiry = u.lease_expiry,
+        waiting = u.waiting, review = u.review, review_requested_at = u.review_requested_at,
+        review_deadline = u.review_deadline, fan_total = u.fan_total, fan_open = u.fan_open,
+        fan_failed = u.fan_failed, crashes = u.crashes, edits_to_check = u.edits_to_check
+     FROM unnest($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[],
+        $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[],
+        $11::text[], $12::timestamptz[], $13::text[], $14::int8[], $15::int8[],
+        $16::text[], $17::timestamptz[], $18::timestamptz[], $19::int8[], $20::int8[],
+        $21::int8[], $22::int8[], $23::bool[])
+        AS u(name, position, state, attempt, generation, started_at, finished_at,
+            next_run_at, last_error, output, lease_owner, lease_expiry, item_id, item_seq,
+            waiting, review, review_requested_at, review_deadline, fan_total, fan_open,
+            fan_failed, crashes, edits_to_check)
+     WHERE s.item_id = u.item_id AND s.name = u.name";
+
+/// Updates existing subtask rows by key: the parameters of
+/// [`NEW_SUBTASKS_SQL`].
+const SUBTASKS_SQL: &str = "UPDATE subtasks AS s SET name = u.name, state = u.state,
+        attempt = u.attempt, generation = u.generation, started_at = u.started_at,
+        finished_at = u.finished_at, next_run_at = u.next_run_at, last_error = u.last_error,
+        output = u.output, lease_owner = u.lease_owner, lease_expiry = u.lease_expiry,
+        crashes = u.crashes
+     FROM unnest($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[],
+        $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[],
+        $11::text[], $12::timestamptz[], $13::text[], $14::text[], $15::int8[])
+        AS u(name, position, state, attempt, generation, started_at, finished_at,
+            next_run_at, last_error, output, lease_owner, lease_expiry, item_id, stage, crashes)
+     WHERE s.item_id = u.item_id AND s.stage = u.stage AND s.position = u.position";
 
 const ATTEMPTS_SQL: &str = "INSERT INTO attempts (item_id, stage, subtask, attempt, started_at,
         finished_at, result, error)
@@ -496,7 +570,7 @@ struct StageColumns<'a> {
 }
 
 impl StageColumns<'_> {
-    /// The parameters of [`STAGES_SQL`].
+    /// The parameters of [`NEW_STAGES_SQL`] and [`STAGES_SQL`].
     fn params(&self) -> [&(dyn ToSql + Sync); 23] {
         let u = &self.units;
         [
@@ -536,7 +610,7 @@ struct SubtaskColumns<'a> {
 }
 
 impl SubtaskColumns<'_> {
-    /// The parameters of [`SUBTASKS_SQL`].
+    /// The parameters of [`NEW_SUBTASKS_SQL`] and [`SUBTASKS_SQL`].
     fn params(&self) -> [&(dyn ToSql + Sync); 15] {
         let u = &self.units;
         [
