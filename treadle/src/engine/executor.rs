@@ -1,7 +1,8 @@
 //! The run loop: claims runnable work, runs each attempt
 //! ([`super::attempt`]) and commits what it settled to. An attempt runs in
-//! its own task, except that on a current-thread runtime it is first polled
-//! inline, and one that ends without waiting needs no task at all.
+//! its own task, except that on a current-thread runtime with a store whose
+//! commits never wait it is first polled inline, and one that ends at once
+//! needs no task at all.
 //!
 //! The loop is a small state machine, one [`RunLoop`] per call of
 //! [`Engine::run`] or [`Engine::run_until_idle`]. Each turn it
@@ -373,19 +374,21 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
     /// Starts each claimed attempt, registered for cancellation and renewal,
     /// and returns how many ended at once.
     ///
-    /// On a current-thread runtime an attempt is first polled here, inline:
-    /// one that ends without waiting (a quick stage, and a store whose
-    /// commit needs no I/O) is counted at once, without a task of its own.
-    /// One that waits, and every attempt on a multi-thread runtime (whose
-    /// workers run attempts in parallel), runs as a task of `tasks`.
+    /// On a current-thread runtime, with a store whose commits complete
+    /// without waiting ([`Store::commits_without_waiting`]), an attempt is
+    /// first polled here, inline: one that ends at once (a quick stage) is
+    /// counted without a task of its own. One that waits, and every attempt
+    /// on a multi-thread runtime (whose workers run attempts in parallel) or
+    /// on a store that waits for I/O, runs as a task of `tasks`.
     fn start(
         &self,
         tasks: &mut JoinSet<Result<Finished>>,
         claims: Vec<Claim>,
         report: &mut RunReport,
     ) -> Result<usize> {
-        let inline = tokio::runtime::Handle::current().runtime_flavor()
-            == tokio::runtime::RuntimeFlavor::CurrentThread;
+        let inline = self.shared.store.commits_without_waiting()
+            && tokio::runtime::Handle::current().runtime_flavor()
+                == tokio::runtime::RuntimeFlavor::CurrentThread;
         let mut ended = 0;
         for claim in claims {
             let (engine, signal) = (self.clone(), CancelSignal::default());

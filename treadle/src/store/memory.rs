@@ -491,6 +491,11 @@ impl Store for MemoryStore {
         self.lock().feed.subscribe()
     }
 
+    /// A commit only takes the store's lock.
+    fn commits_without_waiting(&self) -> bool {
+        true
+    }
+
     async fn register_pipeline(&self, definition: &PipelineDef) -> Result<PipelineDrift> {
         let mut data = self.lock();
         let latest = data.versions.last().cloned();

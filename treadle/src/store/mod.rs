@@ -102,6 +102,15 @@ pub trait Store: Send + Sync + 'static {
         256
     }
 
+    /// Whether a commit completes without waiting (no I/O, no other
+    /// thread). On a current-thread runtime the engine then polls each
+    /// attempt inline first, and one that ends at once needs no task of its
+    /// own; a store that waits for a writer or a server gains nothing from
+    /// that, and its group commits are fuller with tasks.
+    fn commits_without_waiting(&self) -> bool {
+        false
+    }
+
     /// Stores the pipeline definition as a numbered version (a definition
     /// equal to a stored version reuses its number) and reports the version,
     /// how it differs from the latest version stored before, and how many
