@@ -377,13 +377,7 @@ impl<'a> Batch<'a> {
         }
         let mut rows = self.db.pipeline(&statements).await?.into_iter().skip(1);
         let mut next = || rows.next().unwrap_or_default();
-        if !ids.is_empty() {
-            let (items, stages) = (next(), next());
-            self.add_items(load::decode_items(&items, &stages)?);
-        }
-        if !sub_items.is_empty() {
-            self.add_keyed_subtasks(load::decode_keyed_subtasks(&next())?);
-        }
+        self.add_loaded(&mut next, !ids.is_empty(), !sub_items.is_empty())?;
         let mut inserted = HashMap::new();
         if !s.ids.is_empty() {
             for row in next() {
@@ -644,6 +638,25 @@ impl<'a> Batch<'a> {
         Ok(())
     }
 
+    /// Adds what a pipeline read, in its order: the items and their stage
+    /// rows (if `items` were asked for), then keyed subtask rows (if
+    /// `subtasks` were).
+    fn add_loaded(
+        &mut self,
+        next: &mut dyn FnMut() -> Vec<Row>,
+        items: bool,
+        subtasks: bool,
+    ) -> Result<()> {
+        if items {
+            let (items, stages) = (next(), next());
+            self.add_items(load::decode_items(&items, &stages)?);
+        }
+        if subtasks {
+            self.add_keyed_subtasks(load::decode_keyed_subtasks(&next())?);
+        }
+        Ok(())
+    }
+
     /// Adds fetched subtask rows of stage `position` of item `id` that are
     /// not loaded yet.
     fn add_subtasks(&mut self, id: &str, position: usize, rows: Vec<UnitRecord>) {
@@ -727,13 +740,7 @@ impl<'a> Batch<'a> {
         }
         let mut rows = self.db.pipeline(&statements).await?.into_iter();
         let mut next = || rows.next().unwrap_or_default();
-        if !ids.is_empty() {
-            let (items, stages) = (next(), next());
-            self.add_items(load::decode_items(&items, &stages)?);
-        }
-        if !sub_items.is_empty() {
-            self.add_keyed_subtasks(load::decode_keyed_subtasks(&next())?);
-        }
+        self.add_loaded(&mut next, !ids.is_empty(), !sub_items.is_empty())?;
         for hint in hints {
             if claims.len() >= request.limit {
                 break;
