@@ -624,12 +624,10 @@ async fn a_transition_for_an_unknown_item_fails_alone_in_its_batch() {
 
 // ---- waking on other processes' commits ----
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_engine_wakes_on_a_commit_made_through_another_store() {
-    let schema = Schema::new().await;
-    let (local, remote) = (schema.store().await, schema.store().await);
-    let pipeline: Pipeline<Doc> = Pipeline::builder()
-        .stage(done("scan"))
+/// `scan -> split -> review -> export`, with `scan` given.
+fn four_stages(scan: support::FnStage) -> Pipeline<Doc> {
+    Pipeline::builder()
+        .stage(scan)
         .stage(done("split"))
         .stage(done("review"))
         .stage(done("export"))
@@ -637,16 +635,26 @@ async fn an_idle_engine_wakes_on_a_commit_made_through_another_store() {
         .edge("split", "review")
         .edge("review", "export")
         .build()
-        .unwrap();
-    let config = EngineConfig {
+        .unwrap()
+}
+
+/// An engine configuration whose idle poll is far longer than the tests
+/// wait: only the feed can wake it.
+fn woken_only(worker_id: &str) -> EngineConfig {
+    EngineConfig {
         max_concurrency: 4,
         lease: Duration::from_secs(30),
-        worker_id: "sleeper".into(),
-        // Far longer than the test waits: only the feed can wake it.
+        worker_id: worker_id.into(),
         idle_poll: Duration::from_secs(600),
         ..EngineConfig::default()
-    };
-    let engine = Engine::with_config(pipeline, local, config);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_engine_wakes_on_a_commit_made_through_another_store() {
+    let schema = Schema::new().await;
+    let (local, remote) = (schema.store().await, schema.store().await);
+    let engine = Engine::with_config(four_stages(done("scan")), local, woken_only("sleeper"));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let runner = tokio::spawn(async move {
         engine
@@ -695,25 +703,7 @@ async fn a_busy_engine_starts_work_committed_elsewhere_without_waiting_for_its_o
             Ok(StageOutcome::complete())
         }
     });
-    let pipeline: Pipeline<Doc> = Pipeline::builder()
-        .stage(scan)
-        .stage(done("split"))
-        .stage(done("review"))
-        .stage(done("export"))
-        .edge("scan", "split")
-        .edge("split", "review")
-        .edge("review", "export")
-        .build()
-        .unwrap();
-    let config = EngineConfig {
-        max_concurrency: 4,
-        lease: Duration::from_secs(30),
-        worker_id: "busy-worker".into(),
-        // Far longer than the test waits: only the feed can wake it.
-        idle_poll: Duration::from_secs(600),
-        ..EngineConfig::default()
-    };
-    let engine = Engine::with_config(pipeline, local, config);
+    let engine = Engine::with_config(four_stages(scan), local, woken_only("busy-worker"));
     let feed = engine.subscribe();
     // Waits for the first event `wanted` picks, from the moment it is called.
     let event = |wanted: fn(&treadle::Event) -> bool| {
