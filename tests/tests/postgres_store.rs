@@ -544,20 +544,7 @@ async fn decide_across_a_cut(cut: pg_proxy::Cut) {
     let proxy = pg_proxy::Proxy::start(&url());
     let options = PostgresOptions::new(proxy.url()).schema(&schema.name);
     let store = PostgresStore::open(options).await.unwrap();
-    store.register_pipeline(&definition()).await.unwrap();
-    store.submit(vec![item("x", t(0))]).await.unwrap();
-    let claim = store.claim(request(t(1))).await.unwrap().claims.remove(0);
-    let review = treadle::ReviewRequest::new("check");
-    store
-        .commit(commit(
-            claim.task.clone(),
-            claim.generation,
-            1,
-            t(2),
-            Transition::AwaitReview(review),
-        ))
-        .await
-        .unwrap();
+    park_x_for_review(&store, treadle::ReviewRequest::new("check")).await;
     proxy.arm(cut);
     let decided = store
         .decide(treadle::store::DecisionCommit {
@@ -984,22 +971,10 @@ async fn a_worker_stopped_past_its_lease_is_fenced_out_and_nothing_completes_twi
 async fn eight_stores_deciding_one_review_round_record_exactly_one_decision() {
     let schema = Schema::new().await;
     let store = schema.store().await;
-    store.register_pipeline(&definition()).await.unwrap();
-    store.submit(vec![item("x", t(0))]).await.unwrap();
-    let claim = store.claim(request(t(1))).await.unwrap().claims.remove(0);
     let review = treadle::ReviewRequest::new("check")
         .proposed_output(json!("proposed"))
         .unwrap();
-    store
-        .commit(commit(
-            claim.task.clone(),
-            claim.generation,
-            1,
-            t(2),
-            Transition::AwaitReview(review),
-        ))
-        .await
-        .unwrap();
+    park_x_for_review(&store, review).await;
     let mut deciders = Vec::new();
     for i in 0..8 {
         // A store of its own each: its own connections, as a separate process has.
@@ -1060,4 +1035,22 @@ async fn killing_a_worker_at_random_points_loses_nothing() {
     let db = ["--db", url.as_str(), "--schema", schema.name.as_str()];
     chaos::killing_a_worker_at_random_points_loses_nothing(&db, async || schema.store().await)
         .await;
+}
+
+/// Registers the pipeline, submits item `x` and parks its first stage for
+/// `review`.
+async fn park_x_for_review(store: &PostgresStore, review: treadle::ReviewRequest) {
+    store.register_pipeline(&definition()).await.unwrap();
+    store.submit(vec![item("x", t(0))]).await.unwrap();
+    let claim = store.claim(request(t(1))).await.unwrap().claims.remove(0);
+    store
+        .commit(commit(
+            claim.task,
+            claim.generation,
+            1,
+            t(2),
+            Transition::AwaitReview(review),
+        ))
+        .await
+        .unwrap();
 }
