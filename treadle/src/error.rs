@@ -181,7 +181,7 @@ pub enum Error {
     /// transition in it.
     #[error("{backend} store: {context}: {cause}")]
     Store {
-        /// Which store: `SQLite`, `PostgreSQL`.
+        /// Which store: `memory`, `SQLite`, `PostgreSQL`.
         backend: &'static str,
         /// What the store was doing.
         context: String,

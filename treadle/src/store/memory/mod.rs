@@ -15,11 +15,14 @@ use super::{
 };
 use crate::definition::{PipelineChanges, PipelineDef, VersionInFlight};
 use crate::error::{Error, Result};
-use crate::event::{Event, EventKind};
+use crate::event::Event;
 use crate::fast_hash::{FastMap, FastSet};
 use crate::rules::{self, AllLoaded, Effects, ItemRecord, UnitRef, VersionGraph, retention};
 use crate::state::StageState;
 use crate::status::{AttemptRecord, AwaitingReview, ItemStatus};
+
+mod log;
+use log::{Entry, EventLog};
 
 /// An in-memory [`Store`]. Cheap to clone: clones share the same data.
 ///
@@ -47,9 +50,7 @@ impl Default for MemoryStore {
                 ready: VecDeque::new(),
                 scheduled: BTreeSet::new(),
                 by_state: StateIndex::default(),
-                events: Vec::new(),
-                last_seq: 0,
-                pruned_through: 0,
+                log: EventLog::default(),
                 prune_cursor: 0,
                 before: Before::default(),
                 effects: Effects::default(),
@@ -79,6 +80,10 @@ type Unit = (usize, UnitRef);
 /// How many item positions one prune call looks at, per item it may remove.
 const PRUNE_WINDOW: usize = 8;
 
+/// How many items one memory store holds at most (positions are kept as
+/// `u32` in the event log); far beyond what fits in memory.
+const MAX_ITEMS: usize = u32::MAX as usize;
+
 #[derive(Debug)]
 struct Data {
     feed: broadcast::Sender<Event>,
@@ -94,13 +99,8 @@ struct Data {
     scheduled: BTreeSet<(DateTime<Utc>, Unit)>,
     /// Item positions by pipeline version, stage position and state.
     by_state: StateIndex,
-    /// The event log, in sequence order (with holes where a prune removed
-    /// the events of pruned items).
-    events: Vec<LoggedEvent>,
-    /// The sequence number of the latest event appended.
-    last_seq: u64,
-    /// The highest sequence number of an event a prune removed.
-    pruned_through: u64,
+    /// The event log.
+    log: EventLog,
     /// The item position the next prune call looks at first.
     prune_cursor: usize,
     /// Scratch space of the transition under way.
@@ -114,19 +114,6 @@ struct Data {
 struct StoredItem {
     record: ItemRecord,
     attempts: Vec<(UnitRef, AttemptRecord)>,
-}
-
-/// An event as the log keeps it: the item by position, the stage by its
-/// position in the pipeline version the item moved on at the time.
-#[derive(Debug)]
-struct LoggedEvent {
-    seq: u64,
-    at: DateTime<Utc>,
-    item: usize,
-    /// The pipeline version and the stage position.
-    stage: Option<(u32, u32)>,
-    subtask: Option<Box<str>>,
-    kind: EventKind,
 }
 
 /// An item's version and stage states before a rule ran.
@@ -158,12 +145,9 @@ impl Data {
         item: usize,
         rule: impl FnOnce(&VersionGraph, &mut ItemRecord, &mut Effects) -> Result<R>,
     ) -> Result<(R, Vec<Event>)> {
-        let start = self.events.len();
+        let mark = self.log.mark();
         let answer = self.transition(item, rule)?;
-        let events = self.events[start..]
-            .iter()
-            .map(|e| self.resolve(e))
-            .collect();
+        let events = self.resolve_from(mark);
         Ok((answer, events))
     }
 
@@ -223,6 +207,8 @@ impl Data {
                 .attempts
                 .retain(|(unit, _)| unit.stage != stage || unit.subtask.is_none());
         }
+        // Exact capacity: a finished item keeps its history for good.
+        stored.attempts.reserve_exact(fx.attempts.len());
         stored.attempts.append(&mut fx.attempts);
         let record = &stored.record;
         let same_rows = !fx.restructured && before.is_some();
@@ -249,49 +235,45 @@ impl Data {
         self.scheduled
             .extend(fx.scheduled.iter().map(|&(due, unit)| (due, (item, unit))));
         let record = &self.items[item].record;
-        let first = self.events.len();
+        let mark = self.log.mark();
         for new in fx.events.drain(..) {
-            self.last_seq += 1;
             let subtask = new.unit.and_then(|unit| {
                 let fan_out = record.stages[unit.stage].fan_out.as_ref()?;
-                Some(fan_out.row(unit.subtask?)?.name.as_str().into())
+                Some(fan_out.row(unit.subtask?)?.name.as_str())
             });
-            self.events.push(LoggedEvent {
-                seq: self.last_seq,
-                at: new.at,
-                item,
-                stage: new.unit.map(|unit| (record.version, unit.stage as u32)),
-                subtask,
-                kind: new.kind,
-            });
+            self.log.append(item, record.version, new, subtask);
         }
-        self.publish(first);
+        self.publish(mark);
     }
 
     /// A logged event, with its names.
-    fn resolve(&self, logged: &LoggedEvent) -> Event {
-        let stage = logged.stage.map(|(version, position)| {
+    fn resolve(&self, entry: &Entry) -> Event {
+        let subject = entry.subject();
+        let stage = subject.stage.map(|(version, position)| {
             self.versions[version as usize - 1].stages()[position as usize].clone()
         });
-        Event {
-            seq: logged.seq,
-            at: logged.at,
-            item_id: self.items[logged.item].record.id.clone(),
-            stage,
-            subtask: logged.subtask.as_deref().map(str::to_owned),
-            kind: logged.kind.clone(),
-        }
+        let item_id = self.items[subject.item].record.id.clone();
+        self.log.event(entry, item_id, stage)
     }
 
-    /// Sends the events logged from index `first` on to live subscribers,
-    /// in log order; with nobody listening, none is copied out of the log.
-    fn publish(&self, first: usize) {
+    /// The events logged since `mark`, with their names.
+    fn resolve_from(&self, mark: usize) -> Vec<Event> {
+        self.log
+            .from_mark(mark)
+            .iter()
+            .map(|e| self.resolve(e))
+            .collect()
+    }
+
+    /// Sends the events logged since `mark` to live subscribers, in log
+    /// order; with nobody listening, none is copied out of the log.
+    fn publish(&self, mark: usize) {
         if self.feed.receiver_count() == 0 {
             return;
         }
-        for logged in &self.events[first..] {
+        for entry in self.log.from_mark(mark) {
             // A subscriber that has gone away is not an error: the log keeps every event.
-            let _ = self.feed.send(self.resolve(logged));
+            let _ = self.feed.send(self.resolve(entry));
         }
     }
 
@@ -301,8 +283,17 @@ impl Data {
             return Ok(false);
         }
         let graph = self.graph(item.version)?;
-        let (record, mut fx) = rules::new_item(&graph, item);
         let position = self.items.len();
+        if position >= MAX_ITEMS {
+            return Err(Error::Store {
+                backend: "memory",
+                context: format!("cannot store item `{}`", item.id),
+                cause: Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(format!(
+                    "the store holds {MAX_ITEMS} items, its limit"
+                ))),
+            });
+        }
+        let (record, mut fx) = rules::new_item(&graph, item);
         self.ids.insert(record.id.clone(), position);
         self.items.push(StoredItem {
             record,
@@ -318,7 +309,7 @@ impl Data {
             .each(StageState::AwaitingReview)
             .flat_map(move |(_, position, items)| {
                 items.iter().filter_map(move |&item| {
-                    let record = &self.items[item].record;
+                    let record = &self.items[item as usize].record;
                     let row = record.stages.get(position)?;
                     Some(AwaitingReview {
                         item_id: record.id.clone(),
@@ -393,23 +384,15 @@ impl Data {
         for &item in &doomed {
             self.forget(item);
         }
-        let logged = self.events.len();
+        let mut events = 0;
         if !doomed.is_empty() {
-            let mut through = self.pruned_through;
-            self.events.retain(|e| {
-                let keep = !doomed.contains(&e.item);
-                if !keep {
-                    through = through.max(e.seq);
-                }
-                keep
-            });
-            self.pruned_through = through;
+            events = self.log.forget_items(&doomed);
             self.scheduled
                 .retain(|(_, (item, _))| !doomed.contains(item));
         }
         Pruned {
             items: doomed.len() as u64,
-            events: (logged - self.events.len()) as u64,
+            events,
             more: self.prune_cursor != 0,
         }
     }
@@ -447,11 +430,13 @@ impl Data {
 #[derive(Debug, Default)]
 struct StateIndex {
     /// `sets[version - 1][stage position][state]`.
-    sets: Vec<Vec<[FastSet<usize>; StageState::ALL.len()]>>,
+    /// Positions are kept as `u32` ([`MAX_ITEMS`]): a million finished
+    /// items sit in these sets for good.
+    sets: Vec<Vec<[FastSet<u32>; StageState::ALL.len()]>>,
 }
 
 impl StateIndex {
-    fn set(&mut self, version: u32, position: usize, state: StageState) -> &mut FastSet<usize> {
+    fn set(&mut self, version: u32, position: usize, state: StageState) -> &mut FastSet<u32> {
         let version = version as usize - 1;
         if self.sets.len() <= version {
             self.sets.resize_with(version + 1, Vec::new);
@@ -464,16 +449,16 @@ impl StateIndex {
     }
 
     fn insert(&mut self, version: u32, position: usize, state: StageState, item: usize) {
-        self.set(version, position, state).insert(item);
+        self.set(version, position, state).insert(item as u32);
     }
 
     fn remove(&mut self, version: u32, position: usize, state: StageState, item: usize) {
-        self.set(version, position, state).remove(&item);
+        self.set(version, position, state).remove(&(item as u32));
     }
 
     /// The items in `state` at each stage of each version, as
     /// `(version, stage position, items)`.
-    fn each(&self, state: StageState) -> impl Iterator<Item = (u32, usize, &FastSet<usize>)> {
+    fn each(&self, state: StageState) -> impl Iterator<Item = (u32, usize, &FastSet<u32>)> {
         self.sets
             .iter()
             .enumerate()
@@ -522,7 +507,7 @@ impl Store for MemoryStore {
 
     async fn submit(&self, items: Vec<NewItem>) -> Result<Vec<Event>> {
         let mut data = self.lock();
-        let start = data.events.len();
+        let mark = data.log.mark();
         // Check every item first: a batch is stored whole or not at all.
         for item in &items {
             check_json(&item.payload, &format!("the payload of item `{}`", item.id))?;
@@ -531,10 +516,7 @@ impl Store for MemoryStore {
         for item in items {
             data.insert_item(item)?;
         }
-        Ok(data.events[start..]
-            .iter()
-            .map(|e| data.resolve(e))
-            .collect())
+        Ok(data.resolve_from(mark))
     }
 
     async fn claim(&self, request: ClaimRequest) -> Result<ClaimBatch> {
@@ -736,7 +718,7 @@ impl Store for MemoryStore {
     async fn items_in(&self, stage: &str, state: StageState) -> Result<Vec<String>> {
         let data = self.lock();
         // The index is unordered; item positions are submission order.
-        let mut positions: Vec<usize> = data
+        let mut positions: Vec<u32> = data
             .by_state
             .each(state)
             .filter(|&(version, position, _)| {
@@ -747,7 +729,7 @@ impl Store for MemoryStore {
         positions.sort_unstable();
         Ok(positions
             .into_iter()
-            .map(|i| data.items[i].record.id.clone())
+            .map(|i| data.items[i as usize].record.id.clone())
             .collect())
     }
 
@@ -769,7 +751,7 @@ impl Store for MemoryStore {
     }
 
     async fn pruned_through(&self) -> Result<u64> {
-        Ok(self.lock().pruned_through)
+        Ok(self.lock().log.pruned_through())
     }
 
     async fn events(&self, query: EventQuery) -> Result<Vec<Event>> {
@@ -781,10 +763,11 @@ impl Store for MemoryStore {
                 None => return Ok(Vec::new()),
             },
         };
-        let start = data.events.partition_point(|e| e.seq <= query.after);
-        Ok(data.events[start..]
+        Ok(data
+            .log
+            .after(query.after)
             .iter()
-            .filter(|e| item.is_none_or(|item| e.item == item))
+            .filter(|e| item.is_none_or(|item| e.subject().item == item))
             .take(query.limit.unwrap_or(usize::MAX))
             .map(|e| data.resolve(e))
             .collect())
