@@ -199,7 +199,7 @@ fn commit_subtask(
         let output = fan
             .rows
             .iter()
-            .map(|s| (s.name.clone(), s.output.clone().unwrap_or(Value::Null)))
+            .map(|s| (s.name.to_string(), s.output.clone().unwrap_or(Value::Null)))
             .collect();
         complete_stage(graph, item, stage, Some(Value::Object(output)), at, fx);
     } else {
@@ -207,7 +207,7 @@ fn commit_subtask(
             .rows
             .iter()
             .filter(|s| s.state == StageState::Failed)
-            .map(|s| s.name.as_str())
+            .map(|s| &*s.name)
             .collect();
         let reason = format!("subtasks failed: {}", failed.join(", "));
         fail_stage(item, stage, reason, at, fx);

@@ -1,6 +1,8 @@
 //! A numbered pipeline version as the rules walk it: stage positions, each
 //! stage's direct dependents and how many upstream stages it waits for.
 
+use std::sync::Arc;
+
 use crate::definition::PipelineDef;
 use crate::fast_hash::FastMap;
 
@@ -12,6 +14,7 @@ use crate::fast_hash::FastMap;
 pub struct VersionGraph {
     version: u32,
     definition: PipelineDef,
+    names: Vec<Arc<str>>,
     positions: FastMap<String, usize>,
     dependents: Vec<Vec<usize>>,
     upstream: Vec<u32>,
@@ -36,6 +39,11 @@ impl VersionGraph {
         }
         VersionGraph {
             version,
+            names: definition
+                .stages
+                .iter()
+                .map(|s| Arc::from(s.as_str()))
+                .collect(),
             definition,
             positions,
             dependents,
@@ -56,6 +64,12 @@ impl VersionGraph {
     /// The stage names, by position.
     pub fn stages(&self) -> &[String] {
         &self.definition.stages
+    }
+
+    /// The name of the stage at `position`, shared by the stage rows of
+    /// every item of this version.
+    pub fn name(&self, position: usize) -> &Arc<str> {
+        &self.names[position]
     }
 
     /// The position of stage `name`, if this version has it.

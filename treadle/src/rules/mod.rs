@@ -62,12 +62,12 @@ pub fn new_item(graph: &VersionGraph, item: NewItem) -> (ItemRecord, Effects) {
         .stages()
         .iter()
         .enumerate()
-        .map(|(position, name)| {
+        .map(|(position, _)| {
             let waiting = graph.upstream(position);
             if waiting == 0 {
                 fx.runnable.push(UnitRef::stage(position));
             }
-            StageRecord::new(name.clone(), position as u32, waiting)
+            StageRecord::new(graph.name(position).clone(), position as u32, waiting)
         })
         .collect();
     fx.event(item.at, None, EventKind::ItemSubmitted);

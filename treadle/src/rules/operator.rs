@@ -160,7 +160,7 @@ pub fn rerun(
     }
     let reset = downstream
         .iter()
-        .map(|&d| item.stages[d].unit.name.clone())
+        .map(|&d| item.stages[d].unit.name.to_string())
         .collect();
     fx.event(
         at,
@@ -286,7 +286,9 @@ pub fn migrate(
         .enumerate()
         .map(|(position, name)| {
             let kept = from.position(name).and_then(|p| old.get_mut(p)?.take());
+            let name = to.name(position).clone();
             let mut row = kept.unwrap_or_else(|| StageRecord::new(name.clone(), 0, 0));
+            row.unit.name = name;
             row.unit.position = position as u32;
             row
         })

@@ -85,8 +85,9 @@ pub struct Lease {
 /// The fields a stage and a subtask share.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UnitRecord {
-    /// The stage or subtask name.
-    pub name: String,
+    /// The stage or subtask name (shared: a stage row of every item of a
+    /// version names its stage with the version's own copy).
+    pub name: Arc<str>,
     /// The position among its siblings (stage position, or subtask position).
     pub position: u32,
     /// Its state.
@@ -115,7 +116,7 @@ pub struct UnitRecord {
 
 impl UnitRecord {
     /// A pending unit that never ran.
-    pub fn new(name: impl Into<String>, position: u32) -> Self {
+    pub fn new(name: impl Into<Arc<str>>, position: u32) -> Self {
         UnitRecord {
             name: name.into(),
             position,
@@ -153,7 +154,7 @@ impl FanOut {
             rows: names
                 .iter()
                 .enumerate()
-                .map(|(i, name)| UnitRecord::new(name.clone(), i as u32))
+                .map(|(i, name)| UnitRecord::new(name.as_str(), i as u32))
                 .collect(),
             complete: true,
         }
@@ -180,7 +181,7 @@ impl FanOut {
 
 impl StageRecord {
     /// A pending stage row waiting for `waiting` upstream stages.
-    pub fn new(name: impl Into<String>, position: u32, waiting: u32) -> Self {
+    pub fn new(name: impl Into<Arc<str>>, position: u32, waiting: u32) -> Self {
         StageRecord {
             unit: UnitRecord::new(name, position),
             waiting,
@@ -212,7 +213,7 @@ impl ItemRecord {
 
     /// The position of stage `name`.
     pub fn stage_position(&self, name: &str) -> Option<usize> {
-        self.stages.iter().position(|s| s.unit.name == name)
+        self.stages.iter().position(|s| *s.unit.name == *name)
     }
 
     /// The unit a task key names: its stage position and, for a subtask,
@@ -228,7 +229,7 @@ impl ItemRecord {
                     .as_ref()?
                     .rows
                     .iter()
-                    .find(|r| &r.name == name)?
+                    .find(|r| *r.name == **name)?
                     .position,
             ),
         };
@@ -240,10 +241,10 @@ impl ItemRecord {
         let stage = &self.stages[unit.stage];
         TaskKey {
             item_id: self.id.clone(),
-            stage: stage.unit.name.clone(),
+            stage: stage.unit.name.to_string(),
             subtask: unit
                 .subtask
-                .and_then(|p| Some(stage.fan_out.as_ref()?.row(p)?.name.clone())),
+                .and_then(|p| Some(stage.fan_out.as_ref()?.row(p)?.name.to_string())),
         }
     }
 
@@ -252,7 +253,7 @@ impl ItemRecord {
         self.stages
             .iter()
             .filter(|s| s.unit.state == StageState::Completed)
-            .filter_map(|s| Some((s.unit.name.clone(), s.unit.output.clone()?)))
+            .filter_map(|s| Some((s.unit.name.to_string(), s.unit.output.clone()?)))
             .collect()
     }
 
@@ -300,7 +301,7 @@ impl ItemRecord {
             .iter()
             .enumerate()
             .map(|(position, row)| StageStatus {
-                name: row.unit.name.clone(),
+                name: row.unit.name.to_string(),
                 state: row.unit.state,
                 waiting_on: row.waiting,
                 attempt: row.unit.attempt,
@@ -315,7 +316,7 @@ impl ItemRecord {
                     .iter()
                     .flat_map(|f| &f.rows)
                     .map(|sub| SubtaskStatus {
-                        name: sub.name.clone(),
+                        name: sub.name.to_string(),
                         state: sub.state,
                         attempt: sub.attempt,
                         next_run_at: sub.next_run_at,

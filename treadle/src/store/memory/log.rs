@@ -82,13 +82,13 @@ impl Entry {
 
 impl EventLog {
     /// How many entries the log holds: a mark to read what is appended
-    /// after it ([`EventLog::from_mark`]).
+    /// after it ([`EventLog::since_mark`]).
     pub(super) fn mark(&self) -> usize {
         self.entries.len()
     }
 
     /// The entries appended since `mark`.
-    pub(super) fn from_mark(&self, mark: usize) -> &[Entry] {
+    pub(super) fn since_mark(&self, mark: usize) -> &[Entry] {
         &self.entries[mark..]
     }
 

@@ -239,7 +239,7 @@ impl Data {
         for new in fx.events.drain(..) {
             let subtask = new.unit.and_then(|unit| {
                 let fan_out = record.stages[unit.stage].fan_out.as_ref()?;
-                Some(fan_out.row(unit.subtask?)?.name.as_str())
+                Some(&*fan_out.row(unit.subtask?)?.name)
             });
             self.log.append(item, record.version, new, subtask);
         }
@@ -259,7 +259,7 @@ impl Data {
     /// The events logged since `mark`, with their names.
     fn resolve_from(&self, mark: usize) -> Vec<Event> {
         self.log
-            .from_mark(mark)
+            .since_mark(mark)
             .iter()
             .map(|e| self.resolve(e))
             .collect()
@@ -271,7 +271,7 @@ impl Data {
         if self.feed.receiver_count() == 0 {
             return;
         }
-        for entry in self.log.from_mark(mark) {
+        for entry in self.log.since_mark(mark) {
             // A subscriber that has gone away is not an error: the log keeps every event.
             let _ = self.feed.send(self.resolve(entry));
         }
@@ -313,7 +313,7 @@ impl Data {
                     let row = record.stages.get(position)?;
                     Some(AwaitingReview {
                         item_id: record.id.clone(),
-                        stage: row.unit.name.clone(),
+                        stage: row.unit.name.to_string(),
                         version: record.version,
                         review: row.review.as_deref()?.clone(),
                     })

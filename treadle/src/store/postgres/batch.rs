@@ -592,7 +592,7 @@ impl<'a> Batch<'a> {
                             .record
                             .stages
                             .iter()
-                            .map(|s| s.unit.name.clone())
+                            .map(|s| s.unit.name.to_string())
                             .filter(|name| record.stage_position(name).is_none())
                             .collect();
                         self.changes.purge(id, &removed);
@@ -630,7 +630,7 @@ impl<'a> Batch<'a> {
         let Some(fan) = &slot.record.stages[position].fan_out else {
             return Ok(());
         };
-        if fan.complete || fan.rows.iter().any(|r| r.name == name) {
+        if fan.complete || fan.rows.iter().any(|r| *r.name == *name) {
             return Ok(());
         }
         let rows = load::subtasks(self.db, id, stage, Subtasks::Named(name)).await?;

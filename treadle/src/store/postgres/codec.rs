@@ -118,7 +118,7 @@ pub(super) fn unit(loc: &Loc, row: &Row, at: usize) -> Result<UnitRecord> {
         _ => return Err(loc.corrupt("lease_owner", "a lease needs both an owner and an expiry")),
     };
     Ok(UnitRecord {
-        name: loc.get(row, at, "name")?,
+        name: loc.get::<String>(row, at, "name")?.into(),
         position: loc.count(row, at + 1, "position")?,
         state: loc.parse(row, at + 2, "state")?,
         attempt: loc.count(row, at + 3, "attempt")?,

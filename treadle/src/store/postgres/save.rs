@@ -55,7 +55,7 @@ impl Changes {
     pub(super) fn record(&mut self, slot: &Slot, fx: Effects, fresh: bool) -> Result<()> {
         let record = &slot.record;
         let id = &record.id;
-        let name = |stage: usize| record.stages[stage].unit.name.clone();
+        let name = |stage: usize| record.stages[stage].unit.name.to_string();
         self.events
             .extend(fx.events.iter().map(|e| e.resolve(record, 0)));
         if fx.item_changed && !fresh {
@@ -76,7 +76,7 @@ impl Changes {
         if fresh || fx.restructured {
             for stage in &record.stages {
                 self.stages
-                    .insert((id.clone(), stage.unit.name.clone()), true);
+                    .insert((id.clone(), stage.unit.name.to_string()), true);
             }
         }
         for unit in &fx.changed {
@@ -653,7 +653,7 @@ struct UnitColumns {
 
 impl UnitColumns {
     fn push(&mut self, unit: &UnitRecord, item: &str, stage: &str) -> Result<()> {
-        self.name.push(unit.name.clone());
+        self.name.push(unit.name.to_string());
         self.position.push(int(unit.position));
         self.state.push(unit.state.as_str());
         self.attempt.push(int(unit.attempt));

@@ -164,7 +164,7 @@ fn stage_row(
         output,
         lease: lease(&loc, row, 10)?,
         crashes: loc.count(row, 24, "crashes")?,
-        name: name.clone(),
+        name: name.as_str().into(),
     };
     let review = review(conn, &loc, row, 13, (item_id, &name))?;
     let total: Option<u32> = loc.count_opt(row, 16, "fan_total")?;
@@ -271,7 +271,7 @@ pub(crate) fn subtask_rows(
                 output: loc.json_opt(row, 9, "output")?,
                 lease: lease(&loc, row, 10)?,
                 crashes: loc.count(row, 12, "crashes")?,
-                name,
+                name: name.into(),
             })
         })())
     })?;
@@ -660,11 +660,15 @@ fn write_unit(
                 "edits_to_check",
                 &|| Ok(Sql::Integer(stage.edits_to_check.into())),
             )?;
-            ("stages", vec![record.id.clone(), row.name.clone()])
+            ("stages", vec![record.id.clone(), row.name.to_string()])
         }
         Some(_) => (
             "subtasks",
-            vec![record.id.clone(), stage.unit.name.clone(), row.name.clone()],
+            vec![
+                record.id.clone(),
+                stage.unit.name.to_string(),
+                row.name.to_string(),
+            ],
         ),
     };
     if columns.is_empty() {

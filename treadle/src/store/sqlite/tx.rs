@@ -84,7 +84,7 @@ impl<'c> Tx<'c> {
         if let Subtasks::One(stage, name) = subtasks
             && let Some(position) = loaded.record.stage_position(stage)
             && let Some(fan) = &mut loaded.record.stages[position].fan_out
-            && !fan.rows.iter().any(|row| row.name == name)
+            && !fan.rows.iter().any(|row| *row.name == *name)
         {
             fan.rows
                 .extend(rows::subtask_rows(self.conn, item_id, stage, Some(name))?);
