@@ -44,12 +44,12 @@ impl StageContext {
     }
 
     /// A context for the unit of work `task`, attempt `attempt`.
-    pub(crate) fn for_task(task: Arc<TaskKey>, attempt: u32) -> Self {
+    pub(crate) fn for_task(task: Arc<TaskKey>, attempt: u32, cancel: CancelSignal) -> Self {
         StageContext {
             task,
             attempt,
             outputs: BTreeMap::new(),
-            cancel: CancelSignal::default(),
+            cancel,
         }
     }
 
@@ -68,12 +68,6 @@ impl StageContext {
     /// Replaces all stored outputs at once.
     pub(crate) fn with_outputs(mut self, outputs: BTreeMap<String, Value>) -> Self {
         self.outputs = outputs;
-        self
-    }
-
-    /// Uses `signal` as this attempt's cancellation signal.
-    pub(crate) fn with_cancel_signal(mut self, signal: CancelSignal) -> Self {
-        self.cancel = signal;
         self
     }
 
@@ -186,7 +180,7 @@ mod tests {
     #[tokio::test]
     async fn cancelled_wakes_after_cancel() {
         let signal = CancelSignal::default();
-        let ctx = StageContext::new("a", "b").with_cancel_signal(signal.clone());
+        let ctx = StageContext::for_task(Arc::new(TaskKey::stage("a", "b")), 1, signal.clone());
         assert!(!ctx.is_cancelled());
         let waiter = tokio::spawn(async move { ctx.cancelled().await });
         tokio::task::yield_now().await;

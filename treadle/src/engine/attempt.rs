@@ -125,9 +125,9 @@ impl Attempt {
             }
             Some(stage) => match serde_json::from_str::<W>(&self.payload) {
                 Ok(item) => {
-                    let mut ctx = StageContext::for_task(self.task.clone(), self.attempt)
-                        .with_outputs(self.outputs)
-                        .with_cancel_signal(settings.signal);
+                    let mut ctx =
+                        StageContext::for_task(self.task.clone(), self.attempt, settings.signal)
+                            .with_outputs(self.outputs);
                     run_guarded(stage.as_ref(), &item, &mut ctx, timeout).await
                 }
                 // A poisoned item fails alone; after the row is repaired,

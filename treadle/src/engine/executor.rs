@@ -195,7 +195,7 @@ impl<'e, W: WorkItem, S: Store, F: Future<Output = ()>> RunLoop<'e, W, S, F> {
         self.claim_wanted = false;
         let shared = &self.engine.shared;
         let claim = shared.store.claim(ClaimRequest {
-            owner: shared.owner.to_string(),
+            owner: shared.owner_text.clone(),
             limit: free,
             lease: shared.config.lease,
             now: Utc::now(),
@@ -394,13 +394,15 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
             let (engine, signal) = (self.clone(), CancelSignal::default());
             let generation = claim.generation;
             let attempt = Attempt::from(claim);
-            let key = attempt.task.clone();
+            // Weak: an attempt that ends here hands the commit the key's
+            // last strong reference, so the commit takes it without a copy.
+            let key = Arc::downgrade(&attempt.task);
             let work = RunningWork {
                 generation,
                 signal: signal.clone(),
                 abort: None,
             };
-            self.running().insert(key.clone(), work);
+            self.running().insert(attempt.task.clone(), work);
             let mut execution = Box::pin(engine.execute(attempt, signal));
             if inline {
                 // The task, if one is needed, polls again with its own waker.
@@ -412,7 +414,9 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
                 }
             }
             let abort = tasks.spawn(execution);
-            if let Some(work) = self.running().get_mut(&key) {
+            if let Some(key) = key.upgrade()
+                && let Some(work) = self.running().get_mut(&key)
+            {
                 work.abort = Some(abort);
             }
         }

@@ -122,6 +122,8 @@ struct Shared<W: WorkItem, S: Store> {
     config: EngineConfig,
     /// This worker as the owner of its leases.
     owner: LeaseOwner,
+    /// `owner` as its leases record it.
+    owner_text: Arc<str>,
     /// Set once the pipeline has been recorded in the store.
     drift: OnceCell<PipelineDrift>,
     /// Wakes the run loop: new items, decisions, retries.
@@ -154,11 +156,13 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
     pub fn with_config(pipeline: Pipeline<W>, store: S, config: EngineConfig) -> Self {
         let seed =
             Utc::now().timestamp_nanos_opt().unwrap_or(1) as u64 ^ u64::from(std::process::id());
+        let owner = LeaseOwner::this_process(&config.worker_id);
         Engine {
             shared: Arc::new(Shared {
                 pipeline,
                 store,
-                owner: LeaseOwner::this_process(&config.worker_id),
+                owner_text: owner.to_string().into(),
+                owner,
                 config,
                 drift: OnceCell::new(),
                 wake: Notify::new(),

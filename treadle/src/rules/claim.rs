@@ -62,7 +62,7 @@ pub fn claim(
             request.now,
             Some(unit),
             EventKind::Recovered {
-                previous_owner: lease.owner,
+                previous_owner: String::from(&*lease.owner),
                 attempt: row.attempt,
             },
         );
@@ -115,7 +115,7 @@ pub fn claim(
         Some(unit),
         EventKind::Started {
             attempt,
-            owner: request.owner.clone(),
+            owner: String::from(&*request.owner),
         },
     );
     Some(Claim {

@@ -199,7 +199,12 @@ fn commit_subtask(
         let output = fan
             .rows
             .iter()
-            .map(|s| (s.name.to_string(), s.output.clone().unwrap_or(Value::Null)))
+            .map(|s| {
+                (
+                    String::from(&*s.name),
+                    s.output.clone().unwrap_or(Value::Null),
+                )
+            })
             .collect();
         complete_stage(graph, item, stage, Some(Value::Object(output)), at, fx);
     } else {

@@ -29,8 +29,8 @@ impl NewEvent {
                 let row = &item.stages[unit.stage];
                 let subtask = unit
                     .subtask
-                    .and_then(|p| Some(row.fan_out.as_ref()?.row(p)?.name.to_string()));
-                (Some(row.unit.name.to_string()), subtask)
+                    .and_then(|p| Some(String::from(&*row.fan_out.as_ref()?.row(p)?.name)));
+                (Some(String::from(&*row.unit.name)), subtask)
             }
         };
         Event {

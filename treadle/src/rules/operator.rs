@@ -160,7 +160,7 @@ pub fn rerun(
     }
     let reset = downstream
         .iter()
-        .map(|&d| item.stages[d].unit.name.to_string())
+        .map(|&d| String::from(&*item.stages[d].unit.name))
         .collect();
     fx.event(
         at,

@@ -76,8 +76,8 @@ pub struct FanOut {
 /// A lease: who holds a running unit, and until when.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
-    /// The worker that claimed the unit.
-    pub owner: String,
+    /// The worker that claimed the unit (shared with its claim request).
+    pub owner: Arc<str>,
     /// When another worker may take it over.
     pub expiry: DateTime<Utc>,
 }
@@ -241,10 +241,10 @@ impl ItemRecord {
         let stage = &self.stages[unit.stage];
         TaskKey {
             item_id: self.id.clone(),
-            stage: stage.unit.name.to_string(),
+            stage: String::from(&*stage.unit.name),
             subtask: unit
                 .subtask
-                .and_then(|p| Some(stage.fan_out.as_ref()?.row(p)?.name.to_string())),
+                .and_then(|p| Some(String::from(&*stage.fan_out.as_ref()?.row(p)?.name))),
         }
     }
 
@@ -253,7 +253,7 @@ impl ItemRecord {
         self.stages
             .iter()
             .filter(|s| s.unit.state == StageState::Completed)
-            .filter_map(|s| Some((s.unit.name.to_string(), s.unit.output.clone()?)))
+            .filter_map(|s| Some((String::from(&*s.unit.name), s.unit.output.clone()?)))
             .collect()
     }
 
@@ -301,7 +301,7 @@ impl ItemRecord {
             .iter()
             .enumerate()
             .map(|(position, row)| StageStatus {
-                name: row.unit.name.to_string(),
+                name: String::from(&*row.unit.name),
                 state: row.unit.state,
                 waiting_on: row.waiting,
                 attempt: row.unit.attempt,
@@ -316,7 +316,7 @@ impl ItemRecord {
                     .iter()
                     .flat_map(|f| &f.rows)
                     .map(|sub| SubtaskStatus {
-                        name: sub.name.to_string(),
+                        name: String::from(&*sub.name),
                         state: sub.state,
                         attempt: sub.attempt,
                         next_run_at: sub.next_run_at,

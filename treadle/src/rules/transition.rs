@@ -32,7 +32,7 @@ pub struct NewItem {
 #[derive(Debug, Clone)]
 pub struct ClaimRequest {
     /// The claiming worker's token, recorded as the lease owner.
-    pub owner: String,
+    pub owner: Arc<str>,
     /// The most units of work to claim.
     pub limit: usize,
     /// How long the lease lasts before another worker may take the work over.

@@ -207,8 +207,13 @@ impl Data {
                 .attempts
                 .retain(|(unit, _)| unit.stage != stage || unit.subtask.is_none());
         }
-        // Exact capacity: a finished item keeps its history for good.
-        stored.attempts.reserve_exact(fx.attempts.len());
+        if stored.attempts.capacity() == 0 && !fx.attempts.is_empty() {
+            // A finished item keeps its history for good: room for one
+            // attempt per stage, the usual count, rather than a doubling
+            // vector's slack.
+            let usual = stored.record.stages.len().max(fx.attempts.len());
+            stored.attempts.reserve_exact(usual);
+        }
         stored.attempts.append(&mut fx.attempts);
         let record = &stored.record;
         let same_rows = !fx.restructured && before.is_some();
@@ -313,7 +318,7 @@ impl Data {
                     let row = record.stages.get(position)?;
                     Some(AwaitingReview {
                         item_id: record.id.clone(),
-                        stage: row.unit.name.to_string(),
+                        stage: String::from(&*row.unit.name),
                         version: record.version,
                         review: row.review.as_deref()?.clone(),
                     })

@@ -592,7 +592,7 @@ impl<'a> Batch<'a> {
                             .record
                             .stages
                             .iter()
-                            .map(|s| s.unit.name.to_string())
+                            .map(|s| String::from(&*s.unit.name))
                             .filter(|name| record.stage_position(name).is_none())
                             .collect();
                         self.changes.purge(id, &removed);

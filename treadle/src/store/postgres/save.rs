@@ -55,7 +55,7 @@ impl Changes {
     pub(super) fn record(&mut self, slot: &Slot, fx: Effects, fresh: bool) -> Result<()> {
         let record = &slot.record;
         let id = &record.id;
-        let name = |stage: usize| record.stages[stage].unit.name.to_string();
+        let name = |stage: usize| String::from(&*record.stages[stage].unit.name);
         self.events
             .extend(fx.events.iter().map(|e| e.resolve(record, 0)));
         if fx.item_changed && !fresh {
@@ -76,7 +76,7 @@ impl Changes {
         if fresh || fx.restructured {
             for stage in &record.stages {
                 self.stages
-                    .insert((id.clone(), stage.unit.name.to_string()), true);
+                    .insert((id.clone(), String::from(&*stage.unit.name)), true);
             }
         }
         for unit in &fx.changed {
@@ -653,7 +653,7 @@ struct UnitColumns {
 
 impl UnitColumns {
     fn push(&mut self, unit: &UnitRecord, item: &str, stage: &str) -> Result<()> {
-        self.name.push(unit.name.to_string());
+        self.name.push(String::from(&*unit.name));
         self.position.push(int(unit.position));
         self.state.push(unit.state.as_str());
         self.attempt.push(int(unit.attempt));
@@ -676,7 +676,7 @@ impl UnitColumns {
                 .transpose()?,
         );
         self.lease_owner
-            .push(unit.lease.as_ref().map(|l| l.owner.clone()));
+            .push(unit.lease.as_ref().map(|l| String::from(&*l.owner)));
         self.lease_expiry
             .push(unit.lease.as_ref().map(|l| l.expiry));
         Ok(())

@@ -227,7 +227,10 @@ fn lease(loc: &Loc, row: &Row<'_>, column: usize) -> Result<Option<Box<Lease>>> 
     let owner: Option<String> = loc.get(row, column, "lease_owner")?;
     let expiry = loc.time_opt(row, column + 1, "lease_expiry")?;
     Ok(match (owner, expiry) {
-        (Some(owner), Some(expiry)) => Some(Box::new(Lease { owner, expiry })),
+        (Some(owner), Some(expiry)) => Some(Box::new(Lease {
+            owner: owner.into(),
+            expiry,
+        })),
         (None, None) => None,
         _ => return Err(loc.corrupt("lease_expiry", "a lease needs both owner and expiry")),
     })
@@ -608,7 +611,7 @@ fn write_unit(
     })?;
     let lease_changed = differs(&|o| o.lease != row.lease);
     set(lease_changed, "lease_owner", &|| {
-        Ok(text(row.lease.as_ref().map(|l| l.owner.clone())))
+        Ok(text(row.lease.as_ref().map(|l| String::from(&*l.owner))))
     })?;
     set(lease_changed, "lease_expiry", &|| {
         Ok(text(row.lease.as_ref().map(|l| codec::time(l.expiry))))
@@ -660,14 +663,14 @@ fn write_unit(
                 "edits_to_check",
                 &|| Ok(Sql::Integer(stage.edits_to_check.into())),
             )?;
-            ("stages", vec![record.id.clone(), row.name.to_string()])
+            ("stages", vec![record.id.clone(), String::from(&*row.name)])
         }
         Some(_) => (
             "subtasks",
             vec![
                 record.id.clone(),
-                stage.unit.name.to_string(),
-                row.name.to_string(),
+                String::from(&*stage.unit.name),
+                String::from(&*row.name),
             ],
         ),
     };
