@@ -39,12 +39,12 @@ pub use retention::{Pruned, cutoff, prune_all};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 
-/// Checks that `text` is well-formed JSON (without building it), so no
-/// store ever keeps a payload that cannot be read back.
-pub(crate) fn check_json(text: &str, what: &str) -> Result<()> {
-    serde_json::from_str::<serde::de::IgnoredAny>(text)
+/// Checks that a new item's payload is well-formed JSON (without building
+/// it), so no store ever keeps a payload that cannot be read back.
+pub(crate) fn check_payload(item: &NewItem) -> Result<()> {
+    serde_json::from_str::<serde::de::IgnoredAny>(&item.payload)
         .map(drop)
-        .map_err(|e| crate::Error::json(what, e))
+        .map_err(|e| crate::Error::json(format!("the payload of item `{}`", item.id), e))
 }
 
 /// The result of a claim: the work it took. Its events (a `Started` per

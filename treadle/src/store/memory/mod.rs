@@ -11,7 +11,7 @@ use tokio::sync::broadcast;
 
 use super::{
     ClaimBatch, ClaimRequest, Commit, DecisionCommit, EVENT_FEED_CAPACITY, EventQuery,
-    MigrateOutcome, NewItem, PipelineDrift, Pruned, StageCount, Store, TaskKey, check_json,
+    MigrateOutcome, NewItem, PipelineDrift, Pruned, StageCount, Store, TaskKey, check_payload,
 };
 use crate::definition::{PipelineChanges, PipelineDef, VersionInFlight};
 use crate::error::{Error, Result};
@@ -515,7 +515,7 @@ impl Store for MemoryStore {
         let mark = data.log.mark();
         // Check every item first: a batch is stored whole or not at all.
         for item in &items {
-            check_json(&item.payload, &format!("the payload of item `{}`", item.id))?;
+            check_payload(item)?;
             data.graph(item.version)?;
         }
         for item in items {

@@ -23,7 +23,7 @@ use crate::event::Event;
 use crate::rules::{self, Effects, ItemRecord, SubtaskSource, UnitRecord, UnitRef, VersionGraph};
 use crate::store::{
     ClaimBatch, ClaimRequest, Commit, DecisionCommit, MigrateOutcome, NewItem, TaskKey, Transition,
-    check_json,
+    check_payload,
 };
 
 /// A transition for the writer to apply.
@@ -449,7 +449,7 @@ impl<'a> Batch<'a> {
     /// is JSON and every version is registered.
     async fn check_submission(&self, items: &[NewItem]) -> Result<()> {
         for item in items {
-            check_json(&item.payload, &format!("the payload of item `{}`", item.id))?;
+            check_payload(item)?;
             self.graphs.get(self.db, item.version).await?;
         }
         Ok(())

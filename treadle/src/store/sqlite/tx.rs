@@ -19,7 +19,7 @@ use crate::rules::{
     self, Claim, ClaimRequest, Commit, DecisionCommit, Effects, ItemRecord, MigrateOutcome,
     NewItem, SubtaskSource, UnitRecord, VersionGraph,
 };
-use crate::store::{ClaimBatch, check_json};
+use crate::store::{ClaimBatch, check_payload};
 use crate::task::TaskKey;
 
 /// One transition in progress: the connection, the writer's cache of
@@ -163,7 +163,7 @@ impl<'c> Tx<'c> {
 
     pub(crate) fn submit(&mut self, items: &[NewItem]) -> Result<()> {
         for item in items {
-            check_json(&item.payload, &format!("the payload of item `{}`", item.id))?;
+            check_payload(item)?;
             let graph = self.graph(item.version)?;
             let seq: Option<i64> = self
                 .conn
