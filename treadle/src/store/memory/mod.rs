@@ -16,12 +16,14 @@ use super::{
 use crate::definition::{PipelineChanges, PipelineDef, VersionInFlight};
 use crate::error::{Error, Result};
 use crate::event::Event;
-use crate::fast_hash::{FastMap, FastSet};
+use crate::fast_hash::FastSet;
 use crate::rules::{self, AllLoaded, Effects, ItemRecord, UnitRef, VersionGraph, retention};
 use crate::state::StageState;
 use crate::status::{AttemptRecord, AwaitingReview, ItemStatus};
 
+mod ids;
 mod log;
+use ids::IdIndex;
 use log::{Entry, EventLog};
 
 /// An in-memory [`Store`]. Cheap to clone: clones share the same data.
@@ -45,7 +47,7 @@ impl Default for MemoryStore {
             data: Arc::new(Mutex::new(Data {
                 feed: broadcast::channel(EVENT_FEED_CAPACITY).0,
                 versions: Vec::new(),
-                ids: FastMap::default(),
+                ids: IdIndex::default(),
                 items: Vec::new(),
                 ready: VecDeque::new(),
                 scheduled: BTreeSet::new(),
@@ -90,7 +92,7 @@ struct Data {
     /// Registered pipeline versions; version `n` at index `n - 1`.
     versions: Vec<Arc<VersionGraph>>,
     /// Item positions by id.
-    ids: FastMap<String, usize>,
+    ids: IdIndex,
     /// Items in submission order.
     items: Vec<StoredItem>,
     /// Units of work that may be claimable now, oldest first.
@@ -125,10 +127,13 @@ struct Before {
 
 impl Data {
     fn position(&self, item_id: &str) -> Result<usize> {
-        self.ids
-            .get(item_id)
-            .copied()
+        self.find(item_id)
             .ok_or_else(|| Error::UnknownItem(item_id.to_owned()))
+    }
+
+    /// The position of item `item_id`, if it is stored.
+    fn find(&self, item_id: &str) -> Option<usize> {
+        self.ids.get(item_id, |p| &self.items[p].record.id)
     }
 
     fn graph(&self, version: u32) -> Result<Arc<VersionGraph>> {
@@ -284,7 +289,7 @@ impl Data {
 
     /// Stores one new item; `false` if its id is already known.
     fn insert_item(&mut self, item: NewItem) -> Result<bool> {
-        if self.ids.contains_key(&item.id) {
+        if self.find(&item.id).is_some() {
             return Ok(false);
         }
         let graph = self.graph(item.version)?;
@@ -299,7 +304,7 @@ impl Data {
             });
         }
         let (record, mut fx) = rules::new_item(&graph, item);
-        self.ids.insert(record.id.clone(), position);
+        self.ids.insert(&record.id, position);
         self.items.push(StoredItem {
             record,
             attempts: Vec::new(),
@@ -413,7 +418,7 @@ impl Data {
             self.by_state
                 .remove(version, position, row.unit.state, item);
         }
-        self.ids.remove(&*stored.record.id);
+        self.ids.remove(&stored.record.id, item);
         let record = &mut stored.record;
         record.id = String::new();
         record.payload = Arc::from("");
@@ -763,8 +768,8 @@ impl Store for MemoryStore {
         let data = self.lock();
         let item = match &query.item_id {
             None => None,
-            Some(id) => match data.ids.get(id) {
-                Some(&item) => Some(item),
+            Some(id) => match data.find(id) {
+                Some(item) => Some(item),
                 None => return Ok(Vec::new()),
             },
         };
