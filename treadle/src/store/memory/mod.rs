@@ -35,7 +35,7 @@ use log::{Entry, EventLog};
 /// what it runs); claims are still fenced by generation, so cancelled or
 /// superseded work cannot write. A prune frees a pruned item's rows,
 /// history and events; its position in submission order stays behind as an
-/// empty slot of a few dozen bytes.
+/// empty slot of about 140 bytes.
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
     data: Arc<Mutex<Data>>,
@@ -409,7 +409,7 @@ impl Data {
 
     /// Drops item `item`'s rows, attempt history and index entries. Its
     /// position stays (positions are submission order) as an empty,
-    /// cancelled slot of a few dozen bytes that no claim or listing sees;
+    /// cancelled slot of about 140 bytes that no claim or listing sees;
     /// stale queue entries for it find nothing to claim.
     fn forget(&mut self, item: usize) {
         let stored = &mut self.items[item];
@@ -781,5 +781,16 @@ impl Store for MemoryStore {
             .take(query.limit.unwrap_or(usize::MAX))
             .map(|e| data.resolve(e))
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pruned_items_slot_is_about_140_bytes() {
+        let slot = std::mem::size_of::<StoredItem>();
+        assert!((128..=144).contains(&slot), "{slot} bytes");
     }
 }
