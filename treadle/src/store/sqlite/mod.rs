@@ -52,6 +52,7 @@ use crate::event::Event;
 use crate::state::StageState;
 use crate::status::{AwaitingReview, ItemStatus};
 
+mod appends;
 mod cache;
 mod codec;
 mod prune;
@@ -212,7 +213,7 @@ impl SqliteStore {
             return self
                 .inner
                 .writer
-                .write(move |session| Ok((query(&session.conn)?, Vec::new())))
+                .write(move |session| Ok((query(session.settled()?)?, Vec::new())))
                 .await;
         }
         let inner = self.inner.clone();
@@ -425,7 +426,7 @@ impl Store for SqliteStore {
                 // Rows change outside the rules: the writer's cache goes.
                 session.items.clear();
                 Ok((
-                    prune::remove(&session.conn, &ids, finished_before)?,
+                    prune::remove(session.settled()?, &ids, finished_before)?,
                     Vec::new(),
                 ))
             })
@@ -433,7 +434,7 @@ impl Store for SqliteStore {
         if pruned.items > 0 {
             self.inner
                 .writer
-                .write(|session| Ok((prune::vacuum(&session.conn)?, Vec::new())))
+                .write(|session| Ok((prune::vacuum(session.settled()?)?, Vec::new())))
                 .await?;
         }
         // A full batch may have more behind it, unless the rule kept every
