@@ -52,6 +52,7 @@ use crate::event::Event;
 use crate::state::StageState;
 use crate::status::{AwaitingReview, ItemStatus};
 
+mod appends;
 mod cache;
 mod codec;
 mod prune;
@@ -129,7 +130,7 @@ impl Readers {
 
 impl SqliteStore {
     /// The schema version this build writes, kept in `PRAGMA user_version`.
-    pub const SCHEMA_VERSION: i64 = 4;
+    pub const SCHEMA_VERSION: i64 = 5;
 
     /// Opens (or creates) the database at `path`, applying any pending
     /// schema migrations.
@@ -212,7 +213,7 @@ impl SqliteStore {
             return self
                 .inner
                 .writer
-                .write(move |session| Ok((query(&session.conn)?, Vec::new())))
+                .write(move |session| Ok((query(session.settled()?)?, Vec::new())))
                 .await;
         }
         let inner = self.inner.clone();
@@ -425,7 +426,7 @@ impl Store for SqliteStore {
                 // Rows change outside the rules: the writer's cache goes.
                 session.items.clear();
                 Ok((
-                    prune::remove(&session.conn, &ids, finished_before)?,
+                    prune::remove(session.settled()?, &ids, finished_before)?,
                     Vec::new(),
                 ))
             })
@@ -433,7 +434,7 @@ impl Store for SqliteStore {
         if pruned.items > 0 {
             self.inner
                 .writer
-                .write(|session| Ok((prune::vacuum(&session.conn)?, Vec::new())))
+                .write(|session| Ok((prune::vacuum(session.settled()?)?, Vec::new())))
                 .await?;
         }
         // A full batch may have more behind it, unless the rule kept every

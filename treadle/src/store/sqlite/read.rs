@@ -105,12 +105,22 @@ pub(crate) fn stage_counts(conn: &Connection) -> Result<Vec<StageCount>> {
 }
 
 pub(crate) fn items_in(conn: &Connection, stage: &str, state: StageState) -> Result<Vec<String>> {
-    collect(
-        conn,
-        "SELECT item_id FROM stages WHERE stage = +?1 AND state = +?2 ORDER BY item_seq",
-        params![stage, state.as_str()],
-        |row| Ok(row.get(0)?),
-    )
+    // The states every stage passes through have no index (schema version
+    // 5): the stage's rows are read in submission order. The others have
+    // `stages_in_rare_states`, which the condition repeated here selects.
+    let sql = match state {
+        StageState::Pending | StageState::Running | StageState::Completed => {
+            "SELECT item_id FROM stages WHERE stage = +?1 AND state = +?2 ORDER BY item_seq"
+        }
+        _ => {
+            "SELECT item_id FROM stages WHERE stage = +?1 AND state = +?2
+                AND state <> 'pending' AND state <> 'running' AND state <> 'completed'
+             ORDER BY item_seq"
+        }
+    };
+    collect(conn, sql, params![stage, state.as_str()], |row| {
+        Ok(row.get(0)?)
+    })
 }
 
 pub(crate) fn status(conn: &Connection, item_id: &str) -> Result<ItemStatus> {

@@ -2,8 +2,10 @@
 //! back what a rule changed.
 
 use chrono::{DateTime, Utc};
+use rusqlite::types::Value as Sql;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
+use super::appends::Appends;
 use super::codec::{self, Loc};
 use crate::error::{Error, Result};
 use crate::review::{DecisionRecord, ReviewRequest, ReviewStatus};
@@ -373,10 +375,12 @@ pub(crate) fn insert_stages(conn: &Connection, seq: i64, record: &ItemRecord) ->
 }
 
 /// Saves what a rule did to `record` (loaded with `seq`; its stage rows
-/// before the rule ran were `before`), except the events: queue hints,
-/// attempts, decisions and the changed columns of every changed row.
+/// before the rule ran were `before`), except the events: queue hints and
+/// attempts (to `appends`), decisions and the changed columns of every
+/// changed row.
 pub(crate) fn save(
     conn: &Connection,
+    appends: &mut Appends,
     seq: i64,
     record: &ItemRecord,
     before: &[StageRecord],
@@ -385,6 +389,10 @@ pub(crate) fn save(
     if fx.item_changed {
         conn.prepare_cached("UPDATE items SET cancelled = ?2, version = ?3 WHERE id = ?1")?
             .execute(params![record.id, record.cancelled, record.version])?;
+    }
+    if fx.restructured || !fx.fanned_out.is_empty() {
+        // Attempts are deleted below: the pending ones must be rows first.
+        appends.flush(conn)?;
     }
     if fx.restructured {
         restructure(conn, seq, record, before)?;
@@ -427,29 +435,22 @@ pub(crate) fn save(
     }
     for (unit, attempt) in &fx.attempts {
         let key = record.key(*unit);
-        conn.prepare_cached(
-            "INSERT INTO attempts
-                (item_id, stage, subtask, attempt, started_at, finished_at, result, error)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        )?
-        .execute(params![
-            key.item_id,
-            key.stage,
-            key.subtask,
-            attempt.attempt,
-            codec::time(attempt.started_at),
-            codec::time(attempt.finished_at),
-            attempt.result.as_str(),
-            attempt.error,
-        ])?;
+        appends.attempt([
+            Sql::Text(key.item_id),
+            Sql::Text(key.stage),
+            key.subtask.map_or(Sql::Null, Sql::Text),
+            Sql::Integer(attempt.attempt.into()),
+            Sql::Text(codec::time(attempt.started_at)),
+            Sql::Text(codec::time(attempt.finished_at)),
+            Sql::Text(attempt.result.as_str().to_owned()),
+            attempt.error.clone().map_or(Sql::Null, Sql::Text),
+        ]);
     }
     if let Some(stage) = fx.decided {
         insert_decision(conn, record, stage)?;
     }
     for &unit in &fx.runnable {
-        let key = record.key(unit);
-        conn.prepare_cached("INSERT INTO run_queue (item_id, stage, subtask) VALUES (?1, ?2, ?3)")?
-            .execute(params![key.item_id, key.stage, key.subtask])?;
+        appends.runnable(record.key(unit));
     }
     for &(due, unit) in &fx.scheduled {
         let key = record.key(unit);
@@ -557,7 +558,6 @@ fn write_unit(
     unit: UnitRef,
     old: Option<(&StageRecord, &UnitRecord)>,
 ) -> Result<()> {
-    use rusqlite::types::Value as Sql;
     let stage = &record.stages[unit.stage];
     let row = record.unit(unit).ok_or_else(|| {
         Loc::stage(&record.id, &stage.unit.name)

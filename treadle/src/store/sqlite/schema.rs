@@ -46,6 +46,10 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         version: 4,
         sql: V4,
     },
+    Migration {
+        version: 5,
+        sql: V5,
+    },
 ];
 
 /// Version 3: per stage and subtask, the attempts of the current run that
@@ -256,6 +260,21 @@ CREATE TABLE pruned_events (
 INSERT INTO pruned_events (id, through) VALUES (1, 0);
 
 CREATE INDEX items_by_submission ON items (submitted_at, seq);
+"#;
+
+/// Version 5: no index is rewritten on every state change. Every stage
+/// passes through `pending`, `running` and `completed`, so an index over
+/// its state changed with each claim and each end; the stage's items are
+/// now listed by submission order (an index never rewritten), and only the
+/// other states, which few transitions enter, keep an index by state.
+/// `read::items_in` repeats this condition to use it. (Comparisons, not
+/// `NOT IN (...)`: a list of three is a temporary table built each time
+/// the condition is checked, on every write of a stage row.)
+const V5: &str = r#"
+DROP INDEX stages_by_state;
+CREATE INDEX stages_by_stage ON stages (stage, item_seq);
+CREATE INDEX stages_in_rare_states ON stages (stage, state, item_seq)
+    WHERE state <> 'pending' AND state <> 'running' AND state <> 'completed';
 "#;
 
 /// Sets up a freshly opened connection: waits for other writers instead of
@@ -533,7 +552,7 @@ mod tests {
         assert_eq!(mode(&conn), 0);
         drop(conn);
 
-        let conn = open(Some(&path), MIGRATIONS).unwrap();
+        let conn = open(Some(&path), &MIGRATIONS[..4]).unwrap();
         assert_eq!(version(&conn), 4);
         assert_eq!(mode(&conn), AUTO_VACUUM_INCREMENTAL);
         let seqs = |conn: &Connection| -> Vec<i64> {
@@ -559,6 +578,40 @@ mod tests {
             .query_row("SELECT through FROM pruned_events", [], |r| r.get(0))
             .unwrap();
         assert_eq!(through, 0);
+    }
+
+    #[test]
+    fn version_5_lists_the_items_of_every_state_of_an_older_database() {
+        use crate::state::StageState;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v4.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(&format!(
+            "PRAGMA application_id = {APPLICATION_ID}; {V1} {V2} {V3} {V4} PRAGMA user_version = 4;
+             INSERT INTO items (seq, id, payload, submitted_at) VALUES
+                 (1, 'b', '{{}}', 't'), (2, 'a', '{{}}', 't'), (3, 'c', '{{}}', 't');
+             INSERT INTO stages (item_id, stage, item_seq, position, state, waiting) VALUES
+                 ('b', 's', 1, 0, 'awaiting_review', 0), ('a', 's', 2, 0, 'running', 0),
+                 ('c', 's', 3, 0, 'awaiting_review', 0), ('c', 't', 3, 1, 'pending', 1);"
+        ))
+        .unwrap();
+        drop(conn);
+
+        let conn = open(Some(&path), MIGRATIONS).unwrap();
+        assert_eq!(version(&conn), 5);
+        let items_in = |stage, state| super::super::read::items_in(&conn, stage, state).unwrap();
+        assert_eq!(items_in("s", StageState::AwaitingReview), ["b", "c"]);
+        assert_eq!(items_in("s", StageState::Running), ["a"]);
+        assert_eq!(items_in("t", StageState::Pending), ["c"]);
+        assert!(items_in("s", StageState::Completed).is_empty());
+        let indexes: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'stages' AND name LIKE 'stages_by%' ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(indexes, ["stages_by_stage"], "stages_by_state is gone");
     }
 
     #[test]

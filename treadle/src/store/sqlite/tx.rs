@@ -7,6 +7,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::appends::Appends;
 use super::cache::ItemCache;
 use super::codec;
 use super::rows::{self, Loaded, Outputs, Subtasks};
@@ -23,10 +24,12 @@ use crate::store::{ClaimBatch, check_payload};
 use crate::task::TaskKey;
 
 /// One transition in progress: the connection, the writer's cache of
-/// items, the pipeline versions and the events appended so far.
+/// items, the group commit's pending appends, the pipeline versions and
+/// the events appended so far.
 pub(crate) struct Tx<'c> {
     conn: &'c Connection,
     items: &'c mut ItemCache,
+    appends: &'c mut Appends,
     versions: &'c Versions,
     events: Vec<Event>,
 }
@@ -45,6 +48,7 @@ impl<'c> Tx<'c> {
         Tx {
             conn: &session.conn,
             items: &mut session.items,
+            appends: &mut session.appends,
             versions,
             events: Vec::new(),
         }
@@ -103,7 +107,7 @@ impl<'c> Tx<'c> {
         let before = record.stages.clone();
         let mut fx = Effects::default();
         let answer = rule(&graph, &mut record, &mut fx)?;
-        rows::save(self.conn, seq, &record, &before, &fx)?;
+        rows::save(self.conn, self.appends, seq, &record, &before, &fx)?;
         self.append(&record, &fx)?;
         // Only now does the record match its rows again.
         self.items.keep(Loaded { seq, record });
@@ -112,25 +116,26 @@ impl<'c> Tx<'c> {
 
     /// Appends the rule's events to the log.
     fn append(&mut self, record: &ItemRecord, fx: &Effects) -> Result<()> {
+        use rusqlite::types::Value as Sql;
         for new in &fx.events {
-            let json = codec::json(&new.kind, "an event")?;
             let key = new.unit.map(|unit| record.key(unit));
-            let stage = key.as_ref().map(|k| k.stage.as_str());
-            let subtask = key.as_ref().and_then(|k| k.subtask.as_deref());
-            self.conn
-                .prepare_cached(
-                    "INSERT INTO events (at, item_id, stage, subtask, kind)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?
-                .execute(params![
-                    codec::time(new.at),
-                    record.id,
+            let (stage, subtask) = match key {
+                None => (Sql::Null, Sql::Null),
+                Some(key) => (
+                    Sql::Text(key.stage),
+                    key.subtask.map_or(Sql::Null, Sql::Text),
+                ),
+            };
+            let seq = self.appends.event(
+                self.conn,
+                [
+                    Sql::Text(codec::time(new.at)),
+                    Sql::Text(record.id.clone()),
                     stage,
                     subtask,
-                    json
-                ])?;
-            // `seq` is the rowid: the row just inserted on this connection.
-            let seq = self.conn.last_insert_rowid() as u64;
+                    Sql::Text(codec::json(&new.kind, "an event")?),
+                ],
+            )?;
             self.events.push(new.resolve(record, seq));
         }
         Ok(())
@@ -184,7 +189,7 @@ impl<'c> Tx<'c> {
                 item_changed: false,
                 ..fx
             };
-            rows::save(self.conn, seq, &record, &[], &fx)?;
+            rows::save(self.conn, self.appends, seq, &record, &[], &fx)?;
             self.append(&record, &fx)?;
         }
         Ok(())
@@ -207,25 +212,30 @@ impl<'c> Tx<'c> {
             self.conn
                 .prepare_cached("DELETE FROM scheduled WHERE id = ?1")?
                 .execute([id])?;
-            self.conn
-                .prepare_cached(
-                    "INSERT INTO run_queue (item_id, stage, subtask) VALUES (?1, ?2, ?3)",
-                )?
-                .execute(params![key.item_id, key.stage, key.subtask])?;
+            self.appends.runnable(key);
         }
         // Pop the queue's head in batches; stale entries are dropped and the
-        // next batch tops the claims up.
+        // next batch tops the claims up. The entries appended in this group
+        // commit, not written yet, come after the table's.
         while batch.claims.len() < request.limit {
             let wanted = request.limit - batch.claims.len();
             let head = self.queued_units(
                 "SELECT seq, item_id, stage, subtask FROM run_queue ORDER BY seq LIMIT +?1",
                 &wanted,
             )?;
-            let Some(&(last, _)) = head.last() else { break };
-            self.conn
-                .prepare_cached("DELETE FROM run_queue WHERE seq <= ?1")?
-                .execute([last])?;
-            for (_, key) in head {
+            let keys: Vec<TaskKey> = match head.last() {
+                Some(&(last, _)) => {
+                    self.conn
+                        .prepare_cached("DELETE FROM run_queue WHERE seq <= ?1")?
+                        .execute([last])?;
+                    head.into_iter().map(|(_, key)| key).collect()
+                }
+                None => self.appends.take_runnable(wanted),
+            };
+            if keys.is_empty() {
+                break;
+            }
+            for key in keys {
                 batch.claims.extend(self.claim_one(&key, request)?);
             }
         }

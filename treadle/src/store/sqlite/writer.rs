@@ -25,6 +25,7 @@ use std::thread::JoinHandle;
 use rusqlite::Connection;
 use tokio::sync::{broadcast, oneshot};
 
+use super::appends::Appends;
 use super::cache::ItemCache;
 use crate::error::{Error, Result};
 use crate::event::Event;
@@ -32,12 +33,24 @@ use crate::event::Event;
 /// The most jobs committed in one transaction.
 const MAX_BATCH: usize = 512;
 
-/// What a job works with: the write connection and the writer's cache.
+/// What a job works with: the write connection, the writer's cache and
+/// the rows the group commit appended so far.
 pub(crate) struct Session {
     /// The write connection, inside the group commit's transaction.
     pub(crate) conn: Connection,
     /// The items the writer wrote last.
     pub(crate) items: ItemCache,
+    /// Events, attempts and run queue entries not written yet.
+    pub(crate) appends: Appends,
+}
+
+impl Session {
+    /// The connection once every pending append is written, for a job that
+    /// reads or deletes rows outside a transition's own.
+    pub(crate) fn settled(&mut self) -> Result<&Connection> {
+        self.appends.flush(&self.conn)?;
+        Ok(&self.conn)
+    }
 }
 
 /// A queued transition.
@@ -106,6 +119,7 @@ impl Writer {
                 let session = Session {
                     conn,
                     items: ItemCache::default(),
+                    appends: Appends::default(),
                 };
                 run(session, queue, feed, &counter)
             })?;
@@ -187,8 +201,21 @@ fn run(
 
 /// Runs every job of `batch` in one transaction and commits it, returning
 /// each job's events or error. Without `savepoints`, returns `None` (having
-/// rolled everything back) as soon as a job fails after writing.
+/// rolled everything back) as soon as a job fails after writing, or the
+/// rows the jobs appended cannot be written.
 fn run_batch(
+    session: &mut Session,
+    batch: &mut [Box<dyn Job>],
+    savepoints: bool,
+) -> Option<Vec<Result<Vec<Event>>>> {
+    let outcomes = run_jobs(session, batch, savepoints);
+    // Whatever happened, the next transaction starts with nothing pending.
+    session.appends.clear();
+    outcomes
+}
+
+/// [`run_batch`] but for forgetting the appends afterwards.
+fn run_jobs(
     session: &mut Session,
     batch: &mut [Box<dyn Job>],
     savepoints: bool,
@@ -212,8 +239,15 @@ fn run_batch(
             run_in_savepoint(session, job.as_mut())
         } else {
             let before = session.conn.total_changes();
+            let mark = session.appends.mark();
             match catch(session, job.as_mut()) {
-                Err(_) if session.conn.total_changes() != before => {
+                // A failed job that wrote rows (or flushed others' appends)
+                // takes the whole batch back; one that did not drops its
+                // own appends and fails alone.
+                Err(_)
+                    if session.conn.total_changes() != before
+                        || !session.appends.rollback(mark) =>
+                {
                     let _ = exec(&session.conn, "ROLLBACK");
                     session.items.clear();
                     return None;
@@ -222,6 +256,12 @@ fn run_batch(
             }
         };
         outcomes.push(outcome);
+    }
+    if !savepoints && session.appends.flush(&session.conn).is_err() {
+        // Some job's appended rows cannot be written: find it with savepoints.
+        let _ = exec(&session.conn, "ROLLBACK");
+        session.items.clear();
+        return None;
     }
     if let Err(error) = exec(&session.conn, "COMMIT") {
         tracing::error!(%error, "treadle SQLite group commit failed");
@@ -236,14 +276,21 @@ fn run_batch(
     Some(outcomes)
 }
 
-/// Runs one job inside its own savepoint, rolled back if the job fails.
+/// Runs one job inside its own savepoint, with the rows it appended
+/// written there; rolled back if the job or those rows fail.
 fn run_in_savepoint(session: &mut Session, job: &mut dyn Job) -> Result<Vec<Event>> {
     exec(&session.conn, "SAVEPOINT job")?;
-    let outcome = catch(session, job);
+    let mark = session.appends.mark();
+    let outcome = catch(session, job).and_then(|events| {
+        session.appends.flush(&session.conn)?;
+        Ok(events)
+    });
     let mut end = Ok(());
     if outcome.is_err() {
         end = exec(&session.conn, "ROLLBACK TO job");
         session.items.clear();
+        // Anything flushed since the mark was undone by the savepoint.
+        let _ = session.appends.rollback(mark);
     }
     if let Err(error) = end.and_then(|()| exec(&session.conn, "RELEASE job")) {
         // The batch will fail to commit cleanly or has rolled back; the
