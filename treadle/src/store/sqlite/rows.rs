@@ -1,6 +1,8 @@
 //! Loading an item's rows into the records the rules work on, and saving
 //! back what a rule changed.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use rusqlite::types::Value as Sql;
 use rusqlite::{Connection, OptionalExtension, Row, params};
@@ -145,7 +147,7 @@ fn stage_row(
     row: &Row<'_>,
     outputs: Outputs,
 ) -> Result<(StageRecord, Option<String>)> {
-    let name: String = row.get(0)?;
+    let name: Arc<str> = row.get(0)?;
     let loc = Loc::stage(item_id, &name);
     let (output, unreadable) = match loc.json_opt(row, 9, "output") {
         Ok(output) => (output, None),
@@ -166,7 +168,7 @@ fn stage_row(
         output,
         lease: lease(&loc, row, 10)?,
         crashes: loc.count(row, 24, "crashes")?,
-        name: name.as_str().into(),
+        name: name.clone(),
     };
     let review = review(conn, &loc, row, 13, (item_id, &name))?;
     let total: Option<u32> = loc.count_opt(row, 16, "fan_total")?;
@@ -262,7 +264,7 @@ pub(crate) fn subtask_rows(
     })?;
     let rows = statement.query_map(params![item_id, stage, name], |row| {
         Ok((|| -> Result<UnitRecord> {
-            let name: String = row.get(0)?;
+            let name: Arc<str> = row.get(0)?;
             let loc = Loc::subtask(item_id, stage, &name);
             Ok(UnitRecord {
                 position: loc.count(row, 1, "position")?,
@@ -276,7 +278,7 @@ pub(crate) fn subtask_rows(
                 output: loc.json_opt(row, 9, "output")?,
                 lease: lease(&loc, row, 10)?,
                 crashes: loc.count(row, 12, "crashes")?,
-                name: name.into(),
+                name,
             })
         })())
     })?;
