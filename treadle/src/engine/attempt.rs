@@ -20,7 +20,6 @@ use crate::context::{CancelSignal, StageContext};
 use crate::error::Error;
 use crate::item::WorkItem;
 use crate::outcome::StageOutcome;
-use crate::pipeline::Pipeline;
 use crate::stage::{Stage, StagePolicy};
 use crate::state::AttemptResult;
 use crate::status::AttemptRecord;
@@ -76,9 +75,10 @@ pub(super) struct Settled {
 }
 
 /// What an attempt needs from the engine besides its claim.
-pub(super) struct AttemptSettings<'a, W: WorkItem> {
-    /// The pipeline whose stage runs.
-    pub(super) pipeline: &'a Pipeline<W>,
+pub(super) struct AttemptSettings<W: WorkItem> {
+    /// The claimed stage as this build defines it; `None` if this build
+    /// lacks it.
+    pub(super) stage: Option<Arc<dyn Stage<W>>>,
     /// The timeout of a stage whose policy sets none.
     pub(super) default_timeout: Option<Duration>,
     /// Raised when the item is cancelled or the claim is lost.
@@ -87,77 +87,111 @@ pub(super) struct AttemptSettings<'a, W: WorkItem> {
     pub(super) random: f64,
 }
 
+/// An attempt about to run its stage, or already ended without running it.
+enum Prepared<W: WorkItem> {
+    /// The stage runs on the decoded item.
+    Run {
+        stage: Arc<dyn Stage<W>>,
+        item: W,
+        ctx: StageContext,
+    },
+    /// Nothing runs: this is the attempt's end.
+    Ended(AttemptEnd),
+}
+
 impl Attempt {
     /// Runs the attempt to its end and settles it. Never fails: whatever
     /// the stage does (or a missing stage, or an undecodable item) becomes
     /// the attempt's end.
-    pub(super) async fn run<W: WorkItem>(self, settings: AttemptSettings<'_, W>) -> Settled {
-        let stage = settings.pipeline.stage(&self.task.stage).cloned();
+    pub(super) async fn run<W: WorkItem>(self, settings: AttemptSettings<W>) -> Settled {
+        let stage = settings.stage;
         let policy = stage.as_ref().map_or(StagePolicy::DEFAULT, |s| s.policy());
         let timeout = policy.timeout.or(settings.default_timeout);
-        let end = match stage {
-            None => AttemptEnd::Outcome(StageOutcome::failed(
-                Error::StageNotInBuild {
-                    stage: self.task.stage.clone(),
-                    version: self.version,
-                }
-                .to_string(),
-            )),
-            Some(_) if self.cannot_run.is_some() => {
-                AttemptEnd::Outcome(StageOutcome::failed(self.cannot_run.unwrap_or_default()))
-            }
-            // Edits approved where the output type is unknown (the CLI):
-            // checked here, by the stage that knows it.
-            Some(stage) if self.edits_to_check.is_some() => {
-                let edits = self.edits_to_check.unwrap_or_default();
-                match stage.check_output(&edits) {
-                    Ok(()) => AttemptEnd::Outcome(StageOutcome::Complete {
-                        output: Some(edits),
-                    }),
-                    Err(e) => AttemptEnd::EditsRefused {
-                        reason: format!(
-                            "the approved edits do not fit the output of stage `{}`: {}",
-                            self.task.stage,
-                            e.with_causes()
-                        ),
-                    },
-                }
-            }
-            Some(stage) => match serde_json::from_str::<W>(&self.payload) {
-                Ok(item) => {
-                    let mut ctx =
-                        StageContext::for_task(self.task.clone(), self.attempt, settings.signal)
-                            .with_outputs(self.outputs);
-                    run_guarded(stage.as_ref(), &item, &mut ctx, timeout).await
-                }
-                // A poisoned item fails alone; after the row is repaired,
-                // a retry runs it again.
-                Err(e) => AttemptEnd::Outcome(StageOutcome::failed(
-                    Error::Corrupt {
-                        location: format!("items(id={}).payload", self.task.item_id),
-                        detail: format!("cannot be decoded as the work item: {e}"),
-                    }
-                    .to_string(),
-                )),
-            },
+        let task = self.task.clone();
+        let (attempt, generation, started_at, crashes) =
+            (self.attempt, self.generation, self.started_at, self.crashes);
+        // Only what is needed once the stage ran is kept across its await.
+        let end = match self.prepare(stage, settings.signal) {
+            Prepared::Ended(end) => end,
+            Prepared::Run {
+                stage,
+                item,
+                mut ctx,
+            } => run_guarded(stage.as_ref(), &item, &mut ctx, timeout).await,
         };
         if let AttemptEnd::Error { result, message } = &end {
             tracing::warn!(%result, error = %message, "attempt failed");
         }
         let facts = AttemptFacts {
-            attempt: self.attempt,
-            crashes: self.crashes,
-            started_at: self.started_at,
+            attempt,
+            crashes,
+            started_at,
             finished_at: Utc::now(),
             policy: &policy,
             random: settings.random,
         };
         let (record, transition) = settle(end, &facts);
         Settled {
-            task: self.task,
-            generation: self.generation,
+            task,
+            generation,
             record,
             transition,
+        }
+    }
+
+    /// Decodes the item and builds the stage's context, or says why the
+    /// attempt ends without running its stage.
+    fn prepare<W: WorkItem>(
+        self,
+        stage: Option<Arc<dyn Stage<W>>>,
+        signal: CancelSignal,
+    ) -> Prepared<W> {
+        let failed =
+            |reason: String| Prepared::Ended(AttemptEnd::Outcome(StageOutcome::failed(reason)));
+        let Some(stage) = stage else {
+            return failed(
+                Error::StageNotInBuild {
+                    stage: self.task.stage.clone(),
+                    version: self.version,
+                }
+                .to_string(),
+            );
+        };
+        if let Some(reason) = self.cannot_run {
+            return failed(reason);
+        }
+        // Edits approved where the output type is unknown (the CLI):
+        // checked here, by the stage that knows it.
+        if let Some(edits) = self.edits_to_check {
+            return Prepared::Ended(match stage.check_output(&edits) {
+                Ok(()) => AttemptEnd::Outcome(StageOutcome::Complete {
+                    output: Some(edits),
+                }),
+                Err(e) => AttemptEnd::EditsRefused {
+                    reason: format!(
+                        "the approved edits do not fit the output of stage `{}`: {}",
+                        self.task.stage,
+                        e.with_causes()
+                    ),
+                },
+            });
+        }
+        match serde_json::from_str::<W>(&self.payload) {
+            Ok(item) => Prepared::Run {
+                stage,
+                item,
+                ctx: StageContext::for_task(self.task, self.attempt, signal)
+                    .with_outputs(self.outputs),
+            },
+            // A poisoned item fails alone; after the row is repaired, a
+            // retry runs it again.
+            Err(e) => failed(
+                Error::Corrupt {
+                    location: format!("items(id={}).payload", self.task.item_id),
+                    detail: format!("cannot be decoded as the work item: {e}"),
+                }
+                .to_string(),
+            ),
         }
     }
 }

@@ -371,15 +371,18 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
         Ok(())
     }
 
-    /// Starts each claimed attempt, registered for cancellation and renewal,
-    /// and returns how many ended at once.
+    /// Starts each claimed attempt and returns how many ended at once.
     ///
     /// On a current-thread runtime, with a store whose commits complete
     /// without waiting ([`Store::commits_without_waiting`]), an attempt is
     /// first polled here, inline: one that ends at once (a quick stage) is
-    /// counted without a task of its own. One that waits, and every attempt
-    /// on a multi-thread runtime (whose workers run attempts in parallel) or
-    /// on a store that waits for I/O, runs as a task of `tasks`.
+    /// committed and counted here, without a task of its own and without
+    /// being registered for cancellation or renewal (nothing else runs on
+    /// the thread meanwhile; a cancellation that races it is caught by the
+    /// commit's fencing). One that waits, and every attempt on a
+    /// multi-thread runtime (whose workers run attempts in parallel) or on
+    /// a store that waits for I/O, is registered and runs as a task of
+    /// `tasks`.
     fn start(
         &self,
         tasks: &mut JoinSet<Result<Finished>>,
@@ -391,32 +394,45 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
                 == tokio::runtime::RuntimeFlavor::CurrentThread;
         let mut ended = 0;
         for claim in claims {
-            let (engine, signal) = (self.clone(), CancelSignal::default());
+            let signal = CancelSignal::default();
             let generation = claim.generation;
             let attempt = Attempt::from(claim);
-            // Weak: an attempt that ends here hands the commit the key's
-            // last strong reference, so the commit takes it without a copy.
-            let key = Arc::downgrade(&attempt.task);
-            let work = RunningWork {
-                generation,
-                signal: signal.clone(),
-                abort: None,
-            };
-            self.running().insert(attempt.task.clone(), work);
-            let mut execution = Box::pin(engine.execute(attempt, signal));
+            let task = attempt.task.clone();
+            let mut running = Box::pin(self.run_attempt(attempt, signal.clone()));
             if inline {
                 // The task, if one is needed, polls again with its own waker.
                 let mut cx = Context::from_waker(Waker::noop());
-                if let Poll::Ready(finished) = execution.as_mut().poll(&mut cx) {
-                    report.count(Ok(finished))?;
-                    ended += 1;
+                if let Poll::Ready(settled) = running.as_mut().poll(&mut cx) {
+                    // The commit takes the key's last reference, without a copy.
+                    drop(task);
+                    let mut commit = Box::pin(self.clone().commit(settled));
+                    match commit.as_mut().poll(&mut cx) {
+                        Poll::Ready(finished) => {
+                            report.count(Ok(finished))?;
+                            ended += 1;
+                        }
+                        Poll::Pending => {
+                            tasks.spawn(commit);
+                        }
+                    }
                     continue;
                 }
             }
-            let abort = tasks.spawn(execution);
-            if let Some(key) = key.upgrade()
-                && let Some(work) = self.running().get_mut(&key)
-            {
+            // Registered before the task can run (on a multi-thread runtime
+            // it may start, and end, at once).
+            let work = RunningWork {
+                generation,
+                signal,
+                abort: None,
+            };
+            self.running().insert(task.clone(), work);
+            let engine = self.clone();
+            let abort = tasks.spawn(async move {
+                let settled = running.await;
+                engine.running().remove(&settled.task);
+                engine.commit(settled).await
+            });
+            if let Some(work) = self.running().get_mut(&task) {
                 work.abort = Some(abort);
             }
         }
@@ -483,8 +499,12 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs one claimed attempt, then commits its end.
-    async fn execute(self, attempt: Attempt, signal: CancelSignal) -> Result<Finished> {
+    /// One claimed attempt, to run to its settled end.
+    fn run_attempt(
+        &self,
+        attempt: Attempt,
+        signal: CancelSignal,
+    ) -> impl Future<Output = Settled> + Send + 'static {
         let span = tracing::info_span!(
             "treadle.attempt",
             item_id = %attempt.task.item_id,
@@ -492,23 +512,17 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
             subtask = attempt.task.subtask.as_deref(),
             attempt = attempt.attempt,
         );
-        async move {
-            let settings = AttemptSettings {
-                pipeline: &self.shared.pipeline,
-                default_timeout: self.shared.config.default_attempt_timeout,
-                signal,
-                random: self.random(),
-            };
-            let settled = attempt.run(settings).await;
-            self.running().remove(&settled.task);
-            self.commit(settled).await
-        }
-        .instrument(span)
-        .await
+        let settings = AttemptSettings {
+            stage: self.shared.pipeline.stage(&attempt.task.stage).cloned(),
+            default_timeout: self.shared.config.default_attempt_timeout,
+            signal,
+            random: self.random(),
+        };
+        attempt.run(settings).instrument(span)
     }
 
     /// Commits a settled attempt; a claim lost meanwhile discards it.
-    async fn commit(&self, settled: Settled) -> Result<Finished> {
+    async fn commit(self, settled: Settled) -> Result<Finished> {
         // The last reference once the registry let go, so no copy is made.
         let task = Arc::try_unwrap(settled.task).unwrap_or_else(|shared| (*shared).clone());
         let commit = Commit {

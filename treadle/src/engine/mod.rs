@@ -136,8 +136,8 @@ struct Shared<W: WorkItem, S: Store> {
 struct RunningWork {
     generation: u64,
     signal: CancelSignal,
-    /// The attempt's task; `None` while the attempt runs inline (see
-    /// `Engine::start`), when nothing else runs on the thread to stop it.
+    /// The attempt's task; `None` only until it is spawned (see
+    /// `Engine::start`).
     abort: Option<tokio::task::AbortHandle>,
 }
 
