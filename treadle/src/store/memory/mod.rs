@@ -315,20 +315,19 @@ impl Data {
 
     /// Every stage awaiting review, from the index.
     fn reviews_waiting(&self) -> impl Iterator<Item = AwaitingReview> + '_ {
-        self.by_state
-            .each(StageState::AwaitingReview)
-            .flat_map(move |(_, position, items)| {
-                items.iter().filter_map(move |&item| {
-                    let record = &self.items[item as usize].record;
-                    let row = record.stages.get(position)?;
-                    Some(AwaitingReview {
-                        item_id: record.id.clone(),
-                        stage: String::from(&*row.unit.name),
-                        version: record.version,
-                        review: row.review.as_deref()?.clone(),
-                    })
+        self.by_state.each().flat_map(move |(_, position, stage)| {
+            let items = &stage.items[StageState::AwaitingReview as usize];
+            items.iter().filter_map(move |&item| {
+                let record = &self.items[item as usize].record;
+                let row = record.stages.get(position)?;
+                Some(AwaitingReview {
+                    item_id: record.id.clone(),
+                    stage: String::from(&*row.unit.name),
+                    version: record.version,
+                    review: row.review.as_deref()?.clone(),
                 })
             })
+        })
     }
 
     /// How version `version` stands: its changes from `previous`, and the
@@ -434,48 +433,75 @@ impl Data {
     }
 }
 
-/// Item positions by pipeline version, stage position and state: kept in
-/// step on every transition without hashing a name (unordered; sorted when
-/// listed).
+/// How many items are in each state at each stage of each pipeline
+/// version, and which ones for the states few transitions enter: kept in
+/// step on every transition without hashing a name. Every stage passes
+/// through pending, running and completed, so those are only counted (a
+/// listing of them walks the items instead); the others are listed too
+/// (unordered; sorted when listed).
 #[derive(Debug, Default)]
 struct StateIndex {
-    /// `sets[version - 1][stage position][state]`.
-    /// Positions are kept as `u32` ([`MAX_ITEMS`]): a million finished
-    /// items sit in these sets for good.
-    sets: Vec<Vec<[FastSet<u32>; StageState::ALL.len()]>>,
+    /// `stages[version - 1][stage position]`.
+    stages: Vec<Vec<StageIndex>>,
+}
+
+/// The items of one stage of one pipeline version, by state.
+#[derive(Debug, Default)]
+struct StageIndex {
+    counts: [u32; StageState::ALL.len()],
+    /// Empty for the states not [`StateIndex::lists`]. Positions are kept
+    /// as `u32` ([`MAX_ITEMS`]).
+    items: [FastSet<u32>; StageState::ALL.len()],
 }
 
 impl StateIndex {
-    fn set(&mut self, version: u32, position: usize, state: StageState) -> &mut FastSet<u32> {
+    /// Whether the items in `state` are listed, not only counted.
+    fn lists(state: StageState) -> bool {
+        !matches!(
+            state,
+            StageState::Pending | StageState::Running | StageState::Completed
+        )
+    }
+
+    fn stage(&mut self, version: u32, position: usize) -> &mut StageIndex {
         let version = version as usize - 1;
-        if self.sets.len() <= version {
-            self.sets.resize_with(version + 1, Vec::new);
+        if self.stages.len() <= version {
+            self.stages.resize_with(version + 1, Vec::new);
         }
-        let stages = &mut self.sets[version];
+        let stages = &mut self.stages[version];
         if stages.len() <= position {
             stages.resize_with(position + 1, Default::default);
         }
-        &mut stages[position][state as usize]
+        &mut stages[position]
     }
 
     fn insert(&mut self, version: u32, position: usize, state: StageState, item: usize) {
-        self.set(version, position, state).insert(item as u32);
+        let stage = self.stage(version, position);
+        stage.counts[state as usize] += 1;
+        if Self::lists(state) {
+            stage.items[state as usize].insert(item as u32);
+        }
     }
 
     fn remove(&mut self, version: u32, position: usize, state: StageState, item: usize) {
-        self.set(version, position, state).remove(&(item as u32));
+        let stage = self.stage(version, position);
+        let count = &mut stage.counts[state as usize];
+        *count = count.saturating_sub(1);
+        if Self::lists(state) {
+            stage.items[state as usize].remove(&(item as u32));
+        }
     }
 
-    /// The items in `state` at each stage of each version, as
-    /// `(version, stage position, items)`.
-    fn each(&self, state: StageState) -> impl Iterator<Item = (u32, usize, &FastSet<u32>)> {
-        self.sets
+    /// Every stage of every version, as `(version, stage position, index)`.
+    fn each(&self) -> impl Iterator<Item = (u32, usize, &StageIndex)> {
+        self.stages
             .iter()
             .enumerate()
             .flat_map(move |(version, stages)| {
-                stages.iter().enumerate().map(move |(position, sets)| {
-                    (version as u32 + 1, position, &sets[state as usize])
-                })
+                stages
+                    .iter()
+                    .enumerate()
+                    .map(move |(position, stage)| (version as u32 + 1, position, stage))
             })
     }
 }
@@ -701,11 +727,12 @@ impl Store for MemoryStore {
         let data = self.lock();
         // One stage may sit at different positions in different versions.
         let mut totals: BTreeMap<(&str, StageState), u64> = BTreeMap::new();
-        for &state in StageState::ALL {
-            for (version, position, items) in data.by_state.each(state) {
-                if !items.is_empty() {
-                    let stage = &data.versions[version as usize - 1].stages()[position];
-                    *totals.entry((stage.as_str(), state)).or_default() += items.len() as u64;
+        for (version, position, index) in data.by_state.each() {
+            let stage = &data.versions[version as usize - 1].stages()[position];
+            for &state in StageState::ALL {
+                let items = index.counts[state as usize];
+                if items > 0 {
+                    *totals.entry((stage.as_str(), state)).or_default() += u64::from(items);
                 }
             }
         }
@@ -727,14 +754,28 @@ impl Store for MemoryStore {
 
     async fn items_in(&self, stage: &str, state: StageState) -> Result<Vec<String>> {
         let data = self.lock();
+        let in_state = |record: &ItemRecord| {
+            record
+                .stage_position(stage)
+                .is_some_and(|position| record.stages[position].unit.state == state)
+        };
+        if !StateIndex::lists(state) {
+            // Item positions are submission order; a pruned item has no stages.
+            return Ok(data
+                .items
+                .iter()
+                .filter(|stored| in_state(&stored.record))
+                .map(|stored| stored.record.id.clone())
+                .collect());
+        }
         // The index is unordered; item positions are submission order.
         let mut positions: Vec<u32> = data
             .by_state
-            .each(state)
+            .each()
             .filter(|&(version, position, _)| {
                 data.versions[version as usize - 1].stages()[position] == stage
             })
-            .flat_map(|(_, _, items)| items.iter().copied())
+            .flat_map(|(_, _, index)| index.items[state as usize].iter().copied())
             .collect();
         positions.sort_unstable();
         Ok(positions
