@@ -1,10 +1,11 @@
 //! The pipeline: stages wired into a validated DAG.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
 
 use crate::definition::{PipelineDef, PipelineError, PipelineProblem};
+use crate::fast_hash::FastMap;
 use crate::item::WorkItem;
 use crate::reads::{ReadProblem, check_read};
 use crate::stage::Stage;
@@ -13,7 +14,7 @@ use petgraph::graph::{DiGraph, NodeIndex};
 /// A validated DAG of stages for work items of type `W`.
 pub struct Pipeline<W: WorkItem> {
     stages: Vec<Arc<dyn Stage<W>>>,
-    index: HashMap<String, usize>,
+    index: FastMap<String, usize>,
     upstream: Vec<Vec<usize>>,
     downstream: Vec<Vec<usize>>,
     definition: PipelineDef,
@@ -116,7 +117,7 @@ impl<W: WorkItem> PipelineBuilder<W> {
             problems.push(PipelineProblem::Empty);
         }
         let mut graph = DiGraph::<usize, ()>::new();
-        let mut index = HashMap::new();
+        let mut index = FastMap::default();
         let mut nodes = Vec::new();
         for (i, stage) in self.stages.iter().enumerate() {
             let name = stage.name().to_owned();
@@ -165,7 +166,7 @@ impl<W: WorkItem> PipelineBuilder<W> {
     }
 
     /// Records every read of a stage that is not upstream of its reader.
-    fn check_reads(&self, index: &HashMap<String, usize>, problems: &mut Vec<PipelineProblem>) {
+    fn check_reads(&self, index: &FastMap<String, usize>, problems: &mut Vec<PipelineProblem>) {
         let names: Vec<&str> = self.stages.iter().map(|stage| stage.name()).collect();
         let edges: Vec<(usize, usize)> = self
             .edges
@@ -188,7 +189,7 @@ impl<W: WorkItem> PipelineBuilder<W> {
         }
     }
 
-    fn assemble(self, graph: &DiGraph<usize, ()>, index: HashMap<String, usize>) -> Pipeline<W> {
+    fn assemble(self, graph: &DiGraph<usize, ()>, index: FastMap<String, usize>) -> Pipeline<W> {
         let n = self.stages.len();
         let mut upstream = vec![Vec::new(); n];
         let mut downstream = vec![Vec::new(); n];

@@ -564,7 +564,9 @@ impl Store for MemoryStore {
             data.scheduled.pop_first();
             data.ready.push_back(unit);
         }
-        let mut batch = ClaimBatch::default();
+        let mut batch = ClaimBatch {
+            claims: Vec::with_capacity(request.limit.min(data.ready.len())),
+        };
         while batch.claims.len() < request.limit {
             let Some((item, unit)) = data.ready.pop_front() else {
                 break;
