@@ -16,11 +16,10 @@ use crate::task::TaskKey;
 #[derive(Debug, Clone)]
 pub struct StageContext {
     /// Shared with the engine's bookkeeping of the attempt, so building a
-    /// context copies no strings.
-    task: Arc<TaskKey>,
+    /// context copies no strings; it carries the cancellation flag.
+    unit: Arc<AttemptUnit>,
     attempt: u32,
     outputs: BTreeMap<String, Value>,
-    cancel: CancelSignal,
 }
 
 impl StageContext {
@@ -30,26 +29,26 @@ impl StageContext {
     /// directly, e.g. in unit tests.
     pub fn new(item_id: impl Into<String>, stage: impl Into<String>) -> Self {
         StageContext {
-            task: Arc::new(TaskKey::stage(item_id, stage)),
+            unit: AttemptUnit::new(TaskKey::stage(item_id, stage)),
             attempt: 1,
             outputs: BTreeMap::new(),
-            cancel: CancelSignal::default(),
         }
     }
 
     /// Sets the subtask this attempt runs (for fan-out stages).
     pub fn with_subtask(mut self, subtask: impl Into<String>) -> Self {
-        Arc::make_mut(&mut self.task).subtask = Some(subtask.into());
+        let mut key = self.unit.key.clone();
+        key.subtask = Some(subtask.into());
+        self.unit = AttemptUnit::new(key);
         self
     }
 
-    /// A context for the unit of work `task`, attempt `attempt`.
-    pub(crate) fn for_task(task: Arc<TaskKey>, attempt: u32, cancel: CancelSignal) -> Self {
+    /// A context for the unit of work `unit`, attempt `attempt`.
+    pub(crate) fn for_unit(unit: Arc<AttemptUnit>, attempt: u32) -> Self {
         StageContext {
-            task,
+            unit,
             attempt,
             outputs: BTreeMap::new(),
-            cancel,
         }
     }
 
@@ -73,17 +72,17 @@ impl StageContext {
 
     /// The id of the item being processed.
     pub fn item_id(&self) -> &str {
-        &self.task.item_id
+        &self.unit.key.item_id
     }
 
     /// The name of the running stage.
     pub fn stage(&self) -> &str {
-        &self.task.stage
+        &self.unit.key.stage
     }
 
     /// The subtask being run, when the stage has fanned out.
     pub fn subtask(&self) -> Option<&str> {
-        self.task.subtask.as_deref()
+        self.unit.key.subtask.as_deref()
     }
 
     /// The attempt number, starting at 1 (reset by a manual retry).
@@ -112,41 +111,48 @@ impl StageContext {
 
     /// Whether the item has been cancelled; long stages should check this.
     pub fn is_cancelled(&self) -> bool {
-        self.cancel.is_cancelled()
+        self.unit.is_cancelled()
     }
 
     /// Completes when the item is cancelled.
     pub async fn cancelled(&self) {
-        self.cancel.cancelled().await
+        self.unit.cancelled().await
     }
 }
 
-/// A one-way cancellation flag shared between the engine and running stages.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct CancelSignal {
-    inner: Arc<CancelInner>,
-}
-
-#[derive(Debug, Default)]
-struct CancelInner {
+/// The unit of work an attempt runs, with its one-way cancellation flag:
+/// shared, in one allocation, by the stage's context and the engine.
+#[derive(Debug)]
+pub(crate) struct AttemptUnit {
+    /// The unit of work.
+    pub(crate) key: TaskKey,
     cancelled: AtomicBool,
     notify: Notify,
 }
 
-impl CancelSignal {
+impl AttemptUnit {
+    /// The unit `key`, not cancelled.
+    pub(crate) fn new(key: TaskKey) -> Arc<Self> {
+        Arc::new(AttemptUnit {
+            key,
+            cancelled: AtomicBool::new(false),
+            notify: Notify::new(),
+        })
+    }
+
     /// Raises the flag and wakes every waiter.
     pub(crate) fn cancel(&self) {
-        self.inner.cancelled.store(true, Ordering::SeqCst);
-        self.inner.notify.notify_waiters();
+        self.cancelled.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
     }
 
     pub(crate) fn is_cancelled(&self) -> bool {
-        self.inner.cancelled.load(Ordering::SeqCst)
+        self.cancelled.load(Ordering::SeqCst)
     }
 
     pub(crate) async fn cancelled(&self) {
         loop {
-            let notified = self.inner.notify.notified();
+            let notified = self.notify.notified();
             if self.is_cancelled() {
                 return;
             }
@@ -179,12 +185,12 @@ mod tests {
 
     #[tokio::test]
     async fn cancelled_wakes_after_cancel() {
-        let signal = CancelSignal::default();
-        let ctx = StageContext::for_task(Arc::new(TaskKey::stage("a", "b")), 1, signal.clone());
+        let unit = AttemptUnit::new(TaskKey::stage("a", "b"));
+        let ctx = StageContext::for_unit(unit.clone(), 1);
         assert!(!ctx.is_cancelled());
         let waiter = tokio::spawn(async move { ctx.cancelled().await });
         tokio::task::yield_now().await;
-        signal.cancel();
+        unit.cancel();
         tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
             .await
             .expect("the waiter woke")

@@ -16,20 +16,19 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use super::settle::{AttemptEnd, AttemptFacts, settle};
-use crate::context::{CancelSignal, StageContext};
+use crate::context::{AttemptUnit, StageContext};
 use crate::error::Error;
 use crate::item::WorkItem;
 use crate::outcome::StageOutcome;
 use crate::stage::{Stage, StagePolicy};
 use crate::state::AttemptResult;
 use crate::status::AttemptRecord;
-use crate::store::{Claim, Transition};
-use crate::task::TaskKey;
+use crate::store::{Claim, Commit, Transition};
 
-/// A claimed unit of work about to run: the claim, with its key shared
+/// A claimed unit of work about to run: the claim, with its unit shared
 /// between the attempt, its context and the engine's running-work registry.
 pub(super) struct Attempt {
-    pub(super) task: Arc<TaskKey>,
+    pub(super) unit: Arc<AttemptUnit>,
     pub(super) attempt: u32,
     pub(super) generation: u64,
     started_at: DateTime<Utc>,
@@ -48,7 +47,7 @@ pub(super) struct Attempt {
 impl From<Claim> for Attempt {
     fn from(claim: Claim) -> Self {
         Attempt {
-            task: Arc::new(claim.task),
+            unit: AttemptUnit::new(claim.task),
             attempt: claim.attempt,
             generation: claim.generation,
             started_at: claim.started_at,
@@ -64,14 +63,29 @@ impl From<Claim> for Attempt {
 
 /// An attempt that has ended, settled by its stage's policy: what to commit.
 pub(super) struct Settled {
-    /// The unit of work (still shared with the running-work registry).
-    pub(super) task: Arc<TaskKey>,
+    /// The unit of work (perhaps still shared with the running-work
+    /// registry).
+    pub(super) unit: Arc<AttemptUnit>,
     /// The generation of the claim the attempt ran under.
     pub(super) generation: u64,
     /// The record to append to the attempt history.
     pub(super) record: AttemptRecord,
     /// The unit's next state.
     pub(super) transition: Transition,
+}
+
+impl Settled {
+    /// The commit of this end; it takes the key without a copy when no one
+    /// else holds it any more.
+    pub(super) fn into_commit(self) -> Commit {
+        Commit {
+            task: Arc::try_unwrap(self.unit)
+                .map_or_else(|shared| shared.key.clone(), |unit| unit.key),
+            generation: self.generation,
+            attempt: self.record,
+            transition: self.transition,
+        }
+    }
 }
 
 /// What an attempt needs from the engine besides its claim.
@@ -81,8 +95,6 @@ pub(super) struct AttemptSettings<W: WorkItem> {
     pub(super) stage: Option<Arc<dyn Stage<W>>>,
     /// The timeout of a stage whose policy sets none.
     pub(super) default_timeout: Option<Duration>,
-    /// Raised when the item is cancelled or the claim is lost.
-    pub(super) signal: CancelSignal,
     /// Uniform in `[0, 1)`, for backoff jitter.
     pub(super) random: f64,
 }
@@ -107,11 +119,11 @@ impl Attempt {
         let stage = settings.stage;
         let policy = stage.as_ref().map_or(StagePolicy::DEFAULT, |s| s.policy());
         let timeout = policy.timeout.or(settings.default_timeout);
-        let task = self.task.clone();
+        let unit = self.unit.clone();
         let (attempt, generation, started_at, crashes) =
             (self.attempt, self.generation, self.started_at, self.crashes);
         // Only what is needed once the stage ran is kept across its await.
-        let end = match self.prepare(stage, settings.signal) {
+        let end = match self.prepare(stage) {
             Prepared::Ended(end) => end,
             Prepared::Run {
                 stage,
@@ -132,7 +144,7 @@ impl Attempt {
         };
         let (record, transition) = settle(end, &facts);
         Settled {
-            task,
+            unit,
             generation,
             record,
             transition,
@@ -141,17 +153,13 @@ impl Attempt {
 
     /// Decodes the item and builds the stage's context, or says why the
     /// attempt ends without running its stage.
-    fn prepare<W: WorkItem>(
-        self,
-        stage: Option<Arc<dyn Stage<W>>>,
-        signal: CancelSignal,
-    ) -> Prepared<W> {
+    fn prepare<W: WorkItem>(self, stage: Option<Arc<dyn Stage<W>>>) -> Prepared<W> {
         let failed =
             |reason: String| Prepared::Ended(AttemptEnd::Outcome(StageOutcome::failed(reason)));
         let Some(stage) = stage else {
             return failed(
                 Error::StageNotInBuild {
-                    stage: self.task.stage.clone(),
+                    stage: self.unit.key.stage.clone(),
                     version: self.version,
                 }
                 .to_string(),
@@ -170,7 +178,7 @@ impl Attempt {
                 Err(e) => AttemptEnd::EditsRefused {
                     reason: format!(
                         "the approved edits do not fit the output of stage `{}`: {}",
-                        self.task.stage,
+                        self.unit.key.stage,
                         e.with_causes()
                     ),
                 },
@@ -180,14 +188,13 @@ impl Attempt {
             Ok(item) => Prepared::Run {
                 stage,
                 item,
-                ctx: StageContext::for_task(self.task, self.attempt, signal)
-                    .with_outputs(self.outputs),
+                ctx: StageContext::for_unit(self.unit, self.attempt).with_outputs(self.outputs),
             },
             // A poisoned item fails alone; after the row is repaired, a
             // retry runs it again.
             Err(e) => failed(
                 Error::Corrupt {
-                    location: format!("items(id={}).payload", self.task.item_id),
+                    location: format!("items(id={}).payload", self.unit.key.item_id),
                     detail: format!("cannot be decoded as the work item: {e}"),
                 }
                 .to_string(),

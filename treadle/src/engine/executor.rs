@@ -18,7 +18,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -31,14 +30,13 @@ use tracing::Instrument;
 use super::attempt::{Attempt, AttemptSettings, Settled};
 use super::owner::LeaseOwner;
 use super::retention::Retention;
-use super::{Engine, RunningWork};
-use crate::context::CancelSignal;
+use super::{Engine, Running, RunningWork};
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::item::WorkItem;
 use crate::review::Decision;
 use crate::review::{DEADLINE_REVIEWER, DeadlineAction};
-use crate::store::{Claim, ClaimBatch, ClaimRequest, Commit, Store, Verdict};
+use crate::store::{Claim, ClaimBatch, ClaimRequest, Store, Verdict};
 use crate::task::TaskKey;
 
 /// What a run of the engine did.
@@ -376,7 +374,8 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
     /// On a current-thread runtime, with a store whose commits complete
     /// without waiting ([`Store::commits_without_waiting`]), an attempt is
     /// first polled here, inline: one that ends at once (a quick stage) is
-    /// committed and counted here, without a task of its own and without
+    /// committed at once ([`Store::commit_at_once`]) and counted here,
+    /// without a task of its own and without
     /// being registered for cancellation or renewal (nothing else runs on
     /// the thread meanwhile; a cancellation that races it is caught by the
     /// commit's fencing). One that waits, and every attempt on a
@@ -394,25 +393,26 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
                 == tokio::runtime::RuntimeFlavor::CurrentThread;
         let mut ended = 0;
         for claim in claims {
-            let signal = CancelSignal::default();
             let generation = claim.generation;
             let attempt = Attempt::from(claim);
-            let task = attempt.task.clone();
-            let mut running = Box::pin(self.run_attempt(attempt, signal.clone()));
+            let unit = attempt.unit.clone();
+            let mut running = Box::pin(self.run_attempt(attempt));
             if inline {
                 // The task, if one is needed, polls again with its own waker.
                 let mut cx = Context::from_waker(Waker::noop());
                 if let Poll::Ready(settled) = running.as_mut().poll(&mut cx) {
-                    // The commit takes the key's last reference, without a copy.
-                    drop(task);
-                    let mut commit = Box::pin(self.clone().commit(settled));
-                    match commit.as_mut().poll(&mut cx) {
-                        Poll::Ready(finished) => {
-                            report.count(Ok(finished))?;
+                    // The commit takes the unit's last reference, without a copy.
+                    drop(unit);
+                    match self.shared.store.commit_at_once(settled.into_commit()) {
+                        Ok(outcome) => {
+                            report.count(Ok(finished(outcome)))?;
                             ended += 1;
                         }
-                        Poll::Pending => {
-                            tasks.spawn(commit);
+                        Err(commit) => {
+                            let engine = self.clone();
+                            tasks.spawn(async move {
+                                finished(engine.shared.store.commit(*commit).await)
+                            });
                         }
                     }
                     continue;
@@ -422,17 +422,16 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
             // it may start, and end, at once).
             let work = RunningWork {
                 generation,
-                signal,
                 abort: None,
             };
-            self.running().insert(task.clone(), work);
+            self.running().insert(Running(unit.clone()), work);
             let engine = self.clone();
             let abort = tasks.spawn(async move {
                 let settled = running.await;
-                engine.running().remove(&settled.task);
+                engine.running().remove(&settled.unit.key);
                 engine.commit(settled).await
             });
-            if let Some(work) = self.running().get_mut(&task) {
+            if let Some(work) = self.running().get_mut(&unit.key) {
                 work.abort = Some(abort);
             }
         }
@@ -476,7 +475,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
         let held: Vec<(TaskKey, u64)> = self
             .running()
             .iter()
-            .map(|(key, work)| (TaskKey::clone(key), work.generation))
+            .map(|(running, work)| (running.0.key.clone(), work.generation))
             .collect();
         if held.is_empty() {
             return Ok(());
@@ -492,7 +491,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
 
     fn running(
         &self,
-    ) -> std::sync::MutexGuard<'_, crate::fast_hash::FastMap<Arc<TaskKey>, RunningWork>> {
+    ) -> std::sync::MutexGuard<'_, crate::fast_hash::FastMap<Running, RunningWork>> {
         self.shared
             .running
             .lock()
@@ -500,22 +499,17 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
     }
 
     /// One claimed attempt, to run to its settled end.
-    fn run_attempt(
-        &self,
-        attempt: Attempt,
-        signal: CancelSignal,
-    ) -> impl Future<Output = Settled> + Send + 'static {
+    fn run_attempt(&self, attempt: Attempt) -> impl Future<Output = Settled> + Send + 'static {
         let span = tracing::info_span!(
             "treadle.attempt",
-            item_id = %attempt.task.item_id,
-            stage = %attempt.task.stage,
-            subtask = attempt.task.subtask.as_deref(),
+            item_id = %attempt.unit.key.item_id,
+            stage = %attempt.unit.key.stage,
+            subtask = attempt.unit.key.subtask.as_deref(),
             attempt = attempt.attempt,
         );
         let settings = AttemptSettings {
-            stage: self.shared.pipeline.stage(&attempt.task.stage).cloned(),
+            stage: self.shared.pipeline.stage(&attempt.unit.key.stage).cloned(),
             default_timeout: self.shared.config.default_attempt_timeout,
-            signal,
             random: self.random(),
         };
         attempt.run(settings).instrument(span)
@@ -523,21 +517,20 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
 
     /// Commits a settled attempt; a claim lost meanwhile discards it.
     async fn commit(self, settled: Settled) -> Result<Finished> {
-        // The last reference once the registry let go, so no copy is made.
-        let task = Arc::try_unwrap(settled.task).unwrap_or_else(|shared| (*shared).clone());
-        let commit = Commit {
-            task,
-            generation: settled.generation,
-            attempt: settled.record,
-            transition: settled.transition,
-        };
-        match self.shared.store.commit(commit).await {
-            Ok(_) => Ok(Finished::Committed),
-            Err(Error::LeaseLost { task, generation }) => {
-                tracing::warn!(%task, generation, "claim lost before commit; result discarded");
-                Ok(Finished::Discarded)
-            }
-            Err(e) => Err(e),
+        let outcome = self.shared.store.commit(settled.into_commit()).await;
+        finished(outcome)
+    }
+}
+
+/// How a commit ended: committed, or discarded because the claim was lost
+/// (the item was cancelled, or another worker took the work over).
+fn finished(outcome: Result<()>) -> Result<Finished> {
+    match outcome {
+        Ok(()) => Ok(Finished::Committed),
+        Err(Error::LeaseLost { task, generation }) => {
+            tracing::warn!(%task, generation, "claim lost before commit; result discarded");
+            Ok(Finished::Discarded)
         }
+        Err(e) => Err(e),
     }
 }

@@ -14,7 +14,7 @@ use chrono::Utc;
 use serde::Serialize;
 use tokio::sync::{Notify, OnceCell, broadcast};
 
-use crate::context::CancelSignal;
+use crate::context::AttemptUnit;
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::fast_hash::FastMap;
@@ -129,13 +129,36 @@ struct Shared<W: WorkItem, S: Store> {
     /// Wakes the run loop: new items, decisions, retries.
     wake: Notify,
     /// Work this process is running, for cancellation and lease renewal.
-    running: Mutex<FastMap<Arc<TaskKey>, RunningWork>>,
+    running: Mutex<FastMap<Running, RunningWork>>,
     random: AtomicU64,
 }
 
+/// A unit of work this process runs, as the running-work registry's key:
+/// found by its [`TaskKey`], and holding the attempt's cancellation flag.
+struct Running(Arc<AttemptUnit>);
+
+impl std::borrow::Borrow<TaskKey> for Running {
+    fn borrow(&self) -> &TaskKey {
+        &self.0.key
+    }
+}
+
+impl std::hash::Hash for Running {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.key.hash(state);
+    }
+}
+
+impl PartialEq for Running {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.key == other.0.key
+    }
+}
+
+impl Eq for Running {}
+
 struct RunningWork {
     generation: u64,
-    signal: CancelSignal,
     /// The attempt's task; `None` only until it is spawned (see
     /// `Engine::start`).
     abort: Option<tokio::task::AbortHandle>,
@@ -400,8 +423,8 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         for key in keys {
-            if let Some(work) = running.remove(&key) {
-                work.signal.cancel();
+            if let Some((unit, work)) = running.remove_entry(&key) {
+                unit.0.cancel();
                 if let Some(abort) = work.abort {
                     abort.abort();
                 }

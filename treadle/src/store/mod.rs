@@ -111,6 +111,14 @@ pub trait Store: Send + Sync + 'static {
         false
     }
 
+    /// Commits the end of an attempt at once, on the caller's thread, as
+    /// [`Store::commit`] does, if this store commits without waiting;
+    /// otherwise (the default) hands the commit back for [`Store::commit`].
+    /// The engine's inline attempts commit this way, without a future.
+    fn commit_at_once(&self, commit: Commit) -> std::result::Result<Result<()>, Box<Commit>> {
+        Err(Box::new(commit))
+    }
+
     /// Stores the pipeline definition as a numbered version (a definition
     /// equal to a stored version reuses its number) and reports the version,
     /// how it differs from the latest version stored before, and how many

@@ -67,6 +67,15 @@ impl MemoryStore {
         Self::default()
     }
 
+    /// Commits the end of an attempt ([`Store::commit`]).
+    fn commit_now(&self, commit: Commit) -> Result<()> {
+        let mut data = self.lock();
+        let item = data.position(&commit.task.item_id)?;
+        data.transition(item, |graph, record, fx| {
+            rules::commit(graph, record, commit, &mut AllLoaded, fx)
+        })
+    }
+
     fn lock(&self) -> MutexGuard<'_, Data> {
         // Every rule validates before it mutates, so a panic while the lock
         // was held cannot have left a half-applied transition.
@@ -579,12 +588,12 @@ impl Store for MemoryStore {
         Ok(batch)
     }
 
+    fn commit_at_once(&self, commit: Commit) -> std::result::Result<Result<()>, Box<Commit>> {
+        Ok(self.commit_now(commit))
+    }
+
     async fn commit(&self, commit: Commit) -> Result<()> {
-        let mut data = self.lock();
-        let item = data.position(&commit.task.item_id)?;
-        data.transition(item, |graph, record, fx| {
-            rules::commit(graph, record, commit, &mut AllLoaded, fx)
-        })
+        self.commit_now(commit)
     }
 
     async fn decide(&self, decision: DecisionCommit) -> Result<Vec<Event>> {
