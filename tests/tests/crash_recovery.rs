@@ -62,7 +62,7 @@ async fn two_workers_on_one_database_run_each_unit_once() {
         );
         if let EventKind::Started { owner, attempt } = &event.kind {
             assert_eq!(*attempt, 1);
-            *owners.entry(owner.clone()).or_default() += 1;
+            *owners.entry(owner.to_string()).or_default() += 1;
             *starts
                 .entry((
                     event.item_id.clone(),

@@ -1,5 +1,7 @@
 //! Events: the audit trail of every transition, stored and broadcast.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -36,8 +38,8 @@ pub enum EventKind {
     Started {
         /// The attempt number.
         attempt: u32,
-        /// The worker that claimed it.
-        owner: String,
+        /// The worker that claimed it (shared with the claim's lease).
+        owner: Arc<str>,
     },
     /// A unit left `running` by a worker whose lease expired (it crashed or
     /// stalled) became claimable again; its attempt counts as abandoned.

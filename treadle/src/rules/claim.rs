@@ -99,10 +99,10 @@ pub fn claim(
     row.started_at = Some(request.now);
     row.next_run_at = None;
     set_state(row, StageState::Running);
-    row.lease = Some(Box::new(Lease {
+    row.lease = Some(Lease {
         owner: request.owner.clone(),
         expiry: lease_expiry(request),
-    }));
+    });
     let (attempt, generation, crashes) = (row.attempt, row.generation, row.crashes);
     let edits_to_check = if check_edits {
         row.output.clone()
@@ -115,7 +115,7 @@ pub fn claim(
         Some(unit),
         EventKind::Started {
             attempt,
-            owner: String::from(&*request.owner),
+            owner: request.owner.clone(),
         },
     );
     Some(Claim {

@@ -111,7 +111,7 @@ pub struct UnitRecord {
     /// The stored output.
     pub output: Option<Value>,
     /// The claim's lease, while a worker runs it.
-    pub lease: Option<Box<Lease>>,
+    pub lease: Option<Lease>,
 }
 
 impl UnitRecord {

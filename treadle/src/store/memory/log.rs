@@ -5,6 +5,8 @@
 //! other kind, and every event about a subtask, keeps its full
 //! [`EventKind`] in a box.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 
 use crate::event::{Event, EventKind};
@@ -152,7 +154,7 @@ impl EventLog {
                 None,
                 EventKind::Started {
                     attempt: *attempt,
-                    owner: self.owners.name(*owner).to_owned(),
+                    owner: self.owners.name(*owner),
                 },
             ),
             Kind::Other(detail) => (
@@ -189,32 +191,32 @@ impl EventLog {
 /// Worker ids, each stored once and named by number.
 #[derive(Debug, Default)]
 struct Owners {
-    names: Vec<Box<str>>,
-    numbers: FastMap<Box<str>, u32>,
+    names: Vec<Arc<str>>,
+    numbers: FastMap<Arc<str>, u32>,
 }
 
 impl Owners {
     /// The number of `owner`, adding it if it is new.
-    fn intern(&mut self, owner: String) -> u32 {
-        // Claims come from a handful of workers, mostly the latest one.
+    fn intern(&mut self, owner: Arc<str>) -> u32 {
+        // Claims come from a handful of workers, mostly the latest one,
+        // whose claims share one copy of its id.
         if let Some(last) = self.names.last()
-            && **last == *owner
+            && (Arc::ptr_eq(last, &owner) || **last == *owner)
         {
             return self.names.len() as u32 - 1;
         }
-        if let Some(&number) = self.numbers.get(owner.as_str()) {
+        if let Some(&number) = self.numbers.get(&*owner) {
             return number;
         }
         let number = self.names.len() as u32;
-        let owner = owner.into_boxed_str();
         self.names.push(owner.clone());
         self.numbers.insert(owner, number);
         number
     }
 
     /// The worker id numbered `number`.
-    fn name(&self, number: u32) -> &str {
-        &self.names[number as usize]
+    fn name(&self, number: u32) -> Arc<str> {
+        self.names[number as usize].clone()
     }
 }
 

@@ -113,10 +113,10 @@ pub(super) fn unit(loc: &Loc, row: &Row, at: usize) -> Result<UnitRecord> {
     let owner: Option<String> = loc.get(row, at + 10, "lease_owner")?;
     let expiry: Option<DateTime<Utc>> = loc.get(row, at + 11, "lease_expiry")?;
     let lease = match (owner, expiry) {
-        (Some(owner), Some(expiry)) => Some(Box::new(Lease {
+        (Some(owner), Some(expiry)) => Some(Lease {
             owner: owner.into(),
             expiry,
-        })),
+        }),
         (None, None) => None,
         _ => return Err(loc.corrupt("lease_owner", "a lease needs both an owner and an expiry")),
     };

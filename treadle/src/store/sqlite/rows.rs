@@ -227,14 +227,14 @@ pub(crate) fn review(
 }
 
 /// The lease in columns `column` (owner) and `column + 1` (expiry).
-fn lease(loc: &Loc, row: &Row<'_>, column: usize) -> Result<Option<Box<Lease>>> {
+fn lease(loc: &Loc, row: &Row<'_>, column: usize) -> Result<Option<Lease>> {
     let owner: Option<String> = loc.get(row, column, "lease_owner")?;
     let expiry = loc.time_opt(row, column + 1, "lease_expiry")?;
     Ok(match (owner, expiry) {
-        (Some(owner), Some(expiry)) => Some(Box::new(Lease {
+        (Some(owner), Some(expiry)) => Some(Lease {
             owner: owner.into(),
             expiry,
-        })),
+        }),
         (None, None) => None,
         _ => return Err(loc.corrupt("lease_expiry", "a lease needs both owner and expiry")),
     })
