@@ -1,6 +1,14 @@
-//! The shared store suite on the in-memory store.
+//! The shared store suite on the in-memory store, on a multi-thread runtime
+//! (every attempt in a task of its own) and on a current-thread one (where
+//! the engine first polls each attempt inline and commits at once).
 
 mod store_suite;
 mod support;
 
 store_suite!(async { (treadle::MemoryStore::new(), ()) });
+
+mod inline {
+    use crate::store_suite;
+
+    store_suite!(current_thread: async { (treadle::MemoryStore::new(), ()) });
+}

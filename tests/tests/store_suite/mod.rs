@@ -28,20 +28,31 @@ pub use typed::*;
 
 /// Generates one `#[tokio::test]` per suite case, each on a fresh store made
 /// by `$make` (an async expression returning `(store, guard)`; the guard
-/// lives as long as the test, e.g. a temporary directory).
+/// lives as long as the test, e.g. a temporary directory). The tests run on
+/// a multi-thread runtime, or with `current_thread:` first on a
+/// current-thread one, where the engine runs attempts inline first on a
+/// store that commits without waiting.
 #[macro_export]
 macro_rules! store_suite {
-    ($make:expr; $($case:ident),+ $(,)?) => {
+    (@cases [$test:meta] $make:expr; $($case:ident),+ $(,)?) => {
         $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            #[$test]
             async fn $case() {
                 let (store, _guard) = $make.await;
                 $crate::store_suite::$case(store).await;
             }
         )+
     };
+    (current_thread: $make:expr) => {
+        $crate::store_suite!(@all [tokio::test(flavor = "current_thread")] $make);
+    };
     ($make:expr) => {
-        $crate::store_suite!($make;
+        $crate::store_suite!(
+            @all [tokio::test(flavor = "multi_thread", worker_threads = 4)] $make
+        );
+    };
+    (@all [$test:meta] $make:expr) => {
+        $crate::store_suite!(@cases [$test] $make;
             stages_run_in_dependency_order,
             diamond_join_waits_for_both_branches,
             independent_stages_run_in_parallel,
@@ -59,6 +70,7 @@ macro_rules! store_suite {
             approve_with_edits_replaces_the_output,
             decisions_on_the_wrong_state_are_typed_errors,
             cancel_stops_running_stages,
+            cancel_raises_the_running_stages_cancel_flag,
             events_are_logged_and_broadcast_in_commit_order,
             status_displays_every_stage,
             submit_is_idempotent,
@@ -864,6 +876,50 @@ pub async fn cancel_stops_running_stages<S: Store>(store: S) {
         .cancel("d")
         .await
         .expect("cancelling twice is a no-op");
+}
+
+/// A stage doing blocking work watches `ctx.is_cancelled()`; cancelling the
+/// item must raise the flag its context shares with the engine.
+pub async fn cancel_raises_the_running_stages_cancel_flag<S: Store>(store: S) {
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel::<bool>();
+    let seen_tx = Arc::new(std::sync::Mutex::new(seen_tx));
+    let started = Arc::new(tokio::sync::Notify::new());
+    let s = started.clone();
+    let pipeline = Pipeline::builder()
+        .stage(stage("watch", move |_, ctx| {
+            let (seen, s) = (seen_tx.clone(), s.clone());
+            async move {
+                std::thread::spawn(move || {
+                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                    while !ctx.is_cancelled() && std::time::Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    let _ = seen.lock().unwrap().send(ctx.is_cancelled());
+                });
+                s.notify_one();
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                Ok(StageOutcome::complete())
+            }
+        }))
+        .build()
+        .unwrap();
+    let engine = engine(pipeline, store);
+    engine.submit(doc("d")).await.unwrap();
+    let runner = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.run_until_idle().await }
+    });
+    started.notified().await;
+    engine.cancel("d").await.unwrap();
+    let raised = tokio::task::spawn_blocking(move || seen_rx.recv_timeout(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(raised, Ok(true), "the stage's context saw the cancellation");
+    tokio::time::timeout(Duration::from_secs(5), runner)
+        .await
+        .expect("cancel stopped the running stage")
+        .unwrap()
+        .unwrap();
 }
 
 pub async fn events_are_logged_and_broadcast_in_commit_order<S: Store>(store: S) {
