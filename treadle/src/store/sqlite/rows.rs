@@ -25,12 +25,16 @@ pub(crate) enum Subtasks<'a> {
     All,
 }
 
-/// An item's rows as loaded: its submission sequence number and its record.
+/// An item's rows as loaded: its submission sequence number, its record
+/// and the ids of its stage rows.
 pub(crate) struct Loaded {
     /// `items.seq`: submission order.
     pub(crate) seq: i64,
     /// The rows.
     pub(crate) record: ItemRecord,
+    /// `stages.id` of each of `record.stages`, by position: what a changed
+    /// stage row is updated by.
+    pub(crate) stage_ids: Vec<i64>,
 }
 
 /// How strictly stored outputs are decoded when an item is loaded.
@@ -59,7 +63,7 @@ pub(crate) fn load_item(
                 s.lease_expiry, s.waiting, s.review_round, s.review_request,
                 s.review_requested_at, s.fan_total, s.fan_open, s.fan_failed,
                 i.seq, i.payload, i.submitted_at, i.cancelled, i.version,
-                s.crashes, s.edits_to_check
+                s.crashes, s.edits_to_check, s.id
          FROM items i JOIN stages s ON s.item_id = i.id
          WHERE i.id = +?1",
     )?;
@@ -72,7 +76,7 @@ pub(crate) fn load_item(
             head = Some(item_columns(&loc, row, 19)?);
         }
         let (stage, unreadable) = stage_row(conn, id, row, outputs)?;
-        stages.push(stage);
+        stages.push((stage, row.get::<_, i64>(26)?));
         unreadable_outputs.extend(unreadable);
     }
     let Some((seq, payload, submitted_at, cancelled, version)) = head else {
@@ -86,7 +90,8 @@ pub(crate) fn load_item(
         };
     };
     // Sorted here rather than by the query, which would need a temporary B-tree.
-    stages.sort_by_key(|s| s.unit.position);
+    stages.sort_by_key(|(s, _)| s.unit.position);
+    let (stages, stage_ids) = stages.into_iter().unzip();
     let mut record = ItemRecord {
         id: id.to_owned(),
         version,
@@ -115,7 +120,11 @@ pub(crate) fn load_item(
             }
         }
     }
-    Ok(Some(Loaded { seq, record }))
+    Ok(Some(Loaded {
+        seq,
+        record,
+        stage_ids,
+    }))
 }
 
 /// The item's own columns (`seq, payload, submitted_at, cancelled, version`)
@@ -355,16 +364,16 @@ pub(crate) fn attempts(
     Ok(out)
 }
 
-/// Inserts the stage rows of an item that it does not have yet (all of
-/// them for a new item); a row it has keeps its columns but its position.
-pub(crate) fn insert_stages(conn: &Connection, seq: i64, record: &ItemRecord) -> Result<()> {
+/// Inserts the stage rows of a new item (loaded with `seq`) and returns
+/// their ids, by position.
+pub(crate) fn insert_stages(conn: &Connection, seq: i64, record: &ItemRecord) -> Result<Vec<i64>> {
+    let mut statement = conn.prepare_cached(
+        "INSERT INTO stages (item_id, stage, item_seq, position, state, waiting)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    let mut ids = Vec::with_capacity(record.stages.len());
     for stage in &record.stages {
-        conn.prepare_cached(
-            "INSERT INTO stages (item_id, stage, item_seq, position, state, waiting)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (item_id, stage) DO UPDATE SET position = excluded.position",
-        )?
-        .execute(params![
+        statement.execute(params![
             record.id,
             stage.unit.name,
             seq,
@@ -372,18 +381,19 @@ pub(crate) fn insert_stages(conn: &Connection, seq: i64, record: &ItemRecord) ->
             stage.unit.state.as_str(),
             stage.waiting
         ])?;
+        ids.push(conn.last_insert_rowid());
     }
-    Ok(())
+    Ok(ids)
 }
 
-/// Saves what a rule did to `record` (loaded with `seq`; its stage rows
-/// before the rule ran were `before`), except the events: queue hints and
-/// attempts (to `appends`), decisions and the changed columns of every
-/// changed row.
+/// Saves what a rule did to `record` (loaded with `seq` and the stage row
+/// ids `stage_ids`, which a restructure renews; its stage rows before the
+/// rule ran were `before`), except the events: queue hints and attempts
+/// (to `appends`), decisions and the changed columns of every changed row.
 pub(crate) fn save(
     conn: &Connection,
     appends: &mut Appends,
-    seq: i64,
+    (seq, stage_ids): (i64, &mut Vec<i64>),
     record: &ItemRecord,
     before: &[StageRecord],
     fx: &Effects,
@@ -397,7 +407,7 @@ pub(crate) fn save(
         appends.flush(conn)?;
     }
     if fx.restructured {
-        restructure(conn, seq, record, before)?;
+        *stage_ids = restructure(conn, seq, record, before)?;
     }
     for &stage in &fx.fanned_out {
         let name = &record.stages[stage].unit.name;
@@ -433,7 +443,7 @@ pub(crate) fn save(
         } else {
             old_unit(before, unit)
         };
-        write_unit(conn, record, unit, old)?;
+        write_unit(conn, record, stage_ids, unit, old)?;
     }
     for (unit, attempt) in &fx.attempts {
         let key = record.key(*unit);
@@ -517,18 +527,19 @@ std::thread_local! {
         Default::default();
 }
 
-/// `UPDATE table SET c = ?n, ... WHERE <primary key>` for `names` (in
-/// [`UNIT_COLUMNS`] order) of `stages` or `subtasks`.
+/// `UPDATE table SET c = ?n, ... WHERE <key>` for `names` (in
+/// [`UNIT_COLUMNS`] order) of `stages` (by id) or `subtasks` (by item,
+/// stage and name).
 fn update_sql(table: &'static str, names: &[&'static str]) -> std::rc::Rc<str> {
     let build = || -> std::rc::Rc<str> {
-        let keys = if table == "stages" { 2 } else { 3 };
+        let keys = if table == "stages" { 1 } else { 3 };
         let sets: Vec<String> = names
             .iter()
             .enumerate()
             .map(|(i, name)| format!("{name} = ?{}", keys + i + 1))
             .collect();
         let key = if table == "stages" {
-            "item_id = ?1 AND stage = ?2"
+            "id = ?1"
         } else {
             "item_id = ?1 AND stage = ?2 AND name = ?3"
         };
@@ -557,6 +568,7 @@ fn update_sql(table: &'static str, names: &[&'static str]) -> std::rc::Rc<str> {
 fn write_unit(
     conn: &Connection,
     record: &ItemRecord,
+    stage_ids: &[i64],
     unit: UnitRef,
     old: Option<(&StageRecord, &UnitRecord)>,
 ) -> Result<()> {
@@ -665,14 +677,17 @@ fn write_unit(
                 "edits_to_check",
                 &|| Ok(Sql::Integer(stage.edits_to_check.into())),
             )?;
-            ("stages", vec![record.id.clone(), String::from(&*row.name)])
+            let id = stage_ids.get(unit.stage).copied().ok_or_else(|| {
+                Loc::stage(&record.id, &stage.unit.name).corrupt("id", "the stage row has no id")
+            })?;
+            ("stages", vec![Sql::Integer(id)])
         }
         Some(_) => (
             "subtasks",
             vec![
-                record.id.clone(),
-                String::from(&*stage.unit.name),
-                String::from(&*row.name),
+                Sql::Text(record.id.clone()),
+                Sql::Text(String::from(&*stage.unit.name)),
+                Sql::Text(String::from(&*row.name)),
             ],
         ),
     };
@@ -681,10 +696,7 @@ fn write_unit(
     }
     let names: Vec<&'static str> = columns.iter().map(|(name, _)| *name).collect();
     let sql = update_sql(sql_table, &names);
-    let values = keys
-        .into_iter()
-        .map(Sql::Text)
-        .chain(columns.into_iter().map(|(_, v)| v));
+    let values = keys.into_iter().chain(columns.into_iter().map(|(_, v)| v));
     conn.prepare_cached(&sql)?
         .execute(rusqlite::params_from_iter(values))?;
     Ok(())
@@ -724,13 +736,13 @@ fn insert_decision(conn: &Connection, record: &ItemRecord, stage: usize) -> Resu
 /// After a migration: drops the rows of stages the item no longer has
 /// (with their subtasks, attempts and decisions), creates the rows of
 /// stages new to it, and renumbers positions; `save` then writes every
-/// stage row.
+/// stage row. Returns the stage row ids, by the new positions.
 fn restructure(
     conn: &Connection,
     seq: i64,
     record: &ItemRecord,
     before: &[StageRecord],
-) -> Result<()> {
+) -> Result<Vec<i64>> {
     for name in before
         .iter()
         .map(|s| &s.unit.name)
@@ -746,5 +758,24 @@ fn restructure(
                 .execute(params![record.id, name])?;
         }
     }
-    insert_stages(conn, seq, record)
+    // The rows it keeps keep their columns but their position.
+    let mut upsert = conn.prepare_cached(
+        "INSERT INTO stages (item_id, stage, item_seq, position, state, waiting)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (item_id, stage) DO UPDATE SET position = excluded.position
+         RETURNING id",
+    )?;
+    let mut ids = Vec::with_capacity(record.stages.len());
+    for stage in &record.stages {
+        let params = params![
+            record.id,
+            stage.unit.name,
+            seq,
+            stage.unit.position,
+            stage.unit.state.as_str(),
+            stage.waiting
+        ];
+        ids.push(upsert.query_row(params, |row| row.get(0))?);
+    }
+    Ok(ids)
 }

@@ -102,15 +102,24 @@ impl<'c> Tx<'c> {
         loaded: Loaded,
         rule: impl FnOnce(&VersionGraph, &mut ItemRecord, &mut Effects) -> Result<R>,
     ) -> Result<R> {
-        let Loaded { seq, mut record } = loaded;
+        let Loaded {
+            seq,
+            mut record,
+            mut stage_ids,
+        } = loaded;
         let graph = self.graph(record.version)?;
         let before = record.stages.clone();
         let mut fx = Effects::default();
         let answer = rule(&graph, &mut record, &mut fx)?;
-        rows::save(self.conn, self.appends, seq, &record, &before, &fx)?;
+        let row_ids = (seq, &mut stage_ids);
+        rows::save(self.conn, self.appends, row_ids, &record, &before, &fx)?;
         self.append(&record, &fx)?;
         // Only now does the record match its rows again.
-        self.items.keep(Loaded { seq, record });
+        self.items.keep(Loaded {
+            seq,
+            record,
+            stage_ids,
+        });
         Ok(answer)
     }
 
@@ -184,12 +193,13 @@ impl<'c> Tx<'c> {
                 .optional()?;
             let Some(seq) = seq else { continue };
             let (record, fx) = rules::new_item(&graph, item.clone());
-            rows::insert_stages(self.conn, seq, &record)?;
+            let mut stage_ids = rows::insert_stages(self.conn, seq, &record)?;
             let fx = Effects {
                 item_changed: false,
                 ..fx
             };
-            rows::save(self.conn, self.appends, seq, &record, &[], &fx)?;
+            let row_ids = (seq, &mut stage_ids);
+            rows::save(self.conn, self.appends, row_ids, &record, &[], &fx)?;
             self.append(&record, &fx)?;
         }
         Ok(())
