@@ -335,8 +335,10 @@ pub(crate) fn attempts(
     record: &ItemRecord,
 ) -> Result<Vec<(UnitRef, AttemptRecord)>> {
     let mut statement = conn.prepare_cached(
-        "SELECT id, stage, subtask, attempt, started_at, finished_at, result, error
-         FROM attempts WHERE item_id = +?1 ORDER BY id",
+        "SELECT a.id, s.stage, a.subtask, a.attempt, a.started_at, a.finished_at, a.result,
+                a.error
+         FROM stages s JOIN attempts a ON a.stage_id = s.id
+         WHERE s.item_id = +?1 ORDER BY a.id",
     )?;
     let rows = statement.query_map([&record.id], |row| {
         Ok((|| -> Result<Option<(UnitRef, AttemptRecord)>> {
@@ -411,10 +413,8 @@ pub(crate) fn save(
     }
     for &stage in &fx.fanned_out {
         let name = &record.stages[stage].unit.name;
-        conn.prepare_cached(
-            "DELETE FROM attempts WHERE item_id = ?1 AND stage = ?2 AND subtask IS NOT NULL",
-        )?
-        .execute(params![record.id, name])?;
+        conn.prepare_cached("DELETE FROM attempts WHERE stage_id = ?1 AND subtask IS NOT NULL")?
+            .execute([stage_id(record, stage_ids, stage)?])?;
         conn.prepare_cached("DELETE FROM subtasks WHERE item_id = ?1 AND stage = ?2")?
             .execute(params![record.id, name])?;
         // No fan-out: a rerun dropped the subtasks; a new fan-out makes them.
@@ -446,11 +446,10 @@ pub(crate) fn save(
         write_unit(conn, record, stage_ids, unit, old)?;
     }
     for (unit, attempt) in &fx.attempts {
-        let key = record.key(*unit);
+        let subtask = unit.subtask.and_then(|_| record.key(*unit).subtask);
         appends.attempt([
-            Sql::Text(key.item_id),
-            Sql::Text(key.stage),
-            key.subtask.map_or(Sql::Null, Sql::Text),
+            Sql::Integer(stage_id(record, stage_ids, unit.stage)?),
+            subtask.map_or(Sql::Null, Sql::Text),
             Sql::Integer(attempt.attempt.into()),
             Sql::Text(codec::time(attempt.started_at)),
             Sql::Text(codec::time(attempt.finished_at)),
@@ -482,6 +481,14 @@ pub(crate) fn save(
         ])?;
     }
     Ok(())
+}
+
+/// The id of the row of stage `position` of `record`.
+fn stage_id(record: &ItemRecord, stage_ids: &[i64], position: usize) -> Result<i64> {
+    stage_ids.get(position).copied().ok_or_else(|| {
+        let name = record.stages.get(position).map_or("?", |s| &*s.unit.name);
+        Loc::stage(&record.id, name).corrupt("id", "the stage row has no id")
+    })
 }
 
 /// The row of `unit` as it was loaded, if it was.
@@ -677,9 +684,7 @@ fn write_unit(
                 "edits_to_check",
                 &|| Ok(Sql::Integer(stage.edits_to_check.into())),
             )?;
-            let id = stage_ids.get(unit.stage).copied().ok_or_else(|| {
-                Loc::stage(&record.id, &stage.unit.name).corrupt("id", "the stage row has no id")
-            })?;
+            let id = stage_id(record, stage_ids, unit.stage)?;
             ("stages", vec![Sql::Integer(id)])
         }
         Some(_) => (
@@ -749,7 +754,8 @@ fn restructure(
         .filter(|name| record.stage_position(name).is_none())
     {
         for sql in [
-            "DELETE FROM attempts WHERE item_id = ?1 AND stage = ?2",
+            "DELETE FROM attempts
+             WHERE stage_id = (SELECT id FROM stages WHERE item_id = ?1 AND stage = ?2)",
             "DELETE FROM review_decisions WHERE item_id = ?1 AND stage = ?2",
             "DELETE FROM subtasks WHERE item_id = ?1 AND stage = ?2",
             "DELETE FROM stages WHERE item_id = ?1 AND stage = ?2",

@@ -289,7 +289,12 @@ CREATE INDEX stages_in_rare_states ON stages (stage, state, item_seq)
 /// (stable: an `INTEGER PRIMARY KEY` survives `VACUUM`), which the writer
 /// keeps with a loaded item and updates the row by, instead of seeking
 /// the text key. Rows are copied in submission order, so an item's rows
-/// stay together. Foreign keys are off while the tables are
+/// stay together.
+///
+/// The rows every transition appends refer to integers too: an attempt to
+/// its stage row's `id`, an event to its item's `seq`. Their indexes and
+/// foreign keys then compare integers, not text (the names are read
+/// through a join). Foreign keys are off while the tables are
 /// swapped and checked before the migration commits (see [`migrate`]).
 const V6: &str = r#"
 CREATE TABLE stages_v6 (
@@ -360,13 +365,54 @@ INSERT INTO subtasks_v6
     SELECT t.item_id, t.stage, t.name, t.position, t.state, t.attempt, t.generation,
            t.started_at, t.finished_at, t.next_run_at, t.last_error, t.output,
            t.lease_owner, t.lease_expiry, t.crashes
-    FROM subtasks t JOIN stages s ON s.item_id = t.item_id AND s.stage = t.stage
+    FROM subtasks t LEFT JOIN stages s ON s.item_id = t.item_id AND s.stage = t.stage
     ORDER BY s.item_seq, s.position, t.position;
 DROP TABLE subtasks;
 ALTER TABLE subtasks_v6 RENAME TO subtasks;
 CREATE UNIQUE INDEX subtasks_by_key ON subtasks (item_id, stage, name);
 CREATE INDEX subtasks_leased ON subtasks (lease_expiry)
     WHERE state = 'running' AND lease_expiry IS NOT NULL;
+
+CREATE TABLE attempts_v6 (
+    id           INTEGER PRIMARY KEY,           -- history order
+    stage_id     INTEGER NOT NULL REFERENCES stages(id),
+    subtask      TEXT,                          -- NULL for the stage itself
+    attempt      INTEGER NOT NULL,
+    started_at   TEXT NOT NULL,
+    finished_at  TEXT NOT NULL,
+    result       TEXT NOT NULL,
+    error        TEXT
+) STRICT;
+-- LEFT JOIN: a row whose stage is missing fails the migration (NOT NULL).
+INSERT INTO attempts_v6
+    SELECT a.id, s.id, a.subtask, a.attempt, a.started_at, a.finished_at, a.result, a.error
+    FROM attempts a LEFT JOIN stages s ON s.item_id = a.item_id AND s.stage = a.stage
+    ORDER BY a.id;
+DROP TABLE attempts;
+ALTER TABLE attempts_v6 RENAME TO attempts;
+CREATE INDEX attempts_by_stage ON attempts (stage_id, id);
+
+CREATE TABLE events_v6 (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT, -- never reused
+    at           TEXT NOT NULL,
+    item_seq     INTEGER NOT NULL REFERENCES items(seq),
+    stage        TEXT,
+    subtask      TEXT,
+    kind         TEXT NOT NULL                  -- JSON EventKind
+) STRICT;
+INSERT INTO events_v6 (seq, at, item_seq, stage, subtask, kind)
+    SELECT e.seq, e.at, i.seq, e.stage, e.subtask, e.kind
+    FROM events e LEFT JOIN items i ON i.id = e.item_id
+    ORDER BY e.seq;
+-- Every number the log handed out stays handed out, pruned ones included.
+INSERT INTO sqlite_sequence (name, seq)
+    SELECT 'events_v6', coalesce(max(seq), 0) FROM sqlite_sequence
+    WHERE name IN ('events', 'events_v6');
+DELETE FROM sqlite_sequence WHERE name = 'events_v6'
+    AND rowid <> (SELECT max(rowid) FROM sqlite_sequence WHERE name = 'events_v6');
+DROP TABLE events;
+ALTER TABLE events_v6 RENAME TO events;
+CREATE INDEX events_by_item ON events (item_seq, seq);
 "#;
 
 /// Sets up a freshly opened connection: waits for other writers instead of
@@ -779,8 +825,12 @@ mod tests {
              INSERT INTO review_decisions (item_id, stage, round, kind, decided_by, decided_at,
                                            note, reason, edits)
              VALUES ('b', 'scan', 2, 'rejected', 'alice', '{T}', 'no', 'wrong tags', NULL);
-             INSERT INTO events (at, item_id, stage, kind) VALUES
-                 ('{T}', 'a', 'scan', '{{}}'), ('{T}', 'b', NULL, '{{}}');"
+             INSERT INTO events (at, item_id, stage, subtask, kind) VALUES
+                 ('{T}', 'b', NULL, NULL, '{{\"type\":\"item_submitted\"}}'),
+                 ('{T}', 'a', 'enrich', 'x', '{{\"type\":\"started\",\"attempt\":1,\"owner\":\"w\"}}'),
+                 ('{T}', 'a', NULL, NULL, '{{\"type\":\"item_submitted\"}}');
+             -- A pruned event: its number is never handed out again.
+             DELETE FROM events WHERE seq = 3;"
         ))
         .unwrap();
         conn
@@ -815,8 +865,33 @@ mod tests {
                 .collect::<rusqlite::Result<_>>()
                 .unwrap()
         }
+        /// Every row of `sql`, as the text of its values.
+        fn texts(conn: &Connection, sql: &str) -> Vec<String> {
+            let mut statement = conn.prepare(sql).unwrap();
+            let columns = statement.column_count();
+            statement
+                .query_map([], |r| {
+                    let row: Vec<rusqlite::types::Value> = (0..columns)
+                        .map(|i| r.get(i))
+                        .collect::<rusqlite::Result<_>>()?;
+                    Ok(format!("{row:?}"))
+                })
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap()
+        }
+        const ATTEMPTS_V5: &str = "SELECT id, item_id, stage, subtask, attempt, started_at,
+            finished_at, result, error FROM attempts ORDER BY id";
+        const ATTEMPTS_V6: &str = "SELECT a.id, s.item_id, s.stage, a.subtask, a.attempt,
+            a.started_at, a.finished_at, a.result, a.error
+            FROM attempts a JOIN stages s ON s.id = a.stage_id ORDER BY a.id";
         let conn = v5_database(&path);
         let before = ["stages", "subtasks"].map(|table| rows(&conn, table));
+        let attempts = texts(&conn, ATTEMPTS_V5);
+        let events = texts(
+            &conn,
+            "SELECT seq, item_id, stage, subtask FROM events ORDER BY seq",
+        );
         drop(conn);
 
         let conn = open(Some(&path), MIGRATIONS).unwrap();
@@ -826,6 +901,36 @@ mod tests {
             before
         );
         assert_eq!(before[0].len(), 4);
+        assert_eq!(texts(&conn, ATTEMPTS_V6), attempts);
+        assert_eq!(attempts.len(), 4);
+        let all = crate::store::EventQuery {
+            after: 0,
+            item_id: None,
+            limit: None,
+        };
+        use rusqlite::types::Value;
+        let logged: Vec<String> = read::events(&conn, &all)
+            .unwrap()
+            .into_iter()
+            .map(|e| {
+                let text = |v: Option<String>| v.map_or(Value::Null, Value::Text);
+                let seq = Value::Integer(e.seq.try_into().unwrap());
+                let row = vec![seq, Value::Text(e.item_id), text(e.stage), text(e.subtask)];
+                format!("{row:?}")
+            })
+            .collect();
+        assert_eq!(logged, events);
+        assert_eq!(logged.len(), 2);
+        conn.execute(
+            "INSERT INTO events (at, item_seq, kind) VALUES ('t', 1, '{}')",
+            [],
+        )
+        .unwrap();
+        assert_eq!(
+            conn.last_insert_rowid(),
+            4,
+            "3 was handed out before the migration"
+        );
         let a = read::status(&conn, "a").unwrap();
         assert_eq!(a.stages[1].subtasks.len(), 2);
         assert_eq!(a.stages[0].output, Some(serde_json::json!({"pages": 3})));
@@ -871,25 +976,34 @@ mod tests {
 
     #[test]
     fn a_migration_that_would_keep_a_broken_foreign_key_changes_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("v5.db");
-        let conn = v5_database(&path);
-        conn.pragma_update(None, "foreign_keys", false).unwrap();
-        conn.execute(
+        let orphans = [
+            "INSERT INTO subtasks (item_id, stage, name, position, state)
+             VALUES ('a', 'nowhere', 'z', 0, 'pending')",
             "INSERT INTO attempts (item_id, stage, attempt, started_at, finished_at, result)
              VALUES ('a', 'nowhere', 1, 't', 't', 'completed')",
-            [],
-        )
-        .unwrap();
-        drop(conn);
-        match open(Some(&path), MIGRATIONS) {
-            Err(Error::Corrupt { location, detail }) => {
-                assert!(location.starts_with("attempts(rowid="), "{location}");
-                assert!(detail.contains("`stages`"), "{detail}");
+            "INSERT INTO events (at, item_id, kind) VALUES ('t', 'nobody', '{}')",
+        ];
+        for (n, orphan) in orphans.iter().enumerate() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("v5.db");
+            let conn = v5_database(&path);
+            conn.pragma_update(None, "foreign_keys", false).unwrap();
+            conn.execute(orphan, []).unwrap();
+            drop(conn);
+            match open(Some(&path), MIGRATIONS) {
+                // Copied, then found by the check before the commit.
+                Err(Error::Corrupt { location, detail }) if n == 0 => {
+                    assert!(location.starts_with("subtasks(rowid="), "{location}");
+                    assert!(detail.contains("`stages`"), "{detail}");
+                }
+                // No stage or item to refer to: the copy itself fails.
+                Err(Error::Store { cause, .. }) if n > 0 => {
+                    assert!(cause.to_string().contains("NOT NULL"), "{cause}")
+                }
+                other => panic!("{orphan}: unexpected {other:?}"),
             }
-            other => panic!("expected Corrupt, got {other:?}"),
+            assert_eq!(version(&Connection::open(&path).unwrap()), 5);
         }
-        assert_eq!(version(&Connection::open(&path).unwrap()), 5);
     }
 
     #[test]

@@ -113,7 +113,7 @@ impl<'c> Tx<'c> {
         let answer = rule(&graph, &mut record, &mut fx)?;
         let row_ids = (seq, &mut stage_ids);
         rows::save(self.conn, self.appends, row_ids, &record, &before, &fx)?;
-        self.append(&record, &fx)?;
+        self.append(seq, &record, &fx)?;
         // Only now does the record match its rows again.
         self.items.keep(Loaded {
             seq,
@@ -123,8 +123,8 @@ impl<'c> Tx<'c> {
         Ok(answer)
     }
 
-    /// Appends the rule's events to the log.
-    fn append(&mut self, record: &ItemRecord, fx: &Effects) -> Result<()> {
+    /// Appends the rule's events to the log (`seq`: the item's `items.seq`).
+    fn append(&mut self, seq: i64, record: &ItemRecord, fx: &Effects) -> Result<()> {
         use rusqlite::types::Value as Sql;
         for new in &fx.events {
             let key = new.unit.map(|unit| record.key(unit));
@@ -135,17 +135,17 @@ impl<'c> Tx<'c> {
                     key.subtask.map_or(Sql::Null, Sql::Text),
                 ),
             };
-            let seq = self.appends.event(
+            let logged = self.appends.event(
                 self.conn,
                 [
                     Sql::Text(codec::time(new.at)),
-                    Sql::Text(record.id.clone()),
+                    Sql::Integer(seq),
                     stage,
                     subtask,
                     Sql::Text(codec::json(&new.kind, "an event")?),
                 ],
             )?;
-            self.events.push(new.resolve(record, seq));
+            self.events.push(new.resolve(record, logged));
         }
         Ok(())
     }
@@ -200,7 +200,7 @@ impl<'c> Tx<'c> {
             };
             let row_ids = (seq, &mut stage_ids);
             rows::save(self.conn, self.appends, row_ids, &record, &[], &fx)?;
-            self.append(&record, &fx)?;
+            self.append(seq, &record, &fx)?;
         }
         Ok(())
     }
