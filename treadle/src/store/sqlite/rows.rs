@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use rusqlite::types::Value as Sql;
+use rusqlite::types::{ToSqlOutput, Value as Sql, ValueRef};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::appends::Appends;
@@ -446,10 +446,10 @@ pub(crate) fn save(
         write_unit(conn, record, stage_ids, unit, old)?;
     }
     for (unit, attempt) in &fx.attempts {
-        let subtask = unit.subtask.and_then(|_| record.key(*unit).subtask);
+        let (_, subtask) = unit_names(record, *unit);
         appends.attempt([
             Sql::Integer(stage_id(record, stage_ids, unit.stage)?),
-            subtask.map_or(Sql::Null, Sql::Text),
+            subtask.map_or(Sql::Null, |name| Sql::Text(name.to_owned())),
             Sql::Integer(attempt.attempt.into()),
             Sql::Text(codec::time(attempt.started_at)),
             Sql::Text(codec::time(attempt.finished_at)),
@@ -483,6 +483,16 @@ pub(crate) fn save(
     Ok(())
 }
 
+/// The names of the stage and subtask of `unit`, as [`ItemRecord::key`]
+/// has them, borrowed.
+pub(crate) fn unit_names(record: &ItemRecord, unit: UnitRef) -> (&str, Option<&str>) {
+    let stage = &record.stages[unit.stage];
+    let subtask = unit
+        .subtask
+        .and_then(|p| Some(&*stage.fan_out.as_ref()?.row(p)?.name));
+    (&stage.unit.name, subtask)
+}
+
 /// The id of the row of stage `position` of `record`.
 fn stage_id(record: &ItemRecord, stage_ids: &[i64], position: usize) -> Result<i64> {
     stage_ids.get(position).copied().ok_or_else(|| {
@@ -501,7 +511,7 @@ fn old_unit(before: &[StageRecord], unit: UnitRef) -> Option<(&StageRecord, &Uni
 }
 
 /// One column to write and its new value.
-type Column = (&'static str, rusqlite::types::Value);
+type Column<'r> = (&'static str, ToSqlOutput<'r>);
 
 /// Every column `write_unit` may write, in the order it writes them.
 const UNIT_COLUMNS: [&str; 20] = [
@@ -572,9 +582,9 @@ fn update_sql(table: &'static str, names: &[&'static str]) -> std::rc::Rc<str> {
 /// Writes the columns of one stage or subtask row that differ from `old`
 /// (every column when there is no `old` row): an unchanged column is not in
 /// the statement, so the indexes over it are not touched.
-fn write_unit(
+fn write_unit<'r>(
     conn: &Connection,
-    record: &ItemRecord,
+    record: &'r ItemRecord,
     stage_ids: &[i64],
     unit: UnitRef,
     old: Option<(&StageRecord, &UnitRecord)>,
@@ -584,28 +594,33 @@ fn write_unit(
         Loc::stage(&record.id, &stage.unit.name)
             .corrupt("subtasks", "a changed subtask row was not loaded")
     })?;
-    let text = |v: Option<String>| v.map_or(Sql::Null, Sql::Text);
-    let int = |v: Option<i64>| v.map_or(Sql::Null, Sql::Integer);
-    let mut columns: Vec<Column> = Vec::new();
-    let mut set =
-        |changed: bool, name: &'static str, value: &dyn Fn() -> Result<Sql>| -> Result<()> {
-            if changed {
-                columns.push((name, value()?));
-            }
-            Ok(())
-        };
+    // Text the record holds is bound borrowed, not copied to a String first.
+    let text = |v: Option<String>| ToSqlOutput::Owned(v.map_or(Sql::Null, Sql::Text));
+    let borrowed =
+        |v: Option<&'r str>| ToSqlOutput::Borrowed(v.map_or(ValueRef::Null, ValueRef::from));
+    let int = |v: Option<i64>| ToSqlOutput::Owned(v.map_or(Sql::Null, Sql::Integer));
+    let mut columns: Vec<Column<'r>> = Vec::with_capacity(UNIT_COLUMNS.len());
+    let mut set = |changed: bool,
+                   name: &'static str,
+                   value: &dyn Fn() -> Result<ToSqlOutput<'r>>|
+     -> Result<()> {
+        if changed {
+            columns.push((name, value()?));
+        }
+        Ok(())
+    };
     let was = old.map(|(_, u)| u);
     let differs = |f: &dyn Fn(&UnitRecord) -> bool| was.is_none_or(f);
     set(differs(&|o| o.state != row.state), "state", &|| {
-        Ok(Sql::Text(row.state.as_str().to_owned()))
+        Ok(borrowed(Some(row.state.as_str())))
     })?;
     set(differs(&|o| o.attempt != row.attempt), "attempt", &|| {
-        Ok(Sql::Integer(row.attempt.into()))
+        Ok(int(Some(row.attempt.into())))
     })?;
     set(
         differs(&|o| o.generation != row.generation),
         "generation",
-        &|| Ok(Sql::Integer(row.generation as i64)),
+        &|| Ok(int(Some(row.generation as i64))),
     )?;
     set(
         differs(&|o| o.started_at != row.started_at),
@@ -625,20 +640,20 @@ fn write_unit(
     set(
         differs(&|o| o.last_error != row.last_error),
         "last_error",
-        &|| Ok(text(row.last_error.clone())),
+        &|| Ok(borrowed(row.last_error.as_deref())),
     )?;
     set(differs(&|o| o.output != row.output), "output", &|| {
         Ok(text(codec::json_opt(row.output.as_ref(), "an output")?))
     })?;
     let lease_changed = differs(&|o| o.lease != row.lease);
     set(lease_changed, "lease_owner", &|| {
-        Ok(text(row.lease.as_ref().map(|l| String::from(&*l.owner))))
+        Ok(borrowed(row.lease.as_ref().map(|l| &*l.owner)))
     })?;
     set(lease_changed, "lease_expiry", &|| {
         Ok(text(row.lease.as_ref().map(|l| codec::time(l.expiry))))
     })?;
     set(differs(&|o| o.crashes != row.crashes), "crashes", &|| {
-        Ok(Sql::Integer(row.crashes.into()))
+        Ok(int(Some(row.crashes.into())))
     })?;
     let (sql_table, keys) = match unit.subtask {
         None => {
@@ -647,12 +662,12 @@ fn write_unit(
             set(
                 stage_differs(&|o| o.waiting != stage.waiting),
                 "waiting",
-                &|| Ok(Sql::Integer(stage.waiting.into())),
+                &|| Ok(int(Some(stage.waiting.into()))),
             )?;
             let review = stage.review.as_ref();
             let review_changed = stage_differs(&|o| o.review != stage.review);
             set(review_changed, "review_round", &|| {
-                Ok(Sql::Integer(review.map_or(0, |r| r.round as i64)))
+                Ok(int(Some(review.map_or(0, |r| r.round as i64))))
             })?;
             set(review_changed, "review_request", &|| {
                 Ok(text(codec::json_opt(
@@ -682,17 +697,17 @@ fn write_unit(
             set(
                 stage_differs(&|o| o.edits_to_check != stage.edits_to_check),
                 "edits_to_check",
-                &|| Ok(Sql::Integer(stage.edits_to_check.into())),
+                &|| Ok(int(Some(stage.edits_to_check.into()))),
             )?;
             let id = stage_id(record, stage_ids, unit.stage)?;
-            ("stages", vec![Sql::Integer(id)])
+            ("stages", vec![int(Some(id))])
         }
         Some(_) => (
             "subtasks",
             vec![
-                Sql::Text(record.id.clone()),
-                Sql::Text(String::from(&*stage.unit.name)),
-                Sql::Text(String::from(&*row.name)),
+                borrowed(Some(&record.id)),
+                borrowed(Some(&stage.unit.name)),
+                borrowed(Some(&row.name)),
             ],
         ),
     };

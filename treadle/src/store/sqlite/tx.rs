@@ -127,12 +127,11 @@ impl<'c> Tx<'c> {
     fn append(&mut self, seq: i64, record: &ItemRecord, fx: &Effects) -> Result<()> {
         use rusqlite::types::Value as Sql;
         for new in &fx.events {
-            let key = new.unit.map(|unit| record.key(unit));
-            let (stage, subtask) = match key {
+            let (stage, subtask) = match new.unit.map(|unit| rows::unit_names(record, unit)) {
                 None => (Sql::Null, Sql::Null),
-                Some(key) => (
-                    Sql::Text(key.stage),
-                    key.subtask.map_or(Sql::Null, Sql::Text),
+                Some((stage, subtask)) => (
+                    Sql::Text(stage.to_owned()),
+                    subtask.map_or(Sql::Null, |name| Sql::Text(name.to_owned())),
                 ),
             };
             let logged = self.appends.event(
