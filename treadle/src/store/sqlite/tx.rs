@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 
 use super::appends::Appends;
 use super::cache::ItemCache;
@@ -178,19 +178,23 @@ impl<'c> Tx<'c> {
         for item in items {
             check_payload(item)?;
             let graph = self.graph(item.version)?;
-            let seq: Option<i64> = self
+            // Not `RETURNING seq`, which buffers the row in a temporary table.
+            let inserted = self
                 .conn
                 .prepare_cached(
                     "INSERT INTO items (id, payload, submitted_at, version) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (id) DO NOTHING
-                     RETURNING seq",
+                     ON CONFLICT (id) DO NOTHING",
                 )?
-                .query_row(
-                    params![item.id, item.payload, codec::time(item.at), item.version],
-                    |row| row.get(0),
-                )
-                .optional()?;
-            let Some(seq) = seq else { continue };
+                .execute(params![
+                    item.id,
+                    item.payload,
+                    codec::time(item.at),
+                    item.version
+                ])?;
+            if inserted == 0 {
+                continue;
+            }
+            let seq = self.conn.last_insert_rowid();
             let (record, fx) = rules::new_item(&graph, item.clone());
             let mut stage_ids = rows::insert_stages(self.conn, seq, &record)?;
             let fx = Effects {
