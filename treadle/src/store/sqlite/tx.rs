@@ -77,11 +77,12 @@ impl<'c> Tx<'c> {
     /// record when it has one (topped up with the subtask row asked for),
     /// else loaded.
     fn find(&mut self, item_id: &str, subtasks: Subtasks<'_>) -> Result<Option<Loaded>> {
-        let cached = match subtasks {
-            // A rule that reads every subtask row gets them fresh.
-            Subtasks::All => None,
-            _ => self.items.take(item_id),
-        };
+        // Taken out either way (the transition puts its record back); a
+        // rule that reads every subtask row gets them fresh.
+        let cached = self
+            .items
+            .take(item_id)
+            .filter(|_| !matches!(subtasks, Subtasks::All));
         let Some(mut loaded) = cached else {
             return rows::load_item(self.conn, item_id, subtasks, Outputs::Lenient);
         };
