@@ -26,12 +26,12 @@ use crate::error::Result;
 use crate::fast_hash::FastMap;
 use crate::task::TaskKey;
 
-/// An event row: `seq, at, item_id, stage, subtask, kind`.
+/// An event row: `seq, at, item_seq, stage, subtask, kind`.
 pub(crate) type EventRow = [Value; 6];
 
-/// An attempt row: `item_id, stage, subtask, attempt, started_at,
-/// finished_at, result, error`.
-pub(crate) type AttemptRow = [Value; 8];
+/// An attempt row: `stage_id, subtask, attempt, started_at, finished_at,
+/// result, error`.
+pub(crate) type AttemptRow = [Value; 7];
 
 /// Rows appended and not written yet, and the next event sequence number.
 #[derive(Default)]
@@ -74,9 +74,9 @@ impl Appends {
                 .query_row([], |row| row.get(0))?,
         };
         self.next_seq = Some(seq + 1);
-        let [at, item_id, stage, subtask, kind] = row;
+        let [at, item_seq, stage, subtask, kind] = row;
         self.events
-            .push([Value::Integer(seq), at, item_id, stage, subtask, kind]);
+            .push([Value::Integer(seq), at, item_seq, stage, subtask, kind]);
         Ok(seq as u64)
     }
 
@@ -143,7 +143,7 @@ impl Appends {
         insert(
             conn,
             statements,
-            "INSERT INTO events (seq, at, item_id, stage, subtask, kind)
+            "INSERT INTO events (seq, at, item_seq, stage, subtask, kind)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             self.events.drain(..),
         )?;
@@ -151,8 +151,8 @@ impl Appends {
             conn,
             statements,
             "INSERT INTO attempts
-                (item_id, stage, subtask, attempt, started_at, finished_at, result, error)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                (stage_id, subtask, attempt, started_at, finished_at, result, error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             self.attempts.drain(..),
         )?;
         let queued = self.runnable.drain(..).skip(self.taken).map(|key| {

@@ -175,6 +175,18 @@ impl<'a> Loc<'a> {
             .transpose()
     }
 
+    /// An integer column read straight from the row; `None` for NULL.
+    fn integer(&self, row: &Row<'_>, column: usize, name: &str) -> Result<Option<i64>> {
+        match row.get_ref(column)? {
+            ValueRef::Null => Ok(None),
+            ValueRef::Integer(value) => Ok(Some(value)),
+            other => Err(self.corrupt(
+                name,
+                format!("expected an integer, found {:?}", other.data_type()),
+            )),
+        }
+    }
+
     /// A nullable non-negative counter that fits `T`.
     pub(crate) fn count_opt<T: TryFrom<i64>>(
         &self,
@@ -182,8 +194,7 @@ impl<'a> Loc<'a> {
         column: usize,
         name: &str,
     ) -> Result<Option<T>> {
-        let value: Option<i64> = self.get(row, column, name)?;
-        value
+        self.integer(row, column, name)?
             .map(|v| T::try_from(v).map_err(|_| self.corrupt(name, format!("{v} is out of range"))))
             .transpose()
     }
@@ -195,8 +206,8 @@ impl<'a> Loc<'a> {
         column: usize,
         name: &str,
     ) -> Result<T> {
-        let value: i64 = self.get(row, column, name)?;
-        T::try_from(value).map_err(|_| self.corrupt(name, format!("{value} is out of range")))
+        self.count_opt(row, column, name)?
+            .ok_or_else(|| self.corrupt(name, "unexpected NULL"))
     }
 }
 
@@ -295,6 +306,35 @@ pub(crate) fn json_opt<T: Serialize>(value: Option<&T>, what: &str) -> Result<Op
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_counter_is_an_integer_in_range_and_anything_else_is_named_corruption() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        let loc = Loc::stage("i", "s");
+        conn.query_row("SELECT 7, NULL, 'x', -1, 1.5", [], |row| {
+            assert_eq!(loc.count::<u32>(row, 0, "attempt").unwrap(), 7);
+            assert_eq!(loc.count_opt::<u32>(row, 1, "fan_total").unwrap(), None);
+            for (column, detail) in [
+                (1, "unexpected NULL"),
+                (2, "expected an integer, found Text"),
+                (3, "-1 is out of range"),
+                (4, "expected an integer, found Real"),
+            ] {
+                match loc.count::<u32>(row, column, "attempt") {
+                    Err(Error::Corrupt {
+                        location,
+                        detail: found,
+                    }) => {
+                        assert_eq!(location, "stages(item=i, stage=s).attempt");
+                        assert_eq!(found, detail);
+                    }
+                    other => panic!("column {column}: {other:?}"),
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+    }
 
     #[test]
     fn timestamps_round_trip_exactly_and_sort_as_text() {

@@ -130,7 +130,7 @@ impl Readers {
 
 impl SqliteStore {
     /// The schema version this build writes, kept in `PRAGMA user_version`.
-    pub const SCHEMA_VERSION: i64 = 5;
+    pub const SCHEMA_VERSION: i64 = 6;
 
     /// Opens (or creates) the database at `path`, applying any pending
     /// schema migrations.

@@ -60,15 +60,15 @@ pub(crate) fn remove(conn: &Connection, ids: &[String], cutoff: DateTime<Utc>) -
             continue;
         }
         let last: Option<u64> = conn
-            .prepare_cached("SELECT max(seq) FROM events WHERE item_id = +?1")?
-            .query_row([id], |row| row.get(0))?;
+            .prepare_cached("SELECT max(seq) FROM events WHERE item_seq = +?1")?
+            .query_row([loaded.seq], |row| row.get(0))?;
         through = through.max(last.unwrap_or(0));
         let events = conn
-            .prepare_cached("DELETE FROM events WHERE item_id = ?1")?
-            .execute([id])?;
+            .prepare_cached("DELETE FROM events WHERE item_seq = ?1")?
+            .execute([loaded.seq])?;
         pruned.events += events as u64;
         for sql in [
-            "DELETE FROM attempts WHERE item_id = ?1",
+            "DELETE FROM attempts WHERE stage_id IN (SELECT id FROM stages WHERE item_id = ?1)",
             "DELETE FROM review_decisions WHERE item_id = ?1",
             "DELETE FROM subtasks WHERE item_id = ?1",
             "DELETE FROM stages WHERE item_id = ?1",

@@ -206,18 +206,21 @@ pub(crate) fn events(conn: &Connection, query: &EventQuery) -> Result<Vec<Event>
             kind: loc.json(row, 5, "kind")?,
         })
     };
+    // An event names its item by `items.seq`; the id is joined in.
     match &query.item_id {
         None => collect(
             conn,
-            "SELECT seq, at, item_id, stage, subtask, kind FROM events
-             WHERE seq > +?1 ORDER BY seq LIMIT +?2",
+            "SELECT e.seq, e.at, i.id, e.stage, e.subtask, e.kind
+             FROM events e JOIN items i ON i.seq = e.item_seq
+             WHERE e.seq > +?1 ORDER BY e.seq LIMIT +?2",
             params![query.after, limit],
             decode,
         ),
         Some(item_id) => collect(
             conn,
-            "SELECT seq, at, item_id, stage, subtask, kind FROM events
-             WHERE item_id = +?1 AND seq > +?2 ORDER BY seq LIMIT +?3",
+            "SELECT e.seq, e.at, i.id, e.stage, e.subtask, e.kind
+             FROM items i JOIN events e ON e.item_seq = i.seq
+             WHERE i.id = +?1 AND e.seq > +?2 ORDER BY e.seq LIMIT +?3",
             params![item_id, query.after, limit],
             decode,
         ),

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use rusqlite::types::Value as Sql;
+use rusqlite::types::{ToSqlOutput, Value as Sql, ValueRef};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::appends::Appends;
@@ -25,12 +25,16 @@ pub(crate) enum Subtasks<'a> {
     All,
 }
 
-/// An item's rows as loaded: its submission sequence number and its record.
+/// An item's rows as loaded: its submission sequence number, its record
+/// and the ids of its stage rows.
 pub(crate) struct Loaded {
     /// `items.seq`: submission order.
     pub(crate) seq: i64,
     /// The rows.
     pub(crate) record: ItemRecord,
+    /// `stages.id` of each of `record.stages`, by position: what a changed
+    /// stage row is updated by.
+    pub(crate) stage_ids: Vec<i64>,
 }
 
 /// How strictly stored outputs are decoded when an item is loaded.
@@ -59,7 +63,7 @@ pub(crate) fn load_item(
                 s.lease_expiry, s.waiting, s.review_round, s.review_request,
                 s.review_requested_at, s.fan_total, s.fan_open, s.fan_failed,
                 i.seq, i.payload, i.submitted_at, i.cancelled, i.version,
-                s.crashes, s.edits_to_check
+                s.crashes, s.edits_to_check, s.id
          FROM items i JOIN stages s ON s.item_id = i.id
          WHERE i.id = +?1",
     )?;
@@ -72,7 +76,7 @@ pub(crate) fn load_item(
             head = Some(item_columns(&loc, row, 19)?);
         }
         let (stage, unreadable) = stage_row(conn, id, row, outputs)?;
-        stages.push(stage);
+        stages.push((stage, row.get::<_, i64>(26)?));
         unreadable_outputs.extend(unreadable);
     }
     let Some((seq, payload, submitted_at, cancelled, version)) = head else {
@@ -86,7 +90,8 @@ pub(crate) fn load_item(
         };
     };
     // Sorted here rather than by the query, which would need a temporary B-tree.
-    stages.sort_by_key(|s| s.unit.position);
+    stages.sort_by_key(|(s, _)| s.unit.position);
+    let (stages, stage_ids) = stages.into_iter().unzip();
     let mut record = ItemRecord {
         id: id.to_owned(),
         version,
@@ -115,7 +120,11 @@ pub(crate) fn load_item(
             }
         }
     }
-    Ok(Some(Loaded { seq, record }))
+    Ok(Some(Loaded {
+        seq,
+        record,
+        stage_ids,
+    }))
 }
 
 /// The item's own columns (`seq, payload, submitted_at, cancelled, version`)
@@ -326,8 +335,10 @@ pub(crate) fn attempts(
     record: &ItemRecord,
 ) -> Result<Vec<(UnitRef, AttemptRecord)>> {
     let mut statement = conn.prepare_cached(
-        "SELECT id, stage, subtask, attempt, started_at, finished_at, result, error
-         FROM attempts WHERE item_id = +?1 ORDER BY id",
+        "SELECT a.id, s.stage, a.subtask, a.attempt, a.started_at, a.finished_at, a.result,
+                a.error
+         FROM stages s JOIN attempts a ON a.stage_id = s.id
+         WHERE s.item_id = +?1 ORDER BY a.id",
     )?;
     let rows = statement.query_map([&record.id], |row| {
         Ok((|| -> Result<Option<(UnitRef, AttemptRecord)>> {
@@ -355,16 +366,16 @@ pub(crate) fn attempts(
     Ok(out)
 }
 
-/// Inserts the stage rows of an item that it does not have yet (all of
-/// them for a new item); a row it has keeps its columns but its position.
-pub(crate) fn insert_stages(conn: &Connection, seq: i64, record: &ItemRecord) -> Result<()> {
+/// Inserts the stage rows of a new item (loaded with `seq`) and returns
+/// their ids, by position.
+pub(crate) fn insert_stages(conn: &Connection, seq: i64, record: &ItemRecord) -> Result<Vec<i64>> {
+    let mut statement = conn.prepare_cached(
+        "INSERT INTO stages (item_id, stage, item_seq, position, state, waiting)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    let mut ids = Vec::with_capacity(record.stages.len());
     for stage in &record.stages {
-        conn.prepare_cached(
-            "INSERT INTO stages (item_id, stage, item_seq, position, state, waiting)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (item_id, stage) DO UPDATE SET position = excluded.position",
-        )?
-        .execute(params![
+        statement.execute(params![
             record.id,
             stage.unit.name,
             seq,
@@ -372,18 +383,19 @@ pub(crate) fn insert_stages(conn: &Connection, seq: i64, record: &ItemRecord) ->
             stage.unit.state.as_str(),
             stage.waiting
         ])?;
+        ids.push(conn.last_insert_rowid());
     }
-    Ok(())
+    Ok(ids)
 }
 
-/// Saves what a rule did to `record` (loaded with `seq`; its stage rows
-/// before the rule ran were `before`), except the events: queue hints and
-/// attempts (to `appends`), decisions and the changed columns of every
-/// changed row.
+/// Saves what a rule did to `record` (loaded with `seq` and the stage row
+/// ids `stage_ids`, which a restructure renews; its stage rows before the
+/// rule ran were `before`), except the events: queue hints and attempts
+/// (to `appends`), decisions and the changed columns of every changed row.
 pub(crate) fn save(
     conn: &Connection,
     appends: &mut Appends,
-    seq: i64,
+    (seq, stage_ids): (i64, &mut Vec<i64>),
     record: &ItemRecord,
     before: &[StageRecord],
     fx: &Effects,
@@ -397,14 +409,12 @@ pub(crate) fn save(
         appends.flush(conn)?;
     }
     if fx.restructured {
-        restructure(conn, seq, record, before)?;
+        *stage_ids = restructure(conn, seq, record, before)?;
     }
     for &stage in &fx.fanned_out {
         let name = &record.stages[stage].unit.name;
-        conn.prepare_cached(
-            "DELETE FROM attempts WHERE item_id = ?1 AND stage = ?2 AND subtask IS NOT NULL",
-        )?
-        .execute(params![record.id, name])?;
+        conn.prepare_cached("DELETE FROM attempts WHERE stage_id = ?1 AND subtask IS NOT NULL")?
+            .execute([stage_id(record, stage_ids, stage)?])?;
         conn.prepare_cached("DELETE FROM subtasks WHERE item_id = ?1 AND stage = ?2")?
             .execute(params![record.id, name])?;
         // No fan-out: a rerun dropped the subtasks; a new fan-out makes them.
@@ -433,14 +443,13 @@ pub(crate) fn save(
         } else {
             old_unit(before, unit)
         };
-        write_unit(conn, record, unit, old)?;
+        write_unit(conn, record, stage_ids, unit, old)?;
     }
     for (unit, attempt) in &fx.attempts {
-        let key = record.key(*unit);
+        let (_, subtask) = unit_names(record, *unit);
         appends.attempt([
-            Sql::Text(key.item_id),
-            Sql::Text(key.stage),
-            key.subtask.map_or(Sql::Null, Sql::Text),
+            Sql::Integer(stage_id(record, stage_ids, unit.stage)?),
+            subtask.map_or(Sql::Null, |name| Sql::Text(name.to_owned())),
             Sql::Integer(attempt.attempt.into()),
             Sql::Text(codec::time(attempt.started_at)),
             Sql::Text(codec::time(attempt.finished_at)),
@@ -474,6 +483,24 @@ pub(crate) fn save(
     Ok(())
 }
 
+/// The names of the stage and subtask of `unit`, as [`ItemRecord::key`]
+/// has them, borrowed.
+pub(crate) fn unit_names(record: &ItemRecord, unit: UnitRef) -> (&str, Option<&str>) {
+    let stage = &record.stages[unit.stage];
+    let subtask = unit
+        .subtask
+        .and_then(|p| Some(&*stage.fan_out.as_ref()?.row(p)?.name));
+    (&stage.unit.name, subtask)
+}
+
+/// The id of the row of stage `position` of `record`.
+fn stage_id(record: &ItemRecord, stage_ids: &[i64], position: usize) -> Result<i64> {
+    stage_ids.get(position).copied().ok_or_else(|| {
+        let name = record.stages.get(position).map_or("?", |s| &*s.unit.name);
+        Loc::stage(&record.id, name).corrupt("id", "the stage row has no id")
+    })
+}
+
 /// The row of `unit` as it was loaded, if it was.
 fn old_unit(before: &[StageRecord], unit: UnitRef) -> Option<(&StageRecord, &UnitRecord)> {
     let stage = before.get(unit.stage)?;
@@ -484,7 +511,7 @@ fn old_unit(before: &[StageRecord], unit: UnitRef) -> Option<(&StageRecord, &Uni
 }
 
 /// One column to write and its new value.
-type Column = (&'static str, rusqlite::types::Value);
+type Column<'r> = (&'static str, ToSqlOutput<'r>);
 
 /// Every column `write_unit` may write, in the order it writes them.
 const UNIT_COLUMNS: [&str; 20] = [
@@ -517,18 +544,19 @@ std::thread_local! {
         Default::default();
 }
 
-/// `UPDATE table SET c = ?n, ... WHERE <primary key>` for `names` (in
-/// [`UNIT_COLUMNS`] order) of `stages` or `subtasks`.
+/// `UPDATE table SET c = ?n, ... WHERE <key>` for `names` (in
+/// [`UNIT_COLUMNS`] order) of `stages` (by id) or `subtasks` (by item,
+/// stage and name).
 fn update_sql(table: &'static str, names: &[&'static str]) -> std::rc::Rc<str> {
     let build = || -> std::rc::Rc<str> {
-        let keys = if table == "stages" { 2 } else { 3 };
+        let keys = if table == "stages" { 1 } else { 3 };
         let sets: Vec<String> = names
             .iter()
             .enumerate()
             .map(|(i, name)| format!("{name} = ?{}", keys + i + 1))
             .collect();
         let key = if table == "stages" {
-            "item_id = ?1 AND stage = ?2"
+            "id = ?1"
         } else {
             "item_id = ?1 AND stage = ?2 AND name = ?3"
         };
@@ -554,9 +582,10 @@ fn update_sql(table: &'static str, names: &[&'static str]) -> std::rc::Rc<str> {
 /// Writes the columns of one stage or subtask row that differ from `old`
 /// (every column when there is no `old` row): an unchanged column is not in
 /// the statement, so the indexes over it are not touched.
-fn write_unit(
+fn write_unit<'r>(
     conn: &Connection,
-    record: &ItemRecord,
+    record: &'r ItemRecord,
+    stage_ids: &[i64],
     unit: UnitRef,
     old: Option<(&StageRecord, &UnitRecord)>,
 ) -> Result<()> {
@@ -565,28 +594,33 @@ fn write_unit(
         Loc::stage(&record.id, &stage.unit.name)
             .corrupt("subtasks", "a changed subtask row was not loaded")
     })?;
-    let text = |v: Option<String>| v.map_or(Sql::Null, Sql::Text);
-    let int = |v: Option<i64>| v.map_or(Sql::Null, Sql::Integer);
-    let mut columns: Vec<Column> = Vec::new();
-    let mut set =
-        |changed: bool, name: &'static str, value: &dyn Fn() -> Result<Sql>| -> Result<()> {
-            if changed {
-                columns.push((name, value()?));
-            }
-            Ok(())
-        };
+    // Text the record holds is bound borrowed, not copied to a String first.
+    let text = |v: Option<String>| ToSqlOutput::Owned(v.map_or(Sql::Null, Sql::Text));
+    let borrowed =
+        |v: Option<&'r str>| ToSqlOutput::Borrowed(v.map_or(ValueRef::Null, ValueRef::from));
+    let int = |v: Option<i64>| ToSqlOutput::Owned(v.map_or(Sql::Null, Sql::Integer));
+    let mut columns: Vec<Column<'r>> = Vec::with_capacity(UNIT_COLUMNS.len());
+    let mut set = |changed: bool,
+                   name: &'static str,
+                   value: &dyn Fn() -> Result<ToSqlOutput<'r>>|
+     -> Result<()> {
+        if changed {
+            columns.push((name, value()?));
+        }
+        Ok(())
+    };
     let was = old.map(|(_, u)| u);
     let differs = |f: &dyn Fn(&UnitRecord) -> bool| was.is_none_or(f);
     set(differs(&|o| o.state != row.state), "state", &|| {
-        Ok(Sql::Text(row.state.as_str().to_owned()))
+        Ok(borrowed(Some(row.state.as_str())))
     })?;
     set(differs(&|o| o.attempt != row.attempt), "attempt", &|| {
-        Ok(Sql::Integer(row.attempt.into()))
+        Ok(int(Some(row.attempt.into())))
     })?;
     set(
         differs(&|o| o.generation != row.generation),
         "generation",
-        &|| Ok(Sql::Integer(row.generation as i64)),
+        &|| Ok(int(Some(row.generation as i64))),
     )?;
     set(
         differs(&|o| o.started_at != row.started_at),
@@ -606,20 +640,20 @@ fn write_unit(
     set(
         differs(&|o| o.last_error != row.last_error),
         "last_error",
-        &|| Ok(text(row.last_error.clone())),
+        &|| Ok(borrowed(row.last_error.as_deref())),
     )?;
     set(differs(&|o| o.output != row.output), "output", &|| {
         Ok(text(codec::json_opt(row.output.as_ref(), "an output")?))
     })?;
     let lease_changed = differs(&|o| o.lease != row.lease);
     set(lease_changed, "lease_owner", &|| {
-        Ok(text(row.lease.as_ref().map(|l| String::from(&*l.owner))))
+        Ok(borrowed(row.lease.as_ref().map(|l| &*l.owner)))
     })?;
     set(lease_changed, "lease_expiry", &|| {
         Ok(text(row.lease.as_ref().map(|l| codec::time(l.expiry))))
     })?;
     set(differs(&|o| o.crashes != row.crashes), "crashes", &|| {
-        Ok(Sql::Integer(row.crashes.into()))
+        Ok(int(Some(row.crashes.into())))
     })?;
     let (sql_table, keys) = match unit.subtask {
         None => {
@@ -628,12 +662,12 @@ fn write_unit(
             set(
                 stage_differs(&|o| o.waiting != stage.waiting),
                 "waiting",
-                &|| Ok(Sql::Integer(stage.waiting.into())),
+                &|| Ok(int(Some(stage.waiting.into()))),
             )?;
             let review = stage.review.as_ref();
             let review_changed = stage_differs(&|o| o.review != stage.review);
             set(review_changed, "review_round", &|| {
-                Ok(Sql::Integer(review.map_or(0, |r| r.round as i64)))
+                Ok(int(Some(review.map_or(0, |r| r.round as i64))))
             })?;
             set(review_changed, "review_request", &|| {
                 Ok(text(codec::json_opt(
@@ -663,16 +697,17 @@ fn write_unit(
             set(
                 stage_differs(&|o| o.edits_to_check != stage.edits_to_check),
                 "edits_to_check",
-                &|| Ok(Sql::Integer(stage.edits_to_check.into())),
+                &|| Ok(int(Some(stage.edits_to_check.into()))),
             )?;
-            ("stages", vec![record.id.clone(), String::from(&*row.name)])
+            let id = stage_id(record, stage_ids, unit.stage)?;
+            ("stages", vec![int(Some(id))])
         }
         Some(_) => (
             "subtasks",
             vec![
-                record.id.clone(),
-                String::from(&*stage.unit.name),
-                String::from(&*row.name),
+                borrowed(Some(&record.id)),
+                borrowed(Some(&stage.unit.name)),
+                borrowed(Some(&row.name)),
             ],
         ),
     };
@@ -681,10 +716,7 @@ fn write_unit(
     }
     let names: Vec<&'static str> = columns.iter().map(|(name, _)| *name).collect();
     let sql = update_sql(sql_table, &names);
-    let values = keys
-        .into_iter()
-        .map(Sql::Text)
-        .chain(columns.into_iter().map(|(_, v)| v));
+    let values = keys.into_iter().chain(columns.into_iter().map(|(_, v)| v));
     conn.prepare_cached(&sql)?
         .execute(rusqlite::params_from_iter(values))?;
     Ok(())
@@ -724,20 +756,21 @@ fn insert_decision(conn: &Connection, record: &ItemRecord, stage: usize) -> Resu
 /// After a migration: drops the rows of stages the item no longer has
 /// (with their subtasks, attempts and decisions), creates the rows of
 /// stages new to it, and renumbers positions; `save` then writes every
-/// stage row.
+/// stage row. Returns the stage row ids, by the new positions.
 fn restructure(
     conn: &Connection,
     seq: i64,
     record: &ItemRecord,
     before: &[StageRecord],
-) -> Result<()> {
+) -> Result<Vec<i64>> {
     for name in before
         .iter()
         .map(|s| &s.unit.name)
         .filter(|name| record.stage_position(name).is_none())
     {
         for sql in [
-            "DELETE FROM attempts WHERE item_id = ?1 AND stage = ?2",
+            "DELETE FROM attempts
+             WHERE stage_id = (SELECT id FROM stages WHERE item_id = ?1 AND stage = ?2)",
             "DELETE FROM review_decisions WHERE item_id = ?1 AND stage = ?2",
             "DELETE FROM subtasks WHERE item_id = ?1 AND stage = ?2",
             "DELETE FROM stages WHERE item_id = ?1 AND stage = ?2",
@@ -746,5 +779,24 @@ fn restructure(
                 .execute(params![record.id, name])?;
         }
     }
-    insert_stages(conn, seq, record)
+    // The rows it keeps keep their columns but their position.
+    let mut upsert = conn.prepare_cached(
+        "INSERT INTO stages (item_id, stage, item_seq, position, state, waiting)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (item_id, stage) DO UPDATE SET position = excluded.position
+         RETURNING id",
+    )?;
+    let mut ids = Vec::with_capacity(record.stages.len());
+    for stage in &record.stages {
+        let params = params![
+            record.id,
+            stage.unit.name,
+            seq,
+            stage.unit.position,
+            stage.unit.state.as_str(),
+            stage.waiting
+        ];
+        ids.push(upsert.query_row(params, |row| row.get(0))?);
+    }
+    Ok(ids)
 }

@@ -50,6 +50,10 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         version: 5,
         sql: V5,
     },
+    Migration {
+        version: 6,
+        sql: V6,
+    },
 ];
 
 /// Version 3: per stage and subtask, the attempts of the current run that
@@ -277,6 +281,140 @@ CREATE INDEX stages_in_rare_states ON stages (stage, state, item_seq)
     WHERE state <> 'pending' AND state <> 'running' AND state <> 'completed';
 "#;
 
+/// Version 6: stage and subtask rows live in rowid tables, with their key
+/// in a unique index. A transition rewrites its row (it grows as the
+/// attempt records times, a lease, an output); in a `WITHOUT ROWID` table
+/// that deleted and re-inserted the whole row in the key's B-tree, in a
+/// rowid table it is written in place. A stage row has an integer `id`
+/// (stable: an `INTEGER PRIMARY KEY` survives `VACUUM`), which the writer
+/// keeps with a loaded item and updates the row by, instead of seeking
+/// the text key. Rows are copied in submission order, so an item's rows
+/// stay together.
+///
+/// The rows every transition appends refer to integers too: an attempt to
+/// its stage row's `id`, an event to its item's `seq`. Their indexes and
+/// foreign keys then compare integers, not text (the names are read
+/// through a join). Foreign keys are off while the tables are
+/// swapped and checked before the migration commits (see [`migrate`]).
+const V6: &str = r#"
+CREATE TABLE stages_v6 (
+    id           INTEGER PRIMARY KEY,           -- what a transition updates by
+    item_id      TEXT NOT NULL REFERENCES items(id),
+    stage        TEXT NOT NULL,
+    item_seq     INTEGER NOT NULL,              -- items.seq, for ordered listings
+    position     INTEGER NOT NULL,              -- topological order
+    state        TEXT NOT NULL,
+    attempt      INTEGER NOT NULL DEFAULT 0,
+    generation   INTEGER NOT NULL DEFAULT 0,    -- fencing token of the latest claim
+    waiting      INTEGER NOT NULL,              -- upstream stages not yet done
+    started_at   TEXT,
+    finished_at  TEXT,
+    next_run_at  TEXT,
+    last_error   TEXT,
+    output       TEXT,                          -- JSON
+    lease_owner  TEXT,
+    lease_expiry TEXT,                          -- NULL unless claimed by a worker
+    review_round INTEGER NOT NULL DEFAULT 0,    -- 0: never asked for review
+    review_request TEXT,                        -- JSON ReviewRequest of the round
+    review_requested_at TEXT,
+    review_deadline TEXT,                       -- the request's deadline, for lookup
+    fan_total    INTEGER,                       -- NULL: never fanned out
+    fan_open     INTEGER,                       -- subtasks not yet ended
+    fan_failed   INTEGER,                       -- subtasks that failed
+    crashes      INTEGER NOT NULL DEFAULT 0,
+    edits_to_check INTEGER NOT NULL DEFAULT 0 CHECK (edits_to_check IN (0, 1))
+) STRICT;
+INSERT INTO stages_v6
+    SELECT NULL, item_id, stage, item_seq, position, state, attempt, generation, waiting,
+           started_at, finished_at, next_run_at, last_error, output, lease_owner,
+           lease_expiry, review_round, review_request, review_requested_at,
+           review_deadline, fan_total, fan_open, fan_failed, crashes, edits_to_check
+    FROM stages ORDER BY item_seq, position;
+DROP TABLE stages;
+ALTER TABLE stages_v6 RENAME TO stages;
+CREATE UNIQUE INDEX stages_by_key ON stages (item_id, stage);
+CREATE INDEX stages_by_stage ON stages (stage, item_seq);
+CREATE INDEX stages_in_rare_states ON stages (stage, state, item_seq)
+    WHERE state <> 'pending' AND state <> 'running' AND state <> 'completed';
+CREATE INDEX stages_awaiting_review ON stages (review_requested_at, item_id, stage)
+    WHERE state = 'awaiting_review';
+CREATE INDEX stages_review_deadline ON stages (review_deadline)
+    WHERE state = 'awaiting_review' AND review_deadline IS NOT NULL;
+CREATE INDEX stages_leased ON stages (lease_expiry)
+    WHERE state = 'running' AND lease_expiry IS NOT NULL;
+
+CREATE TABLE subtasks_v6 (
+    item_id      TEXT NOT NULL,
+    stage        TEXT NOT NULL,
+    name         TEXT NOT NULL,
+    position     INTEGER NOT NULL,
+    state        TEXT NOT NULL,
+    attempt      INTEGER NOT NULL DEFAULT 0,
+    generation   INTEGER NOT NULL DEFAULT 0,
+    started_at   TEXT,
+    finished_at  TEXT,
+    next_run_at  TEXT,
+    last_error   TEXT,
+    output       TEXT,
+    lease_owner  TEXT,
+    lease_expiry TEXT,
+    crashes      INTEGER NOT NULL DEFAULT 0,
+    FOREIGN KEY (item_id, stage) REFERENCES stages (item_id, stage)
+) STRICT;
+INSERT INTO subtasks_v6
+    SELECT t.item_id, t.stage, t.name, t.position, t.state, t.attempt, t.generation,
+           t.started_at, t.finished_at, t.next_run_at, t.last_error, t.output,
+           t.lease_owner, t.lease_expiry, t.crashes
+    FROM subtasks t LEFT JOIN stages s ON s.item_id = t.item_id AND s.stage = t.stage
+    ORDER BY s.item_seq, s.position, t.position;
+DROP TABLE subtasks;
+ALTER TABLE subtasks_v6 RENAME TO subtasks;
+CREATE UNIQUE INDEX subtasks_by_key ON subtasks (item_id, stage, name);
+CREATE INDEX subtasks_leased ON subtasks (lease_expiry)
+    WHERE state = 'running' AND lease_expiry IS NOT NULL;
+
+CREATE TABLE attempts_v6 (
+    id           INTEGER PRIMARY KEY,           -- history order
+    stage_id     INTEGER NOT NULL REFERENCES stages(id),
+    subtask      TEXT,                          -- NULL for the stage itself
+    attempt      INTEGER NOT NULL,
+    started_at   TEXT NOT NULL,
+    finished_at  TEXT NOT NULL,
+    result       TEXT NOT NULL,
+    error        TEXT
+) STRICT;
+-- LEFT JOIN: a row whose stage is missing fails the migration (NOT NULL).
+INSERT INTO attempts_v6
+    SELECT a.id, s.id, a.subtask, a.attempt, a.started_at, a.finished_at, a.result, a.error
+    FROM attempts a LEFT JOIN stages s ON s.item_id = a.item_id AND s.stage = a.stage
+    ORDER BY a.id;
+DROP TABLE attempts;
+ALTER TABLE attempts_v6 RENAME TO attempts;
+CREATE INDEX attempts_by_stage ON attempts (stage_id, id);
+
+CREATE TABLE events_v6 (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT, -- never reused
+    at           TEXT NOT NULL,
+    item_seq     INTEGER NOT NULL REFERENCES items(seq),
+    stage        TEXT,
+    subtask      TEXT,
+    kind         TEXT NOT NULL                  -- JSON EventKind
+) STRICT;
+INSERT INTO events_v6 (seq, at, item_seq, stage, subtask, kind)
+    SELECT e.seq, e.at, i.seq, e.stage, e.subtask, e.kind
+    FROM events e LEFT JOIN items i ON i.id = e.item_id
+    ORDER BY e.seq;
+-- Every number the log handed out stays handed out, pruned ones included.
+INSERT INTO sqlite_sequence (name, seq)
+    SELECT 'events_v6', coalesce(max(seq), 0) FROM sqlite_sequence
+    WHERE name IN ('events', 'events_v6');
+DELETE FROM sqlite_sequence WHERE name = 'events_v6'
+    AND rowid <> (SELECT max(rowid) FROM sqlite_sequence WHERE name = 'events_v6');
+DROP TABLE events;
+ALTER TABLE events_v6 RENAME TO events;
+CREATE INDEX events_by_item ON events (item_seq, seq);
+"#;
+
 /// Sets up a freshly opened connection: waits for other writers instead of
 /// failing, enforces foreign keys, and makes commits durable.
 pub(crate) fn configure(conn: &Connection) -> Result<()> {
@@ -428,7 +566,21 @@ pub(crate) fn read_only_flags() -> OpenFlags {
     OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
 }
 
+/// Applies the pending `migrations` in one transaction. Foreign keys are
+/// off meanwhile, so a migration can swap a parent table for a rebuilt one
+/// (SQLite's procedure for changing a table: the switch is a no-op inside
+/// a transaction), and every foreign key is checked before the commit: a
+/// violation fails the open and rolls every migration back.
 fn migrate(conn: &mut Connection, migrations: &[Migration], name: &Path) -> Result<()> {
+    conn.pragma_update(None, "foreign_keys", false)?;
+    let migrated = migrate_unchecked(conn, migrations, name);
+    // On again whatever happened: the connection's writes are checked.
+    conn.pragma_update(None, "foreign_keys", true)?;
+    migrated
+}
+
+/// [`migrate`] but for switching foreign keys off and on.
+fn migrate_unchecked(conn: &mut Connection, migrations: &[Migration], name: &Path) -> Result<()> {
     let supported = migrations.last().map_or(0, |m| m.version);
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let application_id: i32 = tx.pragma_query_value(None, "application_id", |row| row.get(0))?;
@@ -456,8 +608,27 @@ fn migrate(conn: &mut Connection, migrations: &[Migration], name: &Path) -> Resu
             "applied treadle schema migration"
         );
     }
+    if let Some(violation) = foreign_key_violation(&tx)? {
+        return Err(violation);
+    }
     tx.commit()?;
     Ok(())
+}
+
+/// The first row that breaks a foreign key, as the corruption it is.
+fn foreign_key_violation(conn: &Connection) -> Result<Option<Error>> {
+    let mut statement = conn.prepare("PRAGMA foreign_key_check")?;
+    let mut rows = statement.query([])?;
+    let Some(row) = rows.next()? else {
+        return Ok(None);
+    };
+    let (table, rowid, parent): (String, Option<i64>, String) =
+        (row.get(0)?, row.get(1)?, row.get(2)?);
+    let key = rowid.map_or_else(|| "a row".to_owned(), |rowid| format!("rowid={rowid}"));
+    Ok(Some(Error::Corrupt {
+        location: format!("{table}({key})"),
+        detail: format!("refers to a missing row of `{parent}`"),
+    }))
 }
 
 #[cfg(test)]
@@ -597,7 +768,7 @@ mod tests {
         .unwrap();
         drop(conn);
 
-        let conn = open(Some(&path), MIGRATIONS).unwrap();
+        let conn = open(Some(&path), &MIGRATIONS[..5]).unwrap();
         assert_eq!(version(&conn), 5);
         let items_in = |stage, state| super::super::read::items_in(&conn, stage, state).unwrap();
         assert_eq!(items_in("s", StageState::AwaitingReview), ["b", "c"]);
@@ -612,6 +783,227 @@ mod tests {
             .collect::<rusqlite::Result<_>>()
             .unwrap();
         assert_eq!(indexes, ["stages_by_stage"], "stages_by_state is gone");
+    }
+
+    /// A version 5 database holding items in every kind of row: stages
+    /// (finished, leased and fanned out, waiting, under review), subtasks,
+    /// attempts, a decision and events.
+    fn v5_database(path: &Path) -> Connection {
+        let conn = open(Some(path), &MIGRATIONS[..5]).unwrap();
+        const T: &str = "2026-01-02T03:04:05.000000001Z";
+        conn.execute_batch(&format!(
+            "INSERT INTO items (seq, id, payload, submitted_at) VALUES
+                 (1, 'b', '{{\"n\":1}}', '{T}'), (2, 'a', '{{\"n\":2}}', '{T}');
+             INSERT INTO stages (item_id, stage, item_seq, position, state, attempt, generation,
+                                 waiting, started_at, finished_at, output, lease_owner,
+                                 lease_expiry, fan_total, fan_open, fan_failed, crashes)
+             VALUES
+                 ('a', 'scan', 2, 0, 'completed', 1, 1, 0, '{T}', '{T}', '{{\"pages\":3}}',
+                  NULL, NULL, NULL, NULL, NULL, 0),
+                 ('a', 'enrich', 2, 1, 'running', 2, 3, 0, '{T}', NULL, NULL, 'w1', '{T}',
+                  2, 1, 0, 1),
+                 ('a', 'review', 2, 2, 'pending', 0, 0, 1, NULL, NULL, NULL, NULL, NULL,
+                  NULL, NULL, NULL, 0);
+             INSERT INTO stages (item_id, stage, item_seq, position, state, attempt, generation,
+                                 waiting, started_at, review_round, review_request,
+                                 review_requested_at, review_deadline, edits_to_check)
+             VALUES ('b', 'scan', 1, 0, 'awaiting_review', 2, 2, 0, '{T}', 2,
+                     '{{\"summary\":\"check\",\"details\":null,\"proposed_output\":null}}',
+                     '{T}', NULL, 1);
+             INSERT INTO subtasks (item_id, stage, name, position, state, attempt, generation,
+                                   started_at, finished_at, output, lease_owner, lease_expiry)
+             VALUES
+                 ('a', 'enrich', 'y', 1, 'running', 1, 4, '{T}', NULL, NULL, 'w2', '{T}'),
+                 ('a', 'enrich', 'x', 0, 'completed', 1, 2, '{T}', '{T}', '1', NULL, NULL);
+             INSERT INTO attempts (item_id, stage, subtask, attempt, started_at, finished_at,
+                                   result, error)
+             VALUES
+                 ('a', 'scan', NULL, 1, '{T}', '{T}', 'completed', NULL),
+                 ('a', 'enrich', 'x', 1, '{T}', '{T}', 'completed', NULL),
+                 ('a', 'enrich', NULL, 1, '{T}', '{T}', 'abandoned', 'the lease expired'),
+                 ('b', 'scan', NULL, 1, '{T}', '{T}', 'needs_review', NULL);
+             INSERT INTO review_decisions (item_id, stage, round, kind, decided_by, decided_at,
+                                           note, reason, edits)
+             VALUES ('b', 'scan', 2, 'rejected', 'alice', '{T}', 'no', 'wrong tags', NULL);
+             INSERT INTO events (at, item_id, stage, subtask, kind) VALUES
+                 ('{T}', 'b', NULL, NULL, '{{\"type\":\"item_submitted\"}}'),
+                 ('{T}', 'a', 'enrich', 'x', '{{\"type\":\"started\",\"attempt\":1,\"owner\":\"w\"}}'),
+                 ('{T}', 'a', NULL, NULL, '{{\"type\":\"item_submitted\"}}');
+             -- A pruned event: its number is never handed out again.
+             DELETE FROM events WHERE seq = 3;"
+        ))
+        .unwrap();
+        conn
+    }
+
+    #[test]
+    fn version_6_keeps_every_row_of_an_older_database_in_rowid_tables() {
+        use super::super::read;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v5.db");
+        /// Every column of every row of `table` but the new `id`, by key.
+        fn rows(conn: &Connection, table: &str) -> Vec<Vec<rusqlite::types::Value>> {
+            let columns: Vec<String> = conn
+                .prepare(&format!(
+                    "SELECT name FROM pragma_table_info('{table}') ORDER BY name"
+                ))
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            let columns: Vec<&str> = columns
+                .iter()
+                .map(|c| c.as_str())
+                .filter(|c| *c != "id")
+                .collect();
+            let sql = format!("SELECT {0} FROM {table} ORDER BY {0}", columns.join(", "));
+            let mut statement = conn.prepare(&sql).unwrap();
+            statement
+                .query_map([], |r| (0..columns.len()).map(|i| r.get(i)).collect())
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap()
+        }
+        /// Every row of `sql`, as the text of its values.
+        fn texts(conn: &Connection, sql: &str) -> Vec<String> {
+            let mut statement = conn.prepare(sql).unwrap();
+            let columns = statement.column_count();
+            statement
+                .query_map([], |r| {
+                    let row: Vec<rusqlite::types::Value> = (0..columns)
+                        .map(|i| r.get(i))
+                        .collect::<rusqlite::Result<_>>()?;
+                    Ok(format!("{row:?}"))
+                })
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap()
+        }
+        const ATTEMPTS_V5: &str = "SELECT id, item_id, stage, subtask, attempt, started_at,
+            finished_at, result, error FROM attempts ORDER BY id";
+        const ATTEMPTS_V6: &str = "SELECT a.id, s.item_id, s.stage, a.subtask, a.attempt,
+            a.started_at, a.finished_at, a.result, a.error
+            FROM attempts a JOIN stages s ON s.id = a.stage_id ORDER BY a.id";
+        let conn = v5_database(&path);
+        let before = ["stages", "subtasks"].map(|table| rows(&conn, table));
+        let attempts = texts(&conn, ATTEMPTS_V5);
+        let events = texts(
+            &conn,
+            "SELECT seq, item_id, stage, subtask FROM events ORDER BY seq",
+        );
+        drop(conn);
+
+        let conn = open(Some(&path), MIGRATIONS).unwrap();
+        assert_eq!(version(&conn), 6);
+        assert_eq!(
+            ["stages", "subtasks"].map(|table| rows(&conn, table)),
+            before
+        );
+        assert_eq!(before[0].len(), 4);
+        assert_eq!(texts(&conn, ATTEMPTS_V6), attempts);
+        assert_eq!(attempts.len(), 4);
+        let all = crate::store::EventQuery {
+            after: 0,
+            item_id: None,
+            limit: None,
+        };
+        use rusqlite::types::Value;
+        let logged: Vec<String> = read::events(&conn, &all)
+            .unwrap()
+            .into_iter()
+            .map(|e| {
+                let text = |v: Option<String>| v.map_or(Value::Null, Value::Text);
+                let seq = Value::Integer(e.seq.try_into().unwrap());
+                let row = vec![seq, Value::Text(e.item_id), text(e.stage), text(e.subtask)];
+                format!("{row:?}")
+            })
+            .collect();
+        assert_eq!(logged, events);
+        assert_eq!(logged.len(), 2);
+        conn.execute(
+            "INSERT INTO events (at, item_seq, kind) VALUES ('t', 1, '{}')",
+            [],
+        )
+        .unwrap();
+        assert_eq!(
+            conn.last_insert_rowid(),
+            4,
+            "3 was handed out before the migration"
+        );
+        let a = read::status(&conn, "a").unwrap();
+        assert_eq!(a.stages[1].subtasks.len(), 2);
+        assert_eq!(a.stages[0].output, Some(serde_json::json!({"pages": 3})));
+        let b = read::status(&conn, "b").unwrap();
+        let review = b.stages[0].review.as_ref().unwrap();
+        assert_eq!(review.decision.as_ref().unwrap().by, "alice");
+        let order = |sql: &str| -> Vec<String> {
+            conn.prepare(sql)
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap()
+        };
+        assert_eq!(
+            order("SELECT item_id || '/' || stage FROM stages ORDER BY id"),
+            ["b/scan", "a/scan", "a/enrich", "a/review"],
+            "rowid tables, rows in submission order"
+        );
+        assert_eq!(
+            order("SELECT name FROM subtasks ORDER BY rowid"),
+            ["x", "y"]
+        );
+        assert_eq!(
+            read::items_in(&conn, "scan", crate::state::StageState::AwaitingReview).unwrap(),
+            ["b"]
+        );
+        let keys_enforced = |sql: &str| conn.execute(sql, []).is_err();
+        assert!(keys_enforced(
+            "INSERT INTO stages (item_id, stage, item_seq, position, state, waiting)
+             VALUES ('a', 'scan', 2, 0, 'pending', 0)"
+        ));
+        assert!(keys_enforced(
+            "INSERT INTO subtasks (item_id, stage, name, position, state)
+             VALUES ('a', 'nowhere', 'z', 0, 'pending')"
+        ));
+        assert!(keys_enforced(
+            "INSERT INTO attempts (item_id, stage, attempt, started_at, finished_at, result)
+             VALUES ('a', 'nowhere', 1, 't', 't', 'completed')"
+        ));
+        assert!(keys_enforced("DELETE FROM stages WHERE item_id = 'a'"));
+    }
+
+    #[test]
+    fn a_migration_that_would_keep_a_broken_foreign_key_changes_nothing() {
+        let orphans = [
+            "INSERT INTO subtasks (item_id, stage, name, position, state)
+             VALUES ('a', 'nowhere', 'z', 0, 'pending')",
+            "INSERT INTO attempts (item_id, stage, attempt, started_at, finished_at, result)
+             VALUES ('a', 'nowhere', 1, 't', 't', 'completed')",
+            "INSERT INTO events (at, item_id, kind) VALUES ('t', 'nobody', '{}')",
+        ];
+        for (n, orphan) in orphans.iter().enumerate() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("v5.db");
+            let conn = v5_database(&path);
+            conn.pragma_update(None, "foreign_keys", false).unwrap();
+            conn.execute(orphan, []).unwrap();
+            drop(conn);
+            match open(Some(&path), MIGRATIONS) {
+                // Copied, then found by the check before the commit.
+                Err(Error::Corrupt { location, detail }) if n == 0 => {
+                    assert!(location.starts_with("subtasks(rowid="), "{location}");
+                    assert!(detail.contains("`stages`"), "{detail}");
+                }
+                // No stage or item to refer to: the copy itself fails.
+                Err(Error::Store { cause, .. }) if n > 0 => {
+                    assert!(cause.to_string().contains("NOT NULL"), "{cause}")
+                }
+                other => panic!("{orphan}: unexpected {other:?}"),
+            }
+            assert_eq!(version(&Connection::open(&path).unwrap()), 5);
+        }
     }
 
     #[test]

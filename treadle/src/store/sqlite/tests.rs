@@ -33,10 +33,8 @@ fn statements() -> Vec<String> {
             rest = &after[end + 1..];
         }
     }
-    // The shapes `rows::write_unit` builds: changed columns, by primary key.
-    found.push(
-        "UPDATE stages SET state = ?3, waiting = ?4 WHERE item_id = ?1 AND stage = ?2".into(),
-    );
+    // The shapes `rows::write_unit` builds: changed columns, by key.
+    found.push("UPDATE stages SET state = ?2, waiting = ?3 WHERE id = ?1".into());
     found.push(
         "UPDATE subtasks SET state = ?4 WHERE item_id = ?1 AND stage = ?2 AND name = ?3".into(),
     );
@@ -127,8 +125,9 @@ fn hot_queries_use_their_indexes() {
         "FROM stages\n             WHERE state = 'running'",
         "stages_leased",
     );
-    uses("WHERE item_id = +?1 AND seq > +?2", "events_by_item");
-    uses("FROM attempts WHERE item_id", "attempts_by_item");
+    uses("WHERE i.id = +?1 AND e.seq > +?2", "events_by_item");
+    uses("JOIN attempts a ON a.stage_id = s.id", "attempts_by_stage");
+    uses("UPDATE stages SET state = ?2", "INTEGER PRIMARY KEY");
 }
 
 /// SQLite plans some statements against the values bound to them (a

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 
 use super::appends::Appends;
 use super::cache::ItemCache;
@@ -77,11 +77,12 @@ impl<'c> Tx<'c> {
     /// record when it has one (topped up with the subtask row asked for),
     /// else loaded.
     fn find(&mut self, item_id: &str, subtasks: Subtasks<'_>) -> Result<Option<Loaded>> {
-        let cached = match subtasks {
-            // A rule that reads every subtask row gets them fresh.
-            Subtasks::All => None,
-            _ => self.items.take(item_id),
-        };
+        // Taken out either way (the transition puts its record back); a
+        // rule that reads every subtask row gets them fresh.
+        let cached = self
+            .items
+            .take(item_id)
+            .filter(|_| !matches!(subtasks, Subtasks::All));
         let Some(mut loaded) = cached else {
             return rows::load_item(self.conn, item_id, subtasks, Outputs::Lenient);
         };
@@ -102,41 +103,49 @@ impl<'c> Tx<'c> {
         loaded: Loaded,
         rule: impl FnOnce(&VersionGraph, &mut ItemRecord, &mut Effects) -> Result<R>,
     ) -> Result<R> {
-        let Loaded { seq, mut record } = loaded;
+        let Loaded {
+            seq,
+            mut record,
+            mut stage_ids,
+        } = loaded;
         let graph = self.graph(record.version)?;
         let before = record.stages.clone();
         let mut fx = Effects::default();
         let answer = rule(&graph, &mut record, &mut fx)?;
-        rows::save(self.conn, self.appends, seq, &record, &before, &fx)?;
-        self.append(&record, &fx)?;
+        let row_ids = (seq, &mut stage_ids);
+        rows::save(self.conn, self.appends, row_ids, &record, &before, &fx)?;
+        self.append(seq, &record, &fx)?;
         // Only now does the record match its rows again.
-        self.items.keep(Loaded { seq, record });
+        self.items.keep(Loaded {
+            seq,
+            record,
+            stage_ids,
+        });
         Ok(answer)
     }
 
-    /// Appends the rule's events to the log.
-    fn append(&mut self, record: &ItemRecord, fx: &Effects) -> Result<()> {
+    /// Appends the rule's events to the log (`seq`: the item's `items.seq`).
+    fn append(&mut self, seq: i64, record: &ItemRecord, fx: &Effects) -> Result<()> {
         use rusqlite::types::Value as Sql;
         for new in &fx.events {
-            let key = new.unit.map(|unit| record.key(unit));
-            let (stage, subtask) = match key {
+            let (stage, subtask) = match new.unit.map(|unit| rows::unit_names(record, unit)) {
                 None => (Sql::Null, Sql::Null),
-                Some(key) => (
-                    Sql::Text(key.stage),
-                    key.subtask.map_or(Sql::Null, Sql::Text),
+                Some((stage, subtask)) => (
+                    Sql::Text(stage.to_owned()),
+                    subtask.map_or(Sql::Null, |name| Sql::Text(name.to_owned())),
                 ),
             };
-            let seq = self.appends.event(
+            let logged = self.appends.event(
                 self.conn,
                 [
                     Sql::Text(codec::time(new.at)),
-                    Sql::Text(record.id.clone()),
+                    Sql::Integer(seq),
                     stage,
                     subtask,
                     Sql::Text(codec::json(&new.kind, "an event")?),
                 ],
             )?;
-            self.events.push(new.resolve(record, seq));
+            self.events.push(new.resolve(record, logged));
         }
         Ok(())
     }
@@ -170,27 +179,32 @@ impl<'c> Tx<'c> {
         for item in items {
             check_payload(item)?;
             let graph = self.graph(item.version)?;
-            let seq: Option<i64> = self
+            // Not `RETURNING seq`, which buffers the row in a temporary table.
+            let inserted = self
                 .conn
                 .prepare_cached(
                     "INSERT INTO items (id, payload, submitted_at, version) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (id) DO NOTHING
-                     RETURNING seq",
+                     ON CONFLICT (id) DO NOTHING",
                 )?
-                .query_row(
-                    params![item.id, item.payload, codec::time(item.at), item.version],
-                    |row| row.get(0),
-                )
-                .optional()?;
-            let Some(seq) = seq else { continue };
+                .execute(params![
+                    item.id,
+                    item.payload,
+                    codec::time(item.at),
+                    item.version
+                ])?;
+            if inserted == 0 {
+                continue;
+            }
+            let seq = self.conn.last_insert_rowid();
             let (record, fx) = rules::new_item(&graph, item.clone());
-            rows::insert_stages(self.conn, seq, &record)?;
+            let mut stage_ids = rows::insert_stages(self.conn, seq, &record)?;
             let fx = Effects {
                 item_changed: false,
                 ..fx
             };
-            rows::save(self.conn, self.appends, seq, &record, &[], &fx)?;
-            self.append(&record, &fx)?;
+            let row_ids = (seq, &mut stage_ids);
+            rows::save(self.conn, self.appends, row_ids, &record, &[], &fx)?;
+            self.append(seq, &record, &fx)?;
         }
         Ok(())
     }
