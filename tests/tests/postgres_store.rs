@@ -359,7 +359,11 @@ async fn two_stores_never_claim_the_same_work_and_each_feed_sees_both() {
         !from_a.is_empty() && !from_b.is_empty(),
         "both stores took work"
     );
-    let mut all: Vec<String> = from_a.iter().chain(&from_b).cloned().collect();
+    let mut all: Vec<String> = from_a
+        .iter()
+        .chain(&from_b)
+        .map(|id| id.to_string())
+        .collect();
     all.sort();
     let before = all.len();
     all.dedup();

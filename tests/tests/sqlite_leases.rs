@@ -45,7 +45,7 @@ async fn an_expired_lease_is_recovered_and_the_stale_worker_is_fenced_off() {
         .unwrap()
         .claims
         .remove(0);
-    assert_eq!((first.attempt, first.task.stage.as_str()), (1, "only"));
+    assert_eq!((first.attempt, &*first.task.stage), (1, "only"));
     assert!(
         fresh
             .claim(claim_request("fresh", 50))

@@ -394,7 +394,7 @@ async fn corrupt_rows_are_errors_naming_table_key_and_column() {
     let scan = batch
         .claims
         .iter()
-        .find(|c| c.task.item_id == "doc-2")
+        .find(|c| &*c.task.item_id == "doc-2")
         .unwrap();
     store
         .commit(commit(
@@ -467,11 +467,11 @@ async fn corrupt_rows_are_errors_naming_table_key_and_column() {
     let poisoned = batch
         .claims
         .iter()
-        .find(|c| c.task.item_id == "doc-1")
+        .find(|c| &*c.task.item_id == "doc-1")
         .expect("the unit with the bad payload is claimed");
     assert_eq!(&*poisoned.payload, "not json", "handed over as stored");
     assert!(
-        batch.claims.iter().any(|c| c.task.item_id == "doc-2"),
+        batch.claims.iter().any(|c| &*c.task.item_id == "doc-2"),
         "the other unit is claimed in the same batch"
     );
 }
@@ -624,7 +624,7 @@ async fn expired_leases_are_recovered_but_fanned_out_stages_are_not() {
     let first = store.claim(short(t(1), "dead")).await.unwrap().claims;
     assert_eq!(first.len(), 2);
     // b fans out: its stage keeps running without a lease while its subtask runs.
-    let b = first.iter().find(|c| c.task.item_id == "b").unwrap();
+    let b = first.iter().find(|c| &*c.task.item_id == "b").unwrap();
     store
         .commit(commit(
             b.task.clone(),

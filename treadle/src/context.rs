@@ -29,7 +29,7 @@ impl StageContext {
     /// directly, e.g. in unit tests.
     pub fn new(item_id: impl Into<String>, stage: impl Into<String>) -> Self {
         StageContext {
-            unit: AttemptUnit::new(TaskKey::stage(item_id, stage)),
+            unit: AttemptUnit::new(TaskKey::stage(item_id.into(), stage.into())),
             attempt: 1,
             outputs: BTreeMap::new(),
         }
@@ -38,7 +38,7 @@ impl StageContext {
     /// Sets the subtask this attempt runs (for fan-out stages).
     pub fn with_subtask(mut self, subtask: impl Into<String>) -> Self {
         let mut key = self.unit.key.clone();
-        key.subtask = Some(subtask.into());
+        key.subtask = Some(subtask.into().into());
         self.unit = AttemptUnit::new(key);
         self
     }

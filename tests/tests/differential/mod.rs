@@ -286,7 +286,11 @@ pub async fn script<S: Store>(store: &S) -> Vec<String> {
         .iter()
         .find(|c| c.task.subtask.is_some())
         .unwrap();
-    let b = batch.claims.iter().find(|c| c.task.item_id == "b").unwrap();
+    let b = batch
+        .claims
+        .iter()
+        .find(|c| &*c.task.item_id == "b")
+        .unwrap();
     let (y_task, y_gen, b_gen) = (y.task.clone(), y.generation, b.generation);
     note_result!(
         "y fail",
@@ -398,7 +402,7 @@ pub async fn script<S: Store>(store: &S) -> Vec<String> {
     let batch = store.claim(request(t(44))).await.unwrap();
     note!("claim 7", &batch.claims);
     for claim in &batch.claims {
-        let transition = if claim.task.item_id == "c" {
+        let transition = if &*claim.task.item_id == "c" {
             Transition::Skip {
                 reason: "nothing to scan".into(),
             }

@@ -1245,7 +1245,7 @@ pub async fn a_failure_leaves_the_item_active_while_a_branch_can_run<S: Store>(s
         .unwrap()
         .claims
         .remove(0);
-    let failed = claim.task.stage.clone();
+    let failed = claim.task.stage.to_string();
     engine
         .store()
         .commit(Commit {

@@ -159,7 +159,7 @@ impl Attempt {
         let Some(stage) = stage else {
             return failed(
                 Error::StageNotInBuild {
-                    stage: self.unit.key.stage.clone(),
+                    stage: String::from(&*self.unit.key.stage),
                     version: self.version,
                 }
                 .to_string(),

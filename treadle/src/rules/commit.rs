@@ -29,7 +29,7 @@ pub fn commit(
     if item.stage_position(&commit.task.stage).is_none() {
         return Err(Error::UnknownStage {
             item: item.id.clone(),
-            stage: commit.task.stage.clone(),
+            stage: String::from(&*commit.task.stage),
         });
     }
     let unit = item

@@ -240,11 +240,11 @@ impl ItemRecord {
     pub fn key(&self, unit: UnitRef) -> TaskKey {
         let stage = &self.stages[unit.stage];
         TaskKey {
-            item_id: self.id.clone(),
-            stage: String::from(&*stage.unit.name),
+            item_id: Arc::from(self.id.as_str()),
+            stage: stage.unit.name.clone(),
             subtask: unit
                 .subtask
-                .and_then(|p| Some(String::from(&*stage.fan_out.as_ref()?.row(p)?.name))),
+                .and_then(|p| Some(stage.fan_out.as_ref()?.row(p)?.name.clone())),
         }
     }
 

@@ -179,7 +179,7 @@ impl Op {
             | Op::Rerun { item_id, .. }
             | Op::Cancel { item_id, .. }
             | Op::Migrate { item_id, .. } => vec![item_id],
-            Op::Renew { claims, .. } => claims.iter().map(|(k, _)| k.item_id.as_str()).collect(),
+            Op::Renew { claims, .. } => claims.iter().map(|(k, _)| &*k.item_id).collect(),
         }
     }
 }
@@ -528,7 +528,7 @@ impl<'a> Batch<'a> {
             Op::Renew { claims, until } => {
                 let mut lost = Vec::new();
                 for (key, generation) in claims {
-                    if !self.slots.contains_key(&key.item_id) {
+                    if !self.slots.contains_key(&*key.item_id) {
                         lost.push(key.clone());
                         continue;
                     }

@@ -157,9 +157,10 @@ impl Appends {
         )?;
         let queued = self.runnable.drain(..).skip(self.taken).map(|key| {
             [
-                Value::Text(key.item_id),
-                Value::Text(key.stage),
-                key.subtask.map_or(Value::Null, Value::Text),
+                Value::Text(String::from(&*key.item_id)),
+                Value::Text(String::from(&*key.stage)),
+                key.subtask
+                    .map_or(Value::Null, |s| Value::Text(String::from(&*s))),
             ]
         });
         insert(
@@ -226,8 +227,8 @@ mod tests {
 
     fn key(n: usize) -> TaskKey {
         TaskKey {
-            item_id: format!("i{n}"),
-            stage: "s".to_owned(),
+            item_id: format!("i{n}").into(),
+            stage: "s".into(),
             subtask: None,
         }
     }
@@ -258,7 +259,9 @@ mod tests {
                 .unwrap()
                 .collect::<rusqlite::Result<_>>()
                 .unwrap();
-            let expected: Vec<String> = (taken..count).map(|n| key(n).item_id).collect();
+            let expected: Vec<String> = (taken..count)
+                .map(|n| String::from(&*key(n).item_id))
+                .collect();
             assert_eq!(stored, expected);
             assert!(appends.take_runnable(5).is_empty(), "nothing is left");
         }

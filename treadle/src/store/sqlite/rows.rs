@@ -345,7 +345,7 @@ pub(crate) fn attempts(
             let id: i64 = row.get(0)?;
             let loc = Loc::row("attempts", format!("id={id}"));
             let key = crate::task::TaskKey {
-                item_id: record.id.clone(),
+                item_id: record.id.as_str().into(),
                 stage: loc.get(row, 1, "stage")?,
                 subtask: loc.get(row, 2, "subtask")?,
             };
