@@ -829,6 +829,22 @@ pub async fn decisions_on_the_wrong_state_are_typed_errors<S: Store>(store: S) {
     );
 }
 
+/// Submits item `d`, runs the engine until idle in a task, and cancels the
+/// item once `started` says its stage is running; returns the run.
+async fn cancel_once_started<S: Store>(
+    engine: &treadle::Engine<Doc, S>,
+    started: &tokio::sync::Notify,
+) -> tokio::task::JoinHandle<treadle::Result<treadle::RunReport>> {
+    engine.submit(doc("d")).await.unwrap();
+    let runner = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.run_until_idle().await }
+    });
+    started.notified().await;
+    engine.cancel("d").await.unwrap();
+    runner
+}
+
 pub async fn cancel_stops_running_stages<S: Store>(store: S) {
     let trace = Trace::default();
     let started = Arc::new(tokio::sync::Notify::new());
@@ -848,13 +864,7 @@ pub async fn cancel_stops_running_stages<S: Store>(store: S) {
         .build()
         .unwrap();
     let engine = engine(pipeline, store);
-    engine.submit(doc("d")).await.unwrap();
-    let runner = tokio::spawn({
-        let engine = engine.clone();
-        async move { engine.run_until_idle().await }
-    });
-    started.notified().await;
-    engine.cancel("d").await.unwrap();
+    let runner = cancel_once_started(&engine, &started).await;
     let report = tokio::time::timeout(Duration::from_secs(5), runner)
         .await
         .expect("cancel stopped the running stage")
@@ -904,13 +914,7 @@ pub async fn cancel_raises_the_running_stages_cancel_flag<S: Store>(store: S) {
         .build()
         .unwrap();
     let engine = engine(pipeline, store);
-    engine.submit(doc("d")).await.unwrap();
-    let runner = tokio::spawn({
-        let engine = engine.clone();
-        async move { engine.run_until_idle().await }
-    });
-    started.notified().await;
-    engine.cancel("d").await.unwrap();
+    let runner = cancel_once_started(&engine, &started).await;
     let raised = tokio::task::spawn_blocking(move || seen_rx.recv_timeout(Duration::from_secs(10)))
         .await
         .unwrap();

@@ -375,17 +375,27 @@ pub(crate) fn insert_stages(conn: &Connection, seq: i64, record: &ItemRecord) ->
     )?;
     let mut ids = Vec::with_capacity(record.stages.len());
     for stage in &record.stages {
-        statement.execute(params![
-            record.id,
-            stage.unit.name,
-            seq,
-            stage.unit.position,
-            stage.unit.state.as_str(),
-            stage.waiting
-        ])?;
+        statement.execute(new_stage_row(record, seq, stage))?;
         ids.push(conn.last_insert_rowid());
     }
     Ok(ids)
+}
+
+/// The columns a stage row is created with, in the order the `INSERT`s
+/// of [`insert_stages`] and [`restructure`] name them.
+fn new_stage_row<'a>(
+    record: &'a ItemRecord,
+    seq: i64,
+    stage: &'a StageRecord,
+) -> impl rusqlite::Params + 'a {
+    (
+        record.id.as_str(),
+        &*stage.unit.name,
+        seq,
+        stage.unit.position,
+        stage.unit.state.as_str(),
+        stage.waiting,
+    )
 }
 
 /// Saves what a rule did to `record` (loaded with `seq` and the stage row
@@ -788,15 +798,8 @@ fn restructure(
     )?;
     let mut ids = Vec::with_capacity(record.stages.len());
     for stage in &record.stages {
-        let params = params![
-            record.id,
-            stage.unit.name,
-            seq,
-            stage.unit.position,
-            stage.unit.state.as_str(),
-            stage.waiting
-        ];
-        ids.push(upsert.query_row(params, |row| row.get(0))?);
+        let row = new_stage_row(record, seq, stage);
+        ids.push(upsert.query_row(row, |row| row.get(0))?);
     }
     Ok(ids)
 }
