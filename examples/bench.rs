@@ -15,9 +15,13 @@
 //! what the store suggests, as `Engine::new` uses: 256 in memory, 512 on
 //! SQLite and PostgreSQL, where more work in flight makes bigger group
 //! commits),
-//! `--runtime current|multi` (the tokio runtime, default current-thread:
-//! the engine's work is short and a single thread avoids cross-thread
-//! wake-ups; the SQLite store commits on its own thread either way),
+//! `--lanes N` (`memory` only: `MemoryStore::with_lanes(N)`, worked by one
+//! run loop per lane; default: one lane per core),
+//! `--runtime current|multi` (the tokio runtime: by default multi-thread,
+//! one worker per lane, when the memory store has several lanes, so they
+//! run in parallel; otherwise current-thread: the engine's work is short
+//! and a single thread avoids cross-thread wake-ups; the SQLite store
+//! commits on its own thread either way),
 //! `--subtasks N` (subtasks per item in `fanout`, default 8),
 //! `--stage-sleep-ms N` (`linear` only: the middle stage sleeps N ms, as if
 //! waiting for I/O; the bench first runs the same items without the sleep,
@@ -234,8 +238,11 @@ struct Args {
     items: u64,
     /// `None`: what the store suggests, as `Engine::new` does.
     concurrency: Option<usize>,
-    /// A multi-thread tokio runtime instead of a current-thread one.
-    multi_thread: bool,
+    /// Lanes of the memory store (`None`: one per core).
+    lanes: Option<usize>,
+    /// A multi-thread tokio runtime instead of a current-thread one
+    /// (`None`: multi-thread when the memory store has several lanes).
+    multi_thread: Option<bool>,
     /// Subtasks per item in `fanout`.
     subtasks: u32,
     /// How long the middle stage sleeps, in ms.
@@ -257,13 +264,30 @@ struct Args {
     at: Option<String>,
 }
 
+impl Args {
+    /// The memory store's lanes: as asked, else one per core.
+    fn memory_lanes(&self) -> usize {
+        self.lanes.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
+    }
+
+    /// Whether the runtime is multi-thread: as asked, else when the
+    /// memory store has several lanes.
+    fn multi_thread(&self) -> bool {
+        self.multi_thread
+            .unwrap_or(self.store == "memory" && self.memory_lanes() > 1)
+    }
+}
+
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         workload: Workload::Linear,
         store: "memory".into(),
         items: 10_000,
         concurrency: None,
-        multi_thread: false,
+        lanes: None,
+        multi_thread: None,
         subtasks: 8,
         stage_sleep_ms: 0,
         peer: false,
@@ -298,11 +322,15 @@ fn parse_args() -> Result<Args, String> {
             "--pg-url" => args.pg_url = Some(value),
             "--items" => args.items = number(&flag, &value)?,
             "--runtime" => match value.as_str() {
-                "current" => args.multi_thread = false,
-                "multi" => args.multi_thread = true,
+                "current" => args.multi_thread = Some(false),
+                "multi" => args.multi_thread = Some(true),
                 other => return Err(format!("unknown runtime `{other}` (current|multi)")),
             },
             "--concurrency" => args.concurrency = Some(number(&flag, &value)? as usize),
+            "--lanes" => match number(&flag, &value)? {
+                0 => return Err("--lanes needs at least 1".into()),
+                n => args.lanes = Some(n as usize),
+            },
             "--subtasks" => {
                 args.subtasks = u32::try_from(number(&flag, &value)?)
                     .map_err(|e| format!("--subtasks {value}: {e}"))?;
@@ -351,6 +379,9 @@ fn parse_args() -> Result<Args, String> {
                     (sqlite|postgres)"
                 .into(),
         );
+    }
+    if args.lanes.is_some() && args.store != "memory" {
+        return Err("--lanes splits the memory store; the others have one lane".into());
     }
     if args.workers.is_some() && args.workload == Workload::Review {
         return Err("--workers runs the linear and fanout workloads".into());
@@ -439,7 +470,8 @@ fn item_ids(items: u64) -> Vec<String> {
 
 /// Where a pass keeps its store; the bench's child processes open the same.
 enum Place {
-    Memory,
+    /// A memory store with this many lanes.
+    Memory(usize),
     /// A database file, in a temporary directory kept while the pass runs
     /// (`None` in a child: the parent owns it).
     Sqlite {
@@ -447,17 +479,14 @@ enum Place {
         _dir: Option<tempfile::TempDir>,
     },
     /// A schema on a server; the parent drops it at the end of its pass.
-    Postgres {
-        url: String,
-        schema: String,
-    },
+    Postgres { url: String, schema: String },
 }
 
 impl Place {
     /// A fresh place for a pass of the parent, per `args.store`.
     fn fresh(args: &Args, sleep_ms: u64) -> BenchResult<Place> {
         Ok(match args.store.as_str() {
-            "memory" => Place::Memory,
+            "memory" => Place::Memory(args.memory_lanes()),
             "postgres" => Place::Postgres {
                 url: pg_url(args),
                 schema: format!("treadle_bench_{}_{sleep_ms}", std::process::id()),
@@ -493,7 +522,7 @@ impl Place {
     /// What a child process is told with `--at`.
     fn at(&self) -> Option<String> {
         match self {
-            Place::Memory => None,
+            Place::Memory(_) => None,
             Place::Sqlite { path, .. } => Some(path.display().to_string()),
             Place::Postgres { schema, .. } => Some(schema.clone()),
         }
@@ -503,7 +532,7 @@ impl Place {
     /// `job` on it, and, if `owner`, drops a PostgreSQL schema afterwards.
     async fn open<J: OnStore>(&self, name: &str, owner: bool, job: J) -> BenchResult<J::Output> {
         match self {
-            Place::Memory => job.run(MemoryStore::new()).await,
+            Place::Memory(lanes) => job.run(MemoryStore::with_lanes(*lanes)).await,
             Place::Sqlite { path, .. } => job.run(SqliteStore::open(path).await?).await,
             Place::Postgres { url, schema } => {
                 let options = PostgresOptions::new(url)
@@ -824,13 +853,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args().map_err(|e| {
         format!(
             "{e}\nusage: bench --workload linear|fanout|review --store memory|sqlite|postgres \
-             --items N [--concurrency N] [--runtime current|multi] [--subtasks N] \
+             --items N [--concurrency N] [--lanes N] [--runtime current|multi] [--subtasks N] \
              [--stage-sleep-ms N] [--peer treadle-0.2] [--pg-url URL] [--workers N] \
              [--approver local|process] [--approve-rate N]"
         )
     })?;
-    let mut runtime = if args.multi_thread {
-        tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = if args.multi_thread() {
+        let mut multi = tokio::runtime::Builder::new_multi_thread();
+        if args.store == "memory" {
+            // A worker per lane.
+            multi.worker_threads(args.memory_lanes());
+        }
+        multi
     } else {
         tokio::runtime::Builder::new_current_thread()
     };
@@ -882,7 +916,10 @@ async fn run(args: &Args) -> BenchResult<serde_json::Value> {
         line["items_per_sec_vs_peer"] =
             ((ours / peer.items_per_sec * 100.0).round() / 100.0).into();
     }
-    line["runtime"] = if args.multi_thread {
+    if args.store == "memory" {
+        line["lanes"] = args.memory_lanes().into();
+    }
+    line["runtime"] = if args.multi_thread() {
         "multi_thread"
     } else {
         "current_thread"

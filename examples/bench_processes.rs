@@ -46,7 +46,7 @@ fn command(args: &Args, place: &Place, role: &str) -> BenchResult<Command> {
         .args(["--subtasks", &args.subtasks.to_string()])
         .args([
             "--runtime",
-            if args.multi_thread {
+            if args.multi_thread() {
                 "multi"
             } else {
                 "current"

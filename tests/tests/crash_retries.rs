@@ -109,6 +109,7 @@ async fn a_unit_abandoned_more_often_than_the_limit_fails_saying_so() {
         lease: Duration::from_millis(20),
         now: Utc::now(),
         crash_retries,
+        lane: None,
     };
     assert_eq!(store.claim(ghost()).await.unwrap().claims.len(), 1);
     tokio::time::sleep(Duration::from_millis(40)).await;

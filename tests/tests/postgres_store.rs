@@ -345,6 +345,7 @@ async fn two_stores_never_claim_the_same_work_and_each_feed_sees_both() {
                     lease: Duration::from_secs(30),
                     now: t(1),
                     crash_retries: RECOVER_AT_ONCE,
+                    lane: None,
                 })
                 .await
                 .unwrap();

@@ -26,6 +26,7 @@ fn claim_request(owner: &str, lease_ms: u64) -> ClaimRequest {
             backoff: treadle::Backoff::Fixed(Duration::ZERO),
             ..treadle::CrashRetries::DEFAULT
         },
+        lane: None,
     }
 }
 

@@ -620,6 +620,7 @@ async fn expired_leases_are_recovered_but_fanned_out_stages_are_not() {
         lease: Duration::from_secs(5),
         now,
         crash_retries: RECOVER_AT_ONCE,
+        lane: None,
     };
     let first = store.claim(short(t(1), "dead")).await.unwrap().claims;
     assert_eq!(first.len(), 2);
@@ -766,6 +767,7 @@ async fn two_stores_on_one_file_never_claim_the_same_work() {
                         lease: Duration::from_secs(60),
                         now: t(1),
                         crash_retries: RECOVER_AT_ONCE,
+                        lane: None,
                     })
                     .await
                     .unwrap();

@@ -60,6 +60,7 @@ pub fn request(now: DateTime<Utc>) -> ClaimRequest {
         lease: Duration::from_secs(30),
         now,
         crash_retries: RECOVER_AT_ONCE,
+        lane: None,
     }
 }
 

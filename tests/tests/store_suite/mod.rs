@@ -1241,6 +1241,7 @@ pub async fn a_failure_leaves_the_item_active_while_a_branch_can_run<S: Store>(s
         lease: Duration::from_secs(30),
         now,
         crash_retries: treadle::CrashRetries::DEFAULT,
+        lane: None,
     };
     let claim = engine
         .store()

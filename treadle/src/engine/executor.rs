@@ -5,7 +5,8 @@
 //! needs no task at all.
 //!
 //! The loop is a small state machine, one [`RunLoop`] per call of
-//! [`Engine::run`] or [`Engine::run_until_idle`]. Each turn it
+//! [`Engine::run`] or [`Engine::run_until_idle`], or one per lane for a
+//! store split into lanes ([`super::lanes`]). Each turn it
 //!
 //! 1. **collects** the attempts that finished (each committed its own end),
 //! 2. **claims** more work if slots are free and something may be runnable
@@ -18,6 +19,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -28,6 +30,7 @@ use tokio::time::{Interval, MissedTickBehavior};
 use tracing::Instrument;
 
 use super::attempt::{Attempt, AttemptSettings, Settled};
+use super::lanes::{LaneGroup, Rejoin};
 use super::owner::LeaseOwner;
 use super::retention::Retention;
 use super::{Engine, Running, RunningWork};
@@ -56,6 +59,12 @@ enum Finished {
 }
 
 impl RunReport {
+    /// Adds up the reports of a run's lanes.
+    fn add(&mut self, other: RunReport) {
+        self.attempts += other.attempts;
+        self.discarded += other.discarded;
+    }
+
     /// Counts a finished attempt task; a store error in it ends the run.
     fn count(
         &mut self,
@@ -99,6 +108,13 @@ enum Idle {
 /// A claim in flight.
 type Claiming<'e> = Pin<Box<dyn Future<Output = Result<ClaimBatch>> + Send + 'e>>;
 
+/// Which lane a run loop works, and what it shares with the other lanes'
+/// loops (`None`: the store has one lane, and this loop is the only one).
+struct LaneOf {
+    index: usize,
+    group: Option<Arc<LaneGroup>>,
+}
+
 /// The state of one run of the engine.
 struct RunLoop<'e, W: WorkItem, S: Store, F> {
     engine: &'e Engine<W, S>,
@@ -124,13 +140,26 @@ struct RunLoop<'e, W: WorkItem, S: Store, F> {
     /// For `run`: the store's feed. Any commit, by this process or another
     /// sharing the store, may have made work runnable: it wakes the loop.
     commits: Option<broadcast::Receiver<Event>>,
+    /// The lane this loop claims from.
+    lane: LaneOf,
+    /// This worker as its leases record it: the loop's own copy, which
+    /// every claim shares (one loop's claims never touch another's count).
+    owner: Arc<str>,
+    /// Whether this loop claimed work, or made work runnable, since it last
+    /// found nothing to do (for the end of a multi-lane `run_until_idle`).
+    progressed: bool,
     report: RunReport,
 }
 
 impl<'e, W: WorkItem, S: Store, F: Future<Output = ()>> RunLoop<'e, W, S, F> {
-    fn new(engine: &'e Engine<W, S>, mode: Mode, shutdown: F) -> Self {
+    fn new(engine: &'e Engine<W, S>, mode: Mode, shutdown: F, lane: LaneOf) -> Self {
         let config = &engine.shared.config;
-        let capacity = config.max_concurrency.max(1);
+        // The lanes share the concurrency between them.
+        let lanes = lane
+            .group
+            .as_ref()
+            .map_or(1, |_| engine.shared.store.lanes());
+        let capacity = config.max_concurrency.max(1).div_ceil(lanes);
         let mut renewal = tokio::time::interval(config.lease / 3);
         renewal.set_missed_tick_behavior(MissedTickBehavior::Delay);
         renewal.reset();
@@ -145,8 +174,15 @@ impl<'e, W: WorkItem, S: Store, F: Future<Output = ()>> RunLoop<'e, W, S, F> {
             capacity,
             refill: (capacity / 8).max(1),
             renewal,
-            retention: Retention::schedule(mode == Mode::UntilShutdown, config.retention),
+            // One lane prunes for all.
+            retention: Retention::schedule(
+                mode == Mode::UntilShutdown && lane.index == 0,
+                config.retention,
+            ),
             commits: (mode == Mode::UntilShutdown).then(|| engine.shared.store.subscribe()),
+            lane,
+            owner: Arc::from(&*engine.shared.owner_text),
+            progressed: false,
             report: RunReport::default(),
         }
     }
@@ -163,7 +199,10 @@ impl<'e, W: WorkItem, S: Store, F: Future<Output = ()>> RunLoop<'e, W, S, F> {
                 continue;
             }
             match self.idle().await? {
-                Idle::Done => return Ok(self.report),
+                Idle::Done => match self.rejoin().await {
+                    Rejoin::Finish => return Ok(self.report),
+                    Rejoin::Claim => self.claim_wanted = true,
+                },
                 Idle::Claim => self.claim_wanted = true,
                 Idle::Wait(nap) => {
                     self.nap(nap).await;
@@ -171,6 +210,20 @@ impl<'e, W: WorkItem, S: Store, F: Future<Output = ()>> RunLoop<'e, W, S, F> {
                 }
             }
         }
+    }
+
+    /// With nothing left to do: a loop alone is done; one lane of several
+    /// waits for the others ([`LaneGroup::rejoin`]), unless it is stopping.
+    async fn rejoin(&mut self) -> Rejoin {
+        let Some(group) = self.lane.group.clone() else {
+            return Rejoin::Finish;
+        };
+        if self.stopping {
+            return Rejoin::Finish;
+        }
+        let progressed = std::mem::take(&mut self.progressed);
+        let wake = self.engine.shared.wake.notified(self.lane.index);
+        group.rejoin(progressed, wake).await
     }
 
     /// Counts the attempts that have finished; their slots are free again.
@@ -193,11 +246,12 @@ impl<'e, W: WorkItem, S: Store, F: Future<Output = ()>> RunLoop<'e, W, S, F> {
         self.claim_wanted = false;
         let shared = &self.engine.shared;
         let claim = shared.store.claim(ClaimRequest {
-            owner: shared.owner_text.clone(),
+            owner: self.owner.clone(),
             limit: free,
             lease: shared.config.lease,
             now: Utc::now(),
             crash_retries: shared.config.crash_retries,
+            lane: self.lane.group.as_ref().map(|_| self.lane.index),
         });
         self.claiming = Some((claim, free));
     }
@@ -213,6 +267,8 @@ impl<'e, W: WorkItem, S: Store, F: Future<Output = ()>> RunLoop<'e, W, S, F> {
             claim_wanted,
             renewal,
             commits,
+            lane,
+            progressed,
             report,
             ..
         } = self;
@@ -223,6 +279,7 @@ impl<'e, W: WorkItem, S: Store, F: Future<Output = ()>> RunLoop<'e, W, S, F> {
                 // A full batch means more may be runnable right away; so
                 // may work committed while the claim was in flight.
                 *claim_wanted |= batch.claims.len() == asked;
+                *progressed |= !batch.claims.is_empty();
                 // Attempts that ended inline freed their slots and may
                 // have made their dependents runnable.
                 *claim_wanted |= engine.start(tasks, batch.claims, report)? > 0;
@@ -231,7 +288,7 @@ impl<'e, W: WorkItem, S: Store, F: Future<Output = ()>> RunLoop<'e, W, S, F> {
                 report.count(joined)?;
                 *claim_wanted = true;
             }
-            () = engine.shared.wake.notified(), if !*stopping => *claim_wanted = true,
+            () = engine.shared.wake.notified(lane.index), if !*stopping => *claim_wanted = true,
             // Another process's commit (a decision, a submission, finished
             // work) may have made work runnable; a claim already in flight
             // may have missed it.
@@ -240,6 +297,7 @@ impl<'e, W: WorkItem, S: Store, F: Future<Output = ()>> RunLoop<'e, W, S, F> {
                 engine.renew_leases().await?;
                 if engine.expire_reviews().await? > 0 {
                     *claim_wanted = true;
+                    *progressed = true;
                 }
             }
             () = shutdown.as_mut(), if !*stopping => *stopping = true,
@@ -263,6 +321,7 @@ impl<'e, W: WorkItem, S: Store, F: Future<Output = ()>> RunLoop<'e, W, S, F> {
         }
         let engine = self.engine;
         if engine.expire_reviews().await? > 0 {
+            self.progressed = true;
             return Ok(Idle::Claim);
         }
         let store = &engine.shared.store;
@@ -293,7 +352,7 @@ impl<'e, W: WorkItem, S: Store, F: Future<Output = ()>> RunLoop<'e, W, S, F> {
     async fn nap(&mut self, nap: Duration) {
         tokio::select! {
             () = self.shutdown.as_mut(), if !self.stopping => self.stopping = true,
-            () = self.engine.shared.wake.notified() => {}
+            () = self.engine.shared.wake.notified(self.lane.index) => {}
             () = next_commit(&mut self.commits) => {}
             () = tokio::time::sleep(nap) => {}
         }
@@ -341,7 +400,66 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
     async fn drive(&self, mode: Mode, shutdown: impl Future<Output = ()>) -> Result<RunReport> {
         self.drift().await?;
         self.take_over_dead_claims().await?;
-        RunLoop::new(self, mode, shutdown).run().await
+        let lanes = self.shared.store.lanes();
+        if lanes <= 1 {
+            let only = LaneOf {
+                index: 0,
+                group: None,
+            };
+            return RunLoop::new(self, mode, shutdown, only).run().await;
+        }
+        self.drive_lanes(lanes, mode, shutdown).await
+    }
+
+    /// Runs one loop per lane, each a task, until every one has returned;
+    /// `shutdown`, or an error in any lane, stops them all. Returns the
+    /// first error, else their reports added up.
+    async fn drive_lanes(
+        &self,
+        lanes: usize,
+        mode: Mode,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<RunReport> {
+        let group = Arc::new(LaneGroup::new(lanes));
+        let mut loops = JoinSet::new();
+        for index in 0..lanes {
+            let engine = self.clone();
+            let group = group.clone();
+            loops.spawn(async move {
+                let lane = LaneOf {
+                    index,
+                    group: Some(group.clone()),
+                };
+                let ran = RunLoop::new(&engine, mode, group.stopped(), lane)
+                    .run()
+                    .await;
+                if ran.is_err() {
+                    group.stop();
+                }
+                ran
+            });
+        }
+        tokio::pin!(shutdown);
+        let mut asked_to_stop = false;
+        let mut report = RunReport::default();
+        let mut failed = None;
+        loop {
+            tokio::select! {
+                () = &mut shutdown, if !asked_to_stop => {
+                    asked_to_stop = true;
+                    group.stop();
+                }
+                joined = loops.join_next() => match joined {
+                    None => break,
+                    Some(Ok(Ok(lane))) => report.add(lane),
+                    Some(Ok(Err(e))) => {
+                        failed.get_or_insert(e);
+                    }
+                    Some(Err(e)) => std::panic::resume_unwind(e.into_panic()),
+                },
+            }
+        }
+        failed.map_or(Ok(report), Err)
     }
 
     /// Makes claimable at once the units whose worker is known not to run
@@ -371,26 +489,28 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
 
     /// Starts each claimed attempt and returns how many ended at once.
     ///
-    /// On a current-thread runtime, with a store whose commits complete
-    /// without waiting ([`Store::commits_without_waiting`]), an attempt is
-    /// first polled here, inline: one that ends at once (a quick stage) is
-    /// committed at once ([`Store::commit_at_once`]) and counted here,
-    /// without a task of its own and without
-    /// being registered for cancellation or renewal (nothing else runs on
-    /// the thread meanwhile; a cancellation that races it is caught by the
-    /// commit's fencing). One that waits, and every attempt on a
-    /// multi-thread runtime (whose workers run attempts in parallel) or on
-    /// a store that waits for I/O, is registered and runs as a task of
-    /// `tasks`.
+    /// With a store whose commits complete without waiting
+    /// ([`Store::commits_without_waiting`]), on a current-thread runtime or
+    /// when the store has several lanes (whose loops run in parallel), an
+    /// attempt is first polled here, inline: one that ends at once (a quick
+    /// stage) is committed at once ([`Store::commit_at_once`]) and counted
+    /// here, without a task of its own and without being registered for
+    /// cancellation or renewal (it never waits, so there is nothing to stop;
+    /// a cancellation that races it is caught by the commit's fencing). One
+    /// that waits, and every attempt of a single loop on a multi-thread
+    /// runtime (whose workers run attempts in parallel) or on a store that
+    /// waits for I/O, is registered and runs as a task of `tasks`.
     fn start(
         &self,
         tasks: &mut JoinSet<Result<Finished>>,
         claims: Vec<Claim>,
         report: &mut RunReport,
     ) -> Result<usize> {
-        let inline = self.shared.store.commits_without_waiting()
-            && tokio::runtime::Handle::current().runtime_flavor()
-                == tokio::runtime::RuntimeFlavor::CurrentThread;
+        let store = &self.shared.store;
+        let inline = store.commits_without_waiting()
+            && (store.lanes() > 1
+                || tokio::runtime::Handle::current().runtime_flavor()
+                    == tokio::runtime::RuntimeFlavor::CurrentThread);
         let mut ended = 0;
         for claim in claims {
             let generation = claim.generation;

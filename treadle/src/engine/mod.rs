@@ -2,6 +2,7 @@
 
 mod attempt;
 mod executor;
+mod lanes;
 mod owner;
 mod retention;
 mod settle;
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use serde::Serialize;
-use tokio::sync::{Notify, OnceCell, broadcast};
+use tokio::sync::{OnceCell, broadcast};
 
 use crate::context::AttemptUnit;
 use crate::error::{Error, Result};
@@ -27,6 +28,8 @@ use crate::status::{AwaitingReview, ItemStatus};
 use crate::store::{
     DecisionCommit, EventQuery, MigrateOutcome, NewItem, PipelineDrift, Store, TaskKey, Verdict,
 };
+
+use lanes::Wake;
 
 pub use executor::RunReport;
 pub use owner::{LeaseOwner, ProcessMark};
@@ -126,8 +129,8 @@ struct Shared<W: WorkItem, S: Store> {
     owner_text: Arc<str>,
     /// Set once the pipeline has been recorded in the store.
     drift: OnceCell<PipelineDrift>,
-    /// Wakes the run loop: new items, decisions, retries.
-    wake: Notify,
+    /// Wakes the run loops: new items, decisions, retries.
+    wake: Wake,
     /// Work this process is running, for cancellation and lease renewal.
     running: Mutex<FastMap<Running, RunningWork>>,
     random: AtomicU64,
@@ -180,6 +183,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
         let seed =
             Utc::now().timestamp_nanos_opt().unwrap_or(1) as u64 ^ u64::from(std::process::id());
         let owner = LeaseOwner::this_process(&config.worker_id);
+        let store_lanes = store.lanes();
         Engine {
             shared: Arc::new(Shared {
                 pipeline,
@@ -188,7 +192,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
                 owner,
                 config,
                 drift: OnceCell::new(),
-                wake: Notify::new(),
+                wake: Wake::new(store_lanes),
                 running: Mutex::new(FastMap::default()),
                 random: AtomicU64::new(seed),
             }),
@@ -260,7 +264,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
             })
             .collect::<Result<Vec<_>>>()?;
         let events = self.shared.store.submit(items).await?;
-        self.shared.wake.notify_one();
+        self.shared.wake.all();
         Ok(events.len())
     }
 
@@ -329,14 +333,14 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
                 at: Utc::now(),
             })
             .await?;
-        self.shared.wake.notify_one();
+        self.shared.wake.all();
         Ok(())
     }
 
     /// Runs a failed stage again (a fan-out stage runs only its failed subtasks).
     pub async fn retry(&self, item_id: &str, stage: &str) -> Result<()> {
         self.shared.store.retry(item_id, stage, Utc::now()).await?;
-        self.shared.wake.notify_one();
+        self.shared.wake.all();
         Ok(())
     }
 
@@ -352,7 +356,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
             .store
             .migrate(item_id, version, Utc::now())
             .await?;
-        self.shared.wake.notify_one();
+        self.shared.wake.all();
         Ok(outcome)
     }
 
@@ -377,7 +381,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
     pub async fn rerun(&self, item_id: &str, stage: &str) -> Result<()> {
         let (running, _) = self.shared.store.rerun(item_id, stage, Utc::now()).await?;
         self.stop_local(running);
-        self.shared.wake.notify_one();
+        self.shared.wake.all();
         Ok(())
     }
 
@@ -434,11 +438,21 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
 
     /// A uniform random number in `[0, 1)` for backoff jitter (splitmix64).
     fn random(&self) -> f64 {
-        let mut z = self
-            .shared
-            .random
-            .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)
-            .wrapping_add(0x9e37_79b9_7f4a_7c15);
+        // Each thread draws from its own sequence (the run loops of a
+        // store's lanes never share a counter), started from the engine's.
+        thread_local! {
+            static NEXT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+        }
+        const STEP: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut z = NEXT.with(|next| {
+            let mut value = next.get();
+            if value == 0 {
+                value = self.shared.random.fetch_add(STEP << 20, Ordering::Relaxed) | 1;
+            }
+            value = value.wrapping_add(STEP);
+            next.set(value);
+            value
+        });
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^= z >> 31;

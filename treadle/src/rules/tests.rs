@@ -49,6 +49,7 @@ fn request(now: DateTime<Utc>) -> ClaimRequest {
         lease: Duration::from_secs(60),
         now,
         crash_retries: CrashRetries::DEFAULT,
+        lane: None,
     }
 }
 

@@ -41,6 +41,10 @@ pub struct ClaimRequest {
     pub now: DateTime<Utc>,
     /// How work abandoned by a worker that stopped mid-attempt is retried.
     pub crash_retries: CrashRetries,
+    /// The lane to claim from, for a store split into lanes
+    /// ([`crate::store::Store::lanes`]); `None` claims from every lane. A
+    /// store with one lane ignores it.
+    pub lane: Option<usize>,
 }
 
 /// How a unit whose worker stopped mid-attempt (its lease expired, or was

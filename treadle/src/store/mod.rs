@@ -102,6 +102,14 @@ pub trait Store: Send + Sync + 'static {
         256
     }
 
+    /// How many lanes the store's items are split into: an engine runs one
+    /// claim loop per lane, each claiming with [`ClaimRequest::lane`] set,
+    /// so that lanes can run in parallel without contending. An item stays
+    /// in one lane. Stores that do not split their items have one.
+    fn lanes(&self) -> usize {
+        1
+    }
+
     /// Whether a commit completes without waiting (no I/O, no other
     /// thread). On a current-thread runtime the engine then polls each
     /// attempt inline first, and one that ends at once needs no task of its

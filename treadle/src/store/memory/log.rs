@@ -9,9 +9,41 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
+use tokio::sync::broadcast;
+
 use crate::event::{Event, EventKind};
 use crate::fast_hash::{FastMap, FastSet};
 use crate::rules::NewEvent;
+use crate::store::EVENT_FEED_CAPACITY;
+
+/// What every lane of the store shares: the log, the live feed, and the
+/// count of items submitted (their submission order across lanes).
+#[derive(Debug)]
+pub(super) struct Journal {
+    pub(super) log: EventLog,
+    pub(super) feed: broadcast::Sender<Event>,
+    submitted: u32,
+}
+
+impl Default for Journal {
+    fn default() -> Self {
+        Journal {
+            log: EventLog::default(),
+            feed: broadcast::channel(EVENT_FEED_CAPACITY).0,
+            submitted: 0,
+        }
+    }
+}
+
+impl Journal {
+    /// The submission number of the next item stored (items are
+    /// [`super::MAX_ITEMS`] at most, so it fits in `u32`).
+    pub(super) fn next_submission(&mut self) -> u32 {
+        let number = self.submitted;
+        self.submitted += 1;
+        number
+    }
+}
 
 /// The log: entries in sequence order, with holes where a prune removed
 /// the events of pruned items.
@@ -31,7 +63,7 @@ pub(super) struct EventLog {
 pub(super) struct Entry {
     seq: u64,
     at: DateTime<Utc>,
-    /// The item's position in the store.
+    /// The item's number in the store (see [`super::lane::Lane`]).
     item: u32,
     /// The pipeline version the item moved on at the time; 0 when the
     /// event is about the item, not one of its stages.
@@ -62,11 +94,11 @@ struct Detail {
     kind: EventKind,
 }
 
-/// Where an entry points: its item's position and, for a stage event,
+/// Where an entry points: its item's number and, for a stage event,
 /// the version and stage position to name the stage by.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Subject {
-    /// The item's position.
+    /// The item's number in the store.
     pub(super) item: usize,
     /// The pipeline version and the stage's position in it.
     pub(super) stage: Option<(u32, u32)>,
@@ -105,7 +137,7 @@ impl EventLog {
         self.pruned_through
     }
 
-    /// Appends `new` about the item at position `item` (which fits in
+    /// Appends `new` about the item numbered `item` (which fits in
     /// `u32`: [`super::MAX_ITEMS`]), whose stage positions are those of
     /// `version`, naming a subtask `subtask`.
     pub(super) fn append(
