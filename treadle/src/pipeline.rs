@@ -57,6 +57,16 @@ impl<W: WorkItem> Pipeline<W> {
         self.index.get(name).map(|&i| &self.stages[i])
     }
 
+    /// The position of stage `name` in [`Pipeline::stages`].
+    pub(crate) fn position(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+
+    /// Every stage, in topological order.
+    pub(crate) fn stages(&self) -> &[Arc<dyn Stage<W>>] {
+        &self.stages
+    }
+
     /// The names of the stages `name` depends on directly.
     pub fn upstream_of(&self, name: &str) -> impl Iterator<Item = &str> {
         self.neighbours(&self.upstream, name)

@@ -88,11 +88,38 @@ impl Settled {
     }
 }
 
+/// The pipeline's stages as one run loop hands them to its attempts: each
+/// loop has its own table, so the loops of a store's lanes, running in
+/// parallel, never share the reference count an attempt takes.
+pub(super) type StageTable<W> = Arc<[Arc<dyn Stage<W>>]>;
+
+/// One stage of a [`StageTable`].
+pub(super) struct StageRef<W: WorkItem> {
+    table: StageTable<W>,
+    index: usize,
+}
+
+impl<W: WorkItem> StageRef<W> {
+    /// Stage `index` of `table` (which must have it).
+    pub(super) fn new(table: StageTable<W>, index: usize) -> Self {
+        debug_assert!(index < table.len());
+        StageRef { table, index }
+    }
+}
+
+impl<W: WorkItem> std::ops::Deref for StageRef<W> {
+    type Target = dyn Stage<W>;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.table[self.index]
+    }
+}
+
 /// What an attempt needs from the engine besides its claim.
 pub(super) struct AttemptSettings<W: WorkItem> {
     /// The claimed stage as this build defines it; `None` if this build
     /// lacks it.
-    pub(super) stage: Option<Arc<dyn Stage<W>>>,
+    pub(super) stage: Option<StageRef<W>>,
     /// The timeout of a stage whose policy sets none.
     pub(super) default_timeout: Option<Duration>,
     /// Uniform in `[0, 1)`, for backoff jitter.
@@ -103,7 +130,7 @@ pub(super) struct AttemptSettings<W: WorkItem> {
 enum Prepared<W: WorkItem> {
     /// The stage runs on the decoded item.
     Run {
-        stage: Arc<dyn Stage<W>>,
+        stage: StageRef<W>,
         item: W,
         ctx: StageContext,
     },
@@ -129,7 +156,7 @@ impl Attempt {
                 stage,
                 item,
                 mut ctx,
-            } => run_guarded(stage.as_ref(), &item, &mut ctx, timeout).await,
+            } => run_guarded(&*stage, &item, &mut ctx, timeout).await,
         };
         if let AttemptEnd::Error { result, message } = &end {
             tracing::warn!(%result, error = %message, "attempt failed");
@@ -153,7 +180,7 @@ impl Attempt {
 
     /// Decodes the item and builds the stage's context, or says why the
     /// attempt ends without running its stage.
-    fn prepare<W: WorkItem>(self, stage: Option<Arc<dyn Stage<W>>>) -> Prepared<W> {
+    fn prepare<W: WorkItem>(self, stage: Option<StageRef<W>>) -> Prepared<W> {
         let failed =
             |reason: String| Prepared::Ended(AttemptEnd::Outcome(StageOutcome::failed(reason)));
         let Some(stage) = stage else {
@@ -218,9 +245,9 @@ async fn run_guarded<W: WorkItem>(
     let run = CatchUnwind(stage.run(item, ctx));
     let caught = match timeout {
         None => run.await,
-        Some(limit) => match tokio::time::timeout(limit, run).await {
-            Ok(caught) => caught,
-            Err(_) => {
+        Some(limit) => match WithinLimit::new(run, limit).await {
+            Some(caught) => caught,
+            None => {
                 return AttemptEnd::Error {
                     result: AttemptResult::TimedOut,
                     message: format!("timed out after {limit:?}"),
@@ -239,6 +266,52 @@ async fn run_guarded<W: WorkItem>(
             message: format!("panicked: {}", panic_message(panic)),
         },
     }
+}
+
+/// Polls a future for at most `limit` from its first poll (`None` once the
+/// time is up). The timer is made only if the future waits: an attempt
+/// that ends at its first poll never touches the runtime's timer (nor its
+/// handle, which the lanes' threads would otherwise all share).
+struct WithinLimit<F> {
+    inner: F,
+    limit: Duration,
+    started: Option<tokio::time::Instant>,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<F> WithinLimit<F> {
+    fn new(inner: F, limit: Duration) -> Self {
+        WithinLimit {
+            inner,
+            limit,
+            started: None,
+            timer: None,
+        }
+    }
+}
+
+impl<F: Future + Unpin> Future for WithinLimit<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let started = *this.started.get_or_insert_with(tokio::time::Instant::now);
+        if let Poll::Ready(output) = Pin::new(&mut this.inner).poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        let limit = this.limit;
+        let timer = this.timer.get_or_insert_with(|| {
+            // A limit too far to represent never ends the attempt.
+            let deadline = started.checked_add(limit).unwrap_or_else(far_future);
+            Box::pin(tokio::time::sleep_until(deadline))
+        });
+        timer.as_mut().poll(cx).map(|()| None)
+    }
+}
+
+/// About thirty years from now, as tokio's own far-off deadlines are.
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400 * 365 * 30)
 }
 
 /// Polls a future, catching a panic in it as an `Err` with the panic payload.

@@ -29,7 +29,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Interval, MissedTickBehavior};
 use tracing::Instrument;
 
-use super::attempt::{Attempt, AttemptSettings, Settled};
+use super::attempt::{Attempt, AttemptSettings, Settled, StageRef, StageTable};
 use super::lanes::{LaneGroup, Rejoin};
 use super::owner::LeaseOwner;
 use super::retention::Retention;
@@ -145,6 +145,8 @@ struct RunLoop<'e, W: WorkItem, S: Store, F> {
     /// This worker as its leases record it: the loop's own copy, which
     /// every claim shares (one loop's claims never touch another's count).
     owner: Arc<str>,
+    /// The pipeline's stages, this loop's own table (as `owner`).
+    stages: StageTable<W>,
     /// Whether this loop claimed work, or made work runnable, since it last
     /// found nothing to do (for the end of a multi-lane `run_until_idle`).
     progressed: bool,
@@ -182,6 +184,7 @@ impl<'e, W: WorkItem, S: Store, F: Future<Output = ()>> RunLoop<'e, W, S, F> {
             commits: (mode == Mode::UntilShutdown).then(|| engine.shared.store.subscribe()),
             lane,
             owner: Arc::from(&*engine.shared.owner_text),
+            stages: engine.shared.pipeline.stages().into(),
             progressed: false,
             report: RunReport::default(),
         }
@@ -269,6 +272,7 @@ impl<'e, W: WorkItem, S: Store, F: Future<Output = ()>> RunLoop<'e, W, S, F> {
             commits,
             lane,
             progressed,
+            stages,
             report,
             ..
         } = self;
@@ -282,7 +286,7 @@ impl<'e, W: WorkItem, S: Store, F: Future<Output = ()>> RunLoop<'e, W, S, F> {
                 *progressed |= !batch.claims.is_empty();
                 // Attempts that ended inline freed their slots and may
                 // have made their dependents runnable.
-                *claim_wanted |= engine.start(tasks, batch.claims, report)? > 0;
+                *claim_wanted |= engine.start(tasks, batch.claims, stages, report)? > 0;
             }
             Some(joined) = tasks.join_next() => {
                 report.count(joined)?;
@@ -504,6 +508,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
         &self,
         tasks: &mut JoinSet<Result<Finished>>,
         claims: Vec<Claim>,
+        stages: &StageTable<W>,
         report: &mut RunReport,
     ) -> Result<usize> {
         let store = &self.shared.store;
@@ -516,7 +521,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
             let generation = claim.generation;
             let attempt = Attempt::from(claim);
             let unit = attempt.unit.clone();
-            let mut running = Box::pin(self.run_attempt(attempt));
+            let mut running = Box::pin(self.run_attempt(attempt, stages));
             if inline {
                 // The task, if one is needed, polls again with its own waker.
                 let mut cx = Context::from_waker(Waker::noop());
@@ -619,7 +624,11 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
     }
 
     /// One claimed attempt, to run to its settled end.
-    fn run_attempt(&self, attempt: Attempt) -> impl Future<Output = Settled> + Send + 'static {
+    fn run_attempt(
+        &self,
+        attempt: Attempt,
+        stages: &StageTable<W>,
+    ) -> impl Future<Output = Settled> + Send + 'static {
         let span = tracing::info_span!(
             "treadle.attempt",
             item_id = %attempt.unit.key.item_id,
@@ -628,7 +637,9 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
             attempt = attempt.attempt,
         );
         let settings = AttemptSettings {
-            stage: self.shared.pipeline.stage(&attempt.unit.key.stage).cloned(),
+            stage: (self.shared.pipeline)
+                .position(&attempt.unit.key.stage)
+                .map(|index| StageRef::new(stages.clone(), index)),
             default_timeout: self.shared.config.default_attempt_timeout,
             random: self.random(),
         };
