@@ -20,3 +20,11 @@ mod lanes {
 
     store_suite!(async { (treadle::MemoryStore::with_lanes(3), ()) });
 }
+
+/// The whole suite on a store split into two lanes whose loops share one
+/// thread.
+mod lanes_on_one_thread {
+    use crate::store_suite;
+
+    store_suite!(current_thread: async { (treadle::MemoryStore::with_lanes(2), ()) });
+}

@@ -42,7 +42,7 @@ pub struct ClaimRequest {
     /// How work abandoned by a worker that stopped mid-attempt is retried.
     pub crash_retries: CrashRetries,
     /// The lane to claim from, for a store split into lanes
-    /// ([`crate::store::Store::lanes`]); `None` claims from every lane. A
+    /// (`Store::lanes`); `None` claims from every lane. A
     /// store with one lane ignores it.
     pub lane: Option<usize>,
 }
