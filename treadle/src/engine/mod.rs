@@ -38,7 +38,8 @@ pub use retention::PRUNE_BATCH;
 /// Tuning of an [`Engine`].
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// The most units of work (stages or subtasks) running at once.
+    /// The most units of work (stages or subtasks) running at once; on a
+    /// store split into lanes, shared between them (at least one each).
     pub max_concurrency: usize,
     /// How long a claim holds before another worker may take it over; the
     /// engine renews the leases of its running work every third of this.
