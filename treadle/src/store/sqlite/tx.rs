@@ -205,6 +205,12 @@ impl<'c> Tx<'c> {
             let row_ids = (seq, &mut stage_ids);
             rows::save(self.conn, self.appends, row_ids, &record, &[], &fx)?;
             self.append(seq, &record, &fx)?;
+            // Its first claim comes next: it starts from these rows.
+            self.items.keep(Loaded {
+                seq,
+                record,
+                stage_ids,
+            });
         }
         Ok(())
     }
