@@ -22,8 +22,8 @@
 use rusqlite::Connection;
 use rusqlite::types::Value;
 
+use super::statements::Statements;
 use crate::error::Result;
-use crate::fast_hash::FastMap;
 use crate::task::TaskKey;
 
 /// An event row: `seq, at, item_seq, stage, subtask, kind`.
@@ -43,8 +43,6 @@ pub(crate) struct Appends {
     taken: usize,
     /// The sequence number of the next event, once read in this transaction.
     next_seq: Option<i64>,
-    /// The multi-row statements built so far, by one-row statement and rows.
-    statements: FastMap<(&'static str, usize), String>,
 }
 
 /// Where the appends stood before a transition ran.
@@ -138,17 +136,14 @@ impl Appends {
 
     /// Writes every row appended (run queue entries not taken), leaving
     /// nothing pending; the next event sequence number is kept.
-    pub(crate) fn flush(&mut self, conn: &Connection) -> Result<()> {
-        let statements = &mut self.statements;
+    pub(crate) fn flush(&mut self, statements: &mut Statements<'_>) -> Result<()> {
         insert(
-            conn,
             statements,
             "INSERT INTO events (seq, at, item_seq, stage, subtask, kind)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             self.events.drain(..),
         )?;
         insert(
-            conn,
             statements,
             "INSERT INTO attempts
                 (stage_id, subtask, attempt, started_at, finished_at, result, error)
@@ -164,7 +159,6 @@ impl Appends {
             ]
         });
         insert(
-            conn,
             statements,
             "INSERT INTO run_queue (item_id, stage, subtask) VALUES (?1, ?2, ?3)",
             queued,
@@ -176,10 +170,9 @@ impl Appends {
 
 /// Inserts `rows` with `sql` (`INSERT INTO t (columns) VALUES (?1, ...)`,
 /// for one row), in order, in multi-row statements of [`CHUNKS`] rows
-/// (kept in `statements`).
+/// (held in `statements`).
 fn insert<const N: usize>(
-    conn: &Connection,
-    statements: &mut FastMap<(&'static str, usize), String>,
+    statements: &mut Statements<'_>,
     sql: &'static str,
     rows: impl ExactSizeIterator<Item = [Value; N]>,
 ) -> Result<()> {
@@ -189,10 +182,7 @@ fn insert<const N: usize>(
         if left < chunk {
             continue;
         }
-        let text = statements
-            .entry((sql, chunk))
-            .or_insert_with(|| values_sql(sql, N, chunk));
-        let mut statement = conn.prepare_cached(text)?;
+        let mut statement = statements.built(sql, chunk as u32, || values_sql(sql, N, chunk))?;
         while left >= chunk {
             for (i, value) in rows.by_ref().take(chunk).flatten().enumerate() {
                 statement.raw_bind_parameter(i + 1, value)?;
@@ -245,13 +235,14 @@ mod tests {
     fn a_flush_writes_in_chunks_in_order_all_but_what_was_taken() {
         for count in [0, 1, 5, 21, 64, 150] {
             let conn = super::super::schema::open(None, super::super::schema::MIGRATIONS).unwrap();
+            let mut statements = Statements::new(&conn);
             let mut appends = Appends::default();
             for n in 0..count {
                 appends.runnable(key(n));
             }
             let taken = appends.take_runnable(2).len();
-            appends.flush(&conn).unwrap();
-            appends.flush(&conn).unwrap();
+            appends.flush(&mut statements).unwrap();
+            appends.flush(&mut statements).unwrap();
             let stored: Vec<String> = conn
                 .prepare("SELECT item_id FROM run_queue ORDER BY seq LIMIT 1000")
                 .unwrap()
