@@ -133,7 +133,7 @@ impl Readers {
 
 impl SqliteStore {
     /// The schema version this build writes, kept in `PRAGMA user_version`.
-    pub const SCHEMA_VERSION: i64 = 6;
+    pub const SCHEMA_VERSION: i64 = 7;
 
     /// Opens (or creates) the database at `path`, applying any pending
     /// schema migrations.

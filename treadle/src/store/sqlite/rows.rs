@@ -13,6 +13,7 @@ use super::statements::Statements;
 use crate::error::{Error, Result};
 use crate::review::{DecisionRecord, ReviewRequest, ReviewStatus};
 use crate::rules::{Effects, FanOut, ItemRecord, Lease, StageRecord, UnitRecord, UnitRef};
+use crate::state::StageState;
 use crate::status::AttemptRecord;
 
 /// Which subtask rows to load with an item.
@@ -376,8 +377,8 @@ pub(crate) fn insert_stages(
 ) -> Result<Vec<i64>> {
     let conn = db.conn();
     let mut statement = db.get(
-        "INSERT INTO stages (item_id, stage, item_seq, position, state, waiting)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO stages (item_id, stage, item_seq, position, state, waiting, rare_state)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?;
     let mut ids = Vec::with_capacity(record.stages.len());
     for stage in &record.stages {
@@ -401,7 +402,18 @@ fn new_stage_row<'a>(
         stage.unit.position,
         stage.unit.state.as_str(),
         stage.waiting,
+        rare_state(stage.unit.state),
     )
+}
+
+/// What a stage row's `rare_state` holds for `state`: the state, unless
+/// it is one every stage passes through (`pending`, `running`,
+/// `completed`), which no index lists by state (schema versions 5 and 7).
+pub(crate) fn rare_state(state: StageState) -> Option<&'static str> {
+    match state {
+        StageState::Pending | StageState::Running | StageState::Completed => None,
+        rare => Some(rare.as_str()),
+    }
 }
 
 /// Saves what a rule did to `record` (loaded with `seq` and the stage row
@@ -551,10 +563,11 @@ enum Column {
     FanOpen,
     FanFailed,
     EditsToCheck,
+    RareState,
 }
 
 /// The names of the [`Column`]s, in their order.
-const UNIT_COLUMNS: [&str; 20] = [
+const UNIT_COLUMNS: [&str; 21] = [
     "state",
     "attempt",
     "generation",
@@ -575,6 +588,7 @@ const UNIT_COLUMNS: [&str; 20] = [
     "fan_open",
     "fan_failed",
     "edits_to_check",
+    "rare_state",
 ];
 
 /// The `UPDATE` of the stage row with id `?1`.
@@ -727,6 +741,12 @@ fn write_unit<'r>(
                 Column::EditsToCheck,
                 &|| Ok(int(Some(stage.edits_to_check.into()))),
             )?;
+            let rare = rare_state(row.state);
+            set(
+                stage_differs(&|o| rare_state(o.unit.state) != rare),
+                Column::RareState,
+                &|| Ok(borrowed(rare)),
+            )?;
             let id = stage_id(record, stage_ids, unit.stage)?;
             (
                 UPDATE_STAGE,
@@ -815,8 +835,8 @@ fn restructure(
     }
     // The rows it keeps keep their columns but their position.
     let mut upsert = conn.prepare_cached(
-        "INSERT INTO stages (item_id, stage, item_seq, position, state, waiting)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+        "INSERT INTO stages (item_id, stage, item_seq, position, state, waiting, rare_state)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
          ON CONFLICT (item_id, stage) DO UPDATE SET position = excluded.position
          RETURNING id",
     )?;
