@@ -22,16 +22,17 @@
 use rusqlite::Connection;
 use rusqlite::types::Value;
 
+use super::codec::Param;
 use super::statements::Statements;
 use crate::error::Result;
 use crate::task::TaskKey;
 
 /// An event row: `seq, at, item_seq, stage, subtask, kind`.
-pub(crate) type EventRow = [Value; 6];
+pub(crate) type EventRow = [Param<'static>; 6];
 
 /// An attempt row: `stage_id, subtask, attempt, started_at, finished_at,
 /// result, error`.
-pub(crate) type AttemptRow = [Value; 7];
+pub(crate) type AttemptRow = [Param<'static>; 7];
 
 /// Rows appended and not written yet, and the next event sequence number.
 #[derive(Default)]
@@ -60,7 +61,7 @@ const CHUNKS: [usize; 4] = [64, 16, 4, 1];
 
 impl Appends {
     /// Appends an event row (without its `seq`) and returns its sequence number.
-    pub(crate) fn event(&mut self, conn: &Connection, row: [Value; 5]) -> Result<u64> {
+    pub(crate) fn event(&mut self, conn: &Connection, row: [Param<'static>; 5]) -> Result<u64> {
         let seq = match self.next_seq {
             Some(seq) => seq,
             None => conn
@@ -74,7 +75,7 @@ impl Appends {
         self.next_seq = Some(seq + 1);
         let [at, item_seq, stage, subtask, kind] = row;
         self.events
-            .push([Value::Integer(seq), at, item_seq, stage, subtask, kind]);
+            .push([Param::int(seq), at, item_seq, stage, subtask, kind]);
         Ok(seq as u64)
     }
 
@@ -152,10 +153,9 @@ impl Appends {
         )?;
         let queued = self.runnable.drain(..).skip(self.taken).map(|key| {
             [
-                Value::Text(String::from(&*key.item_id)),
-                Value::Text(String::from(&*key.stage)),
-                key.subtask
-                    .map_or(Value::Null, |s| Value::Text(String::from(&*s))),
+                Param::Shared(key.item_id),
+                Param::Shared(key.stage),
+                key.subtask.map_or(Param::Value(Value::Null), Param::Shared),
             ]
         });
         insert(
@@ -174,7 +174,7 @@ impl Appends {
 fn insert<const N: usize>(
     statements: &mut Statements<'_>,
     sql: &'static str,
-    rows: impl ExactSizeIterator<Item = [Value; N]>,
+    rows: impl ExactSizeIterator<Item = [Param<'static>; N]>,
 ) -> Result<()> {
     let mut left = rows.len();
     let mut rows = rows;

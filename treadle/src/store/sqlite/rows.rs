@@ -4,11 +4,11 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use rusqlite::types::{ToSqlOutput, Value as Sql, ValueRef};
+use rusqlite::types::{Value as Sql, ValueRef};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::appends::Appends;
-use super::codec::{self, Loc};
+use super::codec::{self, Loc, Param};
 use super::statements::Statements;
 use crate::error::{Error, Result};
 use crate::review::{DecisionRecord, ReviewRequest, ReviewStatus};
@@ -477,13 +477,13 @@ pub(crate) fn save(
     for (unit, attempt) in &fx.attempts {
         let (_, subtask) = unit_names(record, *unit);
         appends.attempt([
-            Sql::Integer(stage_id(record, stage_ids, unit.stage)?),
-            subtask.map_or(Sql::Null, |name| Sql::Text(name.to_owned())),
-            Sql::Integer(attempt.attempt.into()),
-            Sql::Text(codec::time(attempt.started_at)),
-            Sql::Text(codec::time(attempt.finished_at)),
-            Sql::Text(attempt.result.as_str().to_owned()),
-            attempt.error.clone().map_or(Sql::Null, Sql::Text),
+            Param::int(stage_id(record, stage_ids, unit.stage)?),
+            Param::shared_opt(subtask),
+            Param::int(attempt.attempt.into()),
+            Param::Time(codec::time_text(attempt.started_at)),
+            Param::Time(codec::time_text(attempt.finished_at)),
+            Param::Borrowed(attempt.result.as_str().into()),
+            Param::Value(attempt.error.clone().map_or(Sql::Null, Sql::Text)),
         ]);
     }
     if let Some(stage) = fx.decided {
@@ -514,11 +514,11 @@ pub(crate) fn save(
 
 /// The names of the stage and subtask of `unit`, as [`ItemRecord::key`]
 /// has them, borrowed.
-pub(crate) fn unit_names(record: &ItemRecord, unit: UnitRef) -> (&str, Option<&str>) {
+pub(crate) fn unit_names(record: &ItemRecord, unit: UnitRef) -> (&Arc<str>, Option<&Arc<str>>) {
     let stage = &record.stages[unit.stage];
     let subtask = unit
         .subtask
-        .and_then(|p| Some(&*stage.fan_out.as_ref()?.row(p)?.name));
+        .and_then(|p| Some(&stage.fan_out.as_ref()?.row(p)?.name));
     (&stage.unit.name, subtask)
 }
 
@@ -627,24 +627,22 @@ fn write_unit<'r>(
         Loc::stage(&record.id, &stage.unit.name)
             .corrupt("subtasks", "a changed subtask row was not loaded")
     })?;
-    // Text the record holds is bound borrowed, not copied to a String first.
-    let text = |v: Option<String>| ToSqlOutput::Owned(v.map_or(Sql::Null, Sql::Text));
-    let borrowed =
-        |v: Option<&'r str>| ToSqlOutput::Borrowed(v.map_or(ValueRef::Null, ValueRef::from));
-    let int = |v: Option<i64>| ToSqlOutput::Owned(v.map_or(Sql::Null, Sql::Integer));
+    // Text the record holds is bound borrowed, and timestamps from a
+    // buffer, not copied to a String first.
+    let text = |v: Option<String>| Param::Value(v.map_or(Sql::Null, Sql::Text));
+    let borrowed = |v: Option<&'r str>| Param::Borrowed(v.map_or(ValueRef::Null, ValueRef::from));
+    let int = |v: Option<i64>| Param::Value(v.map_or(Sql::Null, Sql::Integer));
     // The values of the changed columns, and which columns they are.
-    let mut values: Vec<ToSqlOutput<'r>> = Vec::with_capacity(UNIT_COLUMNS.len() + 3);
+    let mut values: Vec<Param<'r>> = Vec::with_capacity(UNIT_COLUMNS.len() + 3);
     let mut mask = 0u32;
-    let mut set = |changed: bool,
-                   column: Column,
-                   value: &dyn Fn() -> Result<ToSqlOutput<'r>>|
-     -> Result<()> {
-        if changed {
-            values.push(value()?);
-            mask |= 1 << column as u32;
-        }
-        Ok(())
-    };
+    let mut set =
+        |changed: bool, column: Column, value: &dyn Fn() -> Result<Param<'r>>| -> Result<()> {
+            if changed {
+                values.push(value()?);
+                mask |= 1 << column as u32;
+            }
+            Ok(())
+        };
     let was = old.map(|(_, u)| u);
     let differs = |f: &dyn Fn(&UnitRecord) -> bool| was.is_none_or(f);
     set(differs(&|o| o.state != row.state), Column::State, &|| {
@@ -663,17 +661,17 @@ fn write_unit<'r>(
     set(
         differs(&|o| o.started_at != row.started_at),
         Column::StartedAt,
-        &|| Ok(text(codec::time_opt(row.started_at))),
+        &|| Ok(Param::time_opt(row.started_at)),
     )?;
     set(
         differs(&|o| o.finished_at != row.finished_at),
         Column::FinishedAt,
-        &|| Ok(text(codec::time_opt(row.finished_at))),
+        &|| Ok(Param::time_opt(row.finished_at)),
     )?;
     set(
         differs(&|o| o.next_run_at != row.next_run_at),
         Column::NextRunAt,
-        &|| Ok(text(codec::time_opt(row.next_run_at))),
+        &|| Ok(Param::time_opt(row.next_run_at)),
     )?;
     set(
         differs(&|o| o.last_error != row.last_error),
@@ -690,7 +688,7 @@ fn write_unit<'r>(
         Ok(borrowed(row.lease.as_ref().map(|l| &*l.owner)))
     })?;
     set(lease_changed, Column::LeaseExpiry, &|| {
-        Ok(text(row.lease.as_ref().map(|l| codec::time(l.expiry))))
+        Ok(Param::time_opt(row.lease.as_ref().map(|l| l.expiry)))
     })?;
     set(
         differs(&|o| o.crashes != row.crashes),
@@ -718,11 +716,11 @@ fn write_unit<'r>(
                 )?))
             })?;
             set(review_changed, Column::ReviewRequestedAt, &|| {
-                Ok(text(codec::time_opt(review.map(|r| r.requested_at))))
+                Ok(Param::time_opt(review.map(|r| r.requested_at)))
             })?;
             set(review_changed, Column::ReviewDeadline, &|| {
                 let deadline = review.and_then(|r| Some(r.request.deadline.as_ref()?.at));
-                Ok(text(codec::time_opt(deadline)))
+                Ok(Param::time_opt(deadline))
             })?;
             let fan = stage.fan_out.as_ref().map(|f| (f.total, f.open, f.failed));
             let fan_changed =

@@ -9,7 +9,7 @@ use rusqlite::{Connection, params};
 
 use super::appends::Appends;
 use super::cache::ItemCache;
-use super::codec;
+use super::codec::{self, Param};
 use super::rows::{self, Loaded, Outputs, Subtasks};
 use super::statements::Statements;
 use super::versions::{self, Versions};
@@ -139,20 +139,19 @@ impl<'t, 'c> Tx<'t, 'c> {
         use rusqlite::types::Value as Sql;
         for new in &fx.events {
             let (stage, subtask) = match new.unit.map(|unit| rows::unit_names(record, unit)) {
-                None => (Sql::Null, Sql::Null),
-                Some((stage, subtask)) => (
-                    Sql::Text(stage.to_owned()),
-                    subtask.map_or(Sql::Null, |name| Sql::Text(name.to_owned())),
-                ),
+                None => (Param::Value(Sql::Null), Param::Value(Sql::Null)),
+                Some((stage, subtask)) => {
+                    (Param::Shared(stage.clone()), Param::shared_opt(subtask))
+                }
             };
             let logged = self.appends.event(
                 self.conn,
                 [
-                    Sql::Text(codec::time(new.at)),
-                    Sql::Integer(seq),
+                    Param::Time(codec::time_text(new.at)),
+                    Param::int(seq),
                     stage,
                     subtask,
-                    Sql::Text(codec::json(&new.kind, "an event")?),
+                    Param::Value(Sql::Text(codec::json(&new.kind, "an event")?)),
                 ],
             )?;
             self.events.push(new.resolve(record, logged));
