@@ -27,7 +27,9 @@ type Key = (usize, usize, u32);
 
 /// The writer's connection and the statements it holds prepared.
 pub(crate) struct Statements<'c> {
+    /// The writer's connection.
     conn: &'c Connection,
+    /// Every statement prepared so far, by key.
     held: FastMap<Key, Statement<'c>>,
 }
 
