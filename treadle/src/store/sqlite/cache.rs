@@ -18,10 +18,13 @@
 //!   CLI) changes `PRAGMA data_version`, which each group commit checks
 //!   right after it took the write lock, and empties the cache.
 
+use std::borrow::Borrow;
+use std::hash::{Hash, Hasher};
+
 use rusqlite::Connection;
 
 use super::rows::Loaded;
-use crate::fast_hash::FastMap;
+use crate::fast_hash::FastSet;
 use crate::rules::ItemRecord;
 use crate::state::StageState;
 
@@ -44,8 +47,8 @@ const RUNNING_CAPACITY: usize = 4096;
 /// Items by id, as last written by the writer.
 #[derive(Default)]
 pub(crate) struct ItemCache {
-    /// Each item and whether it has running work.
-    items: FastMap<String, (Loaded, bool)>,
+    /// Each item, found by its id (the record's own: no copy is kept).
+    items: FastSet<Cached>,
     /// How many of `items` have running work.
     running: usize,
     /// `PRAGMA data_version` when the cache was last known to be current.
@@ -74,7 +77,7 @@ impl ItemCache {
 
     /// Takes the record of `item_id` out of the cache, if it is there.
     pub(crate) fn take(&mut self, item_id: &str) -> Option<Loaded> {
-        let (loaded, running) = self.items.remove(item_id)?;
+        let Cached { loaded, running } = self.items.take(item_id)?;
         self.running -= usize::from(running);
         Some(loaded)
     }
@@ -94,13 +97,41 @@ impl ItemCache {
         }
         let running = flight == Some(Flight::Running);
         self.running += usize::from(running);
-        let id = loaded.record.id.clone();
-        if let Some((_, was_running)) = self.items.insert(id, (loaded, running)) {
+        if let Some(was) = self.items.replace(Cached { loaded, running }) {
             // Not reached (a transition takes its item first), but counted right.
-            self.running -= usize::from(was_running);
+            self.running -= usize::from(was.running);
         }
     }
 }
+
+/// A cached item and whether it has running work; it hashes and compares
+/// as its id, so the set finds it by an `&str`.
+struct Cached {
+    /// The item's rows.
+    loaded: Loaded,
+    /// Whether it has running work.
+    running: bool,
+}
+
+impl Borrow<str> for Cached {
+    fn borrow(&self) -> &str {
+        &self.loaded.record.id
+    }
+}
+
+impl Hash for Cached {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        Borrow::<str>::borrow(self).hash(state);
+    }
+}
+
+impl PartialEq for Cached {
+    fn eq(&self, other: &Self) -> bool {
+        self.loaded.record.id == other.loaded.record.id
+    }
+}
+
+impl Eq for Cached {}
 
 /// Work an item has in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
