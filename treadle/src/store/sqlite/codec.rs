@@ -249,33 +249,37 @@ pub(crate) fn time_text(at: DateTime<Utc>) -> TimeText {
     if !(0..=9999).contains(&date.year()) || clock.nanosecond() >= 1_000_000_000 {
         return TimeText::Other(at.to_rfc3339_opts(SecondsFormat::Nanos, true));
     }
-    let mut out = [0u8; CANONICAL_LEN];
-    let mut put = |at: usize, width: usize, mut value: u32| {
-        for i in (at..at + width).rev() {
-            out[i] = b'0' + (value % 10) as u8;
-            value /= 10;
-        }
+    // The separators in place; the digits two at a time.
+    let mut out = *b"0000-00-00T00:00:00.000000000Z";
+    let mut pair = |at: usize, value: u32| {
+        out[at..at + 2].copy_from_slice(&DIGIT_PAIRS[value as usize % 100]);
     };
-    put(0, 4, date.year() as u32);
-    put(5, 2, date.month());
-    put(8, 2, date.day());
-    put(11, 2, clock.hour());
-    put(14, 2, clock.minute());
-    put(17, 2, clock.second());
-    put(20, 9, clock.nanosecond());
-    for (i, c) in [
-        (4, b'-'),
-        (7, b'-'),
-        (10, b'T'),
-        (13, b':'),
-        (16, b':'),
-        (19, b'.'),
-        (29, b'Z'),
-    ] {
-        out[i] = c;
-    }
+    let (year, nanos) = (date.year() as u32, clock.nanosecond());
+    pair(0, year / 100);
+    pair(2, year);
+    pair(5, date.month());
+    pair(8, date.day());
+    pair(11, clock.hour());
+    pair(14, clock.minute());
+    pair(17, clock.second());
+    pair(21, nanos / 1_000_000);
+    pair(23, nanos / 10_000);
+    pair(25, nanos / 100);
+    pair(27, nanos);
+    out[20] = b'0' + (nanos / 100_000_000) as u8;
     TimeText::Canonical(out)
 }
+
+/// The two digits of 0 to 99.
+const DIGIT_PAIRS: [[u8; 2]; 100] = {
+    let mut pairs = [[0; 2]; 100];
+    let mut n = 0;
+    while n < 100 {
+        pairs[n] = [b'0' + (n / 10) as u8, b'0' + (n % 10) as u8];
+        n += 1;
+    }
+    pairs
+};
 
 /// A value to bind that owns what it binds where it can without a
 /// `String` of its own: a timestamp's text inline, a name shared with the
@@ -420,6 +424,16 @@ mod tests {
             let at = DateTime::parse_from_rfc3339(text).unwrap().to_utc();
             assert_eq!(time(at), at.to_rfc3339_opts(SecondsFormat::Nanos, true));
             assert_eq!(decode_time(text).unwrap(), at);
+        }
+        // Every digit position, across years, days and fractions.
+        let mut at = DateTime::parse_from_rfc3339("0007-03-04T05:06:07.000000008Z")
+            .unwrap()
+            .to_utc();
+        for _ in 0..2_000 {
+            assert!(matches!(time_text(at), TimeText::Canonical(_)), "{at}");
+            assert_eq!(time(at), at.to_rfc3339_opts(SecondsFormat::Nanos, true));
+            at += chrono::TimeDelta::seconds(156_789_123)
+                + chrono::TimeDelta::nanoseconds(123_456_791);
         }
         // A year past 9999 is chrono's text, bound the same way.
         let far = DateTime::parse_from_rfc3339("9999-12-31T23:59:59Z")
