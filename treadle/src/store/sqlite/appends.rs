@@ -22,16 +22,17 @@
 use rusqlite::Connection;
 use rusqlite::types::Value;
 
+use super::codec::Param;
+use super::statements::Statements;
 use crate::error::Result;
-use crate::fast_hash::FastMap;
 use crate::task::TaskKey;
 
 /// An event row: `seq, at, item_seq, stage, subtask, kind`.
-pub(crate) type EventRow = [Value; 6];
+pub(crate) type EventRow = [Param<'static>; 6];
 
 /// An attempt row: `stage_id, subtask, attempt, started_at, finished_at,
 /// result, error`.
-pub(crate) type AttemptRow = [Value; 7];
+pub(crate) type AttemptRow = [Param<'static>; 7];
 
 /// Rows appended and not written yet, and the next event sequence number.
 #[derive(Default)]
@@ -43,8 +44,6 @@ pub(crate) struct Appends {
     taken: usize,
     /// The sequence number of the next event, once read in this transaction.
     next_seq: Option<i64>,
-    /// The multi-row statements built so far, by one-row statement and rows.
-    statements: FastMap<(&'static str, usize), String>,
 }
 
 /// Where the appends stood before a transition ran.
@@ -62,7 +61,7 @@ const CHUNKS: [usize; 4] = [64, 16, 4, 1];
 
 impl Appends {
     /// Appends an event row (without its `seq`) and returns its sequence number.
-    pub(crate) fn event(&mut self, conn: &Connection, row: [Value; 5]) -> Result<u64> {
+    pub(crate) fn event(&mut self, conn: &Connection, row: [Param<'static>; 5]) -> Result<u64> {
         let seq = match self.next_seq {
             Some(seq) => seq,
             None => conn
@@ -76,7 +75,7 @@ impl Appends {
         self.next_seq = Some(seq + 1);
         let [at, item_seq, stage, subtask, kind] = row;
         self.events
-            .push([Value::Integer(seq), at, item_seq, stage, subtask, kind]);
+            .push([Param::int(seq), at, item_seq, stage, subtask, kind]);
         Ok(seq as u64)
     }
 
@@ -138,17 +137,14 @@ impl Appends {
 
     /// Writes every row appended (run queue entries not taken), leaving
     /// nothing pending; the next event sequence number is kept.
-    pub(crate) fn flush(&mut self, conn: &Connection) -> Result<()> {
-        let statements = &mut self.statements;
+    pub(crate) fn flush(&mut self, statements: &mut Statements<'_>) -> Result<()> {
         insert(
-            conn,
             statements,
             "INSERT INTO events (seq, at, item_seq, stage, subtask, kind)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             self.events.drain(..),
         )?;
         insert(
-            conn,
             statements,
             "INSERT INTO attempts
                 (stage_id, subtask, attempt, started_at, finished_at, result, error)
@@ -157,14 +153,12 @@ impl Appends {
         )?;
         let queued = self.runnable.drain(..).skip(self.taken).map(|key| {
             [
-                Value::Text(String::from(&*key.item_id)),
-                Value::Text(String::from(&*key.stage)),
-                key.subtask
-                    .map_or(Value::Null, |s| Value::Text(String::from(&*s))),
+                Param::Shared(key.item_id),
+                Param::Shared(key.stage),
+                key.subtask.map_or(Param::Value(Value::Null), Param::Shared),
             ]
         });
         insert(
-            conn,
             statements,
             "INSERT INTO run_queue (item_id, stage, subtask) VALUES (?1, ?2, ?3)",
             queued,
@@ -176,12 +170,11 @@ impl Appends {
 
 /// Inserts `rows` with `sql` (`INSERT INTO t (columns) VALUES (?1, ...)`,
 /// for one row), in order, in multi-row statements of [`CHUNKS`] rows
-/// (kept in `statements`).
+/// (held in `statements`).
 fn insert<const N: usize>(
-    conn: &Connection,
-    statements: &mut FastMap<(&'static str, usize), String>,
+    statements: &mut Statements<'_>,
     sql: &'static str,
-    rows: impl ExactSizeIterator<Item = [Value; N]>,
+    rows: impl ExactSizeIterator<Item = [Param<'static>; N]>,
 ) -> Result<()> {
     let mut left = rows.len();
     let mut rows = rows;
@@ -189,10 +182,7 @@ fn insert<const N: usize>(
         if left < chunk {
             continue;
         }
-        let text = statements
-            .entry((sql, chunk))
-            .or_insert_with(|| values_sql(sql, N, chunk));
-        let mut statement = conn.prepare_cached(text)?;
+        let mut statement = statements.built(sql, chunk as u32, || values_sql(sql, N, chunk))?;
         while left >= chunk {
             for (i, value) in rows.by_ref().take(chunk).flatten().enumerate() {
                 statement.raw_bind_parameter(i + 1, value)?;
@@ -245,13 +235,14 @@ mod tests {
     fn a_flush_writes_in_chunks_in_order_all_but_what_was_taken() {
         for count in [0, 1, 5, 21, 64, 150] {
             let conn = super::super::schema::open(None, super::super::schema::MIGRATIONS).unwrap();
+            let mut statements = Statements::new(&conn);
             let mut appends = Appends::default();
             for n in 0..count {
                 appends.runnable(key(n));
             }
             let taken = appends.take_runnable(2).len();
-            appends.flush(&conn).unwrap();
-            appends.flush(&conn).unwrap();
+            appends.flush(&mut statements).unwrap();
+            appends.flush(&mut statements).unwrap();
             let stored: Vec<String> = conn
                 .prepare("SELECT item_id FROM run_queue ORDER BY seq LIMIT 1000")
                 .unwrap()

@@ -5,11 +5,11 @@
 //! never replaced by a default.
 
 use std::str::FromStr;
+use std::sync::Arc;
 
 use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, SecondsFormat, Timelike, Utc};
 use rusqlite::Row;
-use rusqlite::types::FromSql;
-use rusqlite::types::ValueRef;
+use rusqlite::types::{FromSql, ToSql, ToSqlOutput, Value, ValueRef};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -213,41 +213,117 @@ impl<'a> Loc<'a> {
 
 /// Timestamps are stored as RFC 3339 text in UTC with nine fractional
 /// digits: exact, readable, and ordered as text for years 0 to 9999.
-/// Written by hand for the years 0 to 9999 (chrono's general formatter
-/// is a hot spot of every transition); the text is exactly chrono's.
 pub(crate) fn time(at: DateTime<Utc>) -> String {
+    match time_text(at) {
+        TimeText::Canonical(bytes) => String::from_utf8(bytes.to_vec())
+            .unwrap_or_else(|_| at.to_rfc3339_opts(SecondsFormat::Nanos, true)),
+        TimeText::Other(text) => text,
+    }
+}
+
+/// A timestamp's text as [`time`] writes it, the usual shape held inline
+/// (no allocation) for binding.
+#[derive(Debug, Clone)]
+pub(crate) enum TimeText {
+    /// Years 0 to 9999: digits and separators.
+    Canonical([u8; CANONICAL_LEN]),
+    /// Any other year, as chrono writes it.
+    Other(String),
+}
+
+impl TimeText {
+    /// The text's bytes.
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        match self {
+            TimeText::Canonical(bytes) => bytes,
+            TimeText::Other(text) => text.as_bytes(),
+        }
+    }
+}
+
+/// [`time`]'s text without a `String`. Written by hand for the years 0 to
+/// 9999 (chrono's general formatter is a hot spot of every transition);
+/// the text is exactly chrono's.
+pub(crate) fn time_text(at: DateTime<Utc>) -> TimeText {
     let (date, clock) = (at.date_naive(), at.time());
     if !(0..=9999).contains(&date.year()) || clock.nanosecond() >= 1_000_000_000 {
-        return at.to_rfc3339_opts(SecondsFormat::Nanos, true);
+        return TimeText::Other(at.to_rfc3339_opts(SecondsFormat::Nanos, true));
     }
-    let mut out = [0u8; CANONICAL_LEN];
-    let mut put = |at: usize, width: usize, mut value: u32| {
-        for i in (at..at + width).rev() {
-            out[i] = b'0' + (value % 10) as u8;
-            value /= 10;
-        }
+    // The separators in place; the digits two at a time.
+    let mut out = *b"0000-00-00T00:00:00.000000000Z";
+    let mut pair = |at: usize, value: u32| {
+        out[at..at + 2].copy_from_slice(&DIGIT_PAIRS[value as usize % 100]);
     };
-    put(0, 4, date.year() as u32);
-    put(5, 2, date.month());
-    put(8, 2, date.day());
-    put(11, 2, clock.hour());
-    put(14, 2, clock.minute());
-    put(17, 2, clock.second());
-    put(20, 9, clock.nanosecond());
-    for (i, c) in [
-        (4, b'-'),
-        (7, b'-'),
-        (10, b'T'),
-        (13, b':'),
-        (16, b':'),
-        (19, b'.'),
-        (29, b'Z'),
-    ] {
-        out[i] = c;
+    let (year, nanos) = (date.year() as u32, clock.nanosecond());
+    pair(0, year / 100);
+    pair(2, year);
+    pair(5, date.month());
+    pair(8, date.day());
+    pair(11, clock.hour());
+    pair(14, clock.minute());
+    pair(17, clock.second());
+    pair(21, nanos / 1_000_000);
+    pair(23, nanos / 10_000);
+    pair(25, nanos / 100);
+    pair(27, nanos);
+    out[20] = b'0' + (nanos / 100_000_000) as u8;
+    TimeText::Canonical(out)
+}
+
+/// The two digits of 0 to 99.
+const DIGIT_PAIRS: [[u8; 2]; 100] = {
+    let mut pairs = [[0; 2]; 100];
+    let mut n = 0;
+    while n < 100 {
+        pairs[n] = [b'0' + (n / 10) as u8, b'0' + (n % 10) as u8];
+        n += 1;
     }
-    // Digits and separators only, so always UTF-8; chrono's text otherwise.
-    String::from_utf8(out.to_vec())
-        .unwrap_or_else(|_| at.to_rfc3339_opts(SecondsFormat::Nanos, true))
+    pairs
+};
+
+/// A value to bind that owns what it binds where it can without a
+/// `String` of its own: a timestamp's text inline, a name shared with the
+/// record it comes from, or text borrowed for the statement's use.
+#[derive(Debug, Clone)]
+pub(crate) enum Param<'a> {
+    /// Any value.
+    Value(Value),
+    /// Borrowed.
+    Borrowed(ValueRef<'a>),
+    /// Text shared with a record or a task key.
+    Shared(Arc<str>),
+    /// A timestamp.
+    Time(TimeText),
+}
+
+impl Param<'_> {
+    /// An integer.
+    pub(crate) fn int(value: i64) -> Self {
+        Param::Value(Value::Integer(value))
+    }
+
+    /// A timestamp, or NULL.
+    pub(crate) fn time_opt(at: Option<DateTime<Utc>>) -> Self {
+        at.map_or(Param::Value(Value::Null), |at| Param::Time(time_text(at)))
+    }
+
+    /// Shared text, or NULL.
+    pub(crate) fn shared_opt(text: Option<&Arc<str>>) -> Self {
+        text.map_or(Param::Value(Value::Null), |text| {
+            Param::Shared(text.clone())
+        })
+    }
+}
+
+impl ToSql for Param<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match self {
+            Param::Value(value) => value.into(),
+            Param::Borrowed(value) => *value,
+            Param::Shared(text) => ValueRef::Text(text.as_bytes()),
+            Param::Time(text) => ValueRef::Text(text.as_bytes()),
+        }))
+    }
 }
 
 /// The length of a timestamp as [`time`] writes it.
@@ -277,11 +353,6 @@ fn decode_canonical(text: &str) -> Option<DateTime<Utc>> {
     let date = NaiveDate::from_ymd_opt(num(0, 4)? as i32, num(5, 2)?, num(8, 2)?)?;
     let clock = NaiveTime::from_hms_nano_opt(num(11, 2)?, num(14, 2)?, num(17, 2)?, num(20, 9)?)?;
     Some(date.and_time(clock).and_utc())
-}
-
-/// An optional timestamp.
-pub(crate) fn time_opt(at: Option<DateTime<Utc>>) -> Option<String> {
-    at.map(time)
 }
 
 fn decode_time(text: &str) -> std::result::Result<DateTime<Utc>, String> {
@@ -354,6 +425,24 @@ mod tests {
             assert_eq!(time(at), at.to_rfc3339_opts(SecondsFormat::Nanos, true));
             assert_eq!(decode_time(text).unwrap(), at);
         }
+        // Every digit position, across years, days and fractions.
+        let mut at = DateTime::parse_from_rfc3339("0007-03-04T05:06:07.000000008Z")
+            .unwrap()
+            .to_utc();
+        for _ in 0..2_000 {
+            assert!(matches!(time_text(at), TimeText::Canonical(_)), "{at}");
+            assert_eq!(time(at), at.to_rfc3339_opts(SecondsFormat::Nanos, true));
+            at += chrono::TimeDelta::seconds(156_789_123)
+                + chrono::TimeDelta::nanoseconds(123_456_791);
+        }
+        // A year past 9999 is chrono's text, bound the same way.
+        let far = DateTime::parse_from_rfc3339("9999-12-31T23:59:59Z")
+            .unwrap()
+            .to_utc()
+            + chrono::TimeDelta::days(2);
+        assert!(matches!(time_text(far), TimeText::Other(_)));
+        assert_eq!(time_text(far).as_bytes(), time(far).as_bytes());
+        assert_eq!(time(far), far.to_rfc3339_opts(SecondsFormat::Nanos, true));
         // Other RFC 3339 shapes still decode, through chrono.
         let offset = decode_time("2026-01-02T04:04:05+01:00").unwrap();
         assert_eq!(time(offset), "2026-01-02T03:04:05.000000000Z");

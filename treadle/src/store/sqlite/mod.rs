@@ -18,7 +18,9 @@
 //!   loss), `foreign_keys = ON` and a busy timeout so several processes can
 //!   share it. Claims take a lease (owner, expiry) and bump a fencing
 //!   generation that every write for the claim must match.
-//! - Statements are prepared once and reused from the connection's cache.
+//! - Statements are prepared once and reused: the writer holds those of its
+//!   transitions (see `statements`), the rest come from the connection's
+//!   cache.
 //!   A parameter SQLite would plan against (one compared with a partial
 //!   index's condition, or a `LIMIT`) is written `+?N`: SQLite then plans
 //!   without its value, instead of compiling the statement again on every
@@ -59,6 +61,7 @@ mod prune;
 mod read;
 mod rows;
 mod schema;
+mod statements;
 mod tx;
 mod versions;
 mod writer;
@@ -130,7 +133,7 @@ impl Readers {
 
 impl SqliteStore {
     /// The schema version this build writes, kept in `PRAGMA user_version`.
-    pub const SCHEMA_VERSION: i64 = 6;
+    pub const SCHEMA_VERSION: i64 = 7;
 
     /// Opens (or creates) the database at `path`, applying any pending
     /// schema migrations.
@@ -188,7 +191,7 @@ impl SqliteStore {
     async fn write<T, F>(&self, transition: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnMut(&mut Tx<'_>) -> Result<T> + Send + 'static,
+        F: FnMut(&mut Tx<'_, '_>) -> Result<T> + Send + 'static,
     {
         let mut transition = transition;
         let versions = self.inner.versions.clone();

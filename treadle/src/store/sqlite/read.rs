@@ -107,14 +107,13 @@ pub(crate) fn stage_counts(conn: &Connection) -> Result<Vec<StageCount>> {
 pub(crate) fn items_in(conn: &Connection, stage: &str, state: StageState) -> Result<Vec<String>> {
     // The states every stage passes through have no index (schema version
     // 5): the stage's rows are read in submission order. The others have
-    // `stages_in_rare_states`, which the condition repeated here selects.
-    let sql = match state {
-        StageState::Pending | StageState::Running | StageState::Completed => {
-            "SELECT item_id FROM stages WHERE stage = +?1 AND state = +?2 ORDER BY item_seq"
-        }
-        _ => {
-            "SELECT item_id FROM stages WHERE stage = +?1 AND state = +?2
-                AND state <> 'pending' AND state <> 'running' AND state <> 'completed'
+    // `stages_in_rare_states`, over `rare_state` (schema version 7), which
+    // the condition repeated here selects.
+    let sql = match rows::rare_state(state) {
+        None => "SELECT item_id FROM stages WHERE stage = +?1 AND state = +?2 ORDER BY item_seq",
+        Some(_) => {
+            "SELECT item_id FROM stages WHERE stage = +?1 AND rare_state = +?2
+                AND rare_state IS NOT NULL
              ORDER BY item_seq"
         }
     };
@@ -133,7 +132,7 @@ pub(crate) fn status(conn: &Connection, item_id: &str) -> Result<ItemStatus> {
 pub(crate) fn next_review_deadline(conn: &Connection) -> Result<Option<DateTime<Utc>>> {
     conn.prepare_cached(
         "SELECT item_id, stage, review_deadline FROM stages
-         WHERE state = 'awaiting_review' AND review_deadline IS NOT NULL
+         WHERE rare_state = 'awaiting_review' AND review_deadline IS NOT NULL
          ORDER BY review_deadline LIMIT 1",
     )?
     .query_row([], |row| {
@@ -151,7 +150,7 @@ pub(crate) fn due_reviews(conn: &Connection, now: DateTime<Utc>) -> Result<Vec<A
         "SELECT s.item_id, s.stage, s.review_round, s.review_request, s.review_requested_at,
                 i.version
          FROM stages s JOIN items i ON i.id = s.item_id
-         WHERE s.state = 'awaiting_review' AND s.review_deadline IS NOT NULL
+         WHERE s.rare_state = 'awaiting_review' AND s.review_deadline IS NOT NULL
            AND s.review_deadline <= ?1
          ORDER BY s.item_id, s.stage",
         [super::codec::time(now)],
@@ -164,7 +163,7 @@ pub(crate) fn awaiting_review(conn: &Connection) -> Result<Vec<AwaitingReview>> 
         "SELECT s.item_id, s.stage, s.review_round, s.review_request, s.review_requested_at,
                 i.version
          FROM stages s JOIN items i ON i.id = s.item_id
-         WHERE s.state = 'awaiting_review'
+         WHERE s.rare_state = 'awaiting_review'
          ORDER BY s.review_requested_at, s.item_id, s.stage",
         [],
     )

@@ -4,14 +4,16 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use rusqlite::types::{ToSqlOutput, Value as Sql, ValueRef};
+use rusqlite::types::{Value as Sql, ValueRef};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::appends::Appends;
-use super::codec::{self, Loc};
+use super::codec::{self, Loc, Param};
+use super::statements::Statements;
 use crate::error::{Error, Result};
 use crate::review::{DecisionRecord, ReviewRequest, ReviewStatus};
 use crate::rules::{Effects, FanOut, ItemRecord, Lease, StageRecord, UnitRecord, UnitRef};
+use crate::state::StageState;
 use crate::status::AttemptRecord;
 
 /// Which subtask rows to load with an item.
@@ -368,10 +370,15 @@ pub(crate) fn attempts(
 
 /// Inserts the stage rows of a new item (loaded with `seq`) and returns
 /// their ids, by position.
-pub(crate) fn insert_stages(conn: &Connection, seq: i64, record: &ItemRecord) -> Result<Vec<i64>> {
-    let mut statement = conn.prepare_cached(
-        "INSERT INTO stages (item_id, stage, item_seq, position, state, waiting)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+pub(crate) fn insert_stages(
+    db: &mut Statements<'_>,
+    seq: i64,
+    record: &ItemRecord,
+) -> Result<Vec<i64>> {
+    let conn = db.conn();
+    let mut statement = db.get(
+        "INSERT INTO stages (item_id, stage, item_seq, position, state, waiting, rare_state)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?;
     let mut ids = Vec::with_capacity(record.stages.len());
     for stage in &record.stages {
@@ -395,7 +402,18 @@ fn new_stage_row<'a>(
         stage.unit.position,
         stage.unit.state.as_str(),
         stage.waiting,
+        rare_state(stage.unit.state),
     )
+}
+
+/// What a stage row's `rare_state` holds for `state`: the state, unless
+/// it is one every stage passes through (`pending`, `running`,
+/// `completed`), which no index lists by state (schema versions 5 and 7).
+pub(crate) fn rare_state(state: StageState) -> Option<&'static str> {
+    match state {
+        StageState::Pending | StageState::Running | StageState::Completed => None,
+        rare => Some(rare.as_str()),
+    }
 }
 
 /// Saves what a rule did to `record` (loaded with `seq` and the stage row
@@ -403,20 +421,21 @@ fn new_stage_row<'a>(
 /// rule ran were `before`), except the events: queue hints and attempts
 /// (to `appends`), decisions and the changed columns of every changed row.
 pub(crate) fn save(
-    conn: &Connection,
+    db: &mut Statements<'_>,
     appends: &mut Appends,
     (seq, stage_ids): (i64, &mut Vec<i64>),
     record: &ItemRecord,
     before: &[StageRecord],
     fx: &Effects,
 ) -> Result<()> {
+    let conn = db.conn();
     if fx.item_changed {
         conn.prepare_cached("UPDATE items SET cancelled = ?2, version = ?3 WHERE id = ?1")?
             .execute(params![record.id, record.cancelled, record.version])?;
     }
     if fx.restructured || !fx.fanned_out.is_empty() {
         // Attempts are deleted below: the pending ones must be rows first.
-        appends.flush(conn)?;
+        appends.flush(db)?;
     }
     if fx.restructured {
         *stage_ids = restructure(conn, seq, record, before)?;
@@ -453,18 +472,18 @@ pub(crate) fn save(
         } else {
             old_unit(before, unit)
         };
-        write_unit(conn, record, stage_ids, unit, old)?;
+        write_unit(db, record, stage_ids, unit, old)?;
     }
     for (unit, attempt) in &fx.attempts {
         let (_, subtask) = unit_names(record, *unit);
         appends.attempt([
-            Sql::Integer(stage_id(record, stage_ids, unit.stage)?),
-            subtask.map_or(Sql::Null, |name| Sql::Text(name.to_owned())),
-            Sql::Integer(attempt.attempt.into()),
-            Sql::Text(codec::time(attempt.started_at)),
-            Sql::Text(codec::time(attempt.finished_at)),
-            Sql::Text(attempt.result.as_str().to_owned()),
-            attempt.error.clone().map_or(Sql::Null, Sql::Text),
+            Param::int(stage_id(record, stage_ids, unit.stage)?),
+            Param::shared_opt(subtask),
+            Param::int(attempt.attempt.into()),
+            Param::Time(codec::time_text(attempt.started_at)),
+            Param::Time(codec::time_text(attempt.finished_at)),
+            Param::Borrowed(attempt.result.as_str().into()),
+            Param::Value(attempt.error.clone().map_or(Sql::Null, Sql::Text)),
         ]);
     }
     if let Some(stage) = fx.decided {
@@ -495,11 +514,11 @@ pub(crate) fn save(
 
 /// The names of the stage and subtask of `unit`, as [`ItemRecord::key`]
 /// has them, borrowed.
-pub(crate) fn unit_names(record: &ItemRecord, unit: UnitRef) -> (&str, Option<&str>) {
+pub(crate) fn unit_names(record: &ItemRecord, unit: UnitRef) -> (&Arc<str>, Option<&Arc<str>>) {
     let stage = &record.stages[unit.stage];
     let subtask = unit
         .subtask
-        .and_then(|p| Some(&*stage.fan_out.as_ref()?.row(p)?.name));
+        .and_then(|p| Some(&stage.fan_out.as_ref()?.row(p)?.name));
     (&stage.unit.name, subtask)
 }
 
@@ -520,11 +539,35 @@ fn old_unit(before: &[StageRecord], unit: UnitRef) -> Option<(&StageRecord, &Uni
     }
 }
 
-/// One column to write and its new value.
-type Column<'r> = (&'static str, ToSqlOutput<'r>);
+/// A column `write_unit` may write, in the order it writes them (which
+/// numbers the bits of a set of columns).
+#[derive(Debug, Clone, Copy)]
+enum Column {
+    State,
+    Attempt,
+    Generation,
+    StartedAt,
+    FinishedAt,
+    NextRunAt,
+    LastError,
+    Output,
+    LeaseOwner,
+    LeaseExpiry,
+    Crashes,
+    Waiting,
+    ReviewRound,
+    ReviewRequest,
+    ReviewRequestedAt,
+    ReviewDeadline,
+    FanTotal,
+    FanOpen,
+    FanFailed,
+    EditsToCheck,
+    RareState,
+}
 
-/// Every column `write_unit` may write, in the order it writes them.
-const UNIT_COLUMNS: [&str; 20] = [
+/// The names of the [`Column`]s, in their order.
+const UNIT_COLUMNS: [&str; 21] = [
     "state",
     "attempt",
     "generation",
@@ -545,55 +588,35 @@ const UNIT_COLUMNS: [&str; 20] = [
     "fan_open",
     "fan_failed",
     "edits_to_check",
+    "rare_state",
 ];
 
-std::thread_local! {
-    /// The `UPDATE` text for each (table, set of columns) seen, so the
-    /// statement cache is looked up without building the text again.
-    static UPDATES: std::cell::RefCell<crate::fast_hash::FastMap<(&'static str, u32), std::rc::Rc<str>>> =
-        Default::default();
-}
+/// The `UPDATE` of the stage row with id `?1`.
+const UPDATE_STAGE: &str = "UPDATE stages SET {} WHERE id = ?1";
 
-/// `UPDATE table SET c = ?n, ... WHERE <key>` for `names` (in
-/// [`UNIT_COLUMNS`] order) of `stages` (by id) or `subtasks` (by item,
-/// stage and name).
-fn update_sql(table: &'static str, names: &[&'static str]) -> std::rc::Rc<str> {
-    let build = || -> std::rc::Rc<str> {
-        let keys = if table == "stages" { 1 } else { 3 };
-        let sets: Vec<String> = names
-            .iter()
-            .enumerate()
-            .map(|(i, name)| format!("{name} = ?{}", keys + i + 1))
-            .collect();
-        let key = if table == "stages" {
-            "id = ?1"
-        } else {
-            "item_id = ?1 AND stage = ?2 AND name = ?3"
-        };
-        format!("UPDATE {table} SET {} WHERE {key}", sets.join(", ")).into()
-    };
-    let mask = names.iter().try_fold(0u32, |mask, name| {
-        let bit = UNIT_COLUMNS.iter().position(|c| c == name)?;
-        Some(mask | 1 << bit)
-    });
-    // A column missing from the list is written correctly, just uncached.
-    let Some(mask) = mask else {
-        return build();
-    };
-    UPDATES.with(|cache| {
-        cache
-            .borrow_mut()
-            .entry((table, mask))
-            .or_insert_with(build)
-            .clone()
-    })
+/// The `UPDATE` of the subtask row keyed `?1, ?2, ?3`.
+const UPDATE_SUBTASK: &str =
+    "UPDATE subtasks SET {} WHERE item_id = ?1 AND stage = ?2 AND name = ?3";
+
+/// `template` (one of [`UPDATE_STAGE`] and [`UPDATE_SUBTASK`], whose key
+/// takes `keys` parameters) setting the columns of `mask` (bits by
+/// [`Column`]) to the parameters after the key, in [`Column`] order.
+fn update_sql(template: &str, keys: usize, mask: u32) -> String {
+    let sets: Vec<String> = UNIT_COLUMNS
+        .iter()
+        .enumerate()
+        .filter(|&(bit, _)| mask & 1 << bit != 0)
+        .enumerate()
+        .map(|(i, (_, name))| format!("{name} = ?{}", keys + i + 1))
+        .collect();
+    template.replace("{}", &sets.join(", "))
 }
 
 /// Writes the columns of one stage or subtask row that differ from `old`
 /// (every column when there is no `old` row): an unchanged column is not in
 /// the statement, so the indexes over it are not touched.
 fn write_unit<'r>(
-    conn: &Connection,
+    db: &mut Statements<'_>,
     record: &'r ItemRecord,
     stage_ids: &[i64],
     unit: UnitRef,
@@ -604,131 +627,150 @@ fn write_unit<'r>(
         Loc::stage(&record.id, &stage.unit.name)
             .corrupt("subtasks", "a changed subtask row was not loaded")
     })?;
-    // Text the record holds is bound borrowed, not copied to a String first.
-    let text = |v: Option<String>| ToSqlOutput::Owned(v.map_or(Sql::Null, Sql::Text));
-    let borrowed =
-        |v: Option<&'r str>| ToSqlOutput::Borrowed(v.map_or(ValueRef::Null, ValueRef::from));
-    let int = |v: Option<i64>| ToSqlOutput::Owned(v.map_or(Sql::Null, Sql::Integer));
-    let mut columns: Vec<Column<'r>> = Vec::with_capacity(UNIT_COLUMNS.len());
-    let mut set = |changed: bool,
-                   name: &'static str,
-                   value: &dyn Fn() -> Result<ToSqlOutput<'r>>|
-     -> Result<()> {
-        if changed {
-            columns.push((name, value()?));
-        }
-        Ok(())
-    };
+    // Text the record holds is bound borrowed, and timestamps from a
+    // buffer, not copied to a String first.
+    let text = |v: Option<String>| Param::Value(v.map_or(Sql::Null, Sql::Text));
+    let borrowed = |v: Option<&'r str>| Param::Borrowed(v.map_or(ValueRef::Null, ValueRef::from));
+    let int = |v: Option<i64>| Param::Value(v.map_or(Sql::Null, Sql::Integer));
+    // The values of the changed columns, and which columns they are.
+    let mut values: Vec<Param<'r>> = Vec::with_capacity(UNIT_COLUMNS.len() + 3);
+    let mut mask = 0u32;
+    let mut set =
+        |changed: bool, column: Column, value: &dyn Fn() -> Result<Param<'r>>| -> Result<()> {
+            if changed {
+                values.push(value()?);
+                mask |= 1 << column as u32;
+            }
+            Ok(())
+        };
     let was = old.map(|(_, u)| u);
     let differs = |f: &dyn Fn(&UnitRecord) -> bool| was.is_none_or(f);
-    set(differs(&|o| o.state != row.state), "state", &|| {
+    set(differs(&|o| o.state != row.state), Column::State, &|| {
         Ok(borrowed(Some(row.state.as_str())))
     })?;
-    set(differs(&|o| o.attempt != row.attempt), "attempt", &|| {
-        Ok(int(Some(row.attempt.into())))
-    })?;
+    set(
+        differs(&|o| o.attempt != row.attempt),
+        Column::Attempt,
+        &|| Ok(int(Some(row.attempt.into()))),
+    )?;
     set(
         differs(&|o| o.generation != row.generation),
-        "generation",
+        Column::Generation,
         &|| Ok(int(Some(row.generation as i64))),
     )?;
     set(
         differs(&|o| o.started_at != row.started_at),
-        "started_at",
-        &|| Ok(text(codec::time_opt(row.started_at))),
+        Column::StartedAt,
+        &|| Ok(Param::time_opt(row.started_at)),
     )?;
     set(
         differs(&|o| o.finished_at != row.finished_at),
-        "finished_at",
-        &|| Ok(text(codec::time_opt(row.finished_at))),
+        Column::FinishedAt,
+        &|| Ok(Param::time_opt(row.finished_at)),
     )?;
     set(
         differs(&|o| o.next_run_at != row.next_run_at),
-        "next_run_at",
-        &|| Ok(text(codec::time_opt(row.next_run_at))),
+        Column::NextRunAt,
+        &|| Ok(Param::time_opt(row.next_run_at)),
     )?;
     set(
         differs(&|o| o.last_error != row.last_error),
-        "last_error",
+        Column::LastError,
         &|| Ok(borrowed(row.last_error.as_deref())),
     )?;
-    set(differs(&|o| o.output != row.output), "output", &|| {
-        Ok(text(codec::json_opt(row.output.as_ref(), "an output")?))
-    })?;
+    set(
+        differs(&|o| o.output != row.output),
+        Column::Output,
+        &|| Ok(text(codec::json_opt(row.output.as_ref(), "an output")?)),
+    )?;
     let lease_changed = differs(&|o| o.lease != row.lease);
-    set(lease_changed, "lease_owner", &|| {
+    set(lease_changed, Column::LeaseOwner, &|| {
         Ok(borrowed(row.lease.as_ref().map(|l| &*l.owner)))
     })?;
-    set(lease_changed, "lease_expiry", &|| {
-        Ok(text(row.lease.as_ref().map(|l| codec::time(l.expiry))))
+    set(lease_changed, Column::LeaseExpiry, &|| {
+        Ok(Param::time_opt(row.lease.as_ref().map(|l| l.expiry)))
     })?;
-    set(differs(&|o| o.crashes != row.crashes), "crashes", &|| {
-        Ok(int(Some(row.crashes.into())))
-    })?;
-    let (sql_table, keys) = match unit.subtask {
+    set(
+        differs(&|o| o.crashes != row.crashes),
+        Column::Crashes,
+        &|| Ok(int(Some(row.crashes.into()))),
+    )?;
+    let (template, key_count, keys) = match unit.subtask {
         None => {
             let old_stage = old.map(|(s, _)| s);
             let stage_differs = |f: &dyn Fn(&StageRecord) -> bool| old_stage.is_none_or(f);
             set(
                 stage_differs(&|o| o.waiting != stage.waiting),
-                "waiting",
+                Column::Waiting,
                 &|| Ok(int(Some(stage.waiting.into()))),
             )?;
             let review = stage.review.as_ref();
             let review_changed = stage_differs(&|o| o.review != stage.review);
-            set(review_changed, "review_round", &|| {
+            set(review_changed, Column::ReviewRound, &|| {
                 Ok(int(Some(review.map_or(0, |r| r.round as i64))))
             })?;
-            set(review_changed, "review_request", &|| {
+            set(review_changed, Column::ReviewRequest, &|| {
                 Ok(text(codec::json_opt(
                     review.map(|r| &r.request),
                     "the review request",
                 )?))
             })?;
-            set(review_changed, "review_requested_at", &|| {
-                Ok(text(codec::time_opt(review.map(|r| r.requested_at))))
+            set(review_changed, Column::ReviewRequestedAt, &|| {
+                Ok(Param::time_opt(review.map(|r| r.requested_at)))
             })?;
-            set(review_changed, "review_deadline", &|| {
+            set(review_changed, Column::ReviewDeadline, &|| {
                 let deadline = review.and_then(|r| Some(r.request.deadline.as_ref()?.at));
-                Ok(text(codec::time_opt(deadline)))
+                Ok(Param::time_opt(deadline))
             })?;
             let fan = stage.fan_out.as_ref().map(|f| (f.total, f.open, f.failed));
             let fan_changed =
                 stage_differs(&|o| o.fan_out.as_ref().map(|f| (f.total, f.open, f.failed)) != fan);
-            set(fan_changed, "fan_total", &|| {
+            set(fan_changed, Column::FanTotal, &|| {
                 Ok(int(fan.map(|f| f.0.into())))
             })?;
-            set(fan_changed, "fan_open", &|| {
+            set(fan_changed, Column::FanOpen, &|| {
                 Ok(int(fan.map(|f| f.1.into())))
             })?;
-            set(fan_changed, "fan_failed", &|| {
+            set(fan_changed, Column::FanFailed, &|| {
                 Ok(int(fan.map(|f| f.2.into())))
             })?;
             set(
                 stage_differs(&|o| o.edits_to_check != stage.edits_to_check),
-                "edits_to_check",
+                Column::EditsToCheck,
                 &|| Ok(int(Some(stage.edits_to_check.into()))),
             )?;
+            let rare = rare_state(row.state);
+            set(
+                stage_differs(&|o| rare_state(o.unit.state) != rare),
+                Column::RareState,
+                &|| Ok(borrowed(rare)),
+            )?;
             let id = stage_id(record, stage_ids, unit.stage)?;
-            ("stages", vec![int(Some(id))])
+            (
+                UPDATE_STAGE,
+                1,
+                [int(Some(id)), borrowed(None), borrowed(None)],
+            )
         }
         Some(_) => (
-            "subtasks",
-            vec![
+            UPDATE_SUBTASK,
+            3,
+            [
                 borrowed(Some(&record.id)),
                 borrowed(Some(&stage.unit.name)),
                 borrowed(Some(&row.name)),
             ],
         ),
     };
-    if columns.is_empty() {
+    if mask == 0 {
         return Ok(());
     }
-    let names: Vec<&'static str> = columns.iter().map(|(name, _)| *name).collect();
-    let sql = update_sql(sql_table, &names);
-    let values = keys.into_iter().chain(columns.into_iter().map(|(_, v)| v));
-    conn.prepare_cached(&sql)?
-        .execute(rusqlite::params_from_iter(values))?;
+    let keys = &keys[..key_count];
+    let mut statement = db.built(template, mask, || update_sql(template, key_count, mask))?;
+    for (i, value) in keys.iter().chain(&values).enumerate() {
+        statement.raw_bind_parameter(i + 1, value)?;
+    }
+    statement.raw_execute()?;
     Ok(())
 }
 
@@ -791,8 +833,8 @@ fn restructure(
     }
     // The rows it keeps keep their columns but their position.
     let mut upsert = conn.prepare_cached(
-        "INSERT INTO stages (item_id, stage, item_seq, position, state, waiting)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+        "INSERT INTO stages (item_id, stage, item_seq, position, state, waiting, rare_state)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
          ON CONFLICT (item_id, stage) DO UPDATE SET position = excluded.position
          RETURNING id",
     )?;
@@ -802,4 +844,31 @@ fn restructure(
         ids.push(upsert.query_row(row, |row| row.get(0))?);
     }
     Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_update_sets_the_columns_of_its_mask_after_the_key() {
+        let mask = |columns: &[Column]| columns.iter().fold(0, |m, &c| m | 1 << c as u32);
+        // The shapes `super::super::tests` plans against the schema.
+        assert_eq!(
+            update_sql(UPDATE_STAGE, 1, mask(&[Column::State, Column::Waiting])),
+            "UPDATE stages SET state = ?2, waiting = ?3 WHERE id = ?1"
+        );
+        assert_eq!(
+            update_sql(UPDATE_SUBTASK, 3, mask(&[Column::State])),
+            "UPDATE subtasks SET state = ?4 WHERE item_id = ?1 AND stage = ?2 AND name = ?3"
+        );
+        assert_eq!(
+            update_sql(
+                UPDATE_STAGE,
+                1,
+                mask(&[Column::EditsToCheck, Column::Attempt])
+            ),
+            "UPDATE stages SET attempt = ?2, edits_to_check = ?3 WHERE id = ?1"
+        );
+    }
 }

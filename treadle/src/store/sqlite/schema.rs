@@ -54,6 +54,10 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         version: 6,
         sql: V6,
     },
+    Migration {
+        version: 7,
+        sql: V7,
+    },
 ];
 
 /// Version 3: per stage and subtask, the attempts of the current run that
@@ -413,6 +417,30 @@ DELETE FROM sqlite_sequence WHERE name = 'events_v6'
 DROP TABLE events;
 ALTER TABLE events_v6 RENAME TO events;
 CREATE INDEX events_by_item ON events (item_seq, seq);
+"#;
+
+/// Version 7: the indexes over the states few transitions enter are not
+/// touched by the others. A partial index whose condition names `state`
+/// is opened and its condition evaluated, for the row before and after,
+/// on every write that changes `state`: each claim and each end of an
+/// attempt, though no such row is in the index. Their condition is now
+/// on `rare_state`, the state when it is one of those (not `pending`,
+/// `running` or `completed`) and NULL otherwise, which the writer sets
+/// with `state` (`rows::rare_state`), so a stage moving between the common
+/// states leaves it, and them, alone. `read` selects the rows by it.
+const V7: &str = r#"
+ALTER TABLE stages ADD COLUMN rare_state TEXT;  -- state, unless pending, running or completed
+UPDATE stages SET rare_state = state
+    WHERE state <> 'pending' AND state <> 'running' AND state <> 'completed';
+DROP INDEX stages_in_rare_states;
+DROP INDEX stages_awaiting_review;
+DROP INDEX stages_review_deadline;
+CREATE INDEX stages_in_rare_states ON stages (stage, rare_state, item_seq)
+    WHERE rare_state IS NOT NULL;
+CREATE INDEX stages_awaiting_review ON stages (review_requested_at, item_id, stage)
+    WHERE rare_state = 'awaiting_review';
+CREATE INDEX stages_review_deadline ON stages (review_deadline)
+    WHERE rare_state = 'awaiting_review' AND review_deadline IS NOT NULL;
 "#;
 
 /// Sets up a freshly opened connection: waits for other writers instead of
@@ -775,11 +803,6 @@ mod tests {
 
         let conn = open(Some(&path), &MIGRATIONS[..5]).unwrap();
         assert_eq!(version(&conn), 5);
-        let items_in = |stage, state| super::super::read::items_in(&conn, stage, state).unwrap();
-        assert_eq!(items_in("s", StageState::AwaitingReview), ["b", "c"]);
-        assert_eq!(items_in("s", StageState::Running), ["a"]);
-        assert_eq!(items_in("t", StageState::Pending), ["c"]);
-        assert!(items_in("s", StageState::Completed).is_empty());
         let indexes: Vec<String> = conn
             .prepare("SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'stages' AND name LIKE 'stages_by%' ORDER BY name")
             .unwrap()
@@ -788,6 +811,14 @@ mod tests {
             .collect::<rusqlite::Result<_>>()
             .unwrap();
         assert_eq!(indexes, ["stages_by_stage"], "stages_by_state is gone");
+        drop(conn);
+        // Read as this build reads, once migrated on.
+        let conn = open(Some(&path), MIGRATIONS).unwrap();
+        let items_in = |stage, state| super::super::read::items_in(&conn, stage, state).unwrap();
+        assert_eq!(items_in("s", StageState::AwaitingReview), ["b", "c"]);
+        assert_eq!(items_in("s", StageState::Running), ["a"]);
+        assert_eq!(items_in("t", StageState::Pending), ["c"]);
+        assert!(items_in("s", StageState::Completed).is_empty());
     }
 
     /// A version 5 database holding items in every kind of row: stages
@@ -899,7 +930,7 @@ mod tests {
         );
         drop(conn);
 
-        let conn = open(Some(&path), MIGRATIONS).unwrap();
+        let conn = open(Some(&path), &MIGRATIONS[..6]).unwrap();
         assert_eq!(version(&conn), 6);
         assert_eq!(
             ["stages", "subtasks"].map(|table| rows(&conn, table)),
@@ -959,10 +990,12 @@ mod tests {
             order("SELECT name FROM subtasks ORDER BY rowid"),
             ["x", "y"]
         );
+        let current = open(Some(&path), MIGRATIONS).unwrap();
         assert_eq!(
-            read::items_in(&conn, "scan", crate::state::StageState::AwaitingReview).unwrap(),
+            read::items_in(&current, "scan", crate::state::StageState::AwaitingReview).unwrap(),
             ["b"]
         );
+        drop(current);
         let keys_enforced = |sql: &str| conn.execute(sql, []).is_err();
         assert!(keys_enforced(
             "INSERT INTO stages (item_id, stage, item_seq, position, state, waiting)
@@ -977,6 +1010,90 @@ mod tests {
              VALUES ('a', 'nowhere', 1, 't', 't', 'completed')"
         ));
         assert!(keys_enforced("DELETE FROM stages WHERE item_id = 'a'"));
+    }
+
+    #[test]
+    fn version_7_lists_the_rare_states_and_reviews_of_an_older_database_by_rare_state() {
+        use super::super::read;
+        use crate::state::StageState;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v6.db");
+        drop(v5_database(&path));
+        let conn = open(Some(&path), &MIGRATIONS[..6]).unwrap();
+        assert_eq!(version(&conn), 6);
+        // Besides `b`'s review: a later one with a deadline, and a failure.
+        const LATER: &str = "2026-01-02T03:04:06.000000000Z";
+        const DEADLINE: &str = "2026-01-03T00:00:00.000000000Z";
+        conn.execute_batch(&format!(
+            "INSERT INTO items (seq, id, payload, submitted_at) VALUES (3, 'c', '{{}}', '{LATER}');
+             INSERT INTO stages (item_id, stage, item_seq, position, state, waiting, attempt,
+                                 generation, review_round, review_request,
+                                 review_requested_at, review_deadline)
+             VALUES ('c', 'scan', 3, 0, 'awaiting_review', 0, 1, 1, 1,
+                     '{{\"summary\":\"look\",\"details\":null,\"proposed_output\":null}}',
+                     '{LATER}', '{DEADLINE}');
+             INSERT INTO stages (item_id, stage, item_seq, position, state, waiting, attempt,
+                                 generation, last_error)
+             VALUES ('c', 'enrich', 3, 1, 'failed', 0, 1, 1, 'boom');"
+        ))
+        .unwrap();
+        let rows = |conn: &Connection, sql: &str| -> Vec<String> {
+            conn.prepare(sql)
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap()
+        };
+        const EVERY_ROW: &str = "SELECT item_id || '/' || stage || ' ' || state || ' ' ||
+            attempt || ' ' || coalesce(review_deadline, '-') || ' ' || coalesce(lease_owner, '-')
+            FROM stages ORDER BY id";
+        let before = rows(&conn, EVERY_ROW);
+        drop(conn);
+
+        let conn = open(Some(&path), MIGRATIONS).unwrap();
+        assert_eq!(version(&conn), 7);
+        assert_eq!(rows(&conn, EVERY_ROW), before, "the rows are kept");
+        assert_eq!(
+            rows(
+                &conn,
+                "SELECT item_id || '/' || stage || ' ' || rare_state FROM stages
+                 WHERE rare_state IS NOT NULL ORDER BY id"
+            ),
+            [
+                "b/scan awaiting_review",
+                "c/scan awaiting_review",
+                "c/enrich failed"
+            ]
+        );
+        let items_in = |stage, state| read::items_in(&conn, stage, state).unwrap();
+        assert_eq!(items_in("scan", StageState::AwaitingReview), ["b", "c"]);
+        assert_eq!(items_in("enrich", StageState::Failed), ["c"]);
+        assert_eq!(items_in("enrich", StageState::Running), ["a"]);
+        assert_eq!(items_in("review", StageState::Pending), ["a"]);
+        assert!(items_in("scan", StageState::Failed).is_empty());
+        let reviews = |found: Vec<crate::status::AwaitingReview>| -> Vec<String> {
+            found.into_iter().map(|r| r.item_id).collect()
+        };
+        assert_eq!(reviews(read::awaiting_review(&conn).unwrap()), ["b", "c"]);
+        let deadline = read::next_review_deadline(&conn).unwrap().unwrap();
+        assert_eq!(super::super::codec::time(deadline), DEADLINE);
+        let just_before = deadline - chrono::TimeDelta::nanoseconds(1);
+        assert!(read::due_reviews(&conn, just_before).unwrap().is_empty());
+        assert_eq!(reviews(read::due_reviews(&conn, deadline).unwrap()), ["c"]);
+        let indexes = rows(
+            &conn,
+            "SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'stages'
+               AND sql LIKE '%WHERE rare_state%' ORDER BY name",
+        );
+        assert_eq!(
+            indexes,
+            [
+                "stages_awaiting_review",
+                "stages_in_rare_states",
+                "stages_review_deadline"
+            ]
+        );
     }
 
     #[test]

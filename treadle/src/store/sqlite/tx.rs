@@ -9,8 +9,9 @@ use rusqlite::{Connection, params};
 
 use super::appends::Appends;
 use super::cache::ItemCache;
-use super::codec;
+use super::codec::{self, Param};
 use super::rows::{self, Loaded, Outputs, Subtasks};
+use super::statements::Statements;
 use super::versions::{self, Versions};
 use super::writer::Session;
 use crate::definition::{PipelineDef, PipelineDrift};
@@ -23,14 +24,15 @@ use crate::rules::{
 use crate::store::{ClaimBatch, check_payload};
 use crate::task::TaskKey;
 
-/// One transition in progress: the connection, the writer's cache of
-/// items, the group commit's pending appends, the pipeline versions and
-/// the events appended so far.
-pub(crate) struct Tx<'c> {
+/// One transition in progress: the connection and its held statements,
+/// the writer's cache of items, the group commit's pending appends, the
+/// pipeline versions and the events appended so far.
+pub(crate) struct Tx<'t, 'c> {
     conn: &'c Connection,
-    items: &'c mut ItemCache,
-    appends: &'c mut Appends,
-    versions: &'c Versions,
+    statements: &'t mut Statements<'c>,
+    items: &'t mut ItemCache,
+    appends: &'t mut Appends,
+    versions: &'t Versions,
     events: Vec<Event>,
 }
 
@@ -43,10 +45,11 @@ impl SubtaskSource for SubtaskRows<'_> {
     }
 }
 
-impl<'c> Tx<'c> {
-    pub(crate) fn new(session: &'c mut Session, versions: &'c Versions) -> Self {
+impl<'t, 'c> Tx<'t, 'c> {
+    pub(crate) fn new(session: &'t mut Session<'c>, versions: &'t Versions) -> Self {
         Tx {
-            conn: &session.conn,
+            conn: session.conn,
+            statements: &mut session.statements,
             items: &mut session.items,
             appends: &mut session.appends,
             versions,
@@ -113,7 +116,14 @@ impl<'c> Tx<'c> {
         let mut fx = Effects::default();
         let answer = rule(&graph, &mut record, &mut fx)?;
         let row_ids = (seq, &mut stage_ids);
-        rows::save(self.conn, self.appends, row_ids, &record, &before, &fx)?;
+        rows::save(
+            self.statements,
+            self.appends,
+            row_ids,
+            &record,
+            &before,
+            &fx,
+        )?;
         self.append(seq, &record, &fx)?;
         // Only now does the record match its rows again.
         self.items.keep(Loaded {
@@ -129,20 +139,19 @@ impl<'c> Tx<'c> {
         use rusqlite::types::Value as Sql;
         for new in &fx.events {
             let (stage, subtask) = match new.unit.map(|unit| rows::unit_names(record, unit)) {
-                None => (Sql::Null, Sql::Null),
-                Some((stage, subtask)) => (
-                    Sql::Text(stage.to_owned()),
-                    subtask.map_or(Sql::Null, |name| Sql::Text(name.to_owned())),
-                ),
+                None => (Param::Value(Sql::Null), Param::Value(Sql::Null)),
+                Some((stage, subtask)) => {
+                    (Param::Shared(stage.clone()), Param::shared_opt(subtask))
+                }
             };
             let logged = self.appends.event(
                 self.conn,
                 [
-                    Sql::Text(codec::time(new.at)),
-                    Sql::Integer(seq),
+                    Param::Time(codec::time_text(new.at)),
+                    Param::int(seq),
                     stage,
                     subtask,
-                    Sql::Text(codec::json(&new.kind, "an event")?),
+                    Param::Value(Sql::Text(codec::json(&new.kind, "an event")?)),
                 ],
             )?;
             self.events.push(new.resolve(record, logged));
@@ -181,8 +190,8 @@ impl<'c> Tx<'c> {
             let graph = self.graph(item.version)?;
             // Not `RETURNING seq`, which buffers the row in a temporary table.
             let inserted = self
-                .conn
-                .prepare_cached(
+                .statements
+                .get(
                     "INSERT INTO items (id, payload, submitted_at, version) VALUES (?1, ?2, ?3, ?4)
                      ON CONFLICT (id) DO NOTHING",
                 )?
@@ -197,14 +206,20 @@ impl<'c> Tx<'c> {
             }
             let seq = self.conn.last_insert_rowid();
             let (record, fx) = rules::new_item(&graph, item.clone());
-            let mut stage_ids = rows::insert_stages(self.conn, seq, &record)?;
+            let mut stage_ids = rows::insert_stages(self.statements, seq, &record)?;
             let fx = Effects {
                 item_changed: false,
                 ..fx
             };
             let row_ids = (seq, &mut stage_ids);
-            rows::save(self.conn, self.appends, row_ids, &record, &[], &fx)?;
+            rows::save(self.statements, self.appends, row_ids, &record, &[], &fx)?;
             self.append(seq, &record, &fx)?;
+            // Its first claim comes next: it starts from these rows.
+            self.items.keep(Loaded {
+                seq,
+                record,
+                stage_ids,
+            });
         }
         Ok(())
     }
@@ -239,8 +254,8 @@ impl<'c> Tx<'c> {
             )?;
             let keys: Vec<TaskKey> = match head.last() {
                 Some(&(last, _)) => {
-                    self.conn
-                        .prepare_cached("DELETE FROM run_queue WHERE seq <= ?1")?
+                    self.statements
+                        .get("DELETE FROM run_queue WHERE seq <= ?1")?
                         .execute([last])?;
                     head.into_iter().map(|(_, key)| key).collect()
                 }
@@ -258,10 +273,14 @@ impl<'c> Tx<'c> {
 
     /// Rows of a queue table (`scheduled` or `run_queue`): their id and the
     /// unit of work they name, from `sql` with one parameter.
-    fn queued_units(&self, sql: &str, param: &dyn rusqlite::ToSql) -> Result<Vec<(i64, TaskKey)>> {
+    fn queued_units(
+        &mut self,
+        sql: &'static str,
+        param: &dyn rusqlite::ToSql,
+    ) -> Result<Vec<(i64, TaskKey)>> {
         let units = self
-            .conn
-            .prepare_cached(sql)?
+            .statements
+            .get(sql)?
             .query_map([param], |row| {
                 Ok((
                     row.get(0)?,
@@ -277,7 +296,7 @@ impl<'c> Tx<'c> {
     }
 
     /// Running units whose lease expired before `now`, oldest expiry first.
-    fn expired(&self, now: &str, limit: usize) -> Result<Vec<TaskKey>> {
+    fn expired(&mut self, now: &str, limit: usize) -> Result<Vec<TaskKey>> {
         let mut found: Vec<(String, TaskKey)> = Vec::new();
         for sql in [
             "SELECT lease_expiry, item_id, stage, NULL FROM stages
@@ -287,7 +306,7 @@ impl<'c> Tx<'c> {
              WHERE state = 'running' AND lease_expiry IS NOT NULL AND lease_expiry <= +?1
              ORDER BY lease_expiry LIMIT +?2",
         ] {
-            let mut statement = self.conn.prepare_cached(sql)?;
+            let mut statement = self.statements.get(sql)?;
             let rows = statement.query_map(params![now, limit], |row| {
                 Ok((
                     row.get(0)?,

@@ -27,29 +27,32 @@ use tokio::sync::{broadcast, oneshot};
 
 use super::appends::Appends;
 use super::cache::ItemCache;
+use super::statements::Statements;
 use crate::error::{Error, Result};
 use crate::event::Event;
 
 /// The most jobs committed in one transaction.
 const MAX_BATCH: usize = 512;
 
-/// What a job works with: the write connection, the writer's cache and
-/// the rows the group commit appended so far.
-pub(crate) struct Session {
+/// What a job works with: the write connection and its held statements,
+/// the writer's cache and the rows the group commit appended so far.
+pub(crate) struct Session<'c> {
     /// The write connection, inside the group commit's transaction.
-    pub(crate) conn: Connection,
+    pub(crate) conn: &'c Connection,
+    /// The statements of the transitions, held prepared.
+    pub(crate) statements: Statements<'c>,
     /// The items the writer wrote last.
     pub(crate) items: ItemCache,
     /// Events, attempts and run queue entries not written yet.
     pub(crate) appends: Appends,
 }
 
-impl Session {
+impl<'c> Session<'c> {
     /// The connection once every pending append is written, for a job that
     /// reads or deletes rows outside a transition's own.
-    pub(crate) fn settled(&mut self) -> Result<&Connection> {
-        self.appends.flush(&self.conn)?;
-        Ok(&self.conn)
+    pub(crate) fn settled(&mut self) -> Result<&'c Connection> {
+        self.appends.flush(&mut self.statements)?;
+        Ok(self.conn)
     }
 }
 
@@ -57,7 +60,7 @@ impl Session {
 trait Job: Send {
     /// Runs the transition, returning the events it appended. It may be run
     /// again, from scratch, after its transaction was rolled back.
-    fn run(&mut self, session: &mut Session) -> Result<Vec<Event>>;
+    fn run(&mut self, session: &mut Session<'_>) -> Result<Vec<Event>>;
 
     /// Answers the caller: with the value of the last run if `outcome` is
     /// `Ok`, else with the error.
@@ -74,9 +77,9 @@ struct Transition<T, F> {
 impl<T, F> Job for Transition<T, F>
 where
     T: Send,
-    F: FnMut(&mut Session) -> Result<(T, Vec<Event>)> + Send,
+    F: FnMut(&mut Session<'_>) -> Result<(T, Vec<Event>)> + Send,
 {
-    fn run(&mut self, session: &mut Session) -> Result<Vec<Event>> {
+    fn run(&mut self, session: &mut Session<'_>) -> Result<Vec<Event>> {
         let (value, events) = (self.work)(session)?;
         self.value = Some(value);
         Ok(events)
@@ -117,7 +120,8 @@ impl Writer {
             .name("treadle-sqlite-writer".into())
             .spawn(move || {
                 let session = Session {
-                    conn,
+                    conn: &conn,
+                    statements: Statements::new(&conn),
                     items: ItemCache::default(),
                     appends: Appends::default(),
                 };
@@ -137,7 +141,7 @@ impl Writer {
     pub(crate) async fn write<T, F>(&self, work: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnMut(&mut Session) -> Result<(T, Vec<Event>)> + Send + 'static,
+        F: FnMut(&mut Session<'_>) -> Result<(T, Vec<Event>)> + Send + 'static,
     {
         let (reply, answered) = oneshot::channel::<Result<T>>();
         let job = Box::new(Transition {
@@ -164,7 +168,7 @@ impl Drop for Writer {
 }
 
 fn run(
-    mut session: Session,
+    mut session: Session<'_>,
     queue: mpsc::Receiver<Box<dyn Job>>,
     feed: broadcast::Sender<Event>,
     batches: &AtomicUsize,
@@ -204,7 +208,7 @@ fn run(
 /// rolled everything back) as soon as a job fails after writing, or the
 /// rows the jobs appended cannot be written.
 fn run_batch(
-    session: &mut Session,
+    session: &mut Session<'_>,
     batch: &mut [Box<dyn Job>],
     savepoints: bool,
 ) -> Option<Vec<Result<Vec<Event>>>> {
@@ -216,14 +220,14 @@ fn run_batch(
 
 /// [`run_batch`] but for forgetting the appends afterwards.
 fn run_jobs(
-    session: &mut Session,
+    session: &mut Session<'_>,
     batch: &mut [Box<dyn Job>],
     savepoints: bool,
 ) -> Option<Vec<Result<Vec<Event>>>> {
-    let began = exec(&session.conn, "BEGIN IMMEDIATE");
-    if let Err(error) = began.and_then(|()| session.items.check(&session.conn)) {
+    let began = exec(session.conn, "BEGIN IMMEDIATE");
+    if let Err(error) = began.and_then(|()| session.items.check(session.conn)) {
         if !session.conn.is_autocommit() {
-            let _ = exec(&session.conn, "ROLLBACK");
+            let _ = exec(session.conn, "ROLLBACK");
         }
         let error: Arc<dyn std::error::Error + Send + Sync> = Arc::new(error);
         return Some(
@@ -248,7 +252,7 @@ fn run_jobs(
                     if session.conn.total_changes() != before
                         || !session.appends.rollback(mark) =>
                 {
-                    let _ = exec(&session.conn, "ROLLBACK");
+                    let _ = exec(session.conn, "ROLLBACK");
                     session.items.clear();
                     return None;
                 }
@@ -257,16 +261,16 @@ fn run_jobs(
         };
         outcomes.push(outcome);
     }
-    if !savepoints && session.appends.flush(&session.conn).is_err() {
+    if !savepoints && session.appends.flush(&mut session.statements).is_err() {
         // Some job's appended rows cannot be written: find it with savepoints.
-        let _ = exec(&session.conn, "ROLLBACK");
+        let _ = exec(session.conn, "ROLLBACK");
         session.items.clear();
         return None;
     }
-    if let Err(error) = exec(&session.conn, "COMMIT") {
+    if let Err(error) = exec(session.conn, "COMMIT") {
         tracing::error!(%error, "treadle SQLite group commit failed");
         // Leave no transaction open for the next batch.
-        let _ = exec(&session.conn, "ROLLBACK");
+        let _ = exec(session.conn, "ROLLBACK");
         session.items.clear();
         let error: Arc<dyn std::error::Error + Send + Sync> = Arc::new(error);
         for outcome in outcomes.iter_mut().filter(|o| o.is_ok()) {
@@ -278,21 +282,21 @@ fn run_jobs(
 
 /// Runs one job inside its own savepoint, with the rows it appended
 /// written there; rolled back if the job or those rows fail.
-fn run_in_savepoint(session: &mut Session, job: &mut dyn Job) -> Result<Vec<Event>> {
-    exec(&session.conn, "SAVEPOINT job")?;
+fn run_in_savepoint(session: &mut Session<'_>, job: &mut dyn Job) -> Result<Vec<Event>> {
+    exec(session.conn, "SAVEPOINT job")?;
     let mark = session.appends.mark();
     let outcome = catch(session, job).and_then(|events| {
-        session.appends.flush(&session.conn)?;
+        session.appends.flush(&mut session.statements)?;
         Ok(events)
     });
     let mut end = Ok(());
     if outcome.is_err() {
-        end = exec(&session.conn, "ROLLBACK TO job");
+        end = exec(session.conn, "ROLLBACK TO job");
         session.items.clear();
         // Anything flushed since the mark was undone by the savepoint.
         let _ = session.appends.rollback(mark);
     }
-    if let Err(error) = end.and_then(|()| exec(&session.conn, "RELEASE job")) {
+    if let Err(error) = end.and_then(|()| exec(session.conn, "RELEASE job")) {
         // The batch will fail to commit cleanly or has rolled back; the
         // COMMIT result reports it to the jobs that succeeded.
         tracing::error!(%error, "treadle SQLite savepoint failed");
@@ -302,7 +306,7 @@ fn run_in_savepoint(session: &mut Session, job: &mut dyn Job) -> Result<Vec<Even
 
 /// Runs a job; a panic in it is an error of that job, not of the writer
 /// (and every later transition).
-fn catch(session: &mut Session, job: &mut dyn Job) -> Result<Vec<Event>> {
+fn catch(session: &mut Session<'_>, job: &mut dyn Job) -> Result<Vec<Event>> {
     std::panic::catch_unwind(AssertUnwindSafe(|| job.run(session))).unwrap_or_else(|panic| {
         let message = panic
             .downcast_ref::<&str>()
