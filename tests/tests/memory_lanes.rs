@@ -1,5 +1,6 @@
-//! A memory store split into lanes: each lane's claims, the one log of all
-//! lanes, and the end of a `run_until_idle` whose lanes run in parallel.
+//! A memory store split into lanes: whose work a claim takes, the one log
+//! of all lanes, and the end of a `run_until_idle` whose lanes run in
+//! parallel.
 
 mod support;
 
@@ -35,37 +36,51 @@ fn claim_from(lane: Option<usize>) -> ClaimRequest {
     }
 }
 
-#[tokio::test]
-async fn each_lane_claims_only_its_own_items_and_the_lanes_together_claim_all() {
+/// The items a claim starting at `lane` takes from a fresh two-lane store
+/// holding `ids`, in claim order.
+async fn claimed_from(lane: usize, ids: &[String]) -> Vec<String> {
     let store = MemoryStore::with_lanes(2);
     assert_eq!(store.lanes(), 2);
     let engine = engine(linear(), store.clone());
-    let ids: BTreeSet<String> = (0..40).map(|i| format!("doc-{i:02}")).collect();
     engine
         .submit_all(ids.iter().map(|id| doc(id)))
         .await
         .unwrap();
-
-    let claimed = |lane| {
-        let store = store.clone();
-        async move {
-            let claims = store.claim(claim_from(lane)).await.unwrap().claims;
-            claims
-                .into_iter()
-                .map(|c| c.task.item_id.to_string())
-                .collect::<BTreeSet<String>>()
-        }
-    };
-    let first = claimed(Some(0)).await;
-    let second = claimed(Some(1)).await;
+    let claims = store.claim(claim_from(Some(lane))).await.unwrap().claims;
     assert!(
-        !first.is_empty() && !second.is_empty(),
-        "both lanes hold items"
+        store
+            .claim(claim_from(None))
+            .await
+            .unwrap()
+            .claims
+            .is_empty(),
+        "nothing is left to claim"
     );
-    assert!(first.is_disjoint(&second), "an item is in one lane");
-    let both: BTreeSet<String> = first.union(&second).cloned().collect();
-    assert_eq!(both, ids, "every item is in a lane");
-    assert!(claimed(None).await.is_empty(), "nothing is left to claim");
+    claims
+        .into_iter()
+        .map(|c| c.task.item_id.to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_claim_takes_its_own_lanes_work_first_then_the_other_lanes() {
+    let ids: Vec<String> = (0..40).map(|i| format!("doc-{i:02}")).collect();
+    let from_first = claimed_from(0, &ids).await;
+    let from_second = claimed_from(1, &ids).await;
+    let all: BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(from_first.iter().collect::<BTreeSet<_>>(), all);
+    assert_eq!(from_second.iter().collect::<BTreeSet<_>>(), all);
+    // Each lane's items in submission order, own lane first: lane 1's
+    // claim is lane 0's turned around at the boundary between the lanes.
+    let boundary = (1..ids.len())
+        .find(|&k| from_second == [&from_first[k..], &from_first[..k]].concat())
+        .expect("the second claim is the first one with the lanes swapped");
+    for lane in [&from_first[..boundary], &from_first[boundary..]] {
+        assert!(
+            lane.is_sorted(),
+            "a lane's work in the order it became runnable"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

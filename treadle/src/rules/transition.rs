@@ -41,9 +41,10 @@ pub struct ClaimRequest {
     pub now: DateTime<Utc>,
     /// How work abandoned by a worker that stopped mid-attempt is retried.
     pub crash_retries: CrashRetries,
-    /// The lane to claim from, for a store split into lanes
-    /// (`Store::lanes`); `None` claims from every lane. A
-    /// store with one lane ignores it.
+    /// The lane to claim from first, for a store split into lanes
+    /// (`Store::lanes`); once it has no more runnable work, the other
+    /// lanes' work is claimed too. `None` starts at the first lane. A store
+    /// with one lane ignores it.
     pub lane: Option<usize>,
 }
 

@@ -104,8 +104,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// How many lanes the store's items are split into: an engine runs one
     /// claim loop per lane, each claiming with [`ClaimRequest::lane`] set,
-    /// so that lanes can run in parallel without contending. An item stays
-    /// in one lane. Stores that do not split their items have one.
+    /// so that lanes can run in parallel without contending (a loop whose
+    /// lane has no more runnable work claims the others'). An item stays in
+    /// one lane. Stores that do not split their items have one.
     fn lanes(&self) -> usize {
         1
     }

@@ -252,18 +252,19 @@ impl Store for MemoryStore {
         Ok(events)
     }
 
+    /// Claims from the request's lane first, then, while the batch has
+    /// room, from the lanes after it in turn: a lane whose own work ran out
+    /// helps the others instead of waiting for them.
     async fn claim(&self, request: ClaimRequest) -> Result<ClaimBatch> {
         let mut batch = ClaimBatch { claims: Vec::new() };
-        match request.lane {
-            Some(lane) => {
-                let lanes = &self.shared.lanes;
-                lock(&lanes[lane % lanes.len()]).claim(&request, &mut batch.claims)?;
+        let lanes = &self.shared.lanes;
+        let first = request.lane.unwrap_or(0);
+        for turn in 0..lanes.len() {
+            if batch.claims.len() >= request.limit {
+                break;
             }
-            None => {
-                for lane in self.shared.lanes.iter() {
-                    lock(lane).claim(&request, &mut batch.claims)?;
-                }
-            }
+            let lane = &lanes[(first + turn) % lanes.len()];
+            lock(lane).claim(&request, &mut batch.claims)?;
         }
         Ok(batch)
     }
