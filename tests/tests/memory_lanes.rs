@@ -11,7 +11,8 @@ use chrono::Utc;
 use support::{doc, done, engine, events_of, kind_name, stage};
 use treadle::store::{ClaimRequest, EventQuery, Store};
 use treadle::{
-    CrashRetries, DeadlineAction, ItemState, MemoryStore, Pipeline, ReviewRequest, StageOutcome,
+    CrashRetries, DeadlineAction, Engine, ItemState, MemoryStore, Pipeline, ReviewRequest,
+    StageOutcome,
 };
 
 fn linear() -> Pipeline<support::Doc> {
@@ -25,6 +26,16 @@ fn linear() -> Pipeline<support::Doc> {
         .unwrap()
 }
 
+/// `count` documents, `doc-000` on, submitted to `engine`; their ids.
+async fn submit_docs<S: Store>(engine: &Engine<support::Doc, S>, count: usize) -> Vec<String> {
+    let ids: Vec<String> = (0..count).map(|i| format!("doc-{i:03}")).collect();
+    engine
+        .submit_all(ids.iter().map(|id| doc(id)))
+        .await
+        .unwrap();
+    ids
+}
+
 fn claim_from(lane: Option<usize>) -> ClaimRequest {
     ClaimRequest {
         owner: "w".into(),
@@ -36,16 +47,13 @@ fn claim_from(lane: Option<usize>) -> ClaimRequest {
     }
 }
 
-/// The items a claim starting at `lane` takes from a fresh two-lane store
-/// holding `ids`, in claim order.
-async fn claimed_from(lane: usize, ids: &[String]) -> Vec<String> {
+/// The ids of `count` documents submitted to a fresh two-lane store, and
+/// the items a claim starting at `lane` takes from it, in claim order.
+async fn claimed_from(lane: usize, count: usize) -> (Vec<String>, Vec<String>) {
     let store = MemoryStore::with_lanes(2);
     assert_eq!(store.lanes(), 2);
     let engine = engine(linear(), store.clone());
-    engine
-        .submit_all(ids.iter().map(|id| doc(id)))
-        .await
-        .unwrap();
+    let ids = submit_docs(&engine, count).await;
     let claims = store.claim(claim_from(Some(lane))).await.unwrap().claims;
     assert!(
         store
@@ -56,17 +64,17 @@ async fn claimed_from(lane: usize, ids: &[String]) -> Vec<String> {
             .is_empty(),
         "nothing is left to claim"
     );
-    claims
+    let claimed = claims
         .into_iter()
         .map(|c| c.task.item_id.to_string())
-        .collect()
+        .collect();
+    (ids, claimed)
 }
 
 #[tokio::test]
 async fn a_claim_takes_its_own_lanes_work_first_then_the_other_lanes() {
-    let ids: Vec<String> = (0..40).map(|i| format!("doc-{i:02}")).collect();
-    let from_first = claimed_from(0, &ids).await;
-    let from_second = claimed_from(1, &ids).await;
+    let (ids, from_first) = claimed_from(0, 40).await;
+    let (_, from_second) = claimed_from(1, 40).await;
     let all: BTreeSet<&String> = ids.iter().collect();
     assert_eq!(from_first.iter().collect::<BTreeSet<_>>(), all);
     assert_eq!(from_second.iter().collect::<BTreeSet<_>>(), all);
@@ -87,11 +95,7 @@ async fn a_claim_takes_its_own_lanes_work_first_then_the_other_lanes() {
 async fn lanes_in_parallel_keep_one_gapless_log_in_each_items_order() {
     let store = MemoryStore::with_lanes(2);
     let engine = engine(linear(), store);
-    let ids: Vec<String> = (0..300).map(|i| format!("doc-{i:03}")).collect();
-    engine
-        .submit_all(ids.iter().map(|id| doc(id)))
-        .await
-        .unwrap();
+    let ids = submit_docs(&engine, 300).await;
     let report = engine.run_until_idle().await.unwrap();
     assert_eq!(report.attempts, 900);
 
@@ -134,11 +138,7 @@ async fn work_one_lane_makes_runnable_in_another_runs_before_the_run_ends() {
         .build()
         .unwrap();
     let engine = engine(pipeline, MemoryStore::with_lanes(2));
-    let ids: Vec<String> = (0..20).map(|i| format!("doc-{i:02}")).collect();
-    engine
-        .submit_all(ids.iter().map(|id| doc(id)))
-        .await
-        .unwrap();
+    let ids = submit_docs(&engine, 20).await;
     engine.run_until_idle().await.unwrap();
     assert_eq!(engine.awaiting_review().await.unwrap().len(), ids.len());
 

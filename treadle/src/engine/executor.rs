@@ -157,10 +157,7 @@ impl<'e, W: WorkItem, S: Store, F: Future<Output = ()>> RunLoop<'e, W, S, F> {
     fn new(engine: &'e Engine<W, S>, mode: Mode, shutdown: F, lane: LaneOf) -> Self {
         let config = &engine.shared.config;
         // The lanes share the concurrency between them (at least one each).
-        let lanes = lane
-            .group
-            .as_ref()
-            .map_or(1, |_| engine.shared.store.lanes());
+        let lanes = lane.group.as_ref().map_or(1, |group| group.lanes());
         let most = config.max_concurrency;
         let capacity = (most / lanes + usize::from(lane.index < most % lanes)).max(1);
         let mut renewal = tokio::time::interval(config.lease / 3);

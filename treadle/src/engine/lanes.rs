@@ -80,6 +80,11 @@ impl LaneGroup {
         }
     }
 
+    /// How many loops the run has, one per lane.
+    pub(super) fn lanes(&self) -> usize {
+        self.lanes
+    }
+
     /// Asks every loop to stop claiming and finish its running attempts.
     pub(super) fn stop(&self) {
         self.stop.send_replace(true);

@@ -313,18 +313,25 @@ impl Lane {
         let mut journal = lock(&self.log.journal);
         let mark = journal.log.mark();
         log_into(&mut self.unlogged, &mut journal);
+        if listening && journal.feed.receiver_count() == 0 {
+            self.log.listening.store(false, Ordering::Release);
+        }
+        // Named once for the feed (all that was logged) and the caller
+        // (this transition's own events, the last ones).
+        let flushed = journal.log.since_mark(mark);
+        let from = if listening { 0 } else { flushed.len() - mine };
+        let logged: Vec<Event> = flushed[from..]
+            .iter()
+            .map(|entry| self.resolve(&journal, entry))
+            .collect();
         if listening {
-            if journal.feed.receiver_count() == 0 {
-                self.log.listening.store(false, Ordering::Release);
-            }
-            for entry in journal.log.since_mark(mark) {
+            for event in &logged {
                 // A subscriber that has gone away is not an error: the log keeps every event.
-                let _ = journal.feed.send(self.resolve(&journal, entry));
+                let _ = journal.feed.send(event.clone());
             }
         }
         if let Some(events) = events {
-            let logged = journal.log.since_mark(journal.log.mark() - mine);
-            events.extend(logged.iter().map(|entry| self.resolve(&journal, entry)));
+            events.extend_from_slice(&logged[logged.len() - mine..]);
         }
     }
 
