@@ -59,6 +59,7 @@ mod cache;
 mod codec;
 mod prune;
 mod read;
+mod reply;
 mod rows;
 mod schema;
 mod statements;

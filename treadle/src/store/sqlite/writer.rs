@@ -23,10 +23,11 @@ use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 
 use rusqlite::Connection;
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::broadcast;
 
 use super::appends::Appends;
 use super::cache::ItemCache;
+use super::reply::{self, Answer, Wake};
 use super::statements::Statements;
 use crate::error::{Error, Result};
 use crate::event::Event;
@@ -63,20 +64,21 @@ trait Job: Send {
     fn run(&mut self, session: &mut Session<'_>) -> Result<Vec<Event>>;
 
     /// Answers the caller: with the value of the last run if `outcome` is
-    /// `Ok`, else with the error.
-    fn answer(self: Box<Self>, outcome: Result<()>);
+    /// `Ok`, else with the error. Returns the caller's task to wake, if it
+    /// is waiting.
+    fn answer(self: Box<Self>, outcome: Result<()>) -> Option<Wake>;
 }
 
 /// A job returning a `T` to a waiting caller.
-struct Transition<T, F> {
+struct Transition<T: Send + 'static, F> {
     work: F,
     value: Option<T>,
-    reply: oneshot::Sender<Result<T>>,
+    reply: Answer<T>,
 }
 
 impl<T, F> Job for Transition<T, F>
 where
-    T: Send,
+    T: Send + 'static,
     F: FnMut(&mut Session<'_>) -> Result<(T, Vec<Event>)> + Send,
 {
     fn run(&mut self, session: &mut Session<'_>) -> Result<Vec<Event>> {
@@ -85,11 +87,11 @@ where
         Ok(events)
     }
 
-    fn answer(self: Box<Self>, outcome: Result<()>) {
+    fn answer(self: Box<Self>, outcome: Result<()>) -> Option<Wake> {
         let Transition { value, reply, .. } = *self;
         let answer = outcome.and_then(|()| value.ok_or(Error::StoreClosed));
         // A caller that stopped waiting is not an error.
-        let _ = reply.send(answer);
+        reply.send(answer)
     }
 }
 
@@ -143,7 +145,7 @@ impl Writer {
         T: Send + 'static,
         F: FnMut(&mut Session<'_>) -> Result<(T, Vec<Event>)> + Send + 'static,
     {
-        let (reply, answered) = oneshot::channel::<Result<T>>();
+        let (reply, answered) = reply::channel::<T>();
         let job = Box::new(Transition {
             work,
             value: None,
@@ -151,7 +153,7 @@ impl Writer {
         });
         let jobs = self.jobs.as_ref().ok_or(Error::StoreClosed)?;
         jobs.send(job).map_err(|_| Error::StoreClosed)?;
-        answered.await.map_err(|_| Error::StoreClosed)?
+        answered.await
     }
 }
 
@@ -188,18 +190,21 @@ fn run(
                 // Unreachable in practice: with savepoints no job poisons the batch.
                 batch.iter().map(|_| Err(Error::StoreClosed)).collect()
             });
+        let mut waiting = Vec::with_capacity(batch.len());
         for (job, outcome) in batch.into_iter().zip(outcomes) {
-            match outcome {
+            let answered = match outcome {
                 Ok(events) => {
                     for event in events {
                         // No subscribers is fine: the log keeps every event.
                         let _ = feed.send(event);
                     }
-                    job.answer(Ok(()));
+                    job.answer(Ok(()))
                 }
                 Err(error) => job.answer(Err(error)),
-            }
+            };
+            waiting.extend(answered);
         }
+        reply::wake_all(waiting);
     }
 }
 
