@@ -181,7 +181,6 @@ impl<T> Drop for Answered<T> {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::Wake as _;
 
     use super::*;
 
