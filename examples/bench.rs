@@ -12,9 +12,9 @@
 //! schema of its own that is dropped at the end.
 //!
 //! Flags: `--concurrency N` (`EngineConfig::max_concurrency`; by default
-//! what the store suggests, as `Engine::new` uses: 256 in memory, 512 on
-//! SQLite and PostgreSQL, where more work in flight makes bigger group
-//! commits),
+//! what the store suggests, as `Engine::new` uses: 256 in memory, 1,024 on
+//! SQLite and 512 on PostgreSQL, where more work in flight makes bigger
+//! group commits),
 //! `--lanes N` (`memory` only: `MemoryStore::with_lanes(N)`, worked by one
 //! run loop per lane; default: one lane per core),
 //! `--runtime current|multi` (the tokio runtime: by default multi-thread,

@@ -271,7 +271,7 @@ async fn engine_new_runs_as_many_attempts_as_the_store_suggests() {
     let sqlite = Engine::new(pipeline(), SqliteStore::open_in_memory().await.unwrap());
     assert_eq!(
         sqlite.config().max_concurrency,
-        512,
+        1_024,
         "group commit wants more in flight"
     );
     let memory = Engine::new(pipeline(), treadle::MemoryStore::new());
