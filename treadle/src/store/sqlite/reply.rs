@@ -8,7 +8,10 @@
 //! others' wakers ([`wake_all`]); that task wakes them from its own thread,
 //! which the runtime schedules locally, when it is polled, or when it is
 //! dropped, whichever comes first. A task that is already done cannot take
-//! the others, so the writer tries the next one.
+//! the others, so the writer tries the next one. The others therefore run
+//! once the woken task's runtime gets to it: at once on an engine's own
+//! runtime, later if the store is shared with a runtime whose threads are
+//! all busy.
 
 use std::future::Future;
 use std::pin::Pin;
