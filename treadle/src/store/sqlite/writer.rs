@@ -402,4 +402,57 @@ mod tests {
         assert_eq!(rows, 91, "the failed jobs' rows were rolled back");
         assert_eq!(sum, (1..=100).filter(|n| n % 10 != 0).sum::<i64>());
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn callers_that_stop_waiting_do_not_hold_up_the_others_of_their_commit() {
+        let writer = Arc::new(writer());
+        // The first job holds the writer while the others queue up, so they
+        // share the next group commit.
+        let slow = {
+            let writer = writer.clone();
+            tokio::spawn(async move {
+                writer
+                    .write(|_| {
+                        std::thread::sleep(Duration::from_millis(200));
+                        Ok(((), Vec::new()))
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let callers: Vec<_> = (0..60_i64)
+            .map(|n| {
+                let writer = writer.clone();
+                tokio::spawn(async move {
+                    writer
+                        .write(move |session| {
+                            session.conn.execute("INSERT INTO t (n) VALUES (?1)", [n])?;
+                            Ok((n, Vec::new()))
+                        })
+                        .await
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Every third caller stops waiting before its commit answers, the
+        // last one among them.
+        for caller in callers.iter().skip(2).step_by(3) {
+            caller.abort();
+        }
+        slow.await.unwrap().unwrap();
+        let answered = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut answered = Vec::new();
+            for (n, caller) in callers.into_iter().enumerate() {
+                match caller.await {
+                    Ok(answer) => answered.push(answer.unwrap()),
+                    Err(join) => assert!(join.is_cancelled(), "caller {n}: {join}"),
+                }
+            }
+            answered
+        })
+        .await
+        .expect("every caller still waiting was answered");
+        let expected: Vec<i64> = (0..60).filter(|n| n % 3 != 2).collect();
+        assert_eq!(answered, expected);
+    }
 }
