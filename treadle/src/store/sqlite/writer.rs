@@ -3,7 +3,8 @@
 //!
 //! Callers queue jobs on a channel. The thread takes every job waiting and
 //! runs them all in one `BEGIN IMMEDIATE` transaction, commits once, and
-//! only then answers the jobs and broadcasts their events, in commit order.
+//! only then answers the jobs and broadcasts their events, in commit order,
+//! waking the waiting callers with one cross-thread wake-up (see `reply`).
 //! rusqlite never runs on an async worker thread.
 //!
 //! A job checks before it writes, so a job that fails (a lost lease, a
