@@ -344,22 +344,25 @@ mod tests {
         Writer::start(conn, broadcast::channel(16).0).unwrap()
     }
 
+    /// A job that holds the writer for 200 ms (writing the row 0), so the
+    /// jobs queued meanwhile share the next group commit.
+    fn hold(writer: &Arc<Writer>) -> tokio::task::JoinHandle<Result<()>> {
+        let writer = writer.clone();
+        tokio::spawn(async move {
+            writer
+                .write(|session| {
+                    std::thread::sleep(Duration::from_millis(200));
+                    session.conn.execute("INSERT INTO t (n) VALUES (0)", [])?;
+                    Ok(((), Vec::new()))
+                })
+                .await
+        })
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn queued_transitions_share_one_commit_and_fail_alone() {
         let writer = Arc::new(writer());
-        // The first job holds the writer while the others queue up.
-        let slow = {
-            let writer = writer.clone();
-            tokio::spawn(async move {
-                writer
-                    .write(|session| {
-                        std::thread::sleep(Duration::from_millis(200));
-                        session.conn.execute("INSERT INTO t (n) VALUES (0)", [])?;
-                        Ok(((), Vec::new()))
-                    })
-                    .await
-            })
-        };
+        let slow = hold(&writer);
         tokio::time::sleep(Duration::from_millis(50)).await;
         let jobs: Vec<_> = (1..=100)
             .map(|n: i64| {
@@ -407,19 +410,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn callers_that_stop_waiting_do_not_hold_up_the_others_of_their_commit() {
         let writer = Arc::new(writer());
-        // The first job holds the writer while the others queue up, so they
-        // share the next group commit.
-        let slow = {
-            let writer = writer.clone();
-            tokio::spawn(async move {
-                writer
-                    .write(|_| {
-                        std::thread::sleep(Duration::from_millis(200));
-                        Ok(((), Vec::new()))
-                    })
-                    .await
-            })
-        };
+        let slow = hold(&writer);
         tokio::time::sleep(Duration::from_millis(50)).await;
         let callers: Vec<_> = (0..60_i64)
             .map(|n| {
