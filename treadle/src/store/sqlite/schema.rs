@@ -681,6 +681,16 @@ mod tests {
         sql: "ALTER TABLE things ADD COLUMN a TEXT; ALTER TABLE nowhere ADD COLUMN b TEXT;",
     };
 
+    /// The first column of every row of `sql`, as text.
+    fn first_column(conn: &Connection, sql: &str) -> Vec<String> {
+        conn.prepare(sql)
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    }
+
     fn version(conn: &Connection) -> i64 {
         conn.pragma_query_value(None, "user_version", |row| row.get(0))
             .unwrap()
@@ -973,21 +983,16 @@ mod tests {
         let b = read::status(&conn, "b").unwrap();
         let review = b.stages[0].review.as_ref().unwrap();
         assert_eq!(review.decision.as_ref().unwrap().by, "alice");
-        let order = |sql: &str| -> Vec<String> {
-            conn.prepare(sql)
-                .unwrap()
-                .query_map([], |r| r.get(0))
-                .unwrap()
-                .collect::<rusqlite::Result<_>>()
-                .unwrap()
-        };
         assert_eq!(
-            order("SELECT item_id || '/' || stage FROM stages ORDER BY id"),
+            first_column(
+                &conn,
+                "SELECT item_id || '/' || stage FROM stages ORDER BY id"
+            ),
             ["b/scan", "a/scan", "a/enrich", "a/review"],
             "rowid tables, rows in submission order"
         );
         assert_eq!(
-            order("SELECT name FROM subtasks ORDER BY rowid"),
+            first_column(&conn, "SELECT name FROM subtasks ORDER BY rowid"),
             ["x", "y"]
         );
         let current = open(Some(&path), MIGRATIONS).unwrap();
@@ -1037,25 +1042,17 @@ mod tests {
              VALUES ('c', 'enrich', 3, 1, 'failed', 0, 1, 1, 'boom');"
         ))
         .unwrap();
-        let rows = |conn: &Connection, sql: &str| -> Vec<String> {
-            conn.prepare(sql)
-                .unwrap()
-                .query_map([], |r| r.get(0))
-                .unwrap()
-                .collect::<rusqlite::Result<_>>()
-                .unwrap()
-        };
         const EVERY_ROW: &str = "SELECT item_id || '/' || stage || ' ' || state || ' ' ||
             attempt || ' ' || coalesce(review_deadline, '-') || ' ' || coalesce(lease_owner, '-')
             FROM stages ORDER BY id";
-        let before = rows(&conn, EVERY_ROW);
+        let before = first_column(&conn, EVERY_ROW);
         drop(conn);
 
         let conn = open(Some(&path), MIGRATIONS).unwrap();
         assert_eq!(version(&conn), 7);
-        assert_eq!(rows(&conn, EVERY_ROW), before, "the rows are kept");
+        assert_eq!(first_column(&conn, EVERY_ROW), before, "the rows are kept");
         assert_eq!(
-            rows(
+            first_column(
                 &conn,
                 "SELECT item_id || '/' || stage || ' ' || rare_state FROM stages
                  WHERE rare_state IS NOT NULL ORDER BY id"
@@ -1081,7 +1078,7 @@ mod tests {
         let just_before = deadline - chrono::TimeDelta::nanoseconds(1);
         assert!(read::due_reviews(&conn, just_before).unwrap().is_empty());
         assert_eq!(reviews(read::due_reviews(&conn, deadline).unwrap()), ["c"]);
-        let indexes = rows(
+        let indexes = first_column(
             &conn,
             "SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'stages'
                AND sql LIKE '%WHERE rare_state%' ORDER BY name",
