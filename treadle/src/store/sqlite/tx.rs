@@ -326,11 +326,7 @@ impl<'t, 'c> Tx<'t, 'c> {
     }
 
     fn claim_one(&mut self, key: &TaskKey, request: &ClaimRequest) -> Result<Option<Claim>> {
-        let subtasks = match &key.subtask {
-            None => Subtasks::None,
-            Some(name) => Subtasks::One(&key.stage, name),
-        };
-        let Some(loaded) = self.find(&key.item_id, subtasks)? else {
+        let Some(loaded) = self.find(&key.item_id, Self::subtasks_for(key))? else {
             return Ok(None);
         };
         let Some(unit) = loaded.record.locate(key) else {
