@@ -5,6 +5,8 @@
 mod support;
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -153,4 +155,57 @@ async fn work_one_lane_makes_runnable_in_another_runs_before_the_run_ends() {
             "`{id}`"
         );
     }
+}
+
+/// Runs one item whose first stage, in the first poll of its attempt (which
+/// a lane makes inline, before the engine registers the attempt for
+/// cancellation), cancels the item and then waits 30 s. The run must stop
+/// that attempt rather than wait it out.
+async fn cancel_during_an_inline_first_poll(store: MemoryStore) {
+    type Slot = std::sync::Mutex<Option<Engine<support::Doc, MemoryStore>>>;
+    let slot: Arc<Slot> = Arc::default();
+    let in_stage = slot.clone();
+    let pipeline = Pipeline::builder()
+        .stage(stage("transcode", move |_, _| {
+            let engine = in_stage.lock().unwrap().take();
+            async move {
+                let engine = engine.expect("the stage runs once");
+                // The memory store's cancel ends in its first poll.
+                let mut cancel = std::pin::pin!(engine.cancel("d"));
+                let polled = cancel
+                    .as_mut()
+                    .poll(&mut Context::from_waker(Waker::noop()));
+                assert!(matches!(polled, Poll::Ready(Ok(()))), "{polled:?}");
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                Ok(StageOutcome::complete())
+            }
+        }))
+        .stage(done("publish"))
+        .edge("transcode", "publish")
+        .build()
+        .unwrap();
+    let engine = engine(pipeline, store);
+    *slot.lock().unwrap() = Some(engine.clone());
+    engine.submit(doc("d")).await.unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(5), engine.run_until_idle())
+        .await
+        .expect("the cancelled attempt was stopped, not waited out")
+        .unwrap();
+    assert_eq!((report.attempts, report.discarded), (0, 1));
+    let status = engine.status("d").await.unwrap();
+    assert_eq!(status.state, ItemState::Cancelled);
+    assert!(
+        slot.lock().unwrap().is_none(),
+        "the stage ran and took the engine"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_during_a_lanes_inline_first_poll_stops_the_attempt() {
+    cancel_during_an_inline_first_poll(MemoryStore::with_lanes(2)).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_cancel_during_an_inline_first_poll_on_one_thread_stops_the_attempt() {
+    cancel_during_an_inline_first_poll(MemoryStore::new()).await;
 }

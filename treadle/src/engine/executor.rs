@@ -501,7 +501,10 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
     /// a cancellation that races it is caught by the commit's fencing). One
     /// that waits, and every attempt of a single loop on a multi-thread
     /// runtime (whose workers run attempts in parallel) or on a store that
-    /// waits for I/O, is registered and runs as a task of `tasks`.
+    /// waits for I/O, is registered and runs as a task of `tasks`. An
+    /// attempt polled inline is registered only after that first poll, so
+    /// its task first renews its claim: a cancellation (or lost lease) that
+    /// came during the poll found nothing to stop, and is caught there.
     fn start(
         &self,
         tasks: &mut JoinSet<Result<Finished>>,
@@ -549,13 +552,23 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
             };
             self.running().insert(Running(unit.clone()), work);
             let engine = self.clone();
+            let key = unit.key.clone();
             let abort = tasks.spawn(async move {
+                if inline && engine.claim_lost(&key, generation).await? {
+                    engine.stop_local([key]);
+                    return Ok(Finished::Discarded);
+                }
                 let settled = running.await;
                 engine.running().remove(&settled.unit.key);
                 engine.commit(settled).await
             });
-            if let Some(work) = self.running().get_mut(&unit.key) {
-                work.abort = Some(abort);
+            match self.running().get_mut(&unit.key) {
+                Some(work) => work.abort = Some(abort),
+                // Stopped before its task was known: the flag is raised,
+                // and the task is aborted here.
+                None if unit.is_cancelled() => abort.abort(),
+                // The task has already ended.
+                None => {}
             }
         }
         Ok(ended)
@@ -610,6 +623,18 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
         }
         self.stop_local(lost);
         Ok(())
+    }
+
+    /// Whether the claim `generation` on `key` is lost (the item was
+    /// cancelled, or the work taken over); if not, its lease is renewed.
+    async fn claim_lost(&self, key: &TaskKey, generation: u64) -> Result<bool> {
+        let until = Utc::now() + self.shared.config.lease;
+        let lost = self
+            .shared
+            .store
+            .renew(&[(key.clone(), generation)], until)
+            .await?;
+        Ok(!lost.is_empty())
     }
 
     fn running(
