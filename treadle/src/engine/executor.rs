@@ -552,9 +552,11 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
             };
             self.running().insert(Running(unit.clone()), work);
             let engine = self.clone();
-            let key = unit.key.clone();
+            let polled_inline = inline.then(|| unit.key.clone());
             let abort = tasks.spawn(async move {
-                if inline && engine.claim_lost(&key, generation).await? {
+                if let Some(key) = polled_inline
+                    && engine.claim_lost(&key, generation).await?
+                {
                     engine.stop_local([key]);
                     return Ok(Finished::Discarded);
                 }
