@@ -553,7 +553,7 @@ async fn concurrent_transitions_all_land_with_a_gapless_log() {
         })
         .collect();
     for task in submits {
-        assert_eq!(task.await.unwrap().unwrap().len(), 1);
+        assert_eq!(task.await.unwrap().unwrap(), 1);
     }
     let claims = store
         .claim(ClaimRequest {

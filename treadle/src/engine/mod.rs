@@ -264,9 +264,9 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let events = self.shared.store.submit(items).await?;
+        let new = self.shared.store.submit(items).await?;
         self.shared.wake.all();
-        Ok(events.len())
+        Ok(new)
     }
 
     /// Approves a stage awaiting review; it completes with its proposed output.

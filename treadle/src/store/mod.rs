@@ -137,8 +137,8 @@ pub trait Store: Send + Sync + 'static {
     /// Stores new items, each with one `pending` stage row per stage of its
     /// pipeline version (which must be registered) and an `ItemSubmitted`
     /// event, in one transition. Idempotent by id: an existing item is left
-    /// unchanged and gets no event.
-    async fn submit(&self, items: Vec<NewItem>) -> Result<Vec<Event>>;
+    /// unchanged and gets no event. Returns how many items were new.
+    async fn submit(&self, items: Vec<NewItem>) -> Result<usize>;
 
     /// Claims up to `limit` runnable units of work, oldest first: pending
     /// stages whose upstream stages are all done, scheduled retries that are

@@ -356,9 +356,8 @@ impl Lane {
         journal.log.event(entry, item_id, stage)
     }
 
-    /// Stores one new item, appending its events to `events`; `false` if
-    /// its id is already known.
-    pub(super) fn insert_item(&mut self, item: NewItem, events: &mut Vec<Event>) -> Result<bool> {
+    /// Stores one new item; `false` if its id is already known.
+    pub(super) fn insert_item(&mut self, item: NewItem) -> Result<bool> {
         if self.find(&item.id).is_some() {
             return Ok(false);
         }
@@ -381,7 +380,7 @@ impl Lane {
             attempts: Vec::new(),
             submitted,
         });
-        self.apply(position, None, &mut fx, Some(events));
+        self.apply(position, None, &mut fx, None);
         Ok(true)
     }
 

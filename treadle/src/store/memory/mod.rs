@@ -237,19 +237,19 @@ impl Store for MemoryStore {
         drift(&lanes, latest.version(), previous).map(Some)
     }
 
-    async fn submit(&self, items: Vec<NewItem>) -> Result<Vec<Event>> {
+    async fn submit(&self, items: Vec<NewItem>) -> Result<usize> {
         let mut lanes = self.lock_all();
         // Check every item first: a batch is stored whole or not at all.
         for item in &items {
             check_payload(item)?;
             lanes[0].graph(item.version)?;
         }
-        let mut events = Vec::new();
+        let mut new = 0;
         for item in items {
             let lane = self.lane_of(&item.id);
-            lanes[lane].insert_item(item, &mut events)?;
+            new += usize::from(lanes[lane].insert_item(item)?);
         }
-        Ok(events)
+        Ok(new)
     }
 
     /// Claims from the request's lane first, then, while the batch has

@@ -267,8 +267,8 @@ impl Store for PostgresStore {
         .await
     }
 
-    async fn submit(&self, items: Vec<NewItem>) -> Result<Vec<Event>> {
-        self.events_of(Op::Submit(items)).await
+    async fn submit(&self, items: Vec<NewItem>) -> Result<usize> {
+        Ok(self.events_of(Op::Submit(items)).await?.len())
     }
 
     async fn claim(&self, request: ClaimRequest) -> Result<ClaimBatch> {

@@ -270,10 +270,10 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn submit(&self, items: Vec<NewItem>) -> Result<Vec<Event>> {
+    async fn submit(&self, items: Vec<NewItem>) -> Result<usize> {
         self.write(move |tx| {
             tx.submit(&items)?;
-            Ok(tx.events().to_vec())
+            Ok(tx.events().len())
         })
         .await
     }
