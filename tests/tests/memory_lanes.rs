@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use chrono::Utc;
 use support::{doc, done, engine, events_of, kind_name, stage};
-use treadle::store::{ClaimRequest, EventQuery, Store};
+use treadle::store::{Claim, ClaimRequest, Commit, EventQuery, Store, Transition};
 use treadle::{
-    CrashRetries, DeadlineAction, Engine, ItemState, MemoryStore, Pipeline, ReviewRequest,
-    StageOutcome,
+    AttemptRecord, AttemptResult, CrashRetries, DeadlineAction, Engine, Error, ItemState,
+    MemoryStore, Pipeline, ReviewRequest, StageOutcome, StageState,
 };
 
 fn linear() -> Pipeline<support::Doc> {
@@ -208,4 +208,58 @@ async fn a_cancel_during_a_lanes_inline_first_poll_stops_the_attempt() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_cancel_during_an_inline_first_poll_on_one_thread_stops_the_attempt() {
     cancel_during_an_inline_first_poll(MemoryStore::new()).await;
+}
+
+/// `commit_at_once` with one batch whose commits go back and forth
+/// between the two lanes answers each commit in order: the one whose
+/// claim is stale is refused as lost, and every other one commits.
+#[tokio::test]
+async fn a_batch_committed_at_once_across_lanes_answers_each_commit_in_order() {
+    let store = MemoryStore::with_lanes(2);
+    let engine = engine(linear(), store.clone());
+    let ids = submit_docs(&engine, 16).await;
+    // Lane 0's items in submission order, then lane 1's.
+    let claims = store.claim(claim_from(Some(0))).await.unwrap().claims;
+    assert_eq!(claims.len(), ids.len());
+    let second_lane = (1..claims.len())
+        .find(|&i| claims[i].task.item_id < claims[i - 1].task.item_id)
+        .expect("both lanes hold items");
+    let (first, second) = claims.split_at(second_lane);
+    let mut interleaved: Vec<&Claim> = Vec::new();
+    for i in 0..first.len().max(second.len()) {
+        interleaved.extend(first.get(i).into_iter().chain(second.get(i)));
+    }
+    let stale = 3;
+    let commits = interleaved
+        .iter()
+        .enumerate()
+        .map(|(i, claim)| Commit {
+            task: claim.task.clone(),
+            generation: claim.generation + u64::from(i == stale),
+            attempt: AttemptRecord {
+                attempt: claim.attempt,
+                started_at: claim.started_at,
+                finished_at: Utc::now(),
+                result: AttemptResult::Completed,
+                error: None,
+            },
+            transition: Transition::Complete { output: None },
+        })
+        .collect();
+    let answers = store.commit_at_once(commits).expect("commits at once");
+    assert_eq!(answers.len(), interleaved.len());
+    for (i, (answer, claim)) in answers.iter().zip(&interleaved).enumerate() {
+        let scan = engine.status(&claim.task.item_id).await.unwrap().stages[0].state;
+        if i == stale {
+            assert!(matches!(answer, Err(Error::LeaseLost { .. })), "{answer:?}");
+            assert_eq!(
+                scan,
+                StageState::Running,
+                "the stale commit changed nothing"
+            );
+        } else {
+            assert!(answer.is_ok(), "commit {i}: {answer:?}");
+            assert_eq!(scan, StageState::Completed, "commit {i}");
+        }
+    }
 }

@@ -494,9 +494,10 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
     /// With a store whose commits complete without waiting
     /// ([`Store::commits_without_waiting`]), on a current-thread runtime or
     /// when the store has several lanes (whose loops run in parallel), an
-    /// attempt is first polled here, inline: one that ends at once (a quick
-    /// stage) is committed at once ([`Store::commit_at_once`]) and counted
-    /// here, without a task of its own and without being registered for
+    /// attempt is first polled here, inline: those that end at once (quick
+    /// stages) are committed together once the batch is started
+    /// ([`Store::commit_at_once`]) and counted here, each without a task of
+    /// its own and without being registered for
     /// cancellation or renewal (it never waits, so there is nothing to stop;
     /// a cancellation that races it is caught by the commit's fencing). One
     /// that waits, and every attempt of a single loop on a multi-thread
@@ -517,7 +518,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
             && (store.lanes() > 1
                 || tokio::runtime::Handle::current().runtime_flavor()
                     == tokio::runtime::RuntimeFlavor::CurrentThread);
-        let mut ended = 0;
+        let mut ended = Vec::new();
         for claim in claims {
             let generation = claim.generation;
             let attempt = Attempt::from(claim);
@@ -529,18 +530,7 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
                 if let Poll::Ready(settled) = running.as_mut().poll(&mut cx) {
                     // The commit takes the unit's last reference, without a copy.
                     drop(unit);
-                    match self.shared.store.commit_at_once(settled.into_commit()) {
-                        Ok(outcome) => {
-                            report.count(Ok(finished(outcome)))?;
-                            ended += 1;
-                        }
-                        Err(commit) => {
-                            let engine = self.clone();
-                            tasks.spawn(async move {
-                                finished(engine.shared.store.commit(*commit).await)
-                            });
-                        }
-                    }
+                    ended.push(settled.into_commit());
                     continue;
                 }
             }
@@ -573,7 +563,25 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
                 None => {}
             }
         }
-        Ok(ended)
+        if ended.is_empty() {
+            return Ok(0);
+        }
+        match store.commit_at_once(ended) {
+            Ok(answers) => {
+                let committed = answers.len();
+                for answer in answers {
+                    report.count(Ok(finished(answer)))?;
+                }
+                Ok(committed)
+            }
+            Err(commits) => {
+                for commit in commits {
+                    let engine = self.clone();
+                    tasks.spawn(async move { finished(engine.shared.store.commit(commit).await) });
+                }
+                Ok(0)
+            }
+        }
     }
 
     /// Decides every review whose deadline has passed, as its deadline says.

@@ -120,12 +120,16 @@ pub trait Store: Send + Sync + 'static {
         false
     }
 
-    /// Commits the end of an attempt at once, on the caller's thread, as
-    /// [`Store::commit`] does, if this store commits without waiting;
-    /// otherwise (the default) hands the commit back for [`Store::commit`].
-    /// The engine's inline attempts commit this way, without a future.
-    fn commit_at_once(&self, commit: Commit) -> std::result::Result<Result<()>, Box<Commit>> {
-        Err(Box::new(commit))
+    /// Commits the ends of attempts at once, on the caller's thread, each
+    /// as [`Store::commit`] does, if this store commits without waiting:
+    /// one answer per commit, in their order. Otherwise (the default) hands
+    /// the commits back for [`Store::commit`]. The engine's inline attempts
+    /// commit this way, a claimed batch's worth at a time, without futures.
+    fn commit_at_once(
+        &self,
+        commits: Vec<Commit>,
+    ) -> std::result::Result<Vec<Result<()>>, Vec<Commit>> {
+        Err(commits)
     }
 
     /// Stores the pipeline definition as a numbered version (a definition

@@ -122,9 +122,8 @@ impl MemoryStore {
         lanes
     }
 
-    /// Commits the end of an attempt ([`Store::commit`]).
-    fn commit_now(&self, commit: Commit) -> Result<()> {
-        let mut lane = self.lane_for(&commit.task.item_id);
+    /// Commits the end of an attempt ([`Store::commit`]) in its lane.
+    fn commit_in(lane: &mut Lane, commit: Commit) -> Result<()> {
         let item = lane.position(&commit.task.item_id)?;
         lane.transition(item, |graph, record, fx| {
             rules::commit(graph, record, commit, &mut AllLoaded, fx)
@@ -269,12 +268,32 @@ impl Store for MemoryStore {
         Ok(batch)
     }
 
-    fn commit_at_once(&self, commit: Commit) -> std::result::Result<Result<()>, Box<Commit>> {
-        Ok(self.commit_now(commit))
+    /// Takes a lane's lock once for each run of commits in that lane, not
+    /// once per commit: the loops of other lanes then seldom wait for it.
+    fn commit_at_once(
+        &self,
+        commits: Vec<Commit>,
+    ) -> std::result::Result<Vec<Result<()>>, Vec<Commit>> {
+        let mut answers = Vec::with_capacity(commits.len());
+        let mut held: Option<(usize, MutexGuard<'_, Lane>)> = None;
+        for commit in commits {
+            let index = self.lane_of(&commit.task.item_id);
+            let lane = match &mut held {
+                Some((locked, lane)) if *locked == index => lane,
+                _ => {
+                    // One lane locked at a time: never one while waiting
+                    // for another.
+                    held = None;
+                    &mut held.insert((index, lock(&self.shared.lanes[index]))).1
+                }
+            };
+            answers.push(Self::commit_in(lane, commit));
+        }
+        Ok(answers)
     }
 
     async fn commit(&self, commit: Commit) -> Result<()> {
-        self.commit_now(commit)
+        Self::commit_in(&mut self.lane_for(&commit.task.item_id), commit)
     }
 
     async fn decide(&self, decision: DecisionCommit) -> Result<Vec<Event>> {
