@@ -10,7 +10,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use chrono::Utc;
-use support::{doc, done, engine, events_of, kind_name, stage};
+use support::{doc, done, engine, events_of, kind_name, stage, then_publish};
 use treadle::store::{Claim, ClaimRequest, Commit, EventQuery, Store, Transition};
 use treadle::{
     AttemptRecord, AttemptResult, CrashRetries, DeadlineAction, Engine, Error, ItemState,
@@ -165,25 +165,20 @@ async fn cancel_during_an_inline_first_poll(store: MemoryStore) {
     type Slot = std::sync::Mutex<Option<Engine<support::Doc, MemoryStore>>>;
     let slot: Arc<Slot> = Arc::default();
     let in_stage = slot.clone();
-    let pipeline = Pipeline::builder()
-        .stage(stage("transcode", move |_, _| {
-            let engine = in_stage.lock().unwrap().take();
-            async move {
-                let engine = engine.expect("the stage runs once");
-                // The memory store's cancel ends in its first poll.
-                let mut cancel = std::pin::pin!(engine.cancel("d"));
-                let polled = cancel
-                    .as_mut()
-                    .poll(&mut Context::from_waker(Waker::noop()));
-                assert!(matches!(polled, Poll::Ready(Ok(()))), "{polled:?}");
-                tokio::time::sleep(Duration::from_secs(30)).await;
-                Ok(StageOutcome::complete())
-            }
-        }))
-        .stage(done("publish"))
-        .edge("transcode", "publish")
-        .build()
-        .unwrap();
+    let pipeline = then_publish(stage("transcode", move |_, _| {
+        let engine = in_stage.lock().unwrap().take();
+        async move {
+            let engine = engine.expect("the stage runs once");
+            // The memory store's cancel ends in its first poll.
+            let mut cancel = std::pin::pin!(engine.cancel("d"));
+            let polled = cancel
+                .as_mut()
+                .poll(&mut Context::from_waker(Waker::noop()));
+            assert!(matches!(polled, Poll::Ready(Ok(()))), "{polled:?}");
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok(StageOutcome::complete())
+        }
+    }));
     let engine = engine(pipeline, store);
     *slot.lock().unwrap() = Some(engine.clone());
     engine.submit(doc("d")).await.unwrap();

@@ -849,20 +849,15 @@ pub async fn cancel_stops_running_stages<S: Store>(store: S) {
     let trace = Trace::default();
     let started = Arc::new(tokio::sync::Notify::new());
     let (t, s) = (trace.clone(), started.clone());
-    let pipeline = Pipeline::builder()
-        .stage(stage("transcode", move |_, _| {
-            let (t, s) = (t.clone(), s.clone());
-            async move {
-                s.notify_one();
-                tokio::time::sleep(Duration::from_secs(30)).await;
-                t.push("transcode finished");
-                Ok(StageOutcome::complete())
-            }
-        }))
-        .stage(done("publish"))
-        .edge("transcode", "publish")
-        .build()
-        .unwrap();
+    let pipeline = then_publish(stage("transcode", move |_, _| {
+        let (t, s) = (t.clone(), s.clone());
+        async move {
+            s.notify_one();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            t.push("transcode finished");
+            Ok(StageOutcome::complete())
+        }
+    }));
     let engine = engine(pipeline, store);
     let runner = cancel_once_started(&engine, &started).await;
     let report = tokio::time::timeout(Duration::from_secs(5), runner)

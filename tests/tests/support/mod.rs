@@ -64,6 +64,17 @@ pub fn done(name: &str) -> FnStage {
     stage(name, |_, _| async { Ok(StageOutcome::complete()) })
 }
 
+/// Two stages: `first`, then `publish`, which completes at once.
+pub fn then_publish(first: FnStage) -> Pipeline<Doc> {
+    let name = first.name.clone();
+    Pipeline::builder()
+        .stage(first)
+        .stage(done("publish"))
+        .edge(&name, "publish")
+        .build()
+        .unwrap()
+}
+
 impl FnStage {
     pub fn policy(mut self, policy: StagePolicy) -> Self {
         self.policy = policy;
