@@ -497,9 +497,9 @@ impl<W: WorkItem, S: Store> Engine<W, S> {
     /// attempt is first polled here, inline: those that end at once (quick
     /// stages) are committed together once the batch is started
     /// ([`Store::commit_at_once`]) and counted here, each without a task of
-    /// its own and without being registered for
-    /// cancellation or renewal (it never waits, so there is nothing to stop;
-    /// a cancellation that races it is caught by the commit's fencing). One
+    /// its own and without being registered for cancellation or renewal (it
+    /// never waits, so there is nothing to stop; a cancellation that races
+    /// it is caught by the commit's fencing). One
     /// that waits, and every attempt of a single loop on a multi-thread
     /// runtime (whose workers run attempts in parallel) or on a store that
     /// waits for I/O, is registered and runs as a task of `tasks`. An
