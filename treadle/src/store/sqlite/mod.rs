@@ -134,7 +134,7 @@ impl Readers {
 
 impl SqliteStore {
     /// The schema version this build writes, kept in `PRAGMA user_version`.
-    pub const SCHEMA_VERSION: i64 = 7;
+    pub const SCHEMA_VERSION: i64 = 8;
 
     /// Opens (or creates) the database at `path`, applying any pending
     /// schema migrations.
